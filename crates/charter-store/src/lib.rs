@@ -1,0 +1,123 @@
+//! License storage for the control plane: the [`LicenseStore`] trait and its sled backend.
+//!
+//! This is the only crate that knows sled. The control plane codes against
+//! [`LicenseStore`], so a PostgreSQL backend (several CP replicas, change fan-out by
+//! `LISTEN/NOTIFY`) can be added later without touching the admin API or the sync code.
+//!
+//! **Architecture Invariant:** an acknowledged write is durable. No write method returns
+//! `Ok` before the change is flushed *and* fsynced (see [`SledStore`]).
+//!
+//! **Architecture Invariant:** every write bumps the store revision by exactly one, in the
+//! same transaction as the data it changes, so a revision always names one state of the store.
+//!
+//! **Architecture Invariant:** the store never reads the clock; callers pass `now`.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+mod error;
+mod sled_store;
+
+#[cfg(test)]
+mod tests;
+
+pub use error::StoreError;
+pub use sled_store::SledStore;
+
+/// One stored license, as the admin API serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LicenseRecord {
+    /// The record id, chosen by the caller (`POST` makes one, `PUT` names one).
+    pub id: Uuid,
+    /// The license document, exactly as it was submitted.
+    pub payload: String,
+    /// SHA-256 of the payload bytes, lowercase hex. Unique across the store.
+    pub checksum: String,
+    /// Unix seconds when the record was first created; kept on replace.
+    pub created_at: i64,
+    /// Unix seconds of the last write to this record.
+    pub updated_at: i64,
+    /// The store revision of the write that last changed this record.
+    pub revision: u64,
+}
+
+/// One page of [`LicenseStore::list`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// The records of this page, in ascending id order.
+    pub records: Vec<LicenseRecord>,
+    /// The id to pass as `after` for the next page, `None` when this page is the last.
+    pub next: Option<Uuid>,
+}
+
+/// What [`LicenseStore::put`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// No record had that id; one was created.
+    Created,
+    /// A record with that id existed and was replaced (`created_at` kept).
+    Replaced,
+}
+
+/// Storage of license records, with a revision counter that names each state of the store.
+///
+/// Every write method returns `Ok` only once the change is durable (it survives a power
+/// cut), bumps [`revision`](LicenseStore::revision) by exactly one, and then publishes the
+/// new revision to the receivers made by [`subscribe`](LicenseStore::subscribe). A write that returns `Err`
+/// changed nothing, except that an error while making a committed change durable leaves
+/// the outcome unknown (the change may be visible, and may or may not survive a crash).
+pub trait LicenseStore: Send + Sync + 'static {
+    /// The UUID made once when this store was created; persisted, so a rebuilt store
+    /// (new epoch) can be told apart from an old one that went back in time.
+    fn epoch(&self) -> Uuid;
+
+    /// The current revision: 0 for a fresh store, +1 for every successful write.
+    fn revision(&self) -> Result<u64, StoreError>;
+
+    /// The backend and its version, for reports, e.g. `"sled 0.34.7"`.
+    fn backend_version(&self) -> &'static str;
+
+    /// The record with this id, if any.
+    fn get(&self, id: Uuid) -> Result<Option<LicenseRecord>, StoreError>;
+
+    /// Up to `limit` records with ids strictly greater than `after` (all records when
+    /// `after` is `None`), in ascending order of the id bytes. The order is stable, so
+    /// following [`Page::next`] visits every record exactly once when nothing is written
+    /// meanwhile. A `limit` of 0 is treated as 1 so that paging always makes progress.
+    fn list(&self, after: Option<Uuid>, limit: usize) -> Result<Page, StoreError>;
+
+    /// Every record, in ascending id order.
+    fn all(&self) -> Result<Vec<LicenseRecord>, StoreError>;
+
+    /// How many records are stored.
+    fn count(&self) -> Result<u64, StoreError>;
+
+    /// Creates a record with this id.
+    ///
+    /// Fails with [`StoreError::IdExists`] if the id is taken, else with
+    /// [`StoreError::DuplicatePayload`] if the same payload is stored under any id.
+    fn insert(&self, id: Uuid, payload: &str, now: i64) -> Result<LicenseRecord, StoreError>;
+
+    /// Creates a record with this id, or replaces the one there (keeping its `created_at`,
+    /// setting `updated_at` to `now`). Replacing a record with its own payload is allowed
+    /// and moves `updated_at`. Fails with [`StoreError::DuplicatePayload`] if the payload
+    /// is stored under another id.
+    fn put(
+        &self,
+        id: Uuid,
+        payload: &str,
+        now: i64,
+    ) -> Result<(LicenseRecord, PutOutcome), StoreError>;
+
+    /// Replaces the payload of an existing record, like [`put`](LicenseStore::put), but
+    /// fails with [`StoreError::NotFound`] if there is no record with this id.
+    fn patch(&self, id: Uuid, payload: &str, now: i64) -> Result<LicenseRecord, StoreError>;
+
+    /// Deletes the record with this id and returns it; `Ok(None)` if there was none (which
+    /// is not a write: the revision does not move).
+    fn delete(&self, id: Uuid) -> Result<Option<LicenseRecord>, StoreError>;
+
+    /// A receiver of the current revision, updated after every durable write. The cluster
+    /// sync code waits on it to push new snapshots.
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
+}

@@ -1,0 +1,706 @@
+//! Tests of the sled store against real sled databases in temporary directories, including
+//! a crash test that SIGKILLs a writer process and checks every acknowledged write survived.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proptest::prelude::*;
+use uuid::Uuid;
+
+use crate::sled_store::checksum_of;
+use crate::{LicenseRecord, LicenseStore, Page, PutOutcome, SledStore, StoreError};
+
+fn open(dir: &Path) -> SledStore {
+    SledStore::open(dir).expect("open store")
+}
+
+fn fresh() -> (tempfile::TempDir, SledStore) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = open(&tmp.path().join("data"));
+    (tmp, store)
+}
+
+/// Ids with a known byte order, so tests can reason about list order.
+fn id(n: u128) -> Uuid {
+    Uuid::from_u128(n)
+}
+
+#[test]
+fn fresh_store_is_empty_at_revision_zero() {
+    let (_tmp, store) = fresh();
+    assert_eq!(store.revision().unwrap(), 0);
+    assert_eq!(store.count().unwrap(), 0);
+    assert_eq!(store.all().unwrap(), vec![]);
+    assert_eq!(
+        store.list(None, 10).unwrap(),
+        Page {
+            records: vec![],
+            next: None
+        }
+    );
+    assert_eq!(store.get(id(1)).unwrap(), None);
+    assert_eq!(store.backend_version(), "sled 0.34.7");
+}
+
+#[test]
+fn insert_sets_every_field() {
+    let (_tmp, store) = fresh();
+    let record = store.insert(id(7), "payload seven", 1_700_000_000).unwrap();
+    let expected = LicenseRecord {
+        id: id(7),
+        payload: "payload seven".to_string(),
+        // `printf 'payload seven' | sha256sum`
+        checksum: "151a9525f4903e23fd3bcb79a8bff3225a44c9307a2a112391058e3534a8cdc2".to_string(),
+        created_at: 1_700_000_000,
+        updated_at: 1_700_000_000,
+        revision: 1,
+    };
+    assert_eq!(record, expected);
+    assert_eq!(store.get(id(7)).unwrap(), Some(record));
+}
+
+#[test]
+fn pagination_over_250_records_is_stable_and_complete() {
+    let (_tmp, store) = fresh();
+    let mut ids = BTreeSet::new();
+    for n in 0..250 {
+        let id = Uuid::new_v4();
+        store.insert(id, &format!("license {n}"), n).unwrap();
+        ids.insert(id);
+    }
+    // BTreeSet<Uuid> orders by the id bytes, which is the order the store promises.
+    let expected: Vec<Uuid> = ids.into_iter().collect();
+
+    for limit in [1, 7, 100, 249, 250, 251, 1000] {
+        let mut seen = Vec::new();
+        let mut after = None;
+        let mut pages = 0;
+        loop {
+            let page = store.list(after, limit).unwrap();
+            assert!(page.records.len() <= limit, "limit {limit}");
+            pages += 1;
+            assert!(pages <= 251, "paging with limit {limit} does not end");
+            seen.extend(page.records.iter().map(|r| r.id));
+            match page.next {
+                Some(next) => {
+                    assert_eq!(Some(next), page.records.last().map(|r| r.id));
+                    assert_eq!(page.records.len(), limit);
+                    after = Some(next);
+                }
+                None => break,
+            }
+        }
+        assert_eq!(seen, expected, "limit {limit}");
+        assert_eq!(
+            pages,
+            expected.len().div_ceil(limit).max(1),
+            "limit {limit}"
+        );
+    }
+
+    let all: Vec<Uuid> = store.all().unwrap().iter().map(|r| r.id).collect();
+    assert_eq!(all, expected);
+    assert_eq!(store.count().unwrap(), 250);
+    // Listing is repeatable: the same call gives the same page.
+    assert_eq!(
+        store.list(Some(expected[10]), 20).unwrap(),
+        store.list(Some(expected[10]), 20).unwrap()
+    );
+}
+
+#[test]
+fn list_after_is_exclusive_even_for_unknown_ids() {
+    let (_tmp, store) = fresh();
+    for n in [10, 20, 30] {
+        store.insert(id(n), &format!("p{n}"), 0).unwrap();
+    }
+    let ids = |page: Page| page.records.iter().map(|r| r.id).collect::<Vec<Uuid>>();
+    assert_eq!(
+        ids(store.list(Some(id(10)), 10).unwrap()),
+        vec![id(20), id(30)]
+    );
+    assert_eq!(
+        ids(store.list(Some(id(15)), 10).unwrap()),
+        vec![id(20), id(30)]
+    );
+    assert_eq!(
+        ids(store.list(Some(id(30)), 10).unwrap()),
+        Vec::<Uuid>::new()
+    );
+    // A zero limit still makes progress.
+    let page = store.list(None, 0).unwrap();
+    assert_eq!(ids(page.clone()), vec![id(10)]);
+    assert_eq!(page.next, Some(id(10)));
+}
+
+#[test]
+fn duplicate_payload_names_the_existing_record() {
+    let (_tmp, store) = fresh();
+    store.insert(id(1), "same", 1).unwrap();
+    match store.insert(id(2), "same", 2) {
+        Err(StoreError::DuplicatePayload { existing }) => assert_eq!(existing, id(1)),
+        other => panic!("expected DuplicatePayload, got {other:?}"),
+    }
+    match store.put(id(2), "same", 2) {
+        Err(StoreError::DuplicatePayload { existing }) => assert_eq!(existing, id(1)),
+        other => panic!("expected DuplicatePayload, got {other:?}"),
+    }
+    store.insert(id(2), "other", 2).unwrap();
+    match store.patch(id(2), "same", 3) {
+        Err(StoreError::DuplicatePayload { existing }) => assert_eq!(existing, id(1)),
+        other => panic!("expected DuplicatePayload, got {other:?}"),
+    }
+    assert_eq!(store.get(id(2)).unwrap().unwrap().payload, "other");
+    assert_eq!(store.count().unwrap(), 2);
+}
+
+#[test]
+fn insert_on_a_taken_id_fails() {
+    let (_tmp, store) = fresh();
+    store.insert(id(1), "first", 1).unwrap();
+    for payload in ["first", "second"] {
+        match store.insert(id(1), payload, 2) {
+            Err(StoreError::IdExists(taken)) => assert_eq!(taken, id(1)),
+            other => panic!("expected IdExists, got {other:?}"),
+        }
+    }
+    assert_eq!(store.get(id(1)).unwrap().unwrap().payload, "first");
+}
+
+#[test]
+fn put_creates_then_replaces_keeping_created_at() {
+    let (_tmp, store) = fresh();
+    let (created, outcome) = store.put(id(1), "v1", 100).unwrap();
+    assert_eq!(outcome, PutOutcome::Created);
+    assert_eq!((created.created_at, created.updated_at), (100, 100));
+
+    let (replaced, outcome) = store.put(id(1), "v2", 200).unwrap();
+    assert_eq!(outcome, PutOutcome::Replaced);
+    assert_eq!(replaced.payload, "v2");
+    assert_eq!(replaced.checksum, checksum_of("v2"));
+    assert_eq!((replaced.created_at, replaced.updated_at), (100, 200));
+    assert_eq!(replaced.revision, 2);
+
+    // The same payload again is allowed and moves updated_at.
+    let (again, outcome) = store.put(id(1), "v2", 300).unwrap();
+    assert_eq!(outcome, PutOutcome::Replaced);
+    assert_eq!((again.created_at, again.updated_at), (100, 300));
+    assert_eq!(again.revision, 3);
+
+    // The old payload's index entry is gone: another id can now hold "v1".
+    store.insert(id(2), "v1", 400).unwrap();
+    assert_eq!(store.get(id(1)).unwrap(), Some(again));
+    assert_eq!(store.checksums.len(), 2);
+}
+
+#[test]
+fn patch_replaces_existing_and_refuses_missing() {
+    let (_tmp, store) = fresh();
+    match store.patch(id(9), "x", 1) {
+        Err(StoreError::NotFound(missing)) => assert_eq!(missing, id(9)),
+        other => panic!("expected NotFound, got {other:?}"),
+    }
+    assert_eq!(store.count().unwrap(), 0);
+    assert_eq!(store.revision().unwrap(), 0);
+
+    store.insert(id(9), "x", 10).unwrap();
+    let patched = store.patch(id(9), "y", 20).unwrap();
+    assert_eq!((patched.created_at, patched.updated_at), (10, 20));
+    assert_eq!(patched.payload, "y");
+    let same = store.patch(id(9), "y", 30).unwrap();
+    assert_eq!(same.updated_at, 30);
+    store.insert(id(10), "x", 40).unwrap();
+}
+
+#[test]
+fn delete_then_reinsert_the_same_payload() {
+    let (_tmp, store) = fresh();
+    let record = store.insert(id(1), "payload", 1).unwrap();
+    let deleted = store.delete(id(1)).unwrap();
+    assert_eq!(deleted, Some(record));
+    assert_eq!(store.get(id(1)).unwrap(), None);
+    assert_eq!(store.checksums.len(), 0);
+    assert_eq!(store.delete(id(1)).unwrap(), None);
+
+    store.insert(id(2), "payload", 2).unwrap();
+    store.insert(id(1), "payload 1", 3).unwrap();
+    assert_eq!(store.count().unwrap(), 2);
+}
+
+/// One step of [`revision_moves_by_one_per_write_and_persists`]: an operation, whether it
+/// must succeed, and whether it is a write.
+struct Step {
+    name: &'static str,
+    op: fn(&SledStore) -> Result<(), StoreError>,
+    ok: bool,
+    writes: bool,
+}
+
+#[test]
+fn revision_moves_by_one_per_write_and_persists() {
+    let steps = [
+        Step {
+            name: "insert",
+            op: |s| s.insert(id(1), "a", 1).map(drop),
+            ok: true,
+            writes: true,
+        },
+        Step {
+            name: "insert duplicate payload",
+            op: |s| s.insert(id(2), "a", 1).map(drop),
+            ok: false,
+            writes: false,
+        },
+        Step {
+            name: "insert taken id",
+            op: |s| s.insert(id(1), "b", 1).map(drop),
+            ok: false,
+            writes: false,
+        },
+        Step {
+            name: "put create",
+            op: |s| s.put(id(2), "b", 2).map(drop),
+            ok: true,
+            writes: true,
+        },
+        Step {
+            name: "put replace",
+            op: |s| s.put(id(2), "c", 3).map(drop),
+            ok: true,
+            writes: true,
+        },
+        Step {
+            name: "put same payload",
+            op: |s| s.put(id(2), "c", 4).map(drop),
+            ok: true,
+            writes: true,
+        },
+        Step {
+            name: "put payload of another id",
+            op: |s| s.put(id(2), "a", 4).map(drop),
+            ok: false,
+            writes: false,
+        },
+        Step {
+            name: "patch",
+            op: |s| s.patch(id(1), "d", 5).map(drop),
+            ok: true,
+            writes: true,
+        },
+        Step {
+            name: "patch missing",
+            op: |s| s.patch(id(3), "e", 5).map(drop),
+            ok: false,
+            writes: false,
+        },
+        Step {
+            name: "delete",
+            op: |s| s.delete(id(1)).map(drop),
+            ok: true,
+            writes: true,
+        },
+        Step {
+            name: "delete missing",
+            op: |s| s.delete(id(1)).map(drop),
+            ok: true,
+            writes: false,
+        },
+    ];
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let mut expected = 0;
+    for step in &steps {
+        let store = open(&dir);
+        let rx = store.subscribe();
+        assert_eq!(
+            store.revision().unwrap(),
+            expected,
+            "reopened before {}",
+            step.name
+        );
+        assert_eq!(*rx.borrow(), expected, "watch before {}", step.name);
+
+        let result = (step.op)(&store);
+        assert_eq!(result.is_ok(), step.ok, "{}: {result:?}", step.name);
+        if step.writes {
+            expected += 1;
+        }
+        assert_eq!(store.revision().unwrap(), expected, "after {}", step.name);
+        assert_eq!(*rx.borrow(), expected, "watch after {}", step.name);
+    }
+    let store = open(&dir);
+    assert_eq!(store.revision().unwrap(), 6);
+    assert_eq!(store.get(id(2)).unwrap().unwrap().revision, 4);
+}
+
+#[test]
+fn epoch_persists_and_differs_between_stores() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    let epoch_a = open(&a).epoch();
+    let epoch_b = open(&b).epoch();
+    assert_ne!(epoch_a, epoch_b);
+    assert_ne!(epoch_a, Uuid::nil());
+    assert_eq!(open(&a).epoch(), epoch_a);
+    assert_eq!(open(&b).epoch(), epoch_b);
+}
+
+#[cfg(unix)]
+#[test]
+fn open_creates_a_private_directory() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("nested").join("data");
+    let _store = open(&dir);
+    let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+    assert_eq!(mode & 0o077, 0, "mode {mode:o}");
+}
+
+#[test]
+fn open_on_a_file_is_an_io_error_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("not-a-dir");
+    std::fs::write(&file, b"not a directory").unwrap();
+    match SledStore::open(&file) {
+        Err(err @ StoreError::Io { .. }) => {
+            assert!(err.to_string().contains("not-a-dir"), "{err}");
+        }
+        Err(other) => panic!("expected Io, got {other}"),
+        Ok(_) => panic!("opened a store in a regular file"),
+    }
+}
+
+#[test]
+fn a_second_open_of_the_same_directory_is_refused() {
+    let (tmp, _store) = fresh();
+    match SledStore::open(&tmp.path().join("data")) {
+        Err(err @ StoreError::Backend(_)) => {
+            let message = err.to_string();
+            assert!(message.contains("could not acquire lock"), "{message}");
+            assert!(message.contains("another charter-cp"), "{message}");
+        }
+        Err(other) => panic!("expected Backend, got {other}"),
+        Ok(_) => panic!("opened a store that is already open"),
+    }
+}
+
+#[test]
+fn the_store_is_usable_as_a_trait_object() {
+    let (_tmp, store) = fresh();
+    let store: Arc<dyn LicenseStore> = Arc::new(store);
+    store.insert(id(1), "a", 1).unwrap();
+    assert_eq!(store.count().unwrap(), 1);
+}
+
+#[test]
+fn subscribe_sees_every_write() {
+    let (_tmp, store) = fresh();
+    let mut rx = store.subscribe();
+    assert_eq!(*rx.borrow_and_update(), 0);
+    store.insert(id(1), "a", 1).unwrap();
+    assert!(rx.has_changed().unwrap());
+    assert_eq!(*rx.borrow_and_update(), 1);
+    store.delete(id(2)).unwrap();
+    assert!(
+        !rx.has_changed().unwrap(),
+        "a delete of nothing is not a write"
+    );
+}
+
+#[tokio::test]
+async fn subscriber_wakes_on_a_write_from_another_thread() {
+    let (_tmp, store) = fresh();
+    let store = Arc::new(store);
+    let mut rx = store.subscribe();
+    let writer = {
+        let store = Arc::clone(&store);
+        std::thread::spawn(move || store.insert(id(1), "a", 1).map(drop))
+    };
+    tokio::time::timeout(Duration::from_secs(10), rx.changed())
+        .await
+        .expect("no revision within 10 s")
+        .unwrap();
+    assert_eq!(*rx.borrow(), 1);
+    writer.join().unwrap().unwrap();
+}
+
+#[test]
+fn concurrent_inserts_all_land_with_distinct_revisions() {
+    const THREADS: u128 = 8;
+    const PER_THREAD: u128 = 20;
+    let (_tmp, store) = fresh();
+    let store = Arc::new(store);
+    let handles: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let store = Arc::clone(&store);
+            std::thread::spawn(move || {
+                (0..PER_THREAD)
+                    .map(|n| {
+                        let record = store
+                            .insert(id(t * 1000 + n), &format!("t{t} n{n}"), 0)
+                            .unwrap();
+                        (record.id, record.revision)
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let results: Vec<(Uuid, u64)> = handles
+        .into_iter()
+        .flat_map(|h| h.join().unwrap())
+        .collect();
+
+    let total = u64::try_from(THREADS * PER_THREAD).unwrap();
+    let revisions: BTreeSet<u64> = results.iter().map(|&(_, r)| r).collect();
+    assert_eq!(revisions, (1..=total).collect());
+    assert_eq!(store.revision().unwrap(), total);
+    assert_eq!(store.count().unwrap(), total);
+    for (id, revision) in results {
+        assert_eq!(store.get(id).unwrap().unwrap().revision, revision);
+    }
+}
+
+#[test]
+fn large_payloads_survive_reopen() {
+    // Over a quarter of sled's 512 KiB segment, so sled stores it as a blob file.
+    let payload = "x".repeat(300 * 1024);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    {
+        let store = open(&dir);
+        store.insert(id(1), &payload, 1).unwrap();
+        store.put(id(1), &format!("{payload}y"), 2).unwrap();
+    }
+    let store = open(&dir);
+    let record = store.get(id(1)).unwrap().unwrap();
+    assert_eq!(record.payload.len(), payload.len() + 1);
+    assert_eq!(record.checksum, checksum_of(&record.payload));
+}
+
+#[test]
+fn undecodable_records_are_corrupt_naming_the_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    {
+        let store = open(&dir);
+        store.insert(id(1), "fine", 1).unwrap();
+        store.insert(id(2), "tampered", 1).unwrap();
+        let mut bad = store.get(id(2)).unwrap().unwrap();
+        bad.payload = "changed behind the store's back".to_string();
+        store
+            .licenses
+            .insert(id(2).as_bytes(), serde_json::to_vec(&bad).unwrap())
+            .unwrap();
+        store
+            .licenses
+            .insert(id(3).as_bytes(), b"not json".as_slice())
+            .unwrap();
+        store.licenses.insert(b"short", b"{}".as_slice()).unwrap();
+        store.db.flush().unwrap();
+    }
+    let store = open(&dir);
+    let corrupt = |result: Result<Option<LicenseRecord>, StoreError>| match result {
+        Err(StoreError::Corrupt(message)) => message,
+        other => panic!("expected Corrupt, got {other:?}"),
+    };
+    assert!(store.get(id(1)).unwrap().is_some());
+    let message = corrupt(store.get(id(2)));
+    assert!(message.contains(&id(2).to_string()), "{message}");
+    assert!(message.contains("checksum"), "{message}");
+    let message = corrupt(store.get(id(3)));
+    assert!(message.contains(&id(3).to_string()), "{message}");
+    assert!(message.contains("JSON"), "{message}");
+
+    let message = match store.all() {
+        Err(StoreError::Corrupt(message)) => message,
+        other => panic!("expected Corrupt, got {other:?}"),
+    };
+    assert!(message.contains(&id(2).to_string()), "{message}");
+    match store.list(None, 100) {
+        Err(StoreError::Corrupt(_)) => {}
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    // Writes that would need the broken record refuse instead of guessing.
+    match store.put(id(3), "new", 2) {
+        Err(StoreError::Corrupt(message)) => assert!(message.contains(&id(3).to_string())),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+    // A key that is not an id is named too.
+    store.licenses.remove(id(2).as_bytes()).unwrap();
+    store.licenses.remove(id(3).as_bytes()).unwrap();
+    match store.all() {
+        Err(StoreError::Corrupt(message)) => assert!(message.contains("short"), "{message}"),
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn corrupt_meta_is_refused_on_open() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    {
+        let store = open(&dir);
+        store.meta.insert(b"revision", b"bad".as_slice()).unwrap();
+        store.db.flush().unwrap();
+    }
+    match SledStore::open(&dir) {
+        Err(StoreError::Corrupt(message)) => assert!(message.contains("revision"), "{message}"),
+        Err(other) => panic!("expected Corrupt, got {other}"),
+        Ok(_) => panic!("opened a store with a corrupt revision"),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Any payload and any timestamp round-trip, and nothing panics.
+    #[test]
+    fn any_payload_round_trips(payload in any::<String>(), now in any::<i64>(), later in any::<i64>()) {
+        let (_tmp, store) = fresh();
+        let id = Uuid::new_v4();
+        let record = store.insert(id, &payload, now).unwrap();
+        prop_assert_eq!(&record.payload, &payload);
+        prop_assert_eq!(store.get(id).unwrap(), Some(record.clone()));
+        let (replaced, _) = store.put(id, &payload, later).unwrap();
+        prop_assert_eq!((replaced.created_at, replaced.updated_at), (now, later));
+        prop_assert_eq!(store.delete(id).unwrap(), Some(replaced));
+        prop_assert_eq!(store.revision().unwrap(), 3);
+    }
+}
+
+/// Set in the re-executed test binary to make [`acknowledged_writes_survive_sigkill`] act
+/// as the writer to be killed, on the data directory named by its value.
+const CRASH_CHILD_ENV: &str = "CHARTER_STORE_CRASH_CHILD_DIR";
+const CRASH_TEST_NAME: &str = "tests::acknowledged_writes_survive_sigkill";
+
+/// Kills the child on drop, so a failing test never leaves a writer running.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Parses a child's `ACK <id> <revision>` line.
+fn parse_ack(line: &str) -> Option<(Uuid, u64)> {
+    let mut words = line.strip_prefix("ACK ")?.split(' ');
+    let id = words.next()?.parse().ok()?;
+    let revision = words.next()?.trim().parse().ok()?;
+    Some((id, revision))
+}
+
+/// The writer: opens the store and inserts records until killed, printing each
+/// acknowledged one.
+fn crash_child(dir: &Path) {
+    // The store waits for the lock if the parent's handle on it is still closing.
+    let store = SledStore::open(dir).expect("crash child opens the store");
+    let mut out = std::io::stdout().lock();
+    // Bounded, so a writer whose parent vanished without killing it stops on its own.
+    for n in 0..100_000u32 {
+        let id = Uuid::new_v4();
+        let record = store
+            .insert(id, &format!("crash payload {n} {id}"), i64::from(n))
+            .expect("insert");
+        if writeln!(out, "ACK {id} {}", record.revision)
+            .and_then(|()| out.flush())
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    if let Some(dir) = std::env::var_os(CRASH_CHILD_ENV) {
+        crash_child(Path::new(&dir));
+        return;
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let exe = std::env::current_exe().unwrap();
+    let epoch = open(&dir).epoch();
+    let mut acked: Vec<(Uuid, u64)> = Vec::new();
+    let mut last_revision = 0;
+
+    for cycle in 0u64..20 {
+        let mut child = KillOnDrop(
+            Command::new(&exe)
+                .args([
+                    "--exact",
+                    CRASH_TEST_NAME,
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env(CRASH_CHILD_ENV, &dir)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap(),
+        );
+        let stdout = child.0.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if let Some(ack) = parse_ack(&line) {
+                    if tx.send(ack).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+
+        // Kill at varying moments: after a varying number of acknowledged writes, plus a
+        // varying delay so that the kill lands at different points of the next write.
+        let wait_for = 1 + (cycle * 7) % 13;
+        for _ in 0..wait_for {
+            let ack = rx
+                .recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|e| panic!("cycle {cycle}: no acknowledgement from child: {e}"));
+            acked.push(ack);
+        }
+        std::thread::sleep(Duration::from_micros((cycle * 997) % 4000));
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
+        reader.join().unwrap();
+        // Everything printed before the kill was acknowledged too.
+        acked.extend(rx.try_iter());
+
+        let store = open(&dir);
+        assert_eq!(store.epoch(), epoch, "cycle {cycle}");
+        let revision = store.revision().unwrap();
+        assert!(
+            revision >= last_revision,
+            "cycle {cycle}: revision went from {last_revision} back to {revision}"
+        );
+        for &(id, acked_revision) in &acked {
+            let record = store
+                .get(id)
+                .unwrap()
+                .unwrap_or_else(|| panic!("cycle {cycle}: acknowledged {id} is lost"));
+            assert_eq!(record.revision, acked_revision, "cycle {cycle}: {id}");
+            assert!(acked_revision <= revision, "cycle {cycle}: {id}");
+        }
+        // The index and the records agree after every crash.
+        let all = store.all().unwrap();
+        assert_eq!(store.checksums.len(), all.len(), "cycle {cycle}");
+        assert_eq!(
+            store.count().unwrap(),
+            revision,
+            "cycle {cycle}: only inserts ran"
+        );
+        last_revision = revision;
+    }
+    assert!(acked.len() >= 20);
+}
