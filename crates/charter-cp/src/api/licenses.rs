@@ -1,0 +1,239 @@
+//! `/licenses` and `/licenses/{id}`: Kong's Licenses entity.
+
+use axum::body::Body;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::Json;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use charter_license::{Evaluation, VerifiedLicense};
+use charter_store::{LicenseRecord, PutOutcome};
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use super::{parse_id, read_fields, ApiError};
+use crate::effective::normalized;
+use crate::state::AppState;
+
+/// Default and largest page sizes, as Kong's.
+const DEFAULT_SIZE: usize = 100;
+const MAX_SIZE: usize = 1000;
+
+/// A record as the API shows it.
+pub fn record_json(record: &LicenseRecord) -> Value {
+    json!({
+        "id": record.id,
+        "payload": record.payload,
+        "checksum": record.checksum,
+        "created_at": record.created_at,
+        "updated_at": record.updated_at,
+    })
+}
+
+/// The fields of a license write.
+struct Input {
+    payload: Option<String>,
+    id: Option<Uuid>,
+}
+
+impl Input {
+    /// Checks a body's fields against the Licenses schema: `payload` (a string), an
+    /// optional `id` matching the path, and the read-only fields of a record (ignored, so a
+    /// record fetched with GET can be sent back as is).
+    fn from_fields(fields: Map<String, Value>, path_id: Option<Uuid>) -> Result<Input, ApiError> {
+        let mut errors = Vec::new();
+        let mut input = Input {
+            payload: None,
+            id: None,
+        };
+        for (name, value) in fields {
+            match (name.as_str(), value) {
+                ("payload", Value::String(s)) if s.trim().is_empty() => {
+                    errors.push((name, "length must be at least 1".to_owned()))
+                }
+                ("payload", Value::String(s)) => input.payload = Some(s),
+                ("payload", Value::Null) => {
+                    errors.push((name, "required field missing".to_owned()))
+                }
+                ("payload", _) => errors.push((name, "expected a string".to_owned())),
+                ("id", Value::String(s)) => match Uuid::parse_str(&s) {
+                    Ok(id) if path_id.is_some_and(|p| p != id) => {
+                        errors.push((name, "must match the id in the URL".to_owned()))
+                    }
+                    Ok(id) => input.id = Some(id),
+                    Err(_) => errors.push((name, "expected a valid UUID".to_owned())),
+                },
+                ("id", _) => errors.push((name, "expected a valid UUID".to_owned())),
+                ("created_at" | "updated_at" | "checksum", _) => {}
+                _ => errors.push((name, "unknown field".to_owned())),
+            }
+        }
+        if errors.is_empty() {
+            Ok(input)
+        } else {
+            Err(ApiError::Schema(errors))
+        }
+    }
+
+    fn require_payload(&self) -> Result<&str, ApiError> {
+        self.payload
+            .as_deref()
+            .ok_or_else(|| ApiError::field("payload", "required field missing"))
+    }
+}
+
+/// Validates a license text now; returns the text to store (the normalized document).
+fn validate(
+    state: &AppState,
+    text: &str,
+) -> Result<(String, VerifiedLicense, Evaluation), ApiError> {
+    let (verified, evaluation) = charter_license::validate(text, state.keys(), state.now())
+        .map_err(ApiError::InvalidLicense)?;
+    Ok((normalized(&verified.document), verified, evaluation))
+}
+
+fn log_stored(
+    record: &LicenseRecord,
+    verified: &VerifiedLicense,
+    evaluation: &Evaluation,
+    action: &str,
+) {
+    if evaluation.status.allows() && evaluation.grace_days_left.is_none() {
+        tracing::info!(id = %record.id, key_id = %verified.key_id, status = %evaluation.status,
+            expires = %evaluation.expiration_date, revision = record.revision, "license {action}");
+    } else {
+        // Kong accepts an expired but validly signed license; say so loudly.
+        tracing::warn!(id = %record.id, key_id = %verified.key_id, status = %evaluation.status,
+            expires = %evaluation.expiration_date, revision = record.revision,
+            "license {action}, but it has expired; data planes deny traffic once grace ends");
+    }
+}
+
+/// `GET /licenses?size=N&offset=X`.
+pub async fn list(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+            .map_err(|e| ApiError::BadRequest(format!("Cannot parse query string: {e}")))?;
+    let mut size = DEFAULT_SIZE;
+    let mut after = None;
+    for (name, value) in pairs {
+        match name.as_str() {
+            "size" => {
+                size = value
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=MAX_SIZE).contains(n))
+                    .ok_or(ApiError::InvalidSize)?;
+            }
+            "offset" => after = Some(decode_offset(&value)?),
+            _ => {}
+        }
+    }
+    let page = state.store().list(after, size)?;
+    let offset = page.next.map(encode_offset);
+    let next = offset
+        .as_ref()
+        .map(|o| format!("/licenses?offset={o}&size={size}"));
+    Ok(Json(json!({
+        "data": page.records.iter().map(record_json).collect::<Vec<_>>(),
+        "next": next,
+        "offset": offset,
+    })))
+}
+
+fn encode_offset(id: Uuid) -> String {
+    URL_SAFE_NO_PAD.encode(id.as_bytes())
+}
+
+fn decode_offset(offset: &str) -> Result<Uuid, ApiError> {
+    URL_SAFE_NO_PAD
+        .decode(offset)
+        .ok()
+        .and_then(|bytes| Uuid::from_slice(&bytes).ok())
+        .ok_or_else(|| ApiError::InvalidOffset(offset.to_owned()))
+}
+
+/// `POST /licenses`.
+pub async fn create(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let input = Input::from_fields(read_fields(&headers, body).await?, None)?;
+    let (text, verified, evaluation) = validate(&state, input.require_payload()?)?;
+    let id = input.id.unwrap_or_else(Uuid::new_v4);
+    let now = state.now();
+    let record = state
+        .write(move |store| store.insert(id, &text, now))
+        .await?;
+    log_stored(&record, &verified, &evaluation, "added");
+    Ok((StatusCode::CREATED, Json(record_json(&record))))
+}
+
+/// `GET /licenses/{id}`: an id that is not a UUID names no license, so it is a 404.
+pub async fn show(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let record = state.store().get(id)?.ok_or(ApiError::NotFound)?;
+    Ok(Json(record_json(&record)))
+}
+
+/// `PUT /licenses/{id}`: create with that id, or replace (keeping `created_at`).
+pub async fn replace(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    let input = Input::from_fields(read_fields(&headers, body).await?, Some(id))?;
+    let (text, verified, evaluation) = validate(&state, input.require_payload()?)?;
+    let now = state.now();
+    let (record, outcome) = state.write(move |store| store.put(id, &text, now)).await?;
+    let action = match outcome {
+        PutOutcome::Created => "added",
+        PutOutcome::Replaced => "replaced",
+    };
+    log_stored(&record, &verified, &evaluation, action);
+    Ok(Json(record_json(&record)))
+}
+
+/// `PATCH /licenses/{id}`: a new payload, or none to move `updated_at` (which puts the
+/// license back in force).
+pub async fn update(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let id = parse_id(&id)?;
+    let input = Input::from_fields(read_fields(&headers, body).await?, Some(id))?;
+    let text = match input.payload {
+        Some(text) => text,
+        None => state.store().get(id)?.ok_or(ApiError::NotFound)?.payload,
+    };
+    let (text, verified, evaluation) = validate(&state, &text)?;
+    let now = state.now();
+    let record = state
+        .write(move |store| store.patch(id, &text, now))
+        .await?;
+    log_stored(&record, &verified, &evaluation, "updated");
+    Ok(Json(record_json(&record)))
+}
+
+/// `DELETE /licenses/{id}`: 204 whether or not it existed, as Kong.
+pub async fn remove(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let id = parse_id(&id)?;
+    if let Some(record) = state.write(move |store| store.delete(id)).await? {
+        tracing::info!(id = %record.id, "license deleted");
+    }
+    Ok(StatusCode::NO_CONTENT)
+}

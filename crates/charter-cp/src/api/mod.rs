@@ -1,0 +1,303 @@
+//! The admin HTTP API: routes, Kong-shaped errors (one `ApiError: IntoResponse` for the
+//! whole boundary) and the body reader that takes JSON and form-urlencoded alike.
+
+mod consul;
+mod licenses;
+mod node;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{middleware, Json, Router};
+use charter_license::LicenseError;
+use charter_store::StoreError;
+use http_body_util::BodyExt;
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use crate::state::AppState;
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 1024 * 1024;
+
+/// The admin API router, with auth and metrics.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/licenses", get(licenses::list).post(licenses::create))
+        .route(
+            "/licenses/{id}",
+            get(licenses::show)
+                .put(licenses::replace)
+                .patch(licenses::update)
+                .delete(licenses::remove),
+        )
+        .route("/license/status", get(node::license_status))
+        .route("/license/report", get(node::report))
+        .route(
+            "/v1/operator/license",
+            get(consul::show).put(consul::install).delete(consul::reset),
+        )
+        .route("/status", get(node::health))
+        .route("/metrics", get(node::metrics))
+        .route("/openapi.json", get(node::openapi))
+        .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::require_token,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            crate::metrics::track,
+        ))
+        .with_state(state)
+}
+
+/// Every error the admin API answers, in Kong's shapes.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 404 `{"message":"Not found"}`.
+    #[error("not found")]
+    NotFound,
+    /// 405 `{"message":"Method not allowed"}`.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 400 `{"message":"Cannot parse JSON body"}`.
+    #[error("cannot parse JSON body: {0}")]
+    BadJson(String),
+    /// 400 Kong schema violation with per-field messages.
+    #[error("schema violation")]
+    Schema(Vec<(String, String)>),
+    /// 400 `{"message":"Unable to validate license: <code>"}`.
+    #[error("invalid license: {0}")]
+    InvalidLicense(LicenseError),
+    /// 409 the payload (or id) is already stored.
+    #[error("unique violation on {field}")]
+    Conflict {
+        /// `payload` or `id`.
+        field: &'static str,
+        /// The id already holding it.
+        existing: Uuid,
+    },
+    /// 400 Kong's `invalid size`.
+    #[error("invalid size")]
+    InvalidSize,
+    /// 400 Kong's `invalid offset`.
+    #[error("invalid offset")]
+    InvalidOffset(String),
+    /// 413 body over the limit.
+    #[error("body too large")]
+    TooLarge,
+    /// 415 a body that is neither JSON nor a form.
+    #[error("unsupported content type {0}")]
+    UnsupportedMediaType(String),
+    /// 401 no or unknown token.
+    #[error("unauthorized")]
+    Unauthorized,
+    /// 403 a read token on a write.
+    #[error("forbidden")]
+    Forbidden,
+    /// 400 with a plain message (Consul face).
+    #[error("{0}")]
+    BadRequest(String),
+    /// 503 the store cannot be read or written.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// 500 a bug.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A schema violation on one field.
+    pub fn field(name: &str, message: impl Into<String>) -> ApiError {
+        ApiError::Schema(vec![(name.to_owned(), message.into())])
+    }
+
+    /// The HTTP status of this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BadJson(_)
+            | ApiError::Schema(_)
+            | ApiError::InvalidLicense(_)
+            | ApiError::InvalidSize
+            | ApiError::InvalidOffset(_)
+            | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn body(&self) -> Value {
+        match self {
+            ApiError::NotFound => json!({"message": "Not found"}),
+            ApiError::MethodNotAllowed => json!({"message": "Method not allowed"}),
+            ApiError::BadJson(detail) => {
+                json!({"message": "Cannot parse JSON body", "detail": detail})
+            }
+            ApiError::Schema(fields) => {
+                let summary: Vec<String> =
+                    fields.iter().map(|(f, m)| format!("{f}: {m}")).collect();
+                let fields: Map<String, Value> = fields
+                    .iter()
+                    .map(|(f, m)| (f.clone(), Value::String(m.clone())))
+                    .collect();
+                json!({
+                    "code": 2,
+                    "name": "schema violation",
+                    "message": format!("schema violation ({})", summary.join("; ")),
+                    "fields": fields,
+                })
+            }
+            ApiError::InvalidLicense(e) => json!({
+                "message": format!("Unable to validate license: {}", e.code),
+                "detail": e.message,
+            }),
+            ApiError::Conflict { field, existing } => json!({
+                "code": 5,
+                "name": "unique constraint violation",
+                "message": format!("UNIQUE violation detected on '{{{field}}}': already stored as license {existing}"),
+                "fields": {*field: format!("already stored as license {existing}")},
+            }),
+            ApiError::InvalidSize => json!({
+                "code": 9,
+                "name": "invalid size",
+                "message": "size must be an integer between 1 and 1000",
+            }),
+            ApiError::InvalidOffset(offset) => json!({
+                "code": 7,
+                "name": "invalid offset",
+                "message": format!("'{offset}' is not a valid offset: use the `offset` of a previous page"),
+            }),
+            ApiError::TooLarge => json!({
+                "message": format!("Request body too large: the limit is {} bytes", BODY_LIMIT),
+            }),
+            ApiError::UnsupportedMediaType(kind) => json!({
+                "message": format!("Unsupported Content-Type '{kind}': send application/json or application/x-www-form-urlencoded"),
+            }),
+            ApiError::Unauthorized => json!({
+                "message": "Invalid credentials. Token or User credentials required",
+            }),
+            ApiError::Forbidden => json!({
+                "message": "Forbidden: this token is read-only; the request needs a write token",
+            }),
+            ApiError::BadRequest(message) => json!({"message": message}),
+            ApiError::Unavailable(_) => json!({"message": "License store unavailable"}),
+            ApiError::Internal(_) => json!({"message": "An unexpected error occurred"}),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            ApiError::Unavailable(e) | ApiError::Internal(e) => {
+                tracing::error!(error = %e, "admin API request failed");
+            }
+            _ => {}
+        }
+        (self.status(), Json(self.body())).into_response()
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        match e {
+            StoreError::NotFound(_) => ApiError::NotFound,
+            StoreError::DuplicatePayload { existing } => ApiError::Conflict {
+                field: "payload",
+                existing,
+            },
+            StoreError::IdExists(id) => ApiError::Conflict {
+                field: "id",
+                existing: id,
+            },
+            other => ApiError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// Reads a request body as a JSON object, from `application/json` or
+/// `application/x-www-form-urlencoded` (Kong accepts both), within [`BODY_LIMIT`].
+/// An empty body is an empty object.
+pub async fn read_fields(headers: &HeaderMap, body: Body) -> Result<Map<String, Value>, ApiError> {
+    let bytes = read_body(headers, body).await?;
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match media.as_str() {
+        "application/x-www-form-urlencoded" => {
+            let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&bytes)
+                .map_err(|e| ApiError::BadRequest(format!("Cannot parse form body: {e}")))?;
+            Ok(pairs
+                .into_iter()
+                .map(|(k, v)| (k, Value::String(v)))
+                .collect())
+        }
+        "" | "application/json" => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Err(ApiError::BadJson(
+                "the body must be a JSON object".to_owned(),
+            )),
+            Err(e) => Err(ApiError::BadJson(e.to_string())),
+        },
+        other if other.ends_with("+json") => match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(map)) => Ok(map),
+            Ok(_) => Err(ApiError::BadJson(
+                "the body must be a JSON object".to_owned(),
+            )),
+            Err(e) => Err(ApiError::BadJson(e.to_string())),
+        },
+        other => Err(ApiError::UnsupportedMediaType(other.to_owned())),
+    }
+}
+
+/// Reads a whole body, answering 413 past [`BODY_LIMIT`] without buffering more.
+pub async fn read_body(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > BODY_LIMIT as u64) {
+        return Err(ApiError::TooLarge);
+    }
+    match http_body_util::Limited::new(body, BODY_LIMIT)
+        .collect()
+        .await
+    {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            Err(ApiError::TooLarge)
+        }
+        Err(e) => Err(ApiError::BadRequest(format!(
+            "Cannot read request body: {e}"
+        ))),
+    }
+}
+
+/// Parses a path id as a UUID, or answers Kong's schema violation.
+pub fn parse_id(id: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(id).map_err(|_| ApiError::field("id", "expected a valid UUID"))
+}

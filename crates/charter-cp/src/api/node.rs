@@ -1,0 +1,149 @@
+//! This node's own endpoints: `/license/status`, `/license/report`, `/status`, `/metrics`
+//! and `/openapi.json`.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+use super::ApiError;
+use crate::effective::{InForce, View};
+use crate::state::AppState;
+
+/// The OpenAPI 3 document of this API.
+const OPENAPI: &str = include_str!("../openapi.json");
+
+/// An irreversible identifier: SHA-256 over a domain-separating prefix and the value.
+pub fn hashed(domain: &str, value: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(b"charter/");
+    hasher.update(domain.as_bytes());
+    hasher.update([0]);
+    hasher.update(value.as_bytes());
+    hex::encode(&hasher.finalize()[..16])
+}
+
+/// The license in force, as `/license/status` and the report describe it.
+pub fn license_json(in_force: &InForce) -> Value {
+    let mut license = serde_json::Map::new();
+    for (name, value) in in_force.verified.document.payload() {
+        license.insert(name.clone(), value.clone());
+    }
+    let record = in_force.record.as_ref();
+    license.insert("id".into(), json!(record.map(|r| r.id)));
+    license.insert("updated_at".into(), json!(record.map(|r| r.updated_at)));
+    license.insert("key_id".into(), json!(in_force.verified.key_id.to_string()));
+    license.insert("days_left".into(), json!(in_force.evaluation.days_left));
+    license.insert("source".into(), json!(in_force.source.as_str()));
+    Value::Object(license)
+}
+
+fn status_json(view: &View) -> Value {
+    match &view.in_force {
+        Some(in_force) => json!({
+            "status": in_force.evaluation.status.as_str(),
+            "source": in_force.source.as_str(),
+            "license": license_json(in_force),
+            "warnings": view.warnings,
+        }),
+        None => json!({
+            "status": "unlicensed",
+            "source": null,
+            "license": null,
+            "warnings": view.warnings,
+        }),
+    }
+}
+
+/// `GET /license/status`.
+pub async fn license_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(status_json(&state.view()?)))
+}
+
+/// `GET /license/report`: Kong's usage report, plus Charter's deployment fields.
+pub async fn report(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let view = state.view()?;
+    let terms = view.in_force.as_ref().map(|f| &f.verified.terms);
+    let license_key = match terms {
+        Some(t) => hashed("license_key", &t.license_key),
+        None => "UNLICENSED".to_owned(),
+    };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(Json(json!({
+        // Filled from data-plane telemetry once data planes report usage.
+        "counters": [],
+        "db_version": state.store().backend_version(),
+        "kong_version": env!("CARGO_PKG_VERSION"),
+        "license_key": license_key,
+        "rbac_users": state.tokens().map_or(0, |t| t.len()),
+        "services_count": 0,
+        "system_info": {
+            "cores": cores,
+            "hostname": hashed("hostname", state.hostname()),
+            "uname": uname(),
+        },
+        "workspaces_count": 1,
+        "deployment_info": {"type": "hybrid", "connected_dp_count": 0},
+        "licensed_dataplanes": terms.and_then(|t| t.dataplanes),
+    })))
+}
+
+/// `Linux x86_64`, as Kong's report shows it.
+fn uname() -> String {
+    let os = std::env::consts::OS;
+    let mut name = os[..1].to_ascii_uppercase();
+    name.push_str(&os[1..]);
+    format!("{name} {}", std::env::consts::ARCH)
+}
+
+/// `GET /status`: health. 503 when the store cannot be read.
+pub async fn health(State(state): State<AppState>) -> Response {
+    let store = state.store();
+    match store.revision() {
+        Ok(revision) => {
+            let status = state
+                .view()
+                .ok()
+                .and_then(|v| v.in_force.map(|f| f.evaluation.status.as_str()))
+                .unwrap_or("unlicensed");
+            Json(json!({
+                "database": {
+                    "reachable": true,
+                    "backend": store.backend_version(),
+                    "epoch": store.epoch(),
+                    "revision": revision,
+                },
+                "license": {"status": status},
+                "server": {"version": env!("CARGO_PKG_VERSION")},
+            }))
+            .into_response()
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "health check: the license store cannot be read");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"database": {"reachable": false}, "message": "License store unavailable"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics().render(&state),
+    )
+        .into_response()
+}
+
+/// `GET /openapi.json`.
+pub async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}

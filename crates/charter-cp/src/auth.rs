@@ -1,0 +1,134 @@
+//! Admin API tokens: the `TOKEN read|write` file and the middleware that checks
+//! `Kong-Admin-Token` or `Authorization: Bearer` on every route but `/status`.
+
+use axum::extract::{Request, State};
+use axum::http::Method;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use crate::api::ApiError;
+use crate::state::AppState;
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// GET and HEAD only.
+    Read,
+    /// Everything.
+    Write,
+}
+
+/// The admin tokens of a control plane.
+#[derive(Clone)]
+pub struct Tokens(Vec<(String, Access)>);
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print a token.
+        write!(f, "Tokens({} configured)", self.0.len())
+    }
+}
+
+/// A malformed token file.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    /// A line that is not `TOKEN read|write`.
+    #[error("line {line}: expected `TOKEN read` or `TOKEN write`")]
+    BadLine {
+        /// 1-based line number.
+        line: usize,
+    },
+    /// The same token twice.
+    #[error("line {line}: this token is already listed")]
+    Duplicate {
+        /// 1-based line number.
+        line: usize,
+    },
+    /// No token at all.
+    #[error("no tokens: add lines of the form `TOKEN read|write`")]
+    Empty,
+}
+
+impl Tokens {
+    /// Parses `TOKEN read|write` lines; blank lines and `#` comments are ignored.
+    pub fn parse(text: &str) -> Result<Tokens, TokenFileError> {
+        let mut tokens: Vec<(String, Access)> = Vec::new();
+        for (index, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let (Some(token), Some(access), None) = (words.next(), words.next(), words.next())
+            else {
+                return Err(TokenFileError::BadLine { line: index + 1 });
+            };
+            let access = match access {
+                "read" => Access::Read,
+                "write" => Access::Write,
+                _ => return Err(TokenFileError::BadLine { line: index + 1 }),
+            };
+            if tokens.iter().any(|(t, _)| t == token) {
+                return Err(TokenFileError::Duplicate { line: index + 1 });
+            }
+            tokens.push((token.to_owned(), access));
+        }
+        if tokens.is_empty() {
+            return Err(TokenFileError::Empty);
+        }
+        Ok(Tokens(tokens))
+    }
+
+    /// How many tokens are configured (the report's `rbac_users`).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether no tokens are configured (never true for a parsed file).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The access a presented token grants, comparing in constant time.
+    pub fn access(&self, presented: &str) -> Option<Access> {
+        let mut found = None;
+        for (token, access) in &self.0 {
+            if bool::from(token.as_bytes().ct_eq(presented.as_bytes())) {
+                found = Some(*access);
+            }
+        }
+        found
+    }
+}
+
+/// Checks the admin token of a request, when tokens are configured.
+pub async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(tokens) = state.tokens() else {
+        return next.run(request).await;
+    };
+    if request.uri().path() == "/status" {
+        return next.run(request).await;
+    }
+    let headers = request.headers();
+    let presented = headers
+        .get("kong-admin-token")
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| {
+            headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+        });
+    match presented.and_then(|token| tokens.access(token.trim())) {
+        None => ApiError::Unauthorized.into_response(),
+        Some(Access::Read) if !matches!(*request.method(), Method::GET | Method::HEAD) => {
+            ApiError::Forbidden.into_response()
+        }
+        Some(_) => next.run(request).await,
+    }
+}

@@ -1,0 +1,226 @@
+//! Command-line flags (each also an environment variable) and their validation into a
+//! typed [`Config`], before any port is bound.
+
+use std::fs;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use charter_license::{TrustedKey, TrustedKeys, UnixTime};
+use clap::{Parser, ValueEnum};
+
+use crate::auth::Tokens;
+
+/// `charter-cp` flags. Every flag also reads `CHARTER_` + its name in upper snake case.
+#[derive(Debug, Parser)]
+#[command(name = "charter-cp", version, about = "Charter control plane")]
+pub struct Args {
+    /// Directory of the embedded license store.
+    #[arg(long, env = "CHARTER_DATA_DIR", default_value = "./charter-cp-data")]
+    pub data_dir: PathBuf,
+    /// Address of the admin HTTP API.
+    #[arg(long, env = "CHARTER_ADMIN_LISTEN", default_value = "127.0.0.1:8001")]
+    pub admin_listen: String,
+    /// Address of the gRPC cluster server the data planes connect to.
+    #[arg(long, env = "CHARTER_CLUSTER_LISTEN", default_value = "0.0.0.0:8005")]
+    pub cluster_listen: String,
+    /// A public key (SPKI PEM) trusted to sign licenses; repeat for several (comma-separated in the variable).
+    #[arg(
+        long = "trusted-key",
+        env = "CHARTER_TRUSTED_KEY",
+        value_delimiter = ','
+    )]
+    pub trusted_keys: Vec<PathBuf>,
+    /// The cluster certificate (PEM).
+    #[arg(long, env = "CHARTER_CLUSTER_CERT")]
+    pub cluster_cert: Option<PathBuf>,
+    /// The cluster certificate's private key (PEM).
+    #[arg(long, env = "CHARTER_CLUSTER_CERT_KEY")]
+    pub cluster_cert_key: Option<PathBuf>,
+    /// How data planes are authenticated: one pinned shared certificate, or a CA.
+    #[arg(long, env = "CHARTER_CLUSTER_MTLS", value_enum, default_value_t = MtlsMode::Shared)]
+    pub cluster_mtls: MtlsMode,
+    /// The CA certificate that signs data-plane certificates (pki mode).
+    #[arg(long, env = "CHARTER_CLUSTER_CA_CERT")]
+    pub cluster_ca_cert: Option<PathBuf>,
+    /// Admin tokens, one `TOKEN read|write` per line. Without it the admin API only binds loopback.
+    #[arg(long, env = "CHARTER_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// A static license file: this node uses it and ignores licenses stored through the API.
+    #[arg(long, env = "CHARTER_LICENSE_PATH")]
+    pub license_path: Option<PathBuf>,
+    /// A static license given inline (the document text), like Kong's KONG_LICENSE_DATA.
+    #[arg(long, env = "CHARTER_LICENSE_DATA", hide_env_values = true)]
+    pub license_data: Option<String>,
+    /// Log format.
+    #[arg(long, env = "CHARTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Serve the cluster port as plaintext gRPC. For development only.
+    #[arg(long, env = "CHARTER_CLUSTER_INSECURE")]
+    pub cluster_insecure: bool,
+}
+
+/// Cluster mTLS mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MtlsMode {
+    /// Both sides present the one cluster certificate and pin it.
+    Shared,
+    /// Certificates from a CA: the CP needs serverAuth, DPs clientAuth.
+    Pki,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A license configured on this node (static configuration wins over stored licenses).
+#[derive(Debug, Clone)]
+pub struct StaticLicense {
+    /// Where it came from, for logs and status (`--license-path FILE` or `CHARTER_LICENSE_DATA`).
+    pub origin: String,
+    /// The document text.
+    pub text: String,
+}
+
+/// Cluster transport settings, checked but not yet served (see ARCHITECTURE.md).
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Where the cluster server listens.
+    pub listen: SocketAddr,
+    /// `shared` or `pki`.
+    pub mtls: MtlsMode,
+    /// Certificate and key paths, when given.
+    pub cert: Option<(PathBuf, PathBuf)>,
+    /// The CA for pki mode.
+    pub ca_cert: Option<PathBuf>,
+    /// Plaintext gRPC.
+    pub insecure: bool,
+}
+
+/// The validated configuration of a control plane.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Store directory.
+    pub data_dir: PathBuf,
+    /// Admin API address.
+    pub admin_listen: SocketAddr,
+    /// Cluster settings.
+    pub cluster: ClusterConfig,
+    /// Keys trusted to sign licenses.
+    pub trusted_keys: TrustedKeys,
+    /// Admin tokens; `None` means the admin API is open (loopback only).
+    pub tokens: Option<Tokens>,
+    /// A static license, when configured.
+    pub static_license: Option<StaticLicense>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Validates flags into a configuration. `now` judges a static license.
+    pub fn from_args(args: Args, now: UnixTime) -> Result<Config> {
+        let admin_listen = resolve(&args.admin_listen, "--admin-listen")?;
+        let cluster_listen = resolve(&args.cluster_listen, "--cluster-listen")?;
+        if args.trusted_keys.is_empty() {
+            bail!("no --trusted-key given: the control plane needs at least one public key (charterctl keygen makes one) to verify licenses");
+        }
+        let trusted_keys = load_trusted_keys(&args.trusted_keys)?;
+        let tokens = match &args.admin_token_file {
+            Some(path) => Some(
+                Tokens::parse(&read(path, "--admin-token-file")?)
+                    .with_context(|| format!("--admin-token-file {}", path.display()))?,
+            ),
+            None => None,
+        };
+        if tokens.is_none() && !admin_listen.ip().is_loopback() {
+            bail!(
+                "refusing to serve the admin API on non-loopback address {admin_listen} without --admin-token-file; bind 127.0.0.1 or configure admin tokens"
+            );
+        }
+        let static_license = match (&args.license_path, &args.license_data) {
+            (Some(_), Some(_)) => bail!(
+                "both --license-path and CHARTER_LICENSE_DATA are set; configure the static license once"
+            ),
+            (Some(path), None) => Some(StaticLicense {
+                origin: format!("--license-path {}", path.display()),
+                text: read(path, "--license-path")?,
+            }),
+            (None, Some(text)) => Some(StaticLicense {
+                origin: "CHARTER_LICENSE_DATA".to_owned(),
+                text: text.clone(),
+            }),
+            (None, None) => None,
+        };
+        if let Some(license) = &static_license {
+            // A static license that does not verify is a configuration error: the node
+            // would otherwise run unlicensed while the operator believes it is licensed.
+            charter_license::validate(&license.text, &trusted_keys, now)
+                .map_err(|e| anyhow!("static license from {} is refused: {e}", license.origin))?;
+        }
+        let cert = match (&args.cluster_cert, &args.cluster_cert_key) {
+            (Some(cert), Some(key)) => {
+                read(cert, "--cluster-cert")?;
+                read(key, "--cluster-cert-key")?;
+                Some((cert.clone(), key.clone()))
+            }
+            (None, None) => None,
+            _ => bail!("--cluster-cert and --cluster-cert-key must be given together"),
+        };
+        if args.cluster_mtls == MtlsMode::Pki
+            && args.cluster_ca_cert.is_none()
+            && !args.cluster_insecure
+        {
+            bail!("--cluster-mtls pki needs --cluster-ca-cert, the CA that signs data-plane certificates");
+        }
+        if let Some(ca) = &args.cluster_ca_cert {
+            read(ca, "--cluster-ca-cert")?;
+        }
+        Ok(Config {
+            data_dir: args.data_dir,
+            admin_listen,
+            cluster: ClusterConfig {
+                listen: cluster_listen,
+                mtls: args.cluster_mtls,
+                cert,
+                ca_cert: args.cluster_ca_cert,
+                insecure: args.cluster_insecure,
+            },
+            trusted_keys,
+            tokens,
+            static_license,
+            log_format: args.log_format,
+        })
+    }
+}
+
+/// Reads every trusted key; a file that is not an Ed25519 SPKI PEM key is refused.
+pub fn load_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys> {
+    let mut keys = Vec::new();
+    for path in paths {
+        let pem = read(path, "--trusted-key")?;
+        let key = TrustedKey::from_pem(&pem)
+            .with_context(|| format!("--trusted-key {}", path.display()))?;
+        keys.push(key);
+    }
+    Ok(TrustedKeys::new(keys))
+}
+
+fn read(path: &Path, flag: &str) -> Result<String> {
+    fs::read_to_string(path)
+        .with_context(|| format!("{flag} {}: cannot read the file", path.display()))
+}
+
+fn resolve(addr: &str, flag: &str) -> Result<SocketAddr> {
+    if let Ok(addr) = addr.parse() {
+        return Ok(addr);
+    }
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .with_context(|| format!("{flag} `{addr}` is not an address like 127.0.0.1:8001"))
+}

@@ -1,0 +1,161 @@
+//! Prometheus metrics: request counts and latencies by route and status, plus license
+//! gauges filled in at scrape time.
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::state::AppState;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabels {
+    status: String,
+}
+
+type HistogramFamily = Family<RequestLabels, Histogram, fn() -> Histogram>;
+
+/// The control plane's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: HistogramFamily,
+    licenses_stored: Gauge,
+    store_revision: Gauge,
+    days_left: Gauge,
+    license_status: Family<StatusLabels, Gauge>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 100 µs to about 3 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 15))
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
+        let licenses_stored = Gauge::default();
+        let store_revision = Gauge::default();
+        let days_left = Gauge::default();
+        let license_status = Family::<StatusLabels, Gauge>::default();
+        registry.register(
+            "charter_http_requests",
+            "Admin API requests by method, route and status",
+            requests.clone(),
+        );
+        registry.register(
+            "charter_http_request_duration_seconds",
+            "Admin API request latency by method, route and status",
+            latency.clone(),
+        );
+        registry.register(
+            "charter_licenses_stored",
+            "Licenses in the store",
+            licenses_stored.clone(),
+        );
+        registry.register(
+            "charter_store_revision",
+            "Store revision (grows with every write)",
+            store_revision.clone(),
+        );
+        registry.register(
+            "charter_license_days_left",
+            "Days until the license in force expires (negative once expired; absent when unlicensed)",
+            days_left.clone(),
+        );
+        registry.register(
+            "charter_license_status",
+            "1 for the status of this node's license, 0 for the others",
+            license_status.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            latency,
+            licenses_stored,
+            store_revision,
+            days_left,
+            license_status,
+        }
+    }
+
+    /// Renders the Prometheus text exposition, refreshing the license gauges first.
+    pub fn render(&self, state: &AppState) -> String {
+        if let Ok(count) = state.store().count() {
+            self.licenses_stored.set(count as i64);
+        }
+        if let Ok(revision) = state.store().revision() {
+            self.store_revision.set(revision as i64);
+        }
+        let status = match state.view() {
+            Ok(view) => match view.in_force {
+                Some(in_force) => {
+                    self.days_left.set(in_force.evaluation.days_left);
+                    in_force.evaluation.status
+                }
+                None => charter_license::Status::Unlicensed,
+            },
+            Err(_) => charter_license::Status::Unlicensed,
+        };
+        for s in ["valid", "expiring", "grace", "expired", "unlicensed"] {
+            let value = i64::from(s == status.as_str());
+            self.license_status
+                .get_or_create(&StatusLabels {
+                    status: s.to_owned(),
+                })
+                .set(value);
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+/// Counts and times every admin request by its route template (never the raw path, so
+/// ids do not explode the label set).
+pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().as_str().to_owned();
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let response = next.run(request).await;
+    let labels = RequestLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
+    let metrics = state.metrics();
+    metrics.requests.get_or_create(&labels).inc();
+    metrics
+        .latency
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
+}

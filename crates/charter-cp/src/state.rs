@@ -1,0 +1,124 @@
+//! The shared state of the admin API: the store, the trusted keys, the injected clock,
+//! and the cached verification of stored licenses.
+
+use std::sync::Arc;
+
+use charter_license::{Clock, TrustedKeys, UnixTime};
+use charter_store::{LicenseStore, StoreError};
+
+use crate::api::ApiError;
+use crate::auth::Tokens;
+use crate::config::StaticLicense;
+use crate::effective::{self, VerifyCache, View};
+use crate::metrics::Metrics;
+
+/// Cheap to clone: everything lives behind one `Arc`.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+struct Inner {
+    store: Arc<dyn LicenseStore>,
+    keys: TrustedKeys,
+    clock: Arc<dyn Clock>,
+    static_license: Option<StaticLicense>,
+    tokens: Option<Tokens>,
+    metrics: Metrics,
+    verify_cache: VerifyCache,
+    /// Serialises the Consul face's check-then-delete, so two concurrent DELETEs cannot
+    /// together remove the last valid license. A Tokio mutex, because it is held across
+    /// the store write, which runs on the blocking pool.
+    consul_lock: tokio::sync::Mutex<()>,
+    hostname: String,
+}
+
+impl AppState {
+    /// Builds the state.
+    pub fn new(
+        store: Arc<dyn LicenseStore>,
+        keys: TrustedKeys,
+        clock: Arc<dyn Clock>,
+        static_license: Option<StaticLicense>,
+        tokens: Option<Tokens>,
+    ) -> AppState {
+        AppState(Arc::new(Inner {
+            store,
+            keys,
+            clock,
+            static_license,
+            tokens,
+            metrics: Metrics::new(),
+            verify_cache: VerifyCache::default(),
+            consul_lock: tokio::sync::Mutex::new(()),
+            hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+        }))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn LicenseStore> {
+        &self.0.store
+    }
+
+    /// The trusted keys.
+    pub fn keys(&self) -> &TrustedKeys {
+        &self.0.keys
+    }
+
+    /// The current time from the injected clock.
+    pub fn now(&self) -> UnixTime {
+        self.0.clock.now()
+    }
+
+    /// Admin tokens, when configured.
+    pub fn tokens(&self) -> Option<&Tokens> {
+        self.0.tokens.as_ref()
+    }
+
+    /// The static license, when configured.
+    pub fn static_license(&self) -> Option<&StaticLicense> {
+        self.0.static_license.as_ref()
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// This machine's host name (only ever shown hashed).
+    pub fn hostname(&self) -> &str {
+        &self.0.hostname
+    }
+
+    /// The Consul face's write lock.
+    pub fn consul_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.0.consul_lock
+    }
+
+    /// The license situation now.
+    pub fn view(&self) -> Result<View, StoreError> {
+        self.view_of(self.0.store.all()?)
+    }
+
+    /// The license situation now if the store held `records`.
+    pub fn view_of(&self, records: Vec<charter_store::LicenseRecord>) -> Result<View, StoreError> {
+        Ok(effective::compute(
+            records,
+            &self.0.keys,
+            &self.0.verify_cache,
+            self.0.static_license.as_ref(),
+            self.now(),
+        ))
+    }
+
+    /// Runs a store write on the blocking pool: writes flush and fsync, which must not
+    /// stall the async workers.
+    pub async fn write<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&dyn LicenseStore) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let store = self.0.store.clone();
+        tokio::task::spawn_blocking(move || op(store.as_ref()))
+            .await
+            .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
+            .map_err(ApiError::from)
+    }
+}
