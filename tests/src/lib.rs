@@ -1,9 +1,15 @@
 //! Shared helpers for the end-to-end tests in `tests/`: finding the built binaries,
-//! running them, and waiting for conditions with a bound.
+//! starting a real control plane on a free loopback port with a temp data dir, signing
+//! licenses with a test vendor key, speaking HTTP, and waiting with a bound.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::fs;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
+
+use charter_license::LicenseSigner;
+use serde_json::{json, Map, Value};
 
 /// The path of a workspace binary built by `cargo build --workspace --bins` (the test
 /// command builds them first). Test executables live in `target/<profile>/deps`, the
@@ -23,11 +29,19 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
+/// The workspace root.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the workspace")
+        .to_path_buf()
+}
+
 /// Runs a binary with arguments to completion, with no standard input.
 pub fn run(name: &str, args: &[&str]) -> Output {
     Command::new(bin(name))
         .args(args)
-        .stdin(std::process::Stdio::null())
+        .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("running {name}: {e}"))
 }
@@ -45,4 +59,322 @@ pub fn eventually<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> O
         );
         std::thread::sleep(Duration::from_millis(25));
     }
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the caller binds it next).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("binding an ephemeral loopback port")
+}
+
+/// A test vendor: a signing key, and its public key written to a file for `--trusted-key`.
+pub struct Vendor {
+    signer: LicenseSigner,
+    /// The SPKI PEM public key file.
+    pub public_key: PathBuf,
+}
+
+impl Vendor {
+    /// A vendor whose key is derived from `seed`, its public key written into `dir`.
+    pub fn new(dir: &Path, seed: u8) -> Vendor {
+        let signer = LicenseSigner::from_seed([seed; 32]);
+        let public_key = dir.join(format!("vendor-{seed}.pub"));
+        fs::write(&public_key, signer.trusted_key().to_pem()).expect("writing the public key");
+        Vendor { signer, public_key }
+    }
+
+    /// The key id of this vendor's key.
+    pub fn key_id(&self) -> String {
+        self.signer.key_id().to_string()
+    }
+
+    /// A signed license document for `license_key`, created and expiring on the given days.
+    pub fn license(&self, license_key: &str, created: &str, expires: &str) -> String {
+        self.sign(payload(license_key, created, expires))
+    }
+
+    /// A signed license valid for years from 2026-01-01.
+    pub fn valid(&self, license_key: &str) -> String {
+        self.license(license_key, "2026-01-01", "2099-12-31")
+    }
+
+    /// Signs a payload object.
+    pub fn sign(&self, payload: Map<String, Value>) -> String {
+        self.signer
+            .sign(payload)
+            .expect("test payload has Kong's shape")
+            .to_json()
+    }
+}
+
+/// A Kong-shaped payload.
+pub fn payload(license_key: &str, created: &str, expires: &str) -> Map<String, Value> {
+    let Value::Object(map) = json!({
+        "admin_seats": "1",
+        "customer": "Example Company, Inc",
+        "dataplanes": "1",
+        "license_creation_date": created,
+        "license_expiration_date": expires,
+        "license_key": license_key,
+        "product_subscription": "Charter Enterprise",
+        "support_plan": "None",
+    }) else {
+        unreachable!("an object literal")
+    };
+    map
+}
+
+/// A running `charter-cp` process, killed when dropped.
+pub struct Cp {
+    child: Option<Child>,
+    /// The admin API address.
+    pub addr: SocketAddr,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Its stderr (logs).
+    pub log: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
+}
+
+impl Cp {
+    /// Starts `charter-cp` with `--data-dir dir/cp-data`, a free admin port, the given
+    /// extra arguments, and waits until `GET /status` answers.
+    pub fn start(dir: &Path, args: &[&str]) -> Cp {
+        Cp::start_with_env(dir, args, &[])
+    }
+
+    /// [`Cp::start`] with extra environment variables.
+    pub fn start_with_env(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Cp {
+        let mut cp = Cp {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: dir.join("cp-data"),
+            log: dir.join("cp.log"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        cp.restart();
+        cp
+    }
+
+    /// (Re)starts the process on a fresh free port with the same data dir and flags.
+    pub fn restart(&mut self) {
+        self.kill();
+        for _attempt in 0..3 {
+            self.addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let log = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .expect("opening the CP log");
+            let mut command = Command::new(bin("charter-cp"));
+            command
+                .arg("--data-dir")
+                .arg(&self.data_dir)
+                .arg("--admin-listen")
+                .arg(self.addr.to_string())
+                .args(&self.args)
+                .env_remove("CHARTER_LICENSE_DATA")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log);
+            for (k, v) in &self.envs {
+                command.env(k, v);
+            }
+            let mut child = command.spawn().expect("spawning charter-cp");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    // Lost the port race, or a real start-up failure: retry, then report.
+                    eprintln!("charter-cp exited during start-up: {status}");
+                    break;
+                }
+                if http("GET", &format!("http://{}/status", self.addr), None).is_ok() {
+                    self.child = Some(child);
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!(
+                        "charter-cp did not answer /status within 20 s; log:\n{}",
+                        self.logs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("charter-cp failed to start 3 times; log:\n{}", self.logs());
+    }
+
+    /// The URL of a path on the admin API.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, and wait (bounded) for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("the CP is running");
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("running kill");
+        assert!(status.success(), "kill -TERM failed");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for charter-cp") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("charter-cp did not stop within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `GET` a path, expecting an answer.
+    pub fn get(&self, path: &str) -> Resp {
+        request("GET", &self.url(path), None)
+    }
+
+    /// A request with a JSON body.
+    pub fn send_json(&self, method: &str, path: &str, body: &Value) -> Resp {
+        request(method, &self.url(path), Some(Body::Json(body.clone())))
+    }
+
+    /// A request with a form body.
+    pub fn send_form(&self, method: &str, path: &str, fields: &[(&str, &str)]) -> Resp {
+        let fields = fields
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        request(method, &self.url(path), Some(Body::Form(fields)))
+    }
+
+    /// A request with no body.
+    pub fn send(&self, method: &str, path: &str) -> Resp {
+        request(method, &self.url(path), None)
+    }
+
+    /// `POST /licenses` with a JSON body, expecting 201; returns the record.
+    pub fn add(&self, document: &str) -> Value {
+        let resp = self.send_json("POST", "/licenses", &json!({ "payload": document }));
+        assert_eq!(resp.status, 201, "POST /licenses: {}", resp.body);
+        resp.json()
+    }
+}
+
+impl Drop for Cp {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A request body.
+#[derive(Clone, Debug)]
+pub enum Body {
+    /// `application/json`.
+    Json(Value),
+    /// `application/x-www-form-urlencoded`.
+    Form(Vec<(String, String)>),
+    /// Raw bytes with a content type.
+    Raw(String, Vec<u8>),
+}
+
+/// An HTTP answer.
+#[derive(Debug, Clone)]
+pub struct Resp {
+    /// Status code.
+    pub status: u16,
+    /// Body text.
+    pub body: String,
+    /// Content type.
+    pub content_type: String,
+}
+
+impl Resp {
+    /// The body as JSON (panics with the body if it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+}
+
+/// Sends a request; `Err` only for transport failures (refused, reset, timeout).
+pub fn http(method: &str, url: &str, body: Option<Body>) -> Result<Resp, String> {
+    http_with_headers(method, url, body, &[])
+}
+
+/// [`http`] with extra headers.
+pub fn http_with_headers(
+    method: &str,
+    url: &str,
+    body: Option<Body>,
+    headers: &[(&str, &str)],
+) -> Result<Resp, String> {
+    let agent = ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(20))
+        .build();
+    let mut req = agent.request(method, url);
+    for (k, v) in headers {
+        req = req.set(k, v);
+    }
+    let result = match body {
+        None => req.call(),
+        Some(Body::Json(v)) => req.send_json(v),
+        Some(Body::Form(fields)) => {
+            let pairs: Vec<(&str, &str)> = fields
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            req.send_form(&pairs)
+        }
+        Some(Body::Raw(content_type, bytes)) => {
+            req.set("Content-Type", &content_type).send_bytes(&bytes)
+        }
+    };
+    let response = match result {
+        Ok(r) => r,
+        Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.to_string()),
+    };
+    let status = response.status();
+    let content_type = response.content_type().to_owned();
+    let body = response
+        .into_string()
+        .map_err(|e| format!("reading body: {e}"))?;
+    Ok(Resp {
+        status,
+        body,
+        content_type,
+    })
+}
+
+/// Sends a request that must get an answer.
+pub fn request(method: &str, url: &str, body: Option<Body>) -> Resp {
+    http(method, url, body).unwrap_or_else(|e| panic!("{method} {url}: {e}"))
 }

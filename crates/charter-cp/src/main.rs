@@ -19,9 +19,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid arguments");
-            eprintln!("charter-cp: {first} (see charter-cp --help)");
+            eprintln!("charter-cp: {} (see charter-cp --help)", one_line(&e));
             return ExitCode::from(EXIT_BAD_CONFIG);
         }
     };
@@ -86,4 +84,19 @@ fn init_tracing(format: LogFormat) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Clap's error text up to its usage section, on one line.
+fn one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let text: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("tip:")
+        })
+        .collect();
+    let text = text.join(" ");
+    text.strip_prefix("error: ").unwrap_or(&text).to_owned()
 }

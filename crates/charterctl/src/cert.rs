@@ -29,6 +29,10 @@ pub struct GenCert<'a> {
 
 /// Writes the certificates and returns the paths written, for the summary.
 pub fn generate(opts: &GenCert<'_>) -> Result<Vec<String>> {
+    // Check the names before writing anything, so a typo leaves no half-made set behind.
+    for name in opts.cp_names {
+        san(name)?;
+    }
     files::ensure_dir(opts.out_dir)?;
     let out = |name: &str| opts.out_dir.join(name);
     let mut names = vec!["cluster.crt", "cluster.key"];
@@ -99,17 +103,7 @@ pub fn generate(opts: &GenCert<'_>) -> Result<Vec<String>> {
 fn leaf_params(opts: &GenCert<'_>, cn: &str, names: &[String]) -> Result<CertificateParams> {
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, cn);
-    params.subject_alt_names = names
-        .iter()
-        .map(|name| match name.parse() {
-            Ok(ip) => Ok(SanType::IpAddress(ip)),
-            Err(_) => name
-                .clone()
-                .try_into()
-                .map(SanType::DnsName)
-                .with_context(|| format!("`{name}` is not a valid DNS name or IP address")),
-        })
-        .collect::<Result<_>>()?;
+    params.subject_alt_names = names.iter().map(|name| san(name)).collect::<Result<_>>()?;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.is_ca = IsCa::ExplicitNoCa;
     set_validity(&mut params, opts.now);
@@ -120,4 +114,28 @@ fn set_validity(params: &mut CertificateParams, now: OffsetDateTime) {
     // Start a day early so a peer whose clock is slightly behind accepts the certificate.
     params.not_before = now - Duration::days(1);
     params.not_after = now + Duration::days(VALIDITY_DAYS);
+}
+
+/// A subject alternative name: an IP address, or a DNS name (RFC 1123 labels, a leading
+/// `*` label allowed for a wildcard).
+fn san(name: &str) -> Result<SanType> {
+    if let Ok(ip) = name.parse() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    let label_ok = |(i, label): (usize, &str)| {
+        (i == 0 && label == "*")
+            || (!label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+    };
+    if name.len() > 253 || !name.split('.').enumerate().all(label_ok) {
+        anyhow::bail!("`{name}` is not a valid DNS name or IP address");
+    }
+    Ok(SanType::DnsName(name.to_owned().try_into().with_context(
+        || format!("`{name}` is not a valid DNS name or IP address"),
+    )?))
 }

@@ -111,7 +111,22 @@ enum Outcome {
 }
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            // One line, like every other error: clap's first line names the problem.
+            eprintln!(
+                "charterctl: error: {} (see charterctl --help)",
+                one_line(&e)
+            );
+            return ExitCode::from(2);
+        }
+    };
     match run(args) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::Refused) => ExitCode::from(1),
@@ -219,7 +234,7 @@ fn parse_at(at: Option<&str>) -> Result<UnixTime> {
         None => Ok(SystemClock.now()),
         Some(text) => {
             let date = Date::parse(text, format_description!("[year]-[month]-[day]"))
-                .with_context(|| format!("--at `{text}` is not a date as YYYY-MM-DD"))?;
+                .map_err(|_| anyhow::anyhow!("--at `{text}` is not a date as YYYY-MM-DD"))?;
             Ok(date.midnight().assume_utc().unix_timestamp())
         }
     }
@@ -316,4 +331,19 @@ fn inspect(at: Option<&str>, license: &Path) -> Result<Outcome> {
             Ok(Outcome::Refused)
         }
     }
+}
+
+/// Clap's error text up to its usage section, on one line.
+fn one_line(e: &clap::Error) -> String {
+    let rendered = e.render().to_string();
+    let text: Vec<&str> = rendered
+        .lines()
+        .take_while(|l| !l.starts_with("Usage:"))
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("tip:")
+        })
+        .collect();
+    let text = text.join(" ");
+    text.strip_prefix("error: ").unwrap_or(&text).to_owned()
 }

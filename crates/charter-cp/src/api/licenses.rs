@@ -40,7 +40,12 @@ impl Input {
     /// Checks a body's fields against the Licenses schema: `payload` (a string), an
     /// optional `id` matching the path, and the read-only fields of a record (ignored, so a
     /// record fetched with GET can be sent back as is).
-    fn from_fields(fields: Map<String, Value>, path_id: Option<Uuid>) -> Result<Input, ApiError> {
+    /// Every problem is reported at once, as Kong does.
+    fn from_fields(
+        fields: Map<String, Value>,
+        path_id: Option<Uuid>,
+        payload_required: bool,
+    ) -> Result<Input, ApiError> {
         let mut errors = Vec::new();
         let mut input = Input {
             payload: None,
@@ -67,6 +72,12 @@ impl Input {
                 ("created_at" | "updated_at" | "checksum", _) => {}
                 _ => errors.push((name, "unknown field".to_owned())),
             }
+        }
+        if payload_required
+            && input.payload.is_none()
+            && !errors.iter().any(|(f, _)| f == "payload")
+        {
+            errors.push(("payload".to_owned(), "required field missing".to_owned()));
         }
         if errors.is_empty() {
             Ok(input)
@@ -162,7 +173,7 @@ pub async fn create(
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let input = Input::from_fields(read_fields(&headers, body).await?, None)?;
+    let input = Input::from_fields(read_fields(&headers, body).await?, None, true)?;
     let (text, verified, evaluation) = validate(&state, input.require_payload()?)?;
     let id = input.id.unwrap_or_else(Uuid::new_v4);
     let now = state.now();
@@ -191,7 +202,7 @@ pub async fn replace(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
-    let input = Input::from_fields(read_fields(&headers, body).await?, Some(id))?;
+    let input = Input::from_fields(read_fields(&headers, body).await?, Some(id), true)?;
     let (text, verified, evaluation) = validate(&state, input.require_payload()?)?;
     let now = state.now();
     let (record, outcome) = state.write(move |store| store.put(id, &text, now)).await?;
@@ -212,7 +223,7 @@ pub async fn update(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&id)?;
-    let input = Input::from_fields(read_fields(&headers, body).await?, Some(id))?;
+    let input = Input::from_fields(read_fields(&headers, body).await?, Some(id), false)?;
     let text = match input.payload {
         Some(text) => text,
         None => state.store().get(id)?.ok_or(ApiError::NotFound)?.payload,
