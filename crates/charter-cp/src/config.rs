@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use charter_license::{TrustedKey, TrustedKeys, UnixTime};
+use charter_runtime::LogFormat;
 use clap::{Parser, ValueEnum};
 
 use crate::auth::Tokens;
@@ -67,15 +68,6 @@ pub enum MtlsMode {
     Shared,
     /// Certificates from a CA: the CP needs serverAuth, DPs clientAuth.
     Pki,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 /// A license configured on this node (static configuration wins over stored licenses).

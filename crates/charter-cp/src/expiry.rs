@@ -3,35 +3,16 @@
 
 use std::time::Duration;
 
-use charter_license::{utc_date, Severity};
-use time::Date;
+use charter_license::{utc_date, DailyLog, Severity};
 
 use crate::state::AppState;
 
 /// How often the schedule looks at the license. Logging happens at most daily.
 const CHECK_EVERY: Duration = Duration::from_secs(600);
 
-/// What was last logged, so each day is logged once.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Schedule {
-    last: Option<(Date, Option<Severity>, String)>,
-}
-
-impl Schedule {
-    /// Whether a log line is due now for this license and severity.
-    pub fn due(&mut self, today: Date, severity: Option<Severity>, license: &str) -> bool {
-        let key = (today, severity, license.to_owned());
-        if self.last.as_ref() == Some(&key) {
-            return false;
-        }
-        self.last = Some(key);
-        severity.is_some()
-    }
-}
-
 /// Logs the license situation once per day until `shutdown` fires.
 pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
-    let mut schedule = Schedule::default();
+    let mut schedule = DailyLog::default();
     let mut interval = tokio::time::interval(CHECK_EVERY);
     loop {
         tokio::select! {
@@ -75,33 +56,5 @@ pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<boo
         for warning in view.warnings.iter().filter(|w| !e.warnings.contains(w)) {
             tracing::warn!(license = %id, "{warning}");
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use time::macros::date;
-
-    #[test]
-    fn logs_once_per_day_and_on_change() {
-        let mut s = Schedule::default();
-        let d1 = date!(2026 - 01 - 01);
-        let d2 = date!(2026 - 01 - 02);
-        assert!(s.due(d1, Some(Severity::Warn), "a"));
-        assert!(
-            !s.due(d1, Some(Severity::Warn), "a"),
-            "same day, same state: quiet"
-        );
-        assert!(
-            s.due(d1, Some(Severity::Error), "a"),
-            "severity rose: log now"
-        );
-        assert!(
-            s.due(d1, Some(Severity::Error), "b"),
-            "another license: log now"
-        );
-        assert!(s.due(d2, Some(Severity::Error), "b"), "next day: log again");
-        assert!(!s.due(d2, None, "b"), "nothing to say for a valid license");
     }
 }

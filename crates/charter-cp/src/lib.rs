@@ -12,26 +12,14 @@ pub mod state;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-use charter_license::{Clock, UnixTime};
+use charter_license::Clock;
+use charter_runtime::SystemClock;
 use charter_store::{LicenseStore, SledStore};
 
-pub use config::{Args, Config, LogFormat};
+pub use config::{Args, Config};
 pub use state::AppState;
-
-/// The wall clock. Binaries construct it; the license logic only sees [`Clock`].
-#[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> UnixTime {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64)
-    }
-}
 
 /// Listeners bound by the caller (so tests can bind `127.0.0.1:0`).
 pub struct Listeners {

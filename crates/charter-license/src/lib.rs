@@ -9,12 +9,14 @@
 mod document;
 mod error;
 mod keys;
+mod schedule;
 mod select;
 mod status;
 
 pub use document::{canonical_payload, LicenseDocument, Terms, DOCUMENT_VERSION};
 pub use error::{ErrorCode, LicenseError};
 pub use keys::{KeyError, KeyId, LicenseSigner, TrustedKey, TrustedKeys, VerifiedLicense};
+pub use schedule::DailyLog;
 pub use select::{select_effective, Candidate, Selection};
 pub use status::{
     utc_date, Clock, Evaluation, FixedClock, HighWaterMark, MonotonicClock, Severity, Status,

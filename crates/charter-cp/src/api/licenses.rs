@@ -1,6 +1,7 @@
 //! `/licenses` and `/licenses/{id}`: Kong's Licenses entity.
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
@@ -155,6 +156,13 @@ pub async fn list(
     })))
 }
 
+/// The `{id}` path segment. A segment that is not UTF-8 once percent-decoded is no UUID
+/// either, so it gets the answer any other bad id gets rather than axum's plain-text 400:
+/// every admin API response is JSON.
+fn path_segment(path: Result<Path<String>, PathRejection>) -> Option<String> {
+    path.ok().map(|Path(id)| id)
+}
+
 fn encode_offset(id: Uuid) -> String {
     URL_SAFE_NO_PAD.encode(id.as_bytes())
 }
@@ -187,9 +195,11 @@ pub async fn create(
 /// `GET /licenses/{id}`: an id that is not a UUID names no license, so it is a 404.
 pub async fn show(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let id = Uuid::parse_str(&id).map_err(|_| ApiError::NotFound)?;
+    let id = path_segment(path)
+        .and_then(|id| Uuid::parse_str(&id).ok())
+        .ok_or(ApiError::NotFound)?;
     let record = state.store().get(id)?.ok_or(ApiError::NotFound)?;
     Ok(Json(record_json(&record)))
 }
@@ -197,11 +207,11 @@ pub async fn show(
 /// `PUT /licenses/{id}`: create with that id, or replace (keeping `created_at`).
 pub async fn replace(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&id)?;
+    let id = parse_id(&path_segment(path).unwrap_or_default())?;
     let input = Input::from_fields(read_fields(&headers, body).await?, Some(id), true)?;
     let (text, verified, evaluation) = validate(&state, input.require_payload()?)?;
     let now = state.now();
@@ -218,11 +228,11 @@ pub async fn replace(
 /// license back in force).
 pub async fn update(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let id = parse_id(&id)?;
+    let id = parse_id(&path_segment(path).unwrap_or_default())?;
     let input = Input::from_fields(read_fields(&headers, body).await?, Some(id), false)?;
     let text = match input.payload {
         Some(text) => text,
@@ -240,9 +250,9 @@ pub async fn update(
 /// `DELETE /licenses/{id}`: 204 whether or not it existed, as Kong.
 pub async fn remove(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
-    let id = parse_id(&id)?;
+    let id = parse_id(&path_segment(path).unwrap_or_default())?;
     if let Some(record) = state.write(move |store| store.delete(id)).await? {
         tracing::info!(id = %record.id, "license deleted");
     }
