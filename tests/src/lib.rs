@@ -126,11 +126,43 @@ pub fn payload(license_key: &str, created: &str, expires: &str) -> Map<String, V
     map
 }
 
-/// A running `charter-cp` process, killed when dropped.
+/// Cluster certificates made by the real `charterctl gen-cert --ca` in `dir/certs`.
+pub fn cluster_certs(dir: &Path) -> PathBuf {
+    let certs = dir.join("certs");
+    if !certs.join("cluster.crt").exists() {
+        let out = run(
+            "charterctl",
+            &["gen-cert", "--ca", "--out-dir", &certs.to_string_lossy()],
+        );
+        assert!(
+            out.status.success(),
+            "gen-cert: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    certs
+}
+
+/// The `charter-cp` flags for a shared-mode mTLS cluster port with the certificates in `certs`.
+pub fn shared_tls_args(certs: &Path) -> Vec<String> {
+    vec![
+        "--cluster-cert".into(),
+        certs.join("cluster.crt").to_string_lossy().into_owned(),
+        "--cluster-cert-key".into(),
+        certs.join("cluster.key").to_string_lossy().into_owned(),
+    ]
+}
+
+/// A running `charter-cp` process, killed when dropped. Its cluster port speaks shared-mode
+/// mTLS with the certificates of [`cluster_certs`] unless the flags say otherwise.
 pub struct Cp {
     child: Option<Child>,
     /// The admin API address.
     pub addr: SocketAddr,
+    /// The cluster (gRPC) address.
+    pub cluster_addr: SocketAddr,
+    /// The certificates directory.
+    pub certs: PathBuf,
     /// The data directory.
     pub data_dir: PathBuf,
     /// Its stderr (logs).
@@ -148,9 +180,12 @@ impl Cp {
 
     /// [`Cp::start`] with extra environment variables.
     pub fn start_with_env(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Cp {
+        let certs = cluster_certs(dir);
         let mut cp = Cp {
             child: None,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cluster_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            certs,
             data_dir: dir.join("cp-data"),
             log: dir.join("cp.log"),
             args: args.iter().map(|s| s.to_string()).collect(),
@@ -163,7 +198,8 @@ impl Cp {
         cp
     }
 
-    /// (Re)starts the process on a fresh free port with the same data dir and flags.
+    /// (Re)starts the process on a fresh admin port (the same cluster port, so data planes
+    /// find it again) with the same data dir and flags.
     pub fn restart(&mut self) {
         self.kill();
         for _attempt in 0..3 {
@@ -179,6 +215,9 @@ impl Cp {
                 .arg(&self.data_dir)
                 .arg("--admin-listen")
                 .arg(self.addr.to_string())
+                .arg("--cluster-listen")
+                .arg(self.cluster_addr.to_string())
+                .args(self.cluster_args())
                 .args(&self.args)
                 .env_remove("CHARTER_LICENSE_DATA")
                 .stdin(Stdio::null())
@@ -210,6 +249,20 @@ impl Cp {
             }
         }
         panic!("charter-cp failed to start 3 times; log:\n{}", self.logs());
+    }
+
+    /// TLS flags unless the test chose its own cluster transport.
+    fn cluster_args(&self) -> Vec<String> {
+        let chosen = self.args.iter().any(|a| a.starts_with("--cluster-"))
+            || self
+                .envs
+                .iter()
+                .any(|(k, _)| k.starts_with("CHARTER_CLUSTER_"));
+        if chosen {
+            Vec::new()
+        } else {
+            shared_tls_args(&self.certs)
+        }
     }
 
     /// The URL of a path on the admin API.
@@ -377,4 +430,140 @@ pub fn http_with_headers(
 /// Sends a request that must get an answer.
 pub fn request(method: &str, url: &str, body: Option<Body>) -> Resp {
     http(method, url, body).unwrap_or_else(|e| panic!("{method} {url}: {e}"))
+}
+
+/// A running `charter-dp` process, killed when dropped.
+pub struct Dp {
+    child: Option<Child>,
+    /// The status API address.
+    pub status_addr: SocketAddr,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// Its stderr (logs).
+    pub log: PathBuf,
+    args: Vec<String>,
+}
+
+impl Dp {
+    /// Starts `charter-dp` named `name` (data dir `dir/NAME-data`) against `cp`'s cluster
+    /// port with shared-mode mTLS, trusting `trusted_key`, plus extra flags; waits until its
+    /// status API answers (not until it is ready).
+    pub fn start(dir: &Path, name: &str, cp: &Cp, trusted_key: &Path, extra: &[&str]) -> Dp {
+        let mut args = vec![
+            "--control-plane".to_owned(),
+            cp.cluster_addr.to_string(),
+            "--trusted-key".to_owned(),
+            trusted_key.to_string_lossy().into_owned(),
+        ];
+        if !extra.iter().any(|a| a.starts_with("--cluster-")) {
+            args.extend(shared_tls_args(&cp.certs));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut dp = Dp {
+            child: None,
+            status_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            data_dir: dir.join(format!("{name}-data")),
+            log: dir.join(format!("{name}.log")),
+            args,
+        };
+        dp.restart();
+        dp
+    }
+
+    /// (Re)starts the process with the same data dir and flags, on a fresh status port.
+    pub fn restart(&mut self) {
+        self.kill();
+        for _attempt in 0..3 {
+            self.status_addr = SocketAddr::from(([127, 0, 0, 1], free_port()));
+            let log = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.log)
+                .expect("opening the DP log");
+            let mut child = Command::new(bin("charter-dp"))
+                .arg("--data-dir")
+                .arg(&self.data_dir)
+                .arg("--status-listen")
+                .arg(self.status_addr.to_string())
+                .args(&self.args)
+                .env_remove("CHARTER_LICENSE_DATA")
+                .env("CHARTER_LOG", "info,charter_dp=debug")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .expect("spawning charter-dp");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    eprintln!("charter-dp exited during start-up: {status}");
+                    break;
+                }
+                if http("GET", &format!("http://{}/status", self.status_addr), None).is_ok() {
+                    self.child = Some(child);
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!(
+                        "charter-dp did not answer /status within 20 s; log:\n{}",
+                        self.logs()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        panic!("charter-dp failed to start 3 times; log:\n{}", self.logs());
+    }
+
+    /// `GET` a path on the status API.
+    pub fn get(&self, path: &str) -> Resp {
+        request("GET", &format!("http://{}{}", self.status_addr, path), None)
+    }
+
+    /// `GET /license`.
+    pub fn license(&self) -> Value {
+        let resp = self.get("/license");
+        assert_eq!(resp.status, 200, "GET /license: {}", resp.body);
+        resp.json()
+    }
+
+    /// Waits (bounded) until `/license` satisfies `check`, and returns it.
+    pub fn wait_license(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let mut last = Value::Null;
+        let found = (0..400).find_map(|_| {
+            let license = self.license();
+            if check(&license) {
+                return Some(license);
+            }
+            last = license;
+            std::thread::sleep(Duration::from_millis(25));
+            None
+        });
+        found.unwrap_or_else(|| {
+            panic!(
+                "data plane never showed {what}; last /license: {last}\nlog:\n{}",
+                self.logs()
+            )
+        })
+    }
+
+    /// Everything the process logged so far.
+    pub fn logs(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Dp {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

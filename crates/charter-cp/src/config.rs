@@ -8,7 +8,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{anyhow, bail, Context, Result};
 use charter_license::{TrustedKey, TrustedKeys, UnixTime};
 use charter_runtime::LogFormat;
-use clap::{Parser, ValueEnum};
+use charter_tls::{MtlsMode, TlsFiles};
+use clap::Parser;
 
 use crate::auth::Tokens;
 
@@ -61,15 +62,6 @@ pub struct Args {
     pub cluster_insecure: bool,
 }
 
-/// Cluster mTLS mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum MtlsMode {
-    /// Both sides present the one cluster certificate and pin it.
-    Shared,
-    /// Certificates from a CA: the CP needs serverAuth, DPs clientAuth.
-    Pki,
-}
-
 /// A license configured on this node (static configuration wins over stored licenses).
 #[derive(Debug, Clone)]
 pub struct StaticLicense {
@@ -79,19 +71,13 @@ pub struct StaticLicense {
     pub text: String,
 }
 
-/// Cluster transport settings, checked but not yet served (see ARCHITECTURE.md).
+/// Cluster transport settings.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     /// Where the cluster server listens.
     pub listen: SocketAddr,
-    /// `shared` or `pki`.
-    pub mtls: MtlsMode,
-    /// Certificate and key paths, when given.
-    pub cert: Option<(PathBuf, PathBuf)>,
-    /// The CA for pki mode.
-    pub ca_cert: Option<PathBuf>,
-    /// Plaintext gRPC.
-    pub insecure: bool,
+    /// `None` for plaintext (`--cluster-insecure`), else the mTLS mode and files.
+    pub tls: Option<(MtlsMode, TlsFiles)>,
 }
 
 /// The validated configuration of a control plane.
@@ -154,33 +140,19 @@ impl Config {
             charter_license::validate(&license.text, &trusted_keys, now)
                 .map_err(|e| anyhow!("static license from {} is refused: {e}", license.origin))?;
         }
-        let cert = match (&args.cluster_cert, &args.cluster_cert_key) {
-            (Some(cert), Some(key)) => {
-                read(cert, "--cluster-cert")?;
-                read(key, "--cluster-cert-key")?;
-                Some((cert.clone(), key.clone()))
-            }
-            (None, None) => None,
-            _ => bail!("--cluster-cert and --cluster-cert-key must be given together"),
-        };
-        if args.cluster_mtls == MtlsMode::Pki
-            && args.cluster_ca_cert.is_none()
-            && !args.cluster_insecure
-        {
-            bail!("--cluster-mtls pki needs --cluster-ca-cert, the CA that signs data-plane certificates");
-        }
-        if let Some(ca) = &args.cluster_ca_cert {
-            read(ca, "--cluster-ca-cert")?;
-        }
+        let tls = cluster_tls(
+            args.cluster_insecure,
+            args.cluster_mtls,
+            args.cluster_cert.as_deref(),
+            args.cluster_cert_key.as_deref(),
+            args.cluster_ca_cert.as_deref(),
+        )?;
         Ok(Config {
             data_dir: args.data_dir,
             admin_listen,
             cluster: ClusterConfig {
                 listen: cluster_listen,
-                mtls: args.cluster_mtls,
-                cert,
-                ca_cert: args.cluster_ca_cert,
-                insecure: args.cluster_insecure,
+                tls,
             },
             trusted_keys,
             tokens,
@@ -188,6 +160,35 @@ impl Config {
             log_format: args.log_format,
         })
     }
+}
+
+/// Checks the cluster transport flags: plaintext only when asked for, otherwise a
+/// certificate and key (and a CA in pki mode) that load.
+pub fn cluster_tls(
+    insecure: bool,
+    mode: MtlsMode,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    ca: Option<&Path>,
+) -> Result<Option<(MtlsMode, TlsFiles)>> {
+    if insecure {
+        return Ok(None);
+    }
+    let (Some(cert), Some(key)) = (cert, key) else {
+        bail!("the cluster port needs --cluster-cert and --cluster-cert-key (charterctl gen-cert makes them), or --cluster-insecure for plaintext development use");
+    };
+    if mode == MtlsMode::Pki && ca.is_none() {
+        bail!("--cluster-mtls pki needs --cluster-ca-cert, the CA that signs the cluster certificates");
+    }
+    let files = TlsFiles {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        ca: ca.map(Path::to_path_buf),
+    };
+    // Load them now, so a bad certificate is a configuration error before any port is bound.
+    charter_tls::install_default_provider();
+    charter_tls::server_config(mode, &files).context("cluster TLS")?;
+    Ok(Some((mode, files)))
 }
 
 /// Reads every trusted key; a file that is not an Ed25519 SPKI PEM key is refused.

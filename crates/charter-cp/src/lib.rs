@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod effective;
 pub mod expiry;
@@ -25,6 +26,8 @@ pub use state::AppState;
 pub struct Listeners {
     /// The admin HTTP API.
     pub admin: tokio::net::TcpListener,
+    /// The gRPC cluster server.
+    pub cluster: tokio::net::TcpListener,
 }
 
 /// Opens the store and serves until `shutdown` completes, then drains in-flight requests.
@@ -69,29 +72,57 @@ pub async fn run_with_clock(
             config.admin_listen
         );
     }
-    let state = AppState::new(
-        store,
-        config.trusted_keys,
-        clock,
-        config.static_license,
-        config.tokens,
-    );
+    let state = AppState::new(store, config.trusted_keys, clock, config.static_license, config.tokens);
+    let hub = cluster::hub(&state).context("computing the first snapshot")?;
+    state.set_hub(hub.clone());
 
+    // One shutdown signal, fanned out to every server and task.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let expiry = tokio::spawn(expiry::run(state.clone(), stop_rx));
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let expiry = tokio::spawn(expiry::run(state.clone(), stop_rx.clone()));
+    let publisher = tokio::spawn(cluster::publish(state.clone(), hub.clone(), stop_rx.clone()));
 
-    let addr = listeners
-        .admin
-        .local_addr()
-        .context("reading the admin listener address")?;
+    let cluster_addr = listeners.cluster.local_addr().context("reading the cluster listener address")?;
+    let service = charter_proto::shared::cluster_server::ClusterServer::new(
+        cluster::ClusterService::new(state.clone(), hub, stop_rx.clone()),
+    );
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .add_service(service);
+    let cluster_server = match &config.cluster.tls {
+        None => {
+            tracing::warn!(addr = %cluster_addr,
+                "--cluster-insecure: the cluster port speaks plaintext gRPC with no authentication; use only for development");
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.cluster);
+            tokio::spawn(grpc.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
+        }
+        Some((mode, files)) => {
+            let tls = charter_tls::server_config(*mode, files).context("cluster TLS")?;
+            tracing::info!(addr = %cluster_addr, mode = ?mode, "cluster server listening (mTLS)");
+            let incoming = charter_tls::incoming(listeners.cluster, tls);
+            tokio::spawn(grpc.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
+        }
+    };
+
+    let addr = listeners.admin.local_addr().context("reading the admin listener address")?;
     tracing::info!(%addr, "admin API listening");
     let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listeners.admin, app)
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(stopped(stop_rx.clone()))
         .await
         .context("serving the admin API");
-    let _ = stop_tx.send(true);
+    let cluster_served = cluster_server.await;
     let _ = expiry.await;
+    let _ = publisher.await;
     tracing::info!("control plane stopped");
-    served
+    served?;
+    cluster_served
+        .context("cluster server task")?
+        .context("serving the cluster port")
 }

@@ -42,5 +42,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let admin = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| format!("binding the admin API on {}", config.admin_listen))?;
-    charter_cp::run(config, Listeners { admin }, shutdown_signal()).await
+    let cluster = tokio::net::TcpListener::bind(config.cluster.listen)
+        .await
+        .with_context(|| format!("binding the cluster port on {}", config.cluster.listen))?;
+    charter_cp::run(config, Listeners { admin, cluster }, shutdown_signal()).await
 }

@@ -1,13 +1,14 @@
 //! The shared state of the admin API: the store, the trusted keys, the injected clock,
 //! and the cached verification of stored licenses.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use charter_license::{Clock, TrustedKeys, UnixTime};
 use charter_store::{LicenseStore, StoreError};
 
 use crate::api::ApiError;
 use crate::auth::Tokens;
+use crate::cluster::Hub;
 use crate::config::StaticLicense;
 use crate::effective::{self, VerifyCache, View};
 use crate::metrics::Metrics;
@@ -29,6 +30,8 @@ struct Inner {
     /// the store write, which runs on the blocking pool.
     consul_lock: tokio::sync::Mutex<()>,
     hostname: String,
+    /// The cluster server's hub, set once at start-up (it needs the state to exist first).
+    hub: OnceLock<Arc<Hub>>,
 }
 
 impl AppState {
@@ -50,6 +53,7 @@ impl AppState {
             verify_cache: VerifyCache::default(),
             consul_lock: tokio::sync::Mutex::new(()),
             hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+            hub: OnceLock::new(),
         }))
     }
 
@@ -88,6 +92,16 @@ impl AppState {
         &self.0.hostname
     }
 
+    /// Sets the cluster hub (once).
+    pub fn set_hub(&self, hub: Arc<Hub>) {
+        let _ = self.0.hub.set(hub);
+    }
+
+    /// How many data planes are connected now.
+    pub fn connected_data_planes(&self) -> usize {
+        self.0.hub.get().map_or(0, |hub| hub.connected_count())
+    }
+
     /// The Consul face's write lock.
     pub fn consul_lock(&self) -> &tokio::sync::Mutex<()> {
         &self.0.consul_lock
@@ -100,13 +114,24 @@ impl AppState {
 
     /// The license situation now if the store held `records`.
     pub fn view_of(&self, records: Vec<charter_store::LicenseRecord>) -> Result<View, StoreError> {
-        Ok(effective::compute(
+        let mut view = effective::compute(
             records,
             &self.0.keys,
             &self.0.verify_cache,
             self.0.static_license.as_ref(),
             self.now(),
-        ))
+        );
+        let connected = self.connected_data_planes() as u64;
+        let allowed = view
+            .stored_in_force
+            .as_ref()
+            .and_then(|f| f.verified.terms.dataplanes);
+        if let Some(allowed) = allowed.filter(|allowed| connected > *allowed) {
+            view.warnings.push(format!(
+                "{connected} data planes are connected but the license allows {allowed}"
+            ));
+        }
+        Ok(view)
     }
 
     /// Runs a store write on the blocking pool: writes flush and fsync, which must not

@@ -12,6 +12,8 @@
 //!
 //! **Architecture Invariant:** the store never reads the clock; callers pass `now`.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
@@ -48,6 +50,39 @@ pub struct Page {
     pub records: Vec<LicenseRecord>,
     /// The id to pass as `after` for the next page, `None` when this page is the last.
     pub next: Option<Uuid>,
+}
+
+/// A data plane as the control plane last saw it: the cluster inventory.
+///
+/// Inventory is soft state, refreshed by every message a data plane sends: it is written
+/// without the fsync that license writes get (sled flushes it within half a second), does
+/// not move the revision, and a crash may lose its last moments.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataPlaneRecord {
+    /// The data plane's persisted node id.
+    pub id: String,
+    /// The peer address it connected from.
+    pub ip: String,
+    /// Its host name.
+    pub hostname: String,
+    /// Its version.
+    pub version: String,
+    /// Its labels.
+    pub labels: BTreeMap<String, String>,
+    /// Unix seconds of its last message.
+    pub last_seen: i64,
+    /// `in_sync`, `syncing`, `rejected`, `version_incompatible` or `disconnected`.
+    pub sync_status: String,
+    /// The license it runs, if any.
+    pub license_id: Option<String>,
+    /// The store revision of the last snapshot it accepted.
+    pub license_revision: u64,
+    /// Its license status (`valid`, `expiring`, …, `unlicensed`).
+    pub license_status: String,
+    /// Its last refusal or error, if any.
+    pub last_error: Option<String>,
+    /// The upstream it gates, or empty.
+    pub upstream: String,
 }
 
 /// What [`LicenseStore::put`] did.
@@ -120,4 +155,13 @@ pub trait LicenseStore: Send + Sync + 'static {
     /// A receiver of the current revision, updated after every durable write. The cluster
     /// sync code waits on it to push new snapshots.
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Records a data plane (insert or replace by id). Soft state: see [`DataPlaneRecord`].
+    fn put_data_plane(&self, record: &DataPlaneRecord) -> Result<(), StoreError>;
+
+    /// Every recorded data plane, by id.
+    fn data_planes(&self) -> Result<Vec<DataPlaneRecord>, StoreError>;
+
+    /// Removes data planes last seen before `last_seen_before`; returns how many.
+    fn purge_data_planes(&self, last_seen_before: i64) -> Result<usize, StoreError>;
 }

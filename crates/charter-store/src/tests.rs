@@ -704,3 +704,34 @@ fn acknowledged_writes_survive_sigkill() {
     }
     assert!(acked.len() >= 20);
 }
+
+#[test]
+fn data_plane_inventory_is_kept_and_purged() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let revision = store.revision().expect("revision");
+    let dp = |id: &str, last_seen: i64| crate::DataPlaneRecord {
+        id: id.to_owned(),
+        ip: "127.0.0.1".to_owned(),
+        hostname: "host".to_owned(),
+        version: "0.1.0".to_owned(),
+        labels: [("zone".to_owned(), "a".to_owned())].into(),
+        last_seen,
+        sync_status: "in_sync".to_owned(),
+        license_id: None,
+        license_revision: 0,
+        license_status: "unlicensed".to_owned(),
+        last_error: None,
+        upstream: String::new(),
+    };
+    store.put_data_plane(&dp("a", 100)).expect("put");
+    store.put_data_plane(&dp("b", 200)).expect("put");
+    store.put_data_plane(&dp("a", 300)).expect("replace");
+    assert_eq!(store.data_planes().expect("list"), vec![dp("a", 300), dp("b", 200)]);
+    assert_eq!(store.revision().expect("revision"), revision, "inventory does not move the license revision");
+    assert_eq!(store.purge_data_planes(250).expect("purge"), 1);
+    assert_eq!(store.data_planes().expect("list"), vec![dp("a", 300)]);
+    drop(store);
+    let store = SledStore::open(dir.path()).expect("reopen");
+    assert_eq!(store.data_planes().expect("list"), vec![dp("a", 300)]);
+}

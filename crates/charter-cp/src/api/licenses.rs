@@ -9,6 +9,8 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use charter_license::{Evaluation, VerifiedLicense};
 use charter_store::{LicenseRecord, PutOutcome};
+use serde::ser::{SerializeStruct, Serializer};
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
@@ -29,6 +31,33 @@ pub fn record_json(record: &LicenseRecord) -> Value {
         "created_at": record.created_at,
         "updated_at": record.updated_at,
     })
+}
+
+/// A record as the API shows it, serialised straight from the stored record: the same
+/// bytes as [`record_json`], without first copying every field into a `serde_json::Value`
+/// (which costs every read a copy of each payload and a map per record).
+pub struct ApiRecord(LicenseRecord);
+
+impl Serialize for ApiRecord {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // The order `record_json` gives: a `Value` object is a map sorted by key.
+        let record = &self.0;
+        let mut fields = serializer.serialize_struct("LicenseRecord", 5)?;
+        fields.serialize_field("checksum", &record.checksum)?;
+        fields.serialize_field("created_at", &record.created_at)?;
+        fields.serialize_field("id", &record.id)?;
+        fields.serialize_field("payload", &record.payload)?;
+        fields.serialize_field("updated_at", &record.updated_at)?;
+        fields.end()
+    }
+}
+
+/// A page of `GET /licenses`, its fields in sorted order as a `Value` object has them.
+#[derive(Serialize)]
+pub struct ApiPage {
+    data: Vec<ApiRecord>,
+    next: Option<String>,
+    offset: Option<String>,
 }
 
 /// The fields of a license write.
@@ -125,7 +154,7 @@ fn log_stored(
 pub async fn list(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ApiPage>, ApiError> {
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
             .map_err(|e| ApiError::BadRequest(format!("Cannot parse query string: {e}")))?;
@@ -149,11 +178,11 @@ pub async fn list(
     let next = offset
         .as_ref()
         .map(|o| format!("/licenses?offset={o}&size={size}"));
-    Ok(Json(json!({
-        "data": page.records.iter().map(record_json).collect::<Vec<_>>(),
-        "next": next,
-        "offset": offset,
-    })))
+    Ok(Json(ApiPage {
+        data: page.records.into_iter().map(ApiRecord).collect(),
+        next,
+        offset,
+    }))
 }
 
 /// The `{id}` path segment. A segment that is not UTF-8 once percent-decoded is no UUID
@@ -196,12 +225,12 @@ pub async fn create(
 pub async fn show(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<ApiRecord>, ApiError> {
     let id = path_segment(path)
         .and_then(|id| Uuid::parse_str(&id).ok())
         .ok_or(ApiError::NotFound)?;
     let record = state.store().get(id)?.ok_or(ApiError::NotFound)?;
-    Ok(Json(record_json(&record)))
+    Ok(Json(ApiRecord(record)))
 }
 
 /// `PUT /licenses/{id}`: create with that id, or replace (keeping `created_at`).

@@ -38,6 +38,7 @@ pub fn router(state: AppState) -> Router {
             "/v1/operator/license",
             get(consul::show).put(consul::install).delete(consul::reset),
         )
+        .route("/clustering/data-planes", get(node::data_planes))
         .route("/status", get(node::health))
         .route("/metrics", get(node::metrics))
         .route("/openapi.json", get(node::openapi))

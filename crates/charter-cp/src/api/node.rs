@@ -85,7 +85,7 @@ pub async fn report(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
             "uname": uname(),
         },
         "workspaces_count": 1,
-        "deployment_info": {"type": "hybrid", "connected_dp_count": 0},
+        "deployment_info": {"type": "hybrid", "connected_dp_count": state.connected_data_planes()},
         "licensed_dataplanes": terms.and_then(|t| t.dataplanes),
     })))
 }
@@ -146,4 +146,29 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
 /// `GET /openapi.json`.
 pub async fn openapi() -> Response {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
+}
+
+/// `GET /clustering/data-planes`: the inventory, most recently seen first.
+pub async fn data_planes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let mut planes = state.store().data_planes()?;
+    planes.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then_with(|| a.id.cmp(&b.id)));
+    let data: Vec<Value> = planes
+        .iter()
+        .map(|dp| {
+            json!({
+                "id": dp.id,
+                "ip": dp.ip,
+                "hostname": dp.hostname,
+                "version": dp.version,
+                "labels": dp.labels,
+                "last_seen": dp.last_seen,
+                "sync_status": dp.sync_status,
+                "license_id": dp.license_id,
+                "license_revision": dp.license_revision,
+                "license_status": dp.license_status,
+                "last_error": dp.last_error,
+            })
+        })
+        .collect();
+    Ok(Json(json!({"data": data, "next": null})))
 }

@@ -1,0 +1,268 @@
+//! Command-line flags (each also an environment variable) and their validation into a
+//! typed [`Config`], before any port is bound.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use charter_license::{TrustedKey, TrustedKeys, UnixTime};
+use charter_runtime::LogFormat;
+use charter_tls::{MtlsMode, TlsFiles};
+use clap::Parser;
+
+/// The server name a data plane passes in `shared` mode, where names are not checked
+/// (the peer must present the pinned cluster certificate itself).
+pub const SHARED_SERVER_NAME: &str = "charter-cluster";
+
+/// `charter-dp` flags. Every flag also reads `CHARTER_` + its name in upper snake case.
+#[derive(Debug, Parser)]
+#[command(name = "charter-dp", version, about = "Charter data plane")]
+pub struct Args {
+    /// The control plane's cluster address.
+    #[arg(long, env = "CHARTER_CONTROL_PLANE", default_value = "127.0.0.1:8005")]
+    pub control_plane: String,
+    /// Directory of the node id, the clock mark and the verified license cache.
+    #[arg(long, env = "CHARTER_DATA_DIR", default_value = "./charter-dp-data")]
+    pub data_dir: PathBuf,
+    /// Address of the local status API.
+    #[arg(long, env = "CHARTER_STATUS_LISTEN", default_value = "127.0.0.1:8100")]
+    pub status_listen: String,
+    /// A public key (SPKI PEM) trusted to sign licenses; repeat for several (comma-separated in the variable).
+    #[arg(
+        long = "trusted-key",
+        env = "CHARTER_TRUSTED_KEY",
+        value_delimiter = ','
+    )]
+    pub trusted_keys: Vec<PathBuf>,
+    /// The cluster certificate (PEM).
+    #[arg(long, env = "CHARTER_CLUSTER_CERT")]
+    pub cluster_cert: Option<PathBuf>,
+    /// The cluster certificate's private key (PEM).
+    #[arg(long, env = "CHARTER_CLUSTER_CERT_KEY")]
+    pub cluster_cert_key: Option<PathBuf>,
+    /// How the two sides authenticate: one pinned shared certificate, or a CA.
+    #[arg(long, env = "CHARTER_CLUSTER_MTLS", value_enum, default_value_t = MtlsMode::Shared)]
+    pub cluster_mtls: MtlsMode,
+    /// The CA certificate that signs the control plane's certificate (pki mode).
+    #[arg(long, env = "CHARTER_CLUSTER_CA_CERT")]
+    pub cluster_ca_cert: Option<PathBuf>,
+    /// The name the control plane's certificate must carry (pki mode).
+    #[arg(long, env = "CHARTER_CLUSTER_SERVER_NAME", default_value = "charter-cp")]
+    pub cluster_server_name: String,
+    /// A static license file: this node uses it and ignores the cluster's licenses.
+    #[arg(long, env = "CHARTER_LICENSE_PATH")]
+    pub license_path: Option<PathBuf>,
+    /// A static license given inline (the document text), like Kong's KONG_LICENSE_DATA.
+    #[arg(long, env = "CHARTER_LICENSE_DATA", hide_env_values = true)]
+    pub license_data: Option<String>,
+    /// A `KEY=VALUE` label reported to the control plane; repeat for several (comma-separated in the variable).
+    #[arg(long = "label", env = "CHARTER_LABEL", value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Log format.
+    #[arg(long, env = "CHARTER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Connect to the control plane in plaintext gRPC. For development only.
+    #[arg(long, env = "CHARTER_CLUSTER_INSECURE")]
+    pub cluster_insecure: bool,
+}
+
+/// A license configured on this node (static configuration wins over the cluster's).
+#[derive(Debug, Clone)]
+pub struct StaticLicense {
+    /// Where it came from, for logs (`--license-path FILE` or `CHARTER_LICENSE_DATA`).
+    pub origin: String,
+    /// The document text.
+    pub text: String,
+}
+
+/// How the data plane reaches the control plane.
+#[derive(Debug, Clone)]
+pub enum Transport {
+    /// Plaintext gRPC (`--cluster-insecure`): development only, warned about at every start.
+    Insecure,
+    /// Mutual TLS.
+    Tls {
+        /// `shared` or `pki`.
+        mode: MtlsMode,
+        /// This node's certificate and key, and the CA in `pki` mode.
+        files: TlsFiles,
+        /// The name checked against the control plane's certificate (`pki`); in `shared`
+        /// mode [`SHARED_SERVER_NAME`].
+        server_name: String,
+    },
+}
+
+/// The validated configuration of a data plane.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The control plane's cluster address, `HOST:PORT` (resolved at every connection,
+    /// so a control plane that moves is found again).
+    pub control_plane: String,
+    /// Where the node id, the clock mark and the license cache live.
+    pub data_dir: PathBuf,
+    /// Status API address.
+    pub status_listen: SocketAddr,
+    /// Keys trusted to sign licenses.
+    pub trusted_keys: TrustedKeys,
+    /// Cluster transport.
+    pub transport: Transport,
+    /// A static license, when configured.
+    pub static_license: Option<StaticLicense>,
+    /// Labels sent in `Hello`.
+    pub labels: BTreeMap<String, String>,
+    /// Log format.
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// A configuration with the defaults for everything but the control plane address,
+    /// the data dir and the trusted keys: plaintext transport, status API on
+    /// `127.0.0.1:0`, no static license, no labels. Tests start from this.
+    pub fn new(control_plane: &str, data_dir: &Path, trusted_keys: TrustedKeys) -> Config {
+        Config {
+            control_plane: control_plane.to_owned(),
+            data_dir: data_dir.to_path_buf(),
+            status_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            trusted_keys,
+            transport: Transport::Insecure,
+            static_license: None,
+            labels: BTreeMap::new(),
+            log_format: LogFormat::Text,
+        }
+    }
+
+    /// Validates flags into a configuration. `now` judges a static license.
+    pub fn from_args(args: Args, now: UnixTime) -> Result<Config> {
+        let status_listen = resolve(&args.status_listen, "--status-listen")?;
+        check_host_port(&args.control_plane)?;
+        if args.trusted_keys.is_empty() {
+            bail!("no --trusted-key given: the data plane verifies every license itself and needs at least one vendor public key (the one the control plane trusts)");
+        }
+        let trusted_keys = load_trusted_keys(&args.trusted_keys)?;
+        let static_license = match (&args.license_path, &args.license_data) {
+            (Some(_), Some(_)) => bail!(
+                "both --license-path and CHARTER_LICENSE_DATA are set; configure the static license once"
+            ),
+            (Some(path), None) => Some(StaticLicense {
+                origin: format!("--license-path {}", path.display()),
+                text: read(path, "--license-path")?,
+            }),
+            (None, Some(text)) => Some(StaticLicense {
+                origin: "CHARTER_LICENSE_DATA".to_owned(),
+                text: text.clone(),
+            }),
+            (None, None) => None,
+        };
+        if let Some(license) = &static_license {
+            // A static license that does not verify is a configuration error: the node
+            // would otherwise run unlicensed while the operator believes it is licensed.
+            charter_license::validate(&license.text, &trusted_keys, now)
+                .map_err(|e| anyhow!("static license from {} is refused: {e}", license.origin))?;
+        }
+        let labels = parse_labels(&args.labels)?;
+        let transport = transport(&args)?;
+        Ok(Config {
+            control_plane: args.control_plane,
+            data_dir: args.data_dir,
+            status_listen,
+            trusted_keys,
+            transport,
+            static_license,
+            labels,
+            log_format: args.log_format,
+        })
+    }
+}
+
+/// Checks the cluster transport flags: plaintext only when asked for, otherwise a
+/// certificate and key (and a CA in pki mode) that load into a client configuration.
+fn transport(args: &Args) -> Result<Transport> {
+    if args.cluster_insecure {
+        return Ok(Transport::Insecure);
+    }
+    let (Some(cert), Some(key)) = (&args.cluster_cert, &args.cluster_cert_key) else {
+        bail!("connecting to the control plane needs --cluster-cert and --cluster-cert-key (the cluster certificate, charterctl gen-cert makes it), or --cluster-insecure for plaintext development use");
+    };
+    if args.cluster_mtls == MtlsMode::Pki && args.cluster_ca_cert.is_none() {
+        bail!("--cluster-mtls pki needs --cluster-ca-cert, the CA that signs the control plane's certificate");
+    }
+    let server_name = match args.cluster_mtls {
+        MtlsMode::Shared => SHARED_SERVER_NAME.to_owned(),
+        MtlsMode::Pki => args.cluster_server_name.clone(),
+    };
+    let files = TlsFiles {
+        cert: cert.clone(),
+        key: key.clone(),
+        ca: args.cluster_ca_cert.clone(),
+    };
+    // Load them now, so a bad certificate is a configuration error before any port is bound.
+    charter_tls::install_default_provider();
+    charter_tls::client_config(args.cluster_mtls, &files).context("cluster TLS")?;
+    Ok(Transport::Tls {
+        mode: args.cluster_mtls,
+        files,
+        server_name,
+    })
+}
+
+/// Parses `KEY=VALUE` labels; a key is 1 to 63 characters and appears once.
+fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for label in labels {
+        let Some((key, value)) = label.split_once('=') else {
+            bail!("--label `{label}` is not KEY=VALUE");
+        };
+        let key = key.trim();
+        if key.is_empty() || key.len() > 63 {
+            bail!("--label `{label}`: the key must be 1 to 63 characters");
+        }
+        if map.insert(key.to_owned(), value.trim().to_owned()).is_some() {
+            bail!("--label `{key}` is given twice");
+        }
+    }
+    Ok(map)
+}
+
+/// Checks that the control plane address is `HOST:PORT`. It is not resolved here: a
+/// control plane whose name does not resolve yet (a starting cluster) is retried later.
+fn check_host_port(addr: &str) -> Result<()> {
+    let bad = || anyhow!("--control-plane `{addr}` is not HOST:PORT like 127.0.0.1:8005");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() || host.contains(['/', ' ']) || port.parse::<u16>().is_err() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// Reads every trusted key; a file that is not an Ed25519 SPKI PEM key is refused.
+pub fn load_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys> {
+    let mut keys = Vec::new();
+    for path in paths {
+        let pem = read(path, "--trusted-key")?;
+        let key = TrustedKey::from_pem(&pem)
+            .with_context(|| format!("--trusted-key {}", path.display()))?;
+        keys.push(key);
+    }
+    Ok(TrustedKeys::new(keys))
+}
+
+fn read(path: &Path, flag: &str) -> Result<String> {
+    fs::read_to_string(path)
+        .with_context(|| format!("{flag} {}: cannot read the file", path.display()))
+}
+
+fn resolve(addr: &str, flag: &str) -> Result<SocketAddr> {
+    if let Ok(addr) = addr.parse() {
+        return Ok(addr);
+    }
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .with_context(|| format!("{flag} `{addr}` is not an address like 127.0.0.1:8100"))
+}

@@ -1,0 +1,226 @@
+//! Charter's data plane as a library: [`run`] loads what this node may enforce (static
+//! license, else the verified cache, else nothing), keeps it in sync with the control
+//! plane over the cluster protocol, and serves the local status API on a listener the
+//! caller has already bound.
+//!
+//! **Invariant:** every license this crate enforces was verified here with the trusted
+//! keys — from the control plane, the cache or the configuration alike.
+//!
+//! **Invariant:** what is in force is on disk first: the cache is written (atomically)
+//! before the in-memory state is swapped, so a restart enforces what was enforced.
+
+pub mod api;
+pub mod cache;
+pub mod clock;
+pub mod config;
+pub mod expiry;
+pub mod files;
+pub mod metrics;
+pub mod state;
+pub mod sync;
+
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use charter_license::{Clock, TrustedKeys, UnixTime};
+use charter_proto::v1::Hello;
+use charter_runtime::SystemClock;
+use tokio::sync::watch;
+
+pub use config::{Args, Config, StaticLicense, Transport};
+
+use crate::clock::NodeClock;
+use crate::state::{ClusterHeld, Enforcement, HeldLicense, Source};
+
+/// How often the clock mark is persisted (it is also persisted with every snapshot and
+/// at shutdown).
+pub const MARK_EVERY: Duration = Duration::from_secs(60);
+
+/// Listeners bound by the caller (so tests can bind `127.0.0.1:0`).
+pub struct Listeners {
+    /// The local status API.
+    pub status: tokio::net::TcpListener,
+}
+
+/// Runs the data plane until `shutdown` completes, with the wall clock.
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    run_with_clock(config, listeners, Arc::new(SystemClock), shutdown).await
+}
+
+/// [`run`] with an injected wall clock. Decisions use `max(clock, persisted mark)`.
+pub async fn run_with_clock(
+    config: Config,
+    listeners: Listeners,
+    clock: Arc<dyn Clock>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let dir = config.data_dir.clone();
+    files::create_data_dir(&dir)?;
+    let node_id = files::node_id(&dir)?;
+    let persisted_mark = files::read_clock_mark(&dir)?;
+    let cache_file = match cache::read(&dir) {
+        Ok(file) => file,
+        Err(e) => {
+            refused_cache(&e);
+            None
+        }
+    };
+    let clock = Arc::new(NodeClock::new(
+        clock,
+        dir.clone(),
+        persisted_mark,
+        cache_file.as_ref().map(|c| c.received_at),
+    ));
+    let now = clock.now();
+    clock.persist();
+
+    let static_license = match &config.static_license {
+        None => None,
+        Some(license) => {
+            let (verified, _) = charter_license::validate(&license.text, &config.trusted_keys, now)
+                .map_err(|e| anyhow!("static license from {} is refused: {e}", license.origin))?;
+            tracing::warn!(origin = %license.origin, key_id = %verified.key_id,
+                "static license configured: it is in force on this node and the cluster's licenses are not used here");
+            Some(verified)
+        }
+    };
+    let cached = cache_file.and_then(|file| load_cache(&dir, file, &config.trusted_keys, now));
+    let key_ids: Vec<String> = config
+        .trusted_keys
+        .ids()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    tracing::info!(trusted_keys = %key_ids.join(","), "trusted signing keys loaded");
+    let enforcement = Arc::new(Enforcement::new(
+        static_license,
+        cached,
+        clock.clone() as Arc<dyn Clock>,
+    ));
+    let in_force = enforcement.current();
+    tracing::info!(%node_id, source = in_force.source.map_or("none", Source::as_str),
+        status = %in_force.status, license = %in_force.name(), "data plane starting");
+    if matches!(config.transport, Transport::Insecure) {
+        tracing::warn!(control_plane = %config.control_plane,
+            "--cluster-insecure: the cluster connection is plaintext and unauthenticated; for development only");
+    }
+
+    let control_plane = Arc::new(sync::ControlPlaneStatus::new(&config.control_plane));
+    let metrics = Arc::new(metrics::Metrics::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let client = sync::SyncClient {
+        address: config.control_plane.clone(),
+        transport: config.transport.clone(),
+        hello: Hello {
+            node_id: node_id.to_string(),
+            hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            labels: config.labels.clone().into_iter().collect(),
+            cached_epoch: String::new(),
+            cached_revision: 0,
+            upstream: String::new(),
+        },
+        data_dir: dir.clone(),
+        trusted_keys: config.trusted_keys.clone(),
+        enforcement: enforcement.clone(),
+        clock: clock.clone(),
+        control_plane: control_plane.clone(),
+        metrics: metrics.clone(),
+    };
+    let tasks = [
+        tokio::spawn(client.run(stop_rx.clone())),
+        tokio::spawn(expiry::run(enforcement.clone(), stop_rx.clone())),
+        tokio::spawn(keep_mark(clock.clone(), stop_rx)),
+    ];
+
+    let addr = listeners
+        .status
+        .local_addr()
+        .context("reading the status listener address")?;
+    tracing::info!(%addr, "status API listening");
+    let app = api::router(api::ApiState {
+        enforcement,
+        control_plane,
+        metrics,
+        node_id: node_id.to_string(),
+    });
+    let graceful = async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    };
+    // When serving ends for any reason, `stop_tx` is dropped with `graceful`, which stops
+    // the tasks too.
+    let served = axum::serve(listeners.status, app)
+        .with_graceful_shutdown(graceful)
+        .await
+        .context("serving the status API");
+    for task in tasks {
+        let _ = task.await;
+    }
+    let _ = tokio::task::spawn_blocking(move || clock.persist()).await;
+    tracing::info!("data plane stopped");
+    served
+}
+
+/// Verifies the cache read at start into what the cluster gave this node, or refuses it.
+fn load_cache(
+    dir: &Path,
+    file: cache::CacheFile,
+    keys: &TrustedKeys,
+    now: UnixTime,
+) -> Option<ClusterHeld> {
+    match cache::verify(dir, file, keys, now) {
+        Ok(loaded) => {
+            let cache::LoadedCache { file, license } = loaded;
+            let license = file
+                .license
+                .clone()
+                .zip(license)
+                .map(|(record, (verified, _))| HeldLicense {
+                    record: Some(record),
+                    verified,
+                });
+            tracing::info!(path = %cache::path(dir).display(), epoch = %file.epoch, revision = file.revision,
+                license = %file.license.as_ref().map_or("none (the cluster was unlicensed)", |l| l.id.as_str()),
+                "license cache verified");
+            Some(ClusterHeld {
+                epoch: file.epoch,
+                revision: file.revision,
+                license,
+                source: Source::Cache,
+                received_at: file.received_at,
+            })
+        }
+        Err(e) => {
+            refused_cache(&e);
+            None
+        }
+    }
+}
+
+fn refused_cache(e: &cache::CacheError) {
+    tracing::error!(code = e.code(), "license cache refused, starting unlicensed until the control plane sends a license: {e}");
+}
+
+/// Persists the clock mark every [`MARK_EVERY`] until `shutdown` fires.
+async fn keep_mark(clock: Arc<NodeClock>, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(MARK_EVERY);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let clock = clock.clone();
+        let _ = tokio::task::spawn_blocking(move || clock.persist()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,288 @@
+//! The enforcement state: what the cluster last gave this node (swapped whole on every
+//! accepted snapshot), the static license if one is configured, and the judgement of
+//! "what is in force, now" that every reader makes against the clock — a license
+//! expires with time, not only when a snapshot arrives.
+//!
+//! The snapshot rules (stale revisions, new epochs, verification) are the pure function
+//! [`decide`], so they are tested without a network.
+
+use std::sync::Arc;
+
+use charter_license::{Clock, Evaluation, LicenseError, Status, TrustedKeys, UnixTime, VerifiedLicense};
+use charter_proto::v1::Snapshot;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::cache::{CacheFile, CachedLicense, CACHE_FORMAT};
+
+/// Where the license in force came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A snapshot received from the control plane since this process started.
+    Cluster,
+    /// The on-disk cache, verified at start; the control plane has not confirmed it yet.
+    Cache,
+    /// `--license-path` or `CHARTER_LICENSE_DATA`: wins on this node.
+    Static,
+}
+
+impl Source {
+    /// As in `GET /license`: `cluster`, `cache` or `static`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cluster => "cluster",
+            Source::Cache => "cache",
+            Source::Static => "static",
+        }
+    }
+}
+
+/// A verified license this node holds.
+#[derive(Debug, Clone)]
+pub struct HeldLicense {
+    /// The control plane's record; `None` for a static license.
+    pub record: Option<CachedLicense>,
+    /// The verified document, its signing key and terms.
+    pub verified: VerifiedLicense,
+}
+
+/// What the cluster last gave this node: a snapshot accepted from the control plane or
+/// loaded from the cache.
+#[derive(Debug, Clone)]
+pub struct ClusterHeld {
+    /// The control plane's store epoch.
+    pub epoch: String,
+    /// The store revision.
+    pub revision: u64,
+    /// The cluster's license; `None` when the cluster is unlicensed.
+    pub license: Option<HeldLicense>,
+    /// [`Source::Cluster`] or [`Source::Cache`].
+    pub source: Source,
+    /// When it was accepted (Unix seconds).
+    pub received_at: UnixTime,
+}
+
+impl ClusterHeld {
+    /// The cache file recording this state.
+    pub fn to_cache(&self) -> CacheFile {
+        CacheFile {
+            format: CACHE_FORMAT,
+            epoch: self.epoch.clone(),
+            revision: self.revision,
+            license: self.license.as_ref().and_then(|l| l.record.clone()),
+            received_at: self.received_at,
+        }
+    }
+}
+
+/// The license situation of this node, judged at one moment.
+#[derive(Debug, Clone)]
+pub struct InForce {
+    /// Where the license came from; `None` when there is none.
+    pub source: Option<Source>,
+    /// The cluster epoch of what is held (`None` for static, or before any snapshot).
+    pub epoch: Option<String>,
+    /// The cluster revision of what is held.
+    pub revision: Option<u64>,
+    /// The license, if any.
+    pub license: Option<HeldLicense>,
+    /// Its evaluation now; `None` when unlicensed.
+    pub evaluation: Option<Evaluation>,
+    /// The status now.
+    pub status: Status,
+    /// What an operator should be told.
+    pub warnings: Vec<String>,
+}
+
+impl InForce {
+    /// Whether licensed use is allowed now.
+    pub fn allows(&self) -> bool {
+        self.status.allows()
+    }
+
+    /// The control plane's record id of the license in force ("" for none or static).
+    pub fn license_id(&self) -> &str {
+        self.license
+            .as_ref()
+            .and_then(|l| l.record.as_ref())
+            .map_or("", |r| r.id.as_str())
+    }
+
+    /// A name for logs: the record id, `static`, or `unlicensed`.
+    pub fn name(&self) -> String {
+        match (&self.license, self.source) {
+            (None, _) => "unlicensed".to_owned(),
+            (Some(_), Some(Source::Static)) => "static".to_owned(),
+            (Some(l), _) => l
+                .record
+                .as_ref()
+                .map_or_else(|| "unknown".to_owned(), |r| r.id.clone()),
+        }
+    }
+
+    /// The `GET /license` object.
+    pub fn to_json(&self) -> Value {
+        let record = self.license.as_ref().and_then(|l| l.record.as_ref());
+        json!({
+            "status": self.status.as_str(),
+            "id": record.map(|r| r.id.clone()),
+            "updated_at": record.map(|r| r.updated_at),
+            "revision": self.revision,
+            "epoch": self.epoch,
+            "source": self.source.map(Source::as_str),
+            "key_id": self.license.as_ref().map(|l| l.verified.key_id.to_string()),
+            "payload": self.license.as_ref().map(|l| Value::Object(l.verified.document.payload().clone())),
+            "days_left": self.evaluation.as_ref().map(|e| e.days_left),
+            "warnings": self.warnings,
+        })
+    }
+}
+
+/// The shared enforcement state.
+///
+/// The cluster part sits in a `watch` channel: the sync client is its only writer and
+/// swaps it whole, readers clone an `Arc` and never wait for a writer.
+pub struct Enforcement {
+    static_license: Option<HeldLicense>,
+    cluster: watch::Sender<Option<Arc<ClusterHeld>>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Enforcement {
+    /// The state at start: the static license if configured, the verified cache if any.
+    pub fn new(
+        static_license: Option<VerifiedLicense>,
+        cluster: Option<ClusterHeld>,
+        clock: Arc<dyn Clock>,
+    ) -> Enforcement {
+        let (cluster, _) = watch::channel(cluster.map(Arc::new));
+        Enforcement {
+            static_license: static_license.map(|verified| HeldLicense {
+                record: None,
+                verified,
+            }),
+            cluster,
+            clock,
+        }
+    }
+
+    /// The time decisions are made with (never earlier than any time seen before).
+    pub fn now(&self) -> UnixTime {
+        self.clock.now()
+    }
+
+    /// Whether a static license is configured (it wins over the cluster's).
+    pub fn has_static(&self) -> bool {
+        self.static_license.is_some()
+    }
+
+    /// What the cluster last gave this node.
+    pub fn cluster(&self) -> Option<Arc<ClusterHeld>> {
+        self.cluster.borrow().clone()
+    }
+
+    /// Replaces what the cluster gave this node.
+    pub fn set_cluster(&self, held: ClusterHeld) {
+        self.cluster.send_replace(Some(Arc::new(held)));
+    }
+
+    /// Notified on every change of the cluster part.
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<ClusterHeld>>> {
+        self.cluster.subscribe()
+    }
+
+    /// What is in force, judged now.
+    pub fn current(&self) -> InForce {
+        let now = self.now();
+        let cluster = self.cluster();
+        let (source, epoch, revision, license) = match (&self.static_license, &cluster) {
+            (Some(license), _) => (Some(Source::Static), None, None, Some(license.clone())),
+            (None, Some(held)) => (
+                held.license.as_ref().map(|_| held.source),
+                Some(held.epoch.clone()),
+                Some(held.revision),
+                held.license.clone(),
+            ),
+            (None, None) => (None, None, None, None),
+        };
+        let (evaluation, status, warnings) = match &license {
+            None => (None, Status::Unlicensed, Vec::new()),
+            Some(l) => match l.verified.evaluate(now) {
+                Ok(e) => {
+                    let (status, warnings) = (e.status, e.warnings.clone());
+                    (Some(e), status, warnings)
+                }
+                // A license accepted earlier is judged at a later time (the clock never
+                // goes back), so this only happens if its dates were accepted wrongly.
+                Err(e) => (None, Status::Unlicensed, vec![e.to_string()]),
+            },
+        };
+        InForce {
+            source,
+            epoch,
+            revision,
+            license,
+            evaluation,
+            status,
+            warnings,
+        }
+    }
+}
+
+/// What to do with a snapshot.
+#[derive(Debug)]
+pub enum Decision {
+    /// Same epoch, lower revision: ignored, NACKed `stale_revision`.
+    Stale {
+        /// The revision held.
+        held: u64,
+    },
+    /// Same epoch and revision as held: nothing to do, ACKed.
+    AlreadyApplied,
+    /// The license does not verify: NACKed with its code, the previous state stays.
+    Reject(LicenseError),
+    /// Accept: write the cache, then swap the state to this.
+    Apply(Box<ClusterHeld>),
+}
+
+/// The snapshot rules (DESIGN.md "Cluster protocol"): no going back in time within an
+/// epoch, a new epoch is accepted, and every license is verified here at `now`.
+pub fn decide(
+    held: Option<&ClusterHeld>,
+    snapshot: &Snapshot,
+    keys: &TrustedKeys,
+    now: UnixTime,
+) -> Decision {
+    if let Some(held) = held.filter(|h| h.epoch == snapshot.epoch) {
+        if snapshot.revision < held.revision {
+            return Decision::Stale {
+                held: held.revision,
+            };
+        }
+        if snapshot.revision == held.revision {
+            return Decision::AlreadyApplied;
+        }
+    }
+    let license = match &snapshot.license {
+        None => None,
+        Some(license) => match charter_license::validate(&license.payload, keys, now) {
+            Ok((verified, _)) => Some(HeldLicense {
+                record: Some(CachedLicense {
+                    id: license.id.clone(),
+                    payload: license.payload.clone(),
+                    created_at: license.created_at,
+                    updated_at: license.updated_at,
+                }),
+                verified,
+            }),
+            Err(e) => return Decision::Reject(e),
+        },
+    };
+    Decision::Apply(Box::new(ClusterHeld {
+        epoch: snapshot.epoch.clone(),
+        revision: snapshot.revision,
+        license,
+        source: Source::Cluster,
+        received_at: now,
+    }))
+}

@@ -1,0 +1,388 @@
+//! The sync client: one `Cluster.Sync` stream to the control plane at a time. It says
+//! Hello, pings every 30 s, applies or refuses each snapshot (see [`crate::state::decide`])
+//! and answers it with an Ack; when the stream fails it keeps enforcing what it holds and
+//! reconnects with jittered exponential backoff (1 s to 30 s).
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use charter_license::{TrustedKeys, UnixTime};
+use charter_proto::v1::cluster_client::ClusterClient;
+use charter_proto::v1::{
+    control_plane_message, data_plane_message, Ack, ControlPlaneMessage, DataPlaneMessage, Hello,
+    Ping, Snapshot,
+};
+use charter_tls::TlsError;
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+
+use crate::cache;
+use crate::clock::NodeClock;
+use crate::config::Transport;
+use crate::metrics::Metrics;
+use crate::state::{decide, Decision, Enforcement, Source};
+
+/// How often the data plane pings the control plane (which marks it gone after 45 s).
+pub const PING_EVERY: Duration = Duration::from_secs(30);
+/// The first reconnection delay.
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// The longest reconnection delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// The delay before reconnection attempt number `failures` (0 for the first), with
+/// `jitter` in `[0, 1]`: the base doubles from 1 s up to 30 s, and the delay is 80 % to
+/// 100 % of it (never under 1 s), so data planes cut off together do not return together.
+pub fn backoff(failures: u32, jitter: f64) -> Duration {
+    let base = BACKOFF_MIN
+        .saturating_mul(2u32.saturating_pow(failures.min(16)))
+        .min(BACKOFF_MAX);
+    base.mul_f64(0.8 + 0.2 * jitter.clamp(0.0, 1.0))
+        .max(BACKOFF_MIN)
+}
+
+/// The connection to the control plane as `GET /status` reports it.
+#[derive(Debug)]
+pub struct ControlPlaneStatus {
+    address: String,
+    // A std mutex: it guards a few plain fields and is never held across an await.
+    inner: Mutex<Connection>,
+}
+
+#[derive(Debug, Default)]
+struct Connection {
+    connected: bool,
+    last_sync: Option<UnixTime>,
+    last_error: Option<String>,
+}
+
+impl ControlPlaneStatus {
+    /// Not connected yet, to `address`.
+    pub fn new(address: &str) -> ControlPlaneStatus {
+        ControlPlaneStatus {
+            address: address.to_owned(),
+            inner: Mutex::new(Connection::default()),
+        }
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> T) -> T {
+        f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// The control plane's address.
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    /// Whether the sync stream is open.
+    pub fn is_connected(&self) -> bool {
+        self.with(|c| c.connected)
+    }
+
+    fn set_connected(&self, connected: bool) {
+        self.with(|c| c.connected = connected);
+    }
+
+    fn record_sync(&self, now: UnixTime) {
+        self.with(|c| c.last_sync = Some(now));
+    }
+
+    fn record_error(&self, error: Option<String>) {
+        self.with(|c| c.last_error = error);
+    }
+
+    /// The `control_plane` object of `GET /status`.
+    pub fn to_json(&self) -> Value {
+        self.with(|c| {
+            json!({
+                "address": self.address,
+                "connected": c.connected,
+                "last_sync": c.last_sync,
+                "last_error": c.last_error,
+            })
+        })
+    }
+}
+
+/// Why a sync stream ended (other than shutdown).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The TLS files could not be loaded into a client configuration.
+    #[error("cluster TLS configuration: {0}")]
+    Tls(TlsError),
+    /// No connection (TCP, TLS or HTTP/2).
+    #[error("{0}")]
+    Connect(TlsError),
+    /// The control plane refused this data plane (FAILED_PRECONDITION, e.g. its version).
+    #[error("the control plane refused this data plane: {0}")]
+    Refused(String),
+    /// The stream failed with a gRPC status.
+    #[error("sync stream failed: {0}")]
+    Stream(String),
+    /// The control plane ended the stream.
+    #[error("the control plane closed the sync stream")]
+    Closed,
+}
+
+impl SyncError {
+    fn from_status(status: tonic::Status) -> SyncError {
+        if status.code() == tonic::Code::FailedPrecondition {
+            return SyncError::Refused(status.message().to_owned());
+        }
+        let mut reason = format!("{} ({})", status.message(), status.code().description());
+        if let Some(source) = std::error::Error::source(&status) {
+            reason.push_str(": ");
+            reason.push_str(&charter_tls::describe_error(source));
+        }
+        SyncError::Stream(reason)
+    }
+}
+
+/// Everything the sync client needs.
+pub struct SyncClient {
+    /// The control plane's `HOST:PORT`.
+    pub address: String,
+    /// Plaintext or mutual TLS.
+    pub transport: Transport,
+    /// The Hello to send (its cached epoch and revision are filled in at each connect).
+    pub hello: Hello,
+    /// Where the cache is written.
+    pub data_dir: PathBuf,
+    /// Keys trusted to sign licenses.
+    pub trusted_keys: TrustedKeys,
+    /// The enforcement state.
+    pub enforcement: Arc<Enforcement>,
+    /// The node's clock, whose mark is persisted with every snapshot.
+    pub clock: Arc<NodeClock>,
+    /// What `GET /status` reports of the connection.
+    pub control_plane: Arc<ControlPlaneStatus>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+}
+
+impl SyncClient {
+    /// Syncs until `shutdown` fires, reconnecting for ever.
+    pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
+        let mut failures: u32 = 0;
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let mut got_snapshot = false;
+            let result = self.session(&mut shutdown, &mut got_snapshot).await;
+            self.control_plane.set_connected(false);
+            let error = match result {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            if got_snapshot {
+                failures = 0;
+            }
+            let delay = backoff(failures, rand::thread_rng().gen::<f64>());
+            failures = failures.saturating_add(1);
+            let retry = format!("{:.1}", delay.as_secs_f64());
+            match &error {
+                SyncError::Refused(message) => tracing::error!(address = %self.address, retry_in_s = %retry,
+                    "the control plane refused this data plane: {message}; the license held stays in force"),
+                SyncError::Tls(_) => tracing::error!(address = %self.address, retry_in_s = %retry,
+                    "cannot connect to the control plane: {error}; fix the cluster certificate files"),
+                _ => tracing::warn!(address = %self.address, retry_in_s = %retry,
+                    "control plane unavailable: {error}; the license held stays in force"),
+            }
+            self.control_plane.record_error(Some(error.to_string()));
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return,
+            }
+            self.metrics.reconnects.inc();
+        }
+    }
+
+    /// One stream, until it fails (`Err`) or `shutdown` fires (`Ok`).
+    async fn session(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        got_snapshot: &mut bool,
+    ) -> Result<(), SyncError> {
+        let channel = tokio::select! {
+            channel = self.connect() => channel?,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        let mut client = ClusterClient::new(channel);
+        let (tx, rx) = mpsc::channel::<DataPlaneMessage>(16);
+        let send = |tx: &mpsc::Sender<DataPlaneMessage>, msg| {
+            let tx = tx.clone();
+            async move {
+                tx.send(DataPlaneMessage { msg: Some(msg) })
+                    .await
+                    .map_err(|_| SyncError::Stream("the request stream was closed".to_owned()))
+            }
+        };
+        // Hello goes first; it is queued before the call starts, so it is the first frame.
+        send(&tx, data_plane_message::Msg::Hello(self.hello())).await?;
+        let response = tokio::select! {
+            response = client.sync(ReceiverStream::new(rx)) => response.map_err(SyncError::from_status)?,
+            _ = shutdown.changed() => return Ok(()),
+        };
+        self.control_plane.set_connected(true);
+        self.control_plane.record_error(None);
+        tracing::info!(address = %self.address, node_id = %self.hello.node_id, "connected to the control plane");
+        let mut inbound = response.into_inner();
+        let start = tokio::time::Instant::now() + PING_EVERY;
+        let mut ping = tokio::time::interval_at(start, PING_EVERY);
+        loop {
+            tokio::select! {
+                message = inbound.message() => match message {
+                    Ok(Some(ControlPlaneMessage { msg: Some(control_plane_message::Msg::Snapshot(snapshot)) })) => {
+                        *got_snapshot = true;
+                        let ack = self.handle_snapshot(snapshot).await;
+                        send(&tx, data_plane_message::Msg::Ack(ack)).await?;
+                    }
+                    Ok(Some(ControlPlaneMessage { msg: Some(control_plane_message::Msg::TelemetryAck(ack)) })) => {
+                        tracing::debug!(seq = ack.seq, "telemetry acknowledged");
+                    }
+                    Ok(Some(ControlPlaneMessage { msg: None })) => {
+                        tracing::debug!("empty message from the control plane ignored");
+                    }
+                    Ok(None) => return Err(SyncError::Closed),
+                    Err(status) => return Err(SyncError::from_status(status)),
+                },
+                _ = ping.tick() => send(&tx, data_plane_message::Msg::Ping(Ping {})).await?,
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
+    }
+
+    async fn connect(&self) -> Result<Channel, SyncError> {
+        match &self.transport {
+            Transport::Insecure => charter_tls::connect_insecure(&self.address)
+                .await
+                .map_err(SyncError::Connect),
+            Transport::Tls {
+                mode,
+                files,
+                server_name,
+            } => {
+                // Loaded at every connection, so renewed certificate files are picked up
+                // without a restart.
+                let config = charter_tls::client_config(*mode, files).map_err(SyncError::Tls)?;
+                charter_tls::connect(&self.address, config, server_name)
+                    .await
+                    .map_err(SyncError::Connect)
+            }
+        }
+    }
+
+    /// The Hello for a new stream, with the cluster position this node holds.
+    fn hello(&self) -> Hello {
+        let held = self.enforcement.cluster();
+        Hello {
+            cached_epoch: held.as_ref().map(|h| h.epoch.clone()).unwrap_or_default(),
+            cached_revision: held.as_ref().map_or(0, |h| h.revision),
+            ..self.hello.clone()
+        }
+    }
+
+    /// Applies or refuses a snapshot and says so in the Ack.
+    async fn handle_snapshot(&self, snapshot: Snapshot) -> Ack {
+        self.metrics.snapshots_received.inc();
+        let now = self.enforcement.now();
+        self.control_plane.record_sync(now);
+        let held = self.enforcement.cluster();
+        let (epoch, revision) = (snapshot.epoch.clone(), snapshot.revision);
+        let decision = decide(held.as_deref(), &snapshot, &self.trusted_keys, now);
+        let refusal = match decision {
+            Decision::Stale { held } => {
+                let error = format!(
+                    "revision {revision} of epoch {epoch} is older than revision {held} this data plane holds; ignored (a control plane cannot go back in time within an epoch)"
+                );
+                tracing::warn!(%epoch, revision, held, "stale snapshot ignored: {error}");
+                Some(("stale_revision", error))
+            }
+            Decision::AlreadyApplied => {
+                if let Some(held) = held.filter(|h| h.source == Source::Cache) {
+                    // The control plane confirms what the cache held.
+                    self.enforcement.set_cluster(crate::state::ClusterHeld {
+                        source: Source::Cluster,
+                        ..(*held).clone()
+                    });
+                }
+                tracing::debug!(%epoch, revision, "snapshot already applied");
+                None
+            }
+            Decision::Reject(e) => {
+                tracing::error!(%epoch, revision, code = %e.code,
+                    license = %snapshot.license.as_ref().map_or("", |l| l.id.as_str()),
+                    "license from the control plane refused: {}; the previous license stays in force", e.message);
+                Some((e.code.as_str(), e.message))
+            }
+            Decision::Apply(new) => {
+                self.apply(*new).await;
+                None
+            }
+        };
+        let in_force = self.enforcement.current();
+        let accepted = refusal.is_none();
+        if accepted {
+            self.metrics.snapshots_accepted.inc();
+        } else {
+            self.metrics.snapshots_rejected.inc();
+        }
+        let (error_code, error) = refusal
+            .map(|(code, error)| (code.to_owned(), error))
+            .unwrap_or_default();
+        Ack {
+            epoch,
+            revision,
+            accepted,
+            error_code,
+            error,
+            license_id: in_force.license_id().to_owned(),
+            license_status: in_force.status.as_str().to_owned(),
+        }
+    }
+
+    /// Writes the cache (and the clock mark), then swaps the state.
+    async fn apply(&self, new: crate::state::ClusterHeld) {
+        let file = new.to_cache();
+        let dir = self.data_dir.clone();
+        let clock = self.clock.clone();
+        let written = tokio::task::spawn_blocking(move || {
+            clock.persist();
+            cache::store(&dir, &file)
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {}
+            // The license verified, so it is enforced anyway: refusing a renewal because
+            // the disk is full would deny traffic for nothing. A restart would boot from
+            // the older cache until the control plane is reached.
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot write the license cache; the new license is in force but a restart without the control plane would use the previous one");
+                self.control_plane
+                    .record_error(Some(format!("cannot write the license cache: {e}")));
+            }
+            Err(e) => tracing::error!(error = %e, "the license cache write task failed"),
+        }
+        let (epoch, revision) = (new.epoch.clone(), new.revision);
+        let license = new.license.as_ref().map(|l| {
+            (
+                l.record.as_ref().map_or(String::new(), |r| r.id.clone()),
+                l.verified.key_id.to_string(),
+            )
+        });
+        self.enforcement.set_cluster(new);
+        let in_force = self.enforcement.current();
+        match (license, self.enforcement.has_static()) {
+            (_, true) => tracing::info!(%epoch, revision,
+                "cluster snapshot cached; the static license stays in force on this node"),
+            (Some((id, key_id)), false) => tracing::info!(%epoch, revision, license = %id, %key_id,
+                status = %in_force.status, "license from the control plane accepted and in force"),
+            (None, false) => tracing::warn!(%epoch, revision,
+                "the control plane says the cluster is unlicensed: this data plane now denies licensed use"),
+        }
+    }
+}

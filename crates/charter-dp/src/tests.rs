@@ -1,0 +1,1 @@
+//! Unit tests: configuration, the snapshot rules, the cache and the backoff.
