@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".charter.cluster.v1.ControlPlaneMessage",
             "crate::EncodedControlPlaneMessage",
         )
+        .extern_path(".charter.cluster.v1", "crate::v1")
         .compile_fds(fds)?;
     Ok(())
 }
