@@ -784,6 +784,47 @@ fn bad_configuration_exits_64_with_one_line() {
         &[("CHARTER_LICENSE_DATA", "not json")],
         "invalid_license_json",
     );
+    let no_certs = |extra: &[&str]| -> Vec<String> {
+        let mut args = vec![
+            "--trusted-key".to_owned(),
+            key.clone(),
+            "--admin-listen".to_owned(),
+            listen.clone(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let args = no_certs(&[]);
+    refused_config(
+        &dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[],
+        "--cluster-cert",
+    );
+    let garbage = dir.path().join("garbage.crt");
+    std::fs::write(&garbage, "not a certificate").expect("write");
+    let g = garbage.to_string_lossy().into_owned();
+    let args = no_certs(&["--cluster-cert", &g, "--cluster-cert-key", &g]);
+    refused_config(
+        &dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[],
+        "garbage.crt",
+    );
+    let args = no_certs(&[
+        "--cluster-mtls",
+        "pki",
+        "--cluster-cert",
+        &g,
+        "--cluster-cert-key",
+        &g,
+    ]);
+    refused_config(
+        &dir,
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        &[],
+        "--cluster-ca-cert",
+    );
     // Flags read environment variables too.
     refused_config(
         &dir,
