@@ -98,7 +98,7 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, tx: mpsc::Sen
 /// How a handshake attempt ended.
 enum Outcome {
     /// The handshake completed.
-    Ready(TlsStream<TcpStream>),
+    Ready(Box<TlsStream<TcpStream>>),
     /// The peer closed the connection without sending a byte.
     Closed,
     /// The handshake failed; the connection is handed back to be closed gracefully.
@@ -121,7 +121,7 @@ async fn handshake(
         Ok(Outcome::Ready(stream)) => {
             // The send fails only when the server has stopped listening; the stream is
             // then dropped.
-            let _ = tx.send(Ok(stream)).await;
+            let _ = tx.send(Ok(*stream)).await;
             return;
         }
         Ok(Outcome::Closed) => {
@@ -152,7 +152,7 @@ async fn attempt(acceptor: &TlsAcceptor, tcp: TcpStream) -> Outcome {
         Err(err) => return Outcome::Failed(err, tcp),
     }
     match acceptor.accept(tcp).into_fallible().await {
-        Ok(stream) => Outcome::Ready(stream),
+        Ok(stream) => Outcome::Ready(Box::new(stream)),
         Err((err, tcp)) => Outcome::Failed(err, tcp),
     }
 }

@@ -151,8 +151,10 @@ pub fn server_config(
     let provider = provider();
     let certs = files::certificates(&files.cert)?;
     let key = files::private_key(&files.key)?;
+    // `certificates` never returns an empty list, so `certs[0]` (the side's own
+    // certificate, which shared mode pins) exists.
     let verifier = match mode {
-        MtlsMode::Shared => pinned::PinnedClientVerifier::new(certs[0].clone(), &provider)
+        MtlsMode::Shared => pinned::PinnedClientVerifier::build(certs[0].clone(), &provider)
             .map_err(|source| TlsError::Rustls {
                 context: format!(
                     "pinning the cluster certificate in {}",
@@ -194,6 +196,7 @@ pub fn client_config(
     let provider = provider();
     let certs = files::certificates(&files.cert)?;
     let key = files::private_key(&files.key)?;
+    // `certificates` never returns an empty list, so `certs[0]` exists.
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|source| TlsError::Rustls {

@@ -40,8 +40,8 @@ pub(crate) struct PinnedClientVerifier {
 }
 
 impl PinnedClientVerifier {
-    /// A verifier that accepts only `pinned`.
-    pub(crate) fn new(
+    /// A verifier that accepts only `pinned`, ready for a `ServerConfig`.
+    pub(crate) fn build(
         pinned: CertificateDer<'static>,
         provider: &Arc<CryptoProvider>,
     ) -> Result<Arc<dyn ClientCertVerifier>, Error> {

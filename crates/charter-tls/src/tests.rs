@@ -764,3 +764,10 @@ async fn bad_addresses_and_names_are_refused_before_connecting() {
         "{err}"
     );
 }
+
+#[test]
+fn installing_the_default_provider_twice_is_harmless() {
+    install_default_provider();
+    install_default_provider();
+    assert!(rustls::crypto::CryptoProvider::get_default().is_some());
+}
