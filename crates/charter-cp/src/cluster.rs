@@ -86,7 +86,10 @@ impl Hub {
 
     /// Removes the registration, unless a newer stream of the same node replaced it.
     fn disconnect(&self, node_id: &str, serial: u64) {
-        let mut connected = self.connected.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut connected = self
+            .connected
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if connected.get(node_id).is_some_and(|c| c.serial == serial) {
             connected.remove(node_id);
         }
@@ -181,7 +184,9 @@ pub fn compatible(cp: &str, dp: &str) -> Result<(), String> {
         Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
     };
     let (Some((cp_major, cp_minor)), Some((dp_major, dp_minor))) = (parse(cp), parse(dp)) else {
-        return Err(format!("data plane version `{dp}` is not MAJOR.MINOR.PATCH"));
+        return Err(format!(
+            "data plane version `{dp}` is not MAJOR.MINOR.PATCH"
+        ));
     };
     if cp_major != dp_major {
         return Err(format!(
@@ -266,7 +271,9 @@ impl Cluster for ClusterService {
             upstream,
         } = hello;
         if node_id.is_empty() || node_id.len() > 128 {
-            return Err(Status::invalid_argument("node_id must be 1 to 128 characters"));
+            return Err(Status::invalid_argument(
+                "node_id must be 1 to 128 characters",
+            ));
         }
         let mut peer = Peer {
             state: self.state.clone(),
@@ -299,7 +306,11 @@ impl Cluster for ClusterService {
         let frame = self.hub.frame();
         if let Some(allowed) = frame.licensed_dataplanes {
             if connected as u64 > allowed {
-                tracing::warn!(connected, allowed, "more data planes are connected than the license allows");
+                tracing::warn!(
+                    connected,
+                    allowed,
+                    "more data planes are connected than the license allows"
+                );
             }
         }
 
@@ -383,6 +394,8 @@ mod tests {
         assert!(compatible("1.4.0", "1.2.0").is_ok(), "older minor is fine");
         assert!(compatible("1.4.0", "1.5.0").unwrap_err().contains("newer"));
         assert!(compatible("1.4.0", "2.0.0").unwrap_err().contains("major"));
-        assert!(compatible("1.4.0", "x").unwrap_err().contains("MAJOR.MINOR"));
+        assert!(compatible("1.4.0", "x")
+            .unwrap_err()
+            .contains("MAJOR.MINOR"));
     }
 }

@@ -72,7 +72,13 @@ pub async fn run_with_clock(
             config.admin_listen
         );
     }
-    let state = AppState::new(store, config.trusted_keys, clock, config.static_license, config.tokens);
+    let state = AppState::new(
+        store,
+        config.trusted_keys,
+        clock,
+        config.static_license,
+        config.tokens,
+    );
     let hub = cluster::hub(&state).context("computing the first snapshot")?;
     state.set_hub(hub.clone());
 
@@ -86,9 +92,16 @@ pub async fn run_with_clock(
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let expiry = tokio::spawn(expiry::run(state.clone(), stop_rx.clone()));
-    let publisher = tokio::spawn(cluster::publish(state.clone(), hub.clone(), stop_rx.clone()));
+    let publisher = tokio::spawn(cluster::publish(
+        state.clone(),
+        hub.clone(),
+        stop_rx.clone(),
+    ));
 
-    let cluster_addr = listeners.cluster.local_addr().context("reading the cluster listener address")?;
+    let cluster_addr = listeners
+        .cluster
+        .local_addr()
+        .context("reading the cluster listener address")?;
     let service = charter_proto::shared::cluster_server::ClusterServer::new(
         cluster::ClusterService::new(state.clone(), hub, stop_rx.clone()),
     );
@@ -110,7 +123,10 @@ pub async fn run_with_clock(
         }
     };
 
-    let addr = listeners.admin.local_addr().context("reading the admin listener address")?;
+    let addr = listeners
+        .admin
+        .local_addr()
+        .context("reading the admin listener address")?;
     tracing::info!(%addr, "admin API listening");
     let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listeners.admin, app)

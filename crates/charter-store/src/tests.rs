@@ -727,8 +727,15 @@ fn data_plane_inventory_is_kept_and_purged() {
     store.put_data_plane(&dp("a", 100)).expect("put");
     store.put_data_plane(&dp("b", 200)).expect("put");
     store.put_data_plane(&dp("a", 300)).expect("replace");
-    assert_eq!(store.data_planes().expect("list"), vec![dp("a", 300), dp("b", 200)]);
-    assert_eq!(store.revision().expect("revision"), revision, "inventory does not move the license revision");
+    assert_eq!(
+        store.data_planes().expect("list"),
+        vec![dp("a", 300), dp("b", 200)]
+    );
+    assert_eq!(
+        store.revision().expect("revision"),
+        revision,
+        "inventory does not move the license revision"
+    );
     assert_eq!(store.purge_data_planes(250).expect("purge"), 1);
     assert_eq!(store.data_planes().expect("list"), vec![dp("a", 300)]);
     drop(store);
