@@ -353,8 +353,12 @@ impl Cluster for ClusterService {
                             }
                             Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Ping(_)) })) => peer.save(),
                             Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Telemetry(t)) })) => {
-                                tracing::debug!(%node_id, seq = t.seq, "telemetry received");
                                 peer.save();
+                                match apply_telemetry(&peer.state, &node_id, t).await {
+                                    Some(ack) => yield Ok(ack),
+                                    // Not durable: no ack, so the data plane sends it again.
+                                    None => continue,
+                                }
                             }
                             Ok(Some(_)) => {
                                 tracing::warn!(%node_id, "unexpected message from data plane; closing its stream");
@@ -384,9 +388,65 @@ impl Cluster for ClusterService {
     }
 }
 
+/// A `YYYY-MM` usage bucket.
+fn valid_bucket(bucket: &str) -> bool {
+    let b = bucket.as_bytes();
+    b.len() == 7
+        && b[4] == b'-'
+        && b[..4].iter().chain(&b[5..]).all(u8::is_ascii_digit)
+        && matches!(bucket[5..].parse::<u8>(), Ok(1..=12))
+}
+
+/// Applies a telemetry report exactly once (durably) and returns the encoded ack, or
+/// `None` when it could not be stored (then no ack is sent, and the data plane resends).
+async fn apply_telemetry(
+    state: &AppState,
+    node_id: &str,
+    telemetry: charter_proto::v1::Telemetry,
+) -> Option<EncodedControlPlaneMessage> {
+    let seq = telemetry.seq;
+    let mut counters = Vec::new();
+    for counter in telemetry.counters {
+        if valid_bucket(&counter.bucket) {
+            counters.push((counter.bucket, counter.request_count));
+        } else {
+            tracing::warn!(%node_id, seq, bucket = %counter.bucket, "ignoring a usage counter whose bucket is not YYYY-MM");
+        }
+    }
+    let (store, node) = (state.store().clone(), node_id.to_owned());
+    let applied = tokio::task::spawn_blocking(move || store.apply_telemetry(&node, seq, &counters)).await;
+    match applied {
+        Ok(Ok(applied)) => {
+            tracing::debug!(%node_id, seq, applied, "telemetry acknowledged");
+            let ack = ControlPlaneMessage {
+                msg: Some(control_plane_message::Msg::TelemetryAck(
+                    charter_proto::v1::TelemetryAck { seq },
+                )),
+            };
+            Some(EncodedControlPlaneMessage::new(&ack))
+        }
+        Ok(Err(e)) => {
+            tracing::error!(%node_id, seq, error = %e, "cannot store telemetry; the data plane will resend it");
+            None
+        }
+        Err(e) => {
+            tracing::error!(%node_id, seq, error = %e, "telemetry task failed; the data plane will resend it");
+            None
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::compatible;
+    use super::{compatible, valid_bucket};
+
+    #[test]
+    fn usage_buckets() {
+        assert!(valid_bucket("2026-11"));
+        for bad in ["2026-13", "2026-00", "26-11", "2026/11", "2026-1x", "2026-111"] {
+            assert!(!valid_bucket(bad), "{bad}");
+        }
+    }
 
     #[test]
     fn version_compatibility() {

@@ -85,6 +85,17 @@ pub struct DataPlaneRecord {
     pub upstream: String,
 }
 
+/// Request counts a data plane reported, as applied by the control plane.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeUsage {
+    /// The data plane's node id.
+    pub node_id: String,
+    /// The highest telemetry `seq` applied; a report with this `seq` or lower is a resend.
+    pub last_seq: u64,
+    /// Request counts by UTC month (`YYYY-MM`).
+    pub buckets: BTreeMap<String, u64>,
+}
+
 /// What [`LicenseStore::put`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
@@ -161,6 +172,21 @@ pub trait LicenseStore: Send + Sync + 'static {
 
     /// Every recorded data plane, by id.
     fn data_planes(&self) -> Result<Vec<DataPlaneRecord>, StoreError>;
+
+    /// Applies one telemetry report of a data plane exactly once: if `seq` is above the
+    /// node's last applied `seq`, adds `counters` (bucket, count) to its totals, durably
+    /// (flushed and fsynced, like a license write, but without moving the revision), and
+    /// returns `true`; a resend (`seq` not above the last) changes nothing and returns
+    /// `false`. Either way the caller may acknowledge `seq`.
+    fn apply_telemetry(
+        &self,
+        node_id: &str,
+        seq: u64,
+        counters: &[(String, u64)],
+    ) -> Result<bool, StoreError>;
+
+    /// Every data plane's applied usage, by node id.
+    fn usage(&self) -> Result<Vec<NodeUsage>, StoreError>;
 
     /// Removes data planes last seen before `last_seen_before`; returns how many.
     fn purge_data_planes(&self, last_seen_before: i64) -> Result<usize, StoreError>;

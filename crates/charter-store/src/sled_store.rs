@@ -13,7 +13,9 @@ use sled::{Transactional, Tree};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::{DataPlaneRecord, LicenseRecord, LicenseStore, Page, PutOutcome, StoreError};
+use crate::{
+    DataPlaneRecord, LicenseRecord, LicenseStore, NodeUsage, Page, PutOutcome, StoreError,
+};
 
 /// Reported by [`LicenseStore::backend_version`]; must match the sled version in Cargo.toml.
 const BACKEND_VERSION: &str = "sled 0.34.7";
@@ -22,6 +24,7 @@ const LICENSES_TREE: &str = "licenses";
 const CHECKSUMS_TREE: &str = "checksums";
 const META_TREE: &str = "meta";
 const DATA_PLANES_TREE: &str = "data_planes";
+const USAGE_TREE: &str = "usage";
 
 const EPOCH_KEY: &[u8] = b"epoch";
 const REVISION_KEY: &[u8] = b"revision";
@@ -84,6 +87,7 @@ pub struct SledStore {
     pub(crate) checksums: Tree,
     pub(crate) meta: Tree,
     data_planes: Tree,
+    usage: Tree,
     dir: PathBuf,
     /// A second descriptor on sled's `db` file, used only to fsync it.
     db_file: File,
@@ -111,6 +115,7 @@ impl SledStore {
         let checksums = open_tree(CHECKSUMS_TREE)?;
         let meta = open_tree(META_TREE)?;
         let data_planes = open_tree(DATA_PLANES_TREE)?;
+        let usage = open_tree(USAGE_TREE)?;
 
         let (epoch, revision) = init_meta(&meta)?;
 
@@ -126,6 +131,7 @@ impl SledStore {
             checksums,
             meta,
             data_planes,
+            usage,
             dir: dir.to_path_buf(),
             db_file,
             epoch,
@@ -389,6 +395,65 @@ impl LicenseStore for SledStore {
                 serde_json::from_slice(&value).map_err(|e| {
                     StoreError::Corrupt(format!(
                         "data plane {} in tree {DATA_PLANES_TREE}: {e}",
+                        display_key(&key)
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    fn apply_telemetry(
+        &self,
+        node_id: &str,
+        seq: u64,
+        counters: &[(String, u64)],
+    ) -> Result<bool, StoreError> {
+        // Serialised with license writes: one fsync covers exactly one applied report.
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let decode = |value: &[u8]| -> Result<NodeUsage, StoreError> {
+            serde_json::from_slice(value).map_err(|e| {
+                StoreError::Corrupt(format!("usage of {node_id} in tree {USAGE_TREE}: {e}"))
+            })
+        };
+        let mut usage = match self
+            .usage
+            .get(node_id.as_bytes())
+            .map_err(|e| backend(format!("reading usage of {node_id}"), e))?
+        {
+            Some(value) => decode(&value)?,
+            None => NodeUsage {
+                node_id: node_id.to_owned(),
+                ..NodeUsage::default()
+            },
+        };
+        if seq <= usage.last_seq {
+            return Ok(false);
+        }
+        usage.last_seq = seq;
+        for (bucket, count) in counters {
+            let total = usage.buckets.entry(bucket.clone()).or_default();
+            *total = total.saturating_add(*count);
+        }
+        let value = serde_json::to_vec(&usage)
+            .map_err(|e| StoreError::Corrupt(format!("encoding usage of {node_id}: {e}")))?;
+        self.usage
+            .insert(node_id.as_bytes(), value)
+            .map_err(|e| backend(format!("recording usage of {node_id}"), e))?;
+        self.make_durable()?;
+        Ok(true)
+    }
+
+    fn usage(&self) -> Result<Vec<NodeUsage>, StoreError> {
+        self.usage
+            .iter()
+            .map(|entry| {
+                let (key, value) = entry.map_err(|e| backend("reading usage".to_string(), e))?;
+                serde_json::from_slice(&value).map_err(|e| {
+                    StoreError::Corrupt(format!(
+                        "usage of {} in tree {USAGE_TREE}: {e}",
                         display_key(&key)
                     ))
                 })

@@ -742,3 +742,40 @@ fn data_plane_inventory_is_kept_and_purged() {
     let store = SledStore::open(dir.path()).expect("reopen");
     assert_eq!(store.data_planes().expect("list"), vec![dp("a", 300)]);
 }
+
+#[test]
+fn telemetry_is_applied_exactly_once_and_survives_reopen() {
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let store = SledStore::open(dir.path()).expect("open");
+    let revision = store.revision().expect("revision");
+    let batch = |n: u64| vec![("2026-11".to_owned(), n), ("2026-12".to_owned(), 1)];
+    assert!(store.apply_telemetry("dp-1", 1, &batch(10)).expect("apply"));
+    assert!(
+        !store
+            .apply_telemetry("dp-1", 1, &batch(10))
+            .expect("resend"),
+        "a resend is not applied again"
+    );
+    assert!(
+        !store.apply_telemetry("dp-1", 0, &batch(99)).expect("old"),
+        "an older seq is not applied"
+    );
+    assert!(store.apply_telemetry("dp-1", 2, &batch(5)).expect("apply"));
+    assert!(store
+        .apply_telemetry("dp-2", 1, &batch(7))
+        .expect("another node"));
+    assert_eq!(
+        store.revision().expect("revision"),
+        revision,
+        "telemetry does not move the license revision"
+    );
+    drop(store);
+    let store = SledStore::open(dir.path()).expect("reopen");
+    let usage = store.usage().expect("usage");
+    assert_eq!(usage.len(), 2);
+    assert_eq!(usage[0].node_id, "dp-1");
+    assert_eq!(usage[0].last_seq, 2);
+    assert_eq!(usage[0].buckets["2026-11"], 15);
+    assert_eq!(usage[0].buckets["2026-12"], 2);
+    assert_eq!(usage[1].buckets["2026-11"], 7);
+}

@@ -1,7 +1,7 @@
 //! This node's own endpoints: `/license/status`, `/license/report`, `/status`, `/metrics`
 //! and `/openapi.json`.
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -62,23 +62,55 @@ pub async fn license_status(State(state): State<AppState>) -> Result<Json<Value>
     Ok(Json(status_json(&state.view()?)))
 }
 
-/// `GET /license/report`: Kong's usage report, plus Charter's deployment fields.
-pub async fn report(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+/// `GET /license/report[?by=dataplane]`: Kong's usage report, plus Charter's deployment
+/// fields; `by=dataplane` adds the counters of each data plane.
+pub async fn report(
+    State(state): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("Cannot parse query string: {e}")))?;
+    let by_dataplane = match pairs.iter().find(|(k, _)| k == "by").map(|(_, v)| v.as_str()) {
+        None => false,
+        Some("dataplane") => true,
+        Some(other) => {
+            return Err(ApiError::BadRequest(format!(
+                "by={other} is not supported; use by=dataplane"
+            )))
+        }
+    };
     let view = state.view()?;
+    let usage = state.store().usage()?;
+    let mut months: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
+    for node in &usage {
+        for (bucket, count) in &node.buckets {
+            let total = months.entry(bucket.clone()).or_default();
+            *total = total.saturating_add(*count);
+        }
+    }
+    let counters: Vec<Value> = months
+        .iter()
+        .map(|(bucket, count)| json!({"bucket": bucket, "request_count": count}))
+        .collect();
+    let planes = state.store().data_planes()?;
+    let services: std::collections::BTreeSet<&str> = planes
+        .iter()
+        .map(|p| p.upstream.as_str())
+        .filter(|u| !u.is_empty())
+        .collect();
     let terms = view.in_force.as_ref().map(|f| &f.verified.terms);
     let license_key = match terms {
         Some(t) => hashed("license_key", &t.license_key),
         None => "UNLICENSED".to_owned(),
     };
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    Ok(Json(json!({
-        // Filled from data-plane telemetry once data planes report usage.
-        "counters": [],
+    let mut report = json!({
+        "counters": counters,
         "db_version": state.store().backend_version(),
         "kong_version": env!("CARGO_PKG_VERSION"),
         "license_key": license_key,
         "rbac_users": state.tokens().map_or(0, |t| t.len()),
-        "services_count": 0,
+        "services_count": services.len(),
         "system_info": {
             "cores": cores,
             "hostname": hashed("hostname", state.hostname()),
@@ -87,7 +119,21 @@ pub async fn report(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
         "workspaces_count": 1,
         "deployment_info": {"type": "hybrid", "connected_dp_count": state.connected_data_planes()},
         "licensed_dataplanes": terms.and_then(|t| t.dataplanes),
-    })))
+    });
+    if by_dataplane {
+        report["dataplanes"] = usage
+            .iter()
+            .map(|node| {
+                let counters: Vec<Value> = node
+                    .buckets
+                    .iter()
+                    .map(|(bucket, count)| json!({"bucket": bucket, "request_count": count}))
+                    .collect();
+                json!({"id": node.node_id, "counters": counters})
+            })
+            .collect();
+    }
+    Ok(Json(report))
 }
 
 /// `Linux x86_64`, as Kong's report shows it.
