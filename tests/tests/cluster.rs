@@ -231,7 +231,7 @@ fn mtls_refuses_a_foreign_certificate() {
 
 #[test]
 fn mtls_refuses_a_client_without_a_certificate() {
-    let (dir, _vendor, cp) = setup();
+    let (_dir, _vendor, cp) = setup();
     let out = Command::new("openssl")
         .args([
             "s_client",
@@ -378,7 +378,6 @@ fn cache_survives_sigkill_during_updates() {
             n == cycle || n == held,
             "cycle {cycle}: the cache holds {key}, neither the old (KILL-{held}) nor the new one"
         );
-        held = n;
         dp.restart();
         dp.wait_license("the newest license", |l| {
             l["payload"]["license_key"] == json!(format!("KILL-{cycle}"))
