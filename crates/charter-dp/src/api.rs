@@ -121,7 +121,8 @@ fn denial_reason(in_force: &InForce, state: &ApiState) -> String {
             in_force.warnings.join("; ")
         ),
         Status::Unlicensed => match state.enforcement.cluster() {
-            Some(_) => "unlicensed: the cluster has no valid license; add one on the control plane".to_owned(),
+            Some(_) => "unlicensed: the cluster has no valid license; add one on the control plane"
+                .to_owned(),
             None => format!(
                 "unlicensed: no license received yet from the control plane at {}",
                 state.control_plane.address()

@@ -128,7 +128,11 @@ pub fn read(dir: &Path) -> Result<Option<CacheFile>, CacheError> {
 }
 
 /// Reads the cache and verifies its license at `now`, `None` when there is no cache.
-pub fn load(dir: &Path, keys: &TrustedKeys, now: UnixTime) -> Result<Option<LoadedCache>, CacheError> {
+pub fn load(
+    dir: &Path,
+    keys: &TrustedKeys,
+    now: UnixTime,
+) -> Result<Option<LoadedCache>, CacheError> {
     let Some(file) = read(dir)? else {
         return Ok(None);
     };

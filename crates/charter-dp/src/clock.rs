@@ -36,7 +36,12 @@ pub struct NodeClock {
 impl NodeClock {
     /// Wraps `wall`, starting from the mark persisted in `dir` (or `floor`, whichever is
     /// later: the time the cache was received is a mark too).
-    pub fn new(wall: Arc<dyn Clock>, dir: PathBuf, persisted: Option<UnixTime>, floor: Option<UnixTime>) -> NodeClock {
+    pub fn new(
+        wall: Arc<dyn Clock>,
+        dir: PathBuf,
+        persisted: Option<UnixTime>,
+        floor: Option<UnixTime>,
+    ) -> NodeClock {
         let mark = persisted.into_iter().chain(floor).max().unwrap_or(0);
         NodeClock {
             clock: MonotonicClock::new(SharedClock(wall), mark),
@@ -60,7 +65,9 @@ impl NodeClock {
         }
         match files::write_clock_mark(&self.dir, mark) {
             Ok(()) => *written = Some(mark),
-            Err(e) => tracing::warn!(error = %e, "cannot persist the clock mark; a clock set backwards before the next write could shorten the time this node has seen"),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot persist the clock mark; a clock set backwards before the next write could shorten the time this node has seen")
+            }
         }
     }
 }

@@ -49,7 +49,11 @@ pub struct Args {
     #[arg(long, env = "CHARTER_CLUSTER_CA_CERT")]
     pub cluster_ca_cert: Option<PathBuf>,
     /// The name the control plane's certificate must carry (pki mode).
-    #[arg(long, env = "CHARTER_CLUSTER_SERVER_NAME", default_value = "charter-cp")]
+    #[arg(
+        long,
+        env = "CHARTER_CLUSTER_SERVER_NAME",
+        default_value = "charter-cp"
+    )]
     pub cluster_server_name: String,
     /// A static license file: this node uses it and ignores the cluster's licenses.
     #[arg(long, env = "CHARTER_LICENSE_PATH")]
@@ -218,7 +222,10 @@ fn parse_labels(labels: &[String]) -> Result<BTreeMap<String, String>> {
         if key.is_empty() || key.len() > 63 {
             bail!("--label `{label}`: the key must be 1 to 63 characters");
         }
-        if map.insert(key.to_owned(), value.trim().to_owned()).is_some() {
+        if map
+            .insert(key.to_owned(), value.trim().to_owned())
+            .is_some()
+        {
             bail!("--label `{key}` is given twice");
         }
     }

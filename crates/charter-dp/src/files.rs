@@ -14,6 +14,8 @@ use uuid::Uuid;
 pub const NODE_ID_FILE: &str = "node-id";
 /// The clock high-water mark file: Unix seconds, the latest time this node has seen.
 pub const CLOCK_MARK_FILE: &str = "clock-mark";
+/// The directory in the data dir where new file contents are staged before the rename.
+pub const STAGING_DIR: &str = ".tmp";
 
 /// A data-dir file could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -58,12 +60,21 @@ pub fn create_data_dir(dir: &Path) -> Result<(), FileError> {
 
 /// Replaces `dir/name` with `contents` atomically and durably, mode 0600.
 ///
-/// The temp file has a fixed name per target, so a temp file left by a crash is simply
-/// overwritten by the next write; only one writer per file is expected (one process per
-/// data dir, one task per file).
+/// The new contents are staged in `dir/.tmp/` (same file system, so the rename is atomic)
+/// rather than next to the target: a crash mid-write then never leaves a half-written
+/// file among the data dir's files for an operator or a tool to mistake for the real one.
+/// The staging file has a fixed name per target, so one left by a crash is simply
+/// overwritten by the next write; one writer per file is expected (one process per data
+/// dir, one task per file).
 pub fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<(), FileError> {
     let target = dir.join(name);
-    let temp = dir.join(format!(".{name}.tmp"));
+    let staging = dir.join(STAGING_DIR);
+    if !staging.is_dir() {
+        fs::create_dir_all(&staging).map_err(io_error("creating", &staging))?;
+        fs::set_permissions(&staging, fs::Permissions::from_mode(0o700))
+            .map_err(io_error("restricting", &staging))?;
+    }
+    let temp = staging.join(name);
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
@@ -74,11 +85,12 @@ pub fn write_atomic(dir: &Path, name: &str, contents: &[u8]) -> Result<(), FileE
     // `mode` only applies when the file is created; a leftover temp file keeps its own.
     file.set_permissions(fs::Permissions::from_mode(0o600))
         .map_err(io_error("restricting", &temp))?;
-    file.write_all(contents).map_err(io_error("writing", &temp))?;
+    file.write_all(contents)
+        .map_err(io_error("writing", &temp))?;
     file.sync_all().map_err(io_error("syncing", &temp))?;
     drop(file);
     fs::rename(&temp, &target).map_err(io_error("renaming into place", &target))?;
-    // The rename is only durable once the directory entry is on disk.
+    // The rename is only durable once the target directory's entry is on disk.
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(io_error("syncing the directory", dir))

@@ -9,6 +9,8 @@
 //! **Invariant:** what is in force is on disk first: the cache is written (atomically)
 //! before the in-memory state is swapped, so a restart enforces what was enforced.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod cache;
 pub mod clock;
@@ -206,7 +208,10 @@ fn load_cache(
 }
 
 fn refused_cache(e: &cache::CacheError) {
-    tracing::error!(code = e.code(), "license cache refused, starting unlicensed until the control plane sends a license: {e}");
+    tracing::error!(
+        code = e.code(),
+        "license cache refused, starting unlicensed until the control plane sends a license: {e}"
+    );
 }
 
 /// Persists the clock mark every [`MARK_EVERY`] until `shutdown` fires.

@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use charter_license::{Clock, Evaluation, LicenseError, Status, TrustedKeys, UnixTime, VerifiedLicense};
+use charter_license::{
+    Clock, Evaluation, LicenseError, Status, TrustedKeys, UnixTime, VerifiedLicense,
+};
 use charter_proto::v1::Snapshot;
 use serde_json::{json, Value};
 use tokio::sync::watch;

@@ -185,12 +185,14 @@ impl SyncClient {
             failures = failures.saturating_add(1);
             let retry = format!("{:.1}", delay.as_secs_f64());
             match &error {
-                SyncError::Refused(message) => tracing::error!(address = %self.address, retry_in_s = %retry,
-                    "the control plane refused this data plane: {message}; the license held stays in force"),
+                SyncError::Refused(message) => {
+                    tracing::error!(address = %self.address, retry_in_s = %retry,
+                    "the control plane refused this data plane: {message}; the license held stays in force")
+                }
                 SyncError::Tls(_) => tracing::error!(address = %self.address, retry_in_s = %retry,
                     "cannot connect to the control plane: {error}; fix the cluster certificate files"),
                 _ => tracing::warn!(address = %self.address, retry_in_s = %retry,
-                    "control plane unavailable: {error}; the license held stays in force"),
+                    "cannot sync with the control plane: {error}; the license held stays in force"),
             }
             self.control_plane.record_error(Some(error.to_string()));
             tokio::select! {
@@ -294,6 +296,7 @@ impl SyncClient {
         let held = self.enforcement.cluster();
         let (epoch, revision) = (snapshot.epoch.clone(), snapshot.revision);
         let decision = decide(held.as_deref(), &snapshot, &self.trusted_keys, now);
+        let applied = matches!(decision, Decision::Apply(_));
         let refusal = match decision {
             Decision::Stale { held } => {
                 let error = format!(
@@ -320,10 +323,15 @@ impl SyncClient {
                 Some((e.code.as_str(), e.message))
             }
             Decision::Apply(new) => {
+                // Persists the clock mark along with the cache.
                 self.apply(*new).await;
                 None
             }
         };
+        if !applied {
+            let clock = self.clock.clone();
+            let _ = tokio::task::spawn_blocking(move || clock.persist()).await;
+        }
         let in_force = self.enforcement.current();
         let accepted = refusal.is_none();
         if accepted {
@@ -374,6 +382,10 @@ impl SyncClient {
                 l.verified.key_id.to_string(),
             )
         });
+        let was_licensed = self
+            .enforcement
+            .cluster()
+            .is_some_and(|h| h.license.is_some());
         self.enforcement.set_cluster(new);
         let in_force = self.enforcement.current();
         match (license, self.enforcement.has_static()) {
@@ -381,8 +393,10 @@ impl SyncClient {
                 "cluster snapshot cached; the static license stays in force on this node"),
             (Some((id, key_id)), false) => tracing::info!(%epoch, revision, license = %id, %key_id,
                 status = %in_force.status, "license from the control plane accepted and in force"),
-            (None, false) => tracing::warn!(%epoch, revision,
-                "the control plane says the cluster is unlicensed: this data plane now denies licensed use"),
+            (None, false) if was_licensed => tracing::warn!(%epoch, revision,
+                "the control plane says the cluster is unlicensed now: this data plane denies licensed use from now on"),
+            (None, false) => tracing::info!(%epoch, revision,
+                "the cluster is unlicensed: add a license on the control plane"),
         }
     }
 }

@@ -1,1 +1,428 @@
-//! Unit tests: configuration, the snapshot rules, the cache and the backoff.
+//! Unit tests: configuration, the snapshot rules, the cache files and the backoff.
+
+use std::fs;
+use std::path::Path;
+use std::time::Duration;
+
+use charter_license::{LicenseSigner, TrustedKeys};
+use charter_proto::v1::{License, Snapshot};
+use clap::Parser;
+use serde_json::{json, Map, Value};
+
+use crate::cache::{self, CacheError, CacheFile, CachedLicense, CACHE_FORMAT};
+use crate::config::{Args, Config, Transport, SHARED_SERVER_NAME};
+use crate::files;
+use crate::state::{decide, ClusterHeld, Decision, HeldLicense, Source};
+use crate::sync::backoff;
+
+/// 2026-03-01T12:00:00Z.
+const NOW: i64 = 1_772_366_400;
+
+fn signer(seed: u8) -> LicenseSigner {
+    LicenseSigner::from_seed([seed; 32])
+}
+
+fn document(signer: &LicenseSigner, created: &str, expires: &str) -> String {
+    let Value::Object(payload) = json!({
+        "admin_seats": "1",
+        "customer": "Example Company, Inc",
+        "dataplanes": "1",
+        "license_creation_date": created,
+        "license_expiration_date": expires,
+        "license_key": "key-1",
+        "product_subscription": "Charter Enterprise",
+        "support_plan": "None",
+    }) else {
+        unreachable!()
+    };
+    let payload: Map<String, Value> = payload;
+    signer.sign(payload).unwrap().to_json()
+}
+
+// ---- configuration ----
+
+/// Parses `args` (after the program name) into a configuration, in a temp dir holding
+/// `vendor.pub` (a valid key), `bad.pub`, `static.json` (a valid license) and `cert.pem`.
+fn check(args: &[&str]) -> Result<Config, String> {
+    let dir = tempfile::TempDir::new().unwrap();
+    let vendor = signer(1);
+    fs::write(dir.path().join("vendor.pub"), vendor.trusted_key().to_pem()).unwrap();
+    fs::write(dir.path().join("bad.pub"), "not a key").unwrap();
+    fs::write(
+        dir.path().join("static.json"),
+        document(&vendor, "2026-01-01", "2099-12-31"),
+    )
+    .unwrap();
+    fs::write(
+        dir.path().join("stranger.json"),
+        document(&signer(2), "2026-01-01", "2099-12-31"),
+    )
+    .unwrap();
+    let d = dir.path().to_str().unwrap();
+    let args: Vec<String> = std::iter::once("charter-dp".to_owned())
+        .chain(args.iter().map(|a| a.replace("$D", d)))
+        .collect();
+    let args = Args::try_parse_from(args).map_err(|e| e.to_string())?;
+    Config::from_args(args, NOW).map_err(|e| format!("{e:#}"))
+}
+
+fn refused(args: &[&str], expected: &str) {
+    match check(args) {
+        Ok(config) => panic!("{args:?} should be refused, got {config:?}"),
+        Err(e) => assert!(
+            e.contains(expected),
+            "{args:?}: `{e}` should mention `{expected}`"
+        ),
+    }
+}
+
+#[test]
+fn configuration_defaults() {
+    let config = check(&["--trusted-key", "$D/vendor.pub", "--cluster-insecure"]).unwrap();
+    assert_eq!(config.control_plane, "127.0.0.1:8005");
+    assert_eq!(config.data_dir, Path::new("./charter-dp-data"));
+    assert_eq!(config.status_listen.to_string(), "127.0.0.1:8100");
+    assert_eq!(config.trusted_keys.ids(), vec![signer(1).key_id()]);
+    assert!(matches!(config.transport, Transport::Insecure));
+    assert!(config.static_license.is_none());
+    assert!(config.labels.is_empty());
+}
+
+#[test]
+fn configuration_values() {
+    let config = check(&[
+        "--trusted-key",
+        "$D/vendor.pub",
+        "--cluster-insecure",
+        "--control-plane",
+        "cp.example.internal:9005",
+        "--status-listen",
+        "0.0.0.0:9100",
+        "--label",
+        "zone=a",
+        "--label",
+        "tier = edge",
+        "--license-path",
+        "$D/static.json",
+    ])
+    .unwrap();
+    assert_eq!(config.control_plane, "cp.example.internal:9005");
+    assert_eq!(config.status_listen.to_string(), "0.0.0.0:9100");
+    assert_eq!(config.labels.get("zone").map(String::as_str), Some("a"));
+    assert_eq!(config.labels.get("tier").map(String::as_str), Some("edge"));
+    assert!(config
+        .static_license
+        .unwrap()
+        .origin
+        .contains("static.json"));
+}
+
+#[test]
+fn configuration_errors() {
+    refused(&["--cluster-insecure"], "no --trusted-key");
+    refused(
+        &["--trusted-key", "$D/missing.pub", "--cluster-insecure"],
+        "missing.pub",
+    );
+    refused(
+        &["--trusted-key", "$D/bad.pub", "--cluster-insecure"],
+        "SPKI PEM",
+    );
+    refused(
+        &["--trusted-key", "$D/vendor.pub"],
+        "--cluster-cert and --cluster-cert-key",
+    );
+    refused(
+        &[
+            "--trusted-key",
+            "$D/vendor.pub",
+            "--cluster-cert",
+            "$D/cert.pem",
+        ],
+        "--cluster-cert-key",
+    );
+    refused(
+        &[
+            "--trusted-key",
+            "$D/vendor.pub",
+            "--cluster-cert",
+            "$D/cert.pem",
+            "--cluster-cert-key",
+            "$D/key.pem",
+            "--cluster-mtls",
+            "pki",
+        ],
+        "--cluster-ca-cert",
+    );
+    refused(
+        &[
+            "--trusted-key",
+            "$D/vendor.pub",
+            "--cluster-cert",
+            "$D/missing-cert.pem",
+            "--cluster-cert-key",
+            "$D/missing-key.pem",
+        ],
+        "missing-cert.pem",
+    );
+    let insecure = ["--trusted-key", "$D/vendor.pub", "--cluster-insecure"];
+    let with = |extra: &[&'static str]| -> Vec<&str> {
+        insecure
+            .iter()
+            .copied()
+            .chain(extra.iter().copied())
+            .collect()
+    };
+    refused(&with(&["--control-plane", "no-port"]), "HOST:PORT");
+    refused(&with(&["--control-plane", "host:99999"]), "HOST:PORT");
+    refused(&with(&["--control-plane", ":8005"]), "HOST:PORT");
+    refused(&with(&["--status-listen", "nowhere"]), "--status-listen");
+    refused(&with(&["--label", "novalue"]), "KEY=VALUE");
+    refused(&with(&["--label", "=x"]), "key");
+    refused(&with(&["--label", "a=1", "--label", "a=2"]), "twice");
+    refused(
+        &with(&["--license-path", "$D/stranger.json"]),
+        "validation_fail",
+    );
+    refused(
+        &with(&["--license-path", "$D/missing.json"]),
+        "--license-path",
+    );
+    refused(
+        &with(&["--license-path", "$D/static.json", "--license-data", "{}"]),
+        "both",
+    );
+    refused(&with(&["--license-data", "{}"]), "static license");
+    refused(&with(&["--cluster-mtls", "fancy"]), "fancy");
+}
+
+#[test]
+fn shared_mode_passes_the_shared_server_name() {
+    assert_eq!(SHARED_SERVER_NAME, "charter-cluster");
+}
+
+// ---- snapshot rules ----
+
+fn held(epoch: &str, revision: u64, signer: &LicenseSigner) -> ClusterHeld {
+    let text = document(signer, "2026-01-01", "2099-12-31");
+    let (verified, _) =
+        charter_license::validate(&text, &TrustedKeys::new([signer.trusted_key()]), NOW).unwrap();
+    ClusterHeld {
+        epoch: epoch.to_owned(),
+        revision,
+        license: Some(HeldLicense {
+            record: Some(CachedLicense {
+                id: "held".into(),
+                payload: text,
+                created_at: 1,
+                updated_at: 2,
+            }),
+            verified,
+        }),
+        source: Source::Cache,
+        received_at: NOW - 10,
+    }
+}
+
+fn snap(epoch: &str, revision: u64, payload: Option<String>) -> Snapshot {
+    Snapshot {
+        epoch: epoch.to_owned(),
+        revision,
+        license: payload.map(|payload| License {
+            id: "new".into(),
+            payload,
+            created_at: 3,
+            updated_at: 4,
+        }),
+    }
+}
+
+#[test]
+fn snapshot_rules() {
+    let vendor = signer(1);
+    let keys = TrustedKeys::new([vendor.trusted_key()]);
+    let good = Some(document(&vendor, "2026-01-01", "2099-12-31"));
+    let expired = Some(document(&vendor, "2020-01-01", "2021-01-01"));
+    let forged = Some(document(&signer(2), "2026-01-01", "2099-12-31"));
+    let h = held("e1", 5, &vendor);
+    let outcome = |held: Option<&ClusterHeld>, s: Snapshot| -> String {
+        match decide(held, &s, &keys, NOW) {
+            Decision::Stale { held } => format!("stale {held}"),
+            Decision::AlreadyApplied => "applied".into(),
+            Decision::Reject(e) => format!("reject {}", e.code),
+            Decision::Apply(new) => format!(
+                "apply {}@{} {}",
+                new.epoch,
+                new.revision,
+                new.license
+                    .as_ref()
+                    .and_then(|l| l.record.as_ref())
+                    .map_or("none", |r| r.id.as_str())
+            ),
+        }
+    };
+    let table: Vec<(Option<&ClusterHeld>, Snapshot, &str)> = vec![
+        (None, snap("e1", 1, good.clone()), "apply e1@1 new"),
+        (None, snap("e1", 1, None), "apply e1@1 none"),
+        (Some(&h), snap("e1", 4, good.clone()), "stale 5"),
+        (Some(&h), snap("e1", 4, forged.clone()), "stale 5"),
+        (Some(&h), snap("e1", 5, good.clone()), "applied"),
+        (Some(&h), snap("e1", 6, good.clone()), "apply e1@6 new"),
+        (Some(&h), snap("e1", 6, None), "apply e1@6 none"),
+        (Some(&h), snap("e2", 1, good.clone()), "apply e2@1 new"),
+        (Some(&h), snap("e1", 6, forged), "reject validation_fail"),
+        (
+            Some(&h),
+            snap("e1", 6, Some("{".into())),
+            "reject invalid_license_json",
+        ),
+        (Some(&h), snap("e1", 6, expired), "apply e1@6 new"),
+        (
+            Some(&h),
+            snap("e1", 6, Some(document(&vendor, "2026-12-01", "2099-12-31"))),
+            "reject invalid_expiration_date",
+        ),
+    ];
+    for (i, (held, snapshot, expected)) in table.into_iter().enumerate() {
+        assert_eq!(outcome(held, snapshot), expected, "case {i}");
+    }
+}
+
+#[test]
+fn an_applied_snapshot_is_from_the_cluster_at_now() {
+    let vendor = signer(1);
+    let keys = TrustedKeys::new([vendor.trusted_key()]);
+    let Decision::Apply(new) = decide(
+        None,
+        &snap("e", 1, Some(document(&vendor, "2026-01-01", "2099-12-31"))),
+        &keys,
+        NOW,
+    ) else {
+        panic!("applies")
+    };
+    assert_eq!(new.source, Source::Cluster);
+    assert_eq!(new.received_at, NOW);
+    let cache = new.to_cache();
+    assert_eq!(cache.format, CACHE_FORMAT);
+    assert_eq!(cache.license.unwrap().updated_at, 4);
+}
+
+// ---- files ----
+
+#[test]
+fn cache_round_trip_verification_and_refusals() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let vendor = signer(1);
+    let keys = TrustedKeys::new([vendor.trusted_key()]);
+    assert!(cache::load(dir.path(), &keys, NOW).unwrap().is_none());
+
+    let file = held("e", 3, &vendor).to_cache();
+    cache::store(dir.path(), &file).unwrap();
+    let loaded = cache::load(dir.path(), &keys, NOW).unwrap().unwrap();
+    assert_eq!(loaded.file, file);
+    assert!(loaded.license.is_some());
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &fs::metadata(cache::path(dir.path())).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    let unlicensed = CacheFile {
+        license: None,
+        ..file.clone()
+    };
+    cache::store(dir.path(), &unlicensed).unwrap();
+    let loaded = cache::load(dir.path(), &keys, NOW).unwrap().unwrap();
+    assert!(loaded.license.is_none());
+
+    let other_keys = TrustedKeys::new([signer(2).trusted_key()]);
+    cache::store(dir.path(), &file).unwrap();
+    let e = cache::load(dir.path(), &other_keys, NOW).unwrap_err();
+    assert!(matches!(e, CacheError::Unverifiable { .. }));
+    assert_eq!(e.code(), "validation_fail");
+    assert!(e.to_string().contains(cache::CACHE_FILE), "{e}");
+
+    fs::write(cache::path(dir.path()), "{\"format\": 1, \"epo").unwrap();
+    let e = cache::load(dir.path(), &keys, NOW).unwrap_err();
+    assert_eq!(e.code(), "cache_corrupt");
+
+    let future = CacheFile { format: 99, ..file };
+    cache::store(dir.path(), &future).unwrap();
+    assert_eq!(
+        cache::load(dir.path(), &keys, NOW).unwrap_err().code(),
+        "cache_corrupt"
+    );
+}
+
+#[test]
+fn a_leftover_temp_file_does_not_matter() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let staging = dir.path().join(files::STAGING_DIR);
+    fs::create_dir(&staging).unwrap();
+    let temp = staging.join(cache::CACHE_FILE);
+    fs::write(&temp, "half a cache from a crash").unwrap();
+    fs::set_permissions(&temp, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let file = held("e", 1, &signer(1)).to_cache();
+    cache::store(dir.path(), &file).unwrap();
+    assert_eq!(cache::read(dir.path()).unwrap().unwrap(), file);
+    assert!(!temp.exists());
+}
+
+#[test]
+fn the_node_id_is_made_once_and_kept() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let id = files::node_id(dir.path()).unwrap();
+    assert_eq!(id.get_version_num(), 4);
+    assert_eq!(files::node_id(dir.path()).unwrap(), id);
+    fs::write(dir.path().join(files::NODE_ID_FILE), "garbage").unwrap();
+    let e = files::node_id(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("delete it"), "{e}");
+}
+
+#[test]
+fn the_clock_mark_round_trips_and_bounds_the_clock() {
+    use charter_license::{Clock, FixedClock};
+    use std::sync::Arc;
+    let dir = tempfile::TempDir::new().unwrap();
+    assert_eq!(files::read_clock_mark(dir.path()).unwrap(), None);
+    let wall = Arc::new(FixedClock::new(NOW));
+    let clock = crate::clock::NodeClock::new(wall.clone(), dir.path().to_path_buf(), None, None);
+    assert_eq!(clock.now(), NOW);
+    clock.persist();
+    assert_eq!(files::read_clock_mark(dir.path()).unwrap(), Some(NOW));
+    wall.set(NOW - 1000);
+    assert_eq!(clock.now(), NOW, "never backwards");
+
+    let restarted = crate::clock::NodeClock::new(
+        wall.clone(),
+        dir.path().to_path_buf(),
+        files::read_clock_mark(dir.path()).unwrap(),
+        Some(NOW - 50),
+    );
+    assert_eq!(
+        restarted.now(),
+        NOW,
+        "the persisted mark survives a restart"
+    );
+    let floored =
+        crate::clock::NodeClock::new(wall, dir.path().to_path_buf(), None, Some(NOW + 50));
+    assert_eq!(
+        floored.now(),
+        NOW + 50,
+        "the cache's receive time is a mark too"
+    );
+    fs::write(dir.path().join(files::CLOCK_MARK_FILE), "soon").unwrap();
+    assert_eq!(files::read_clock_mark(dir.path()).unwrap(), None);
+}
+
+#[test]
+fn backoff_doubles_from_one_to_thirty_seconds_with_jitter() {
+    let secs = |failures, jitter| backoff(failures, jitter).as_secs_f64();
+    assert_eq!(backoff(0, 1.0), Duration::from_secs(1));
+    assert_eq!(backoff(0, 0.0), Duration::from_secs(1), "never under 1 s");
+    assert_eq!(secs(1, 1.0), 2.0);
+    assert_eq!(secs(3, 1.0), 8.0);
+    assert!((secs(3, 0.0) - 6.4).abs() < 1e-9);
+    assert_eq!(secs(5, 1.0), 30.0, "capped");
+    assert_eq!(secs(u32::MAX, 1.0), 30.0);
+    assert!(secs(10, 0.0) >= 24.0);
+}

@@ -38,7 +38,10 @@ async fn hello_carries_the_node_and_its_id_is_stable_across_restarts() {
     assert_eq!(node_id.get_version_num(), 4);
     assert!(!hello.hostname.is_empty());
     assert_eq!(hello.version, env!("CARGO_PKG_VERSION"));
-    assert_eq!(hello.labels.get("zone").map(String::as_str), Some("eu-west-1a"));
+    assert_eq!(
+        hello.labels.get("zone").map(String::as_str),
+        Some("eu-west-1a")
+    );
     assert_eq!(hello.labels.get("tier").map(String::as_str), Some("edge"));
     assert_eq!(hello.cached_epoch, "");
     assert_eq!(hello.cached_revision, 0);
@@ -54,8 +57,14 @@ async fn hello_carries_the_node_and_its_id_is_stable_across_restarts() {
 
     let dp = Dp::start(config, fixed(MARCH_2026)).await;
     let again = cp.hello(2).await;
-    assert_eq!(again.node_id, hello.node_id, "the node id survives a restart");
-    assert_eq!(again.cached_epoch, EPOCH, "Hello reports the cached position");
+    assert_eq!(
+        again.node_id, hello.node_id,
+        "the node id survives a restart"
+    );
+    assert_eq!(
+        again.cached_epoch, EPOCH,
+        "Hello reports the cached position"
+    );
     assert_eq!(again.cached_revision, 7);
     dp.stop().await.unwrap();
     cp.stop().await;
@@ -66,19 +75,32 @@ async fn an_accepted_snapshot_is_in_force_and_served() {
     let dir = TempDir::new().unwrap();
     let vendor = signer(1);
     let cp = FakeCp::start().await;
-    let dp = Dp::start(config(&cp.address(), dir.path(), keys(&vendor)), fixed(MARCH_2026)).await;
+    let dp = Dp::start(
+        config(&cp.address(), dir.path(), keys(&vendor)),
+        fixed(MARCH_2026),
+    )
+    .await;
     cp.connected().await;
 
     let (code, ready) = dp.get("/status/ready").await;
     assert_eq!(code, 503, "not ready before a license: {ready}");
     assert_eq!(ready["ready"], false);
-    assert!(ready["reason"].as_str().unwrap().contains(&cp.address()), "{ready}");
+    assert!(
+        ready["reason"].as_str().unwrap().contains(&cp.address()),
+        "{ready}"
+    );
     let unlicensed = dp.license().await;
     assert_eq!(unlicensed["status"], "unlicensed");
     assert_eq!(unlicensed["source"], Value::Null);
     assert_eq!(unlicensed["payload"], Value::Null);
 
-    let doc = license(&vendor, "key-1", "2026-01-01", "2099-12-31", &["rbac", "vitals"]);
+    let doc = license(
+        &vendor,
+        "key-1",
+        "2026-01-01",
+        "2099-12-31",
+        &["rbac", "vitals"],
+    );
     let ack = cp.push(snapshot(EPOCH, 3, "lic-1", &doc)).await;
     assert!(ack.accepted, "{ack:?}");
     assert_eq!(ack.epoch, EPOCH);
@@ -111,11 +133,23 @@ async fn an_accepted_snapshot_is_in_force_and_served() {
     assert_eq!(status["control_plane"]["last_error"], Value::Null);
 
     let (code, f) = dp.get("/license/features/rbac").await;
-    assert_eq!((code, &f), (200, &serde_json::json!({"feature": "rbac", "allowed": true})));
+    assert_eq!(
+        (code, &f),
+        (
+            200,
+            &serde_json::json!({"feature": "rbac", "allowed": true})
+        )
+    );
     let (code, f) = dp.get("/license/features/ai-gateway").await;
     assert_eq!(code, 403);
     assert_eq!(f["allowed"], false);
-    assert!(f["message"].as_str().unwrap().contains("not in the license"), "{f}");
+    assert!(
+        f["message"]
+            .as_str()
+            .unwrap()
+            .contains("not in the license"),
+        "{f}"
+    );
 
     let (code, metrics) = dp.get_text("/metrics").await;
     assert_eq!(code, 200);
@@ -128,19 +162,29 @@ async fn an_accepted_snapshot_is_in_force_and_served() {
         "charter_dp_snapshots_rejected_total 0",
         "charter_dp_reconnects_total 0",
     ] {
-        assert!(metrics.lines().any(|l| l == line), "missing `{line}` in:\n{metrics}");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing `{line}` in:\n{metrics}"
+        );
     }
     assert!(metrics.contains("charter_dp_license_days_left "));
 
     let (code, body) = dp.get("/nope").await;
-    assert_eq!((code, body), (404, serde_json::json!({"message": "Not found"})));
+    assert_eq!(
+        (code, body),
+        (404, serde_json::json!({"message": "Not found"}))
+    );
 
-    let cached = cache::read(dir.path()).unwrap().expect("the cache is written");
+    let cached = cache::read(dir.path())
+        .unwrap()
+        .expect("the cache is written");
     assert_eq!(cached.epoch, EPOCH);
     assert_eq!(cached.revision, 3);
     assert_eq!(cached.license.unwrap().payload, doc);
     let mode = std::os::unix::fs::PermissionsExt::mode(
-        &fs::metadata(dir.path().join(CACHE_FILE)).unwrap().permissions(),
+        &fs::metadata(dir.path().join(CACHE_FILE))
+            .unwrap()
+            .permissions(),
     );
     assert_eq!(mode & 0o777, 0o600);
     dp.stop().await.unwrap();
@@ -152,7 +196,11 @@ async fn a_lower_revision_is_ignored_and_a_new_epoch_accepted() {
     let dir = TempDir::new().unwrap();
     let vendor = signer(1);
     let cp = FakeCp::start().await;
-    let dp = Dp::start(config(&cp.address(), dir.path(), keys(&vendor)), fixed(MARCH_2026)).await;
+    let dp = Dp::start(
+        config(&cp.address(), dir.path(), keys(&vendor)),
+        fixed(MARCH_2026),
+    )
+    .await;
     cp.connected().await;
     let new = license(&vendor, "key-new", "2026-01-01", "2099-12-31", &[]);
     let old = license(&vendor, "key-old", "2025-01-01", "2099-06-30", &[]);
@@ -162,24 +210,46 @@ async fn a_lower_revision_is_ignored_and_a_new_epoch_accepted() {
     assert!(!ack.accepted, "{ack:?}");
     assert_eq!(ack.error_code, "stale_revision");
     assert!(ack.error.contains("older than revision 5"), "{}", ack.error);
-    assert_eq!(ack.license_id, "lic-new", "the Ack says what stays in force");
+    assert_eq!(
+        ack.license_id, "lic-new",
+        "the Ack says what stays in force"
+    );
     let l = dp.license().await;
-    assert_eq!((l["id"].as_str(), l["revision"].as_u64()), (Some("lic-new"), Some(5)));
-    assert_eq!(cache::read(dir.path()).unwrap().unwrap().revision, 5, "the cache is untouched");
+    assert_eq!(
+        (l["id"].as_str(), l["revision"].as_u64()),
+        (Some("lic-new"), Some(5))
+    );
+    assert_eq!(
+        cache::read(dir.path()).unwrap().unwrap().revision,
+        5,
+        "the cache is untouched"
+    );
 
     let ack = cp.push(snapshot(EPOCH, 5, "lic-new", &new)).await;
-    assert!(ack.accepted, "the same revision again is already applied: {ack:?}");
+    assert!(
+        ack.accepted,
+        "the same revision again is already applied: {ack:?}"
+    );
 
     let ack = cp.push(snapshot(OTHER_EPOCH, 1, "lic-old", &old)).await;
-    assert!(ack.accepted, "a new epoch (a rebuilt control plane) is accepted: {ack:?}");
+    assert!(
+        ack.accepted,
+        "a new epoch (a rebuilt control plane) is accepted: {ack:?}"
+    );
     let l = dp.license().await;
     assert_eq!(l["id"], "lic-old");
     assert_eq!(l["epoch"], OTHER_EPOCH);
     assert_eq!(l["revision"], 1);
 
     let (_, metrics) = dp.get_text("/metrics").await;
-    assert!(metrics.contains("charter_dp_snapshots_rejected_total 1"), "{metrics}");
-    assert!(metrics.contains("charter_dp_snapshots_accepted_total 3"), "{metrics}");
+    assert!(
+        metrics.contains("charter_dp_snapshots_rejected_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("charter_dp_snapshots_accepted_total 3"),
+        "{metrics}"
+    );
     dp.stop().await.unwrap();
     cp.stop().await;
 }
@@ -190,7 +260,11 @@ async fn a_license_that_does_not_verify_is_nacked_and_the_previous_one_stays() {
     let vendor = signer(1);
     let stranger = signer(9);
     let cp = FakeCp::start().await;
-    let dp = Dp::start(config(&cp.address(), dir.path(), keys(&vendor)), fixed(MARCH_2026)).await;
+    let dp = Dp::start(
+        config(&cp.address(), dir.path(), keys(&vendor)),
+        fixed(MARCH_2026),
+    )
+    .await;
     cp.connected().await;
     let good = license(&vendor, "key-1", "2026-01-01", "2099-12-31", &[]);
     assert!(cp.push(snapshot(EPOCH, 1, "lic-1", &good)).await.accepted);
@@ -200,17 +274,29 @@ async fn a_license_that_does_not_verify_is_nacked_and_the_previous_one_stays() {
     assert!(!ack.accepted);
     assert_eq!(ack.error_code, "validation_fail");
     assert!(!ack.error.is_empty());
-    assert_eq!((ack.license_id.as_str(), ack.license_status.as_str()), ("lic-1", "valid"));
+    assert_eq!(
+        (ack.license_id.as_str(), ack.license_status.as_str()),
+        ("lic-1", "valid")
+    );
 
     let ack = cp.push(snapshot(EPOCH, 3, "lic-3", "{not json")).await;
-    assert_eq!((ack.accepted, ack.error_code.as_str()), (false, "invalid_license_json"));
+    assert_eq!(
+        (ack.accepted, ack.error_code.as_str()),
+        (false, "invalid_license_json")
+    );
 
     let future = license(&vendor, "key-4", "2026-06-01", "2099-12-31", &[]);
     let ack = cp.push(snapshot(EPOCH, 4, "lic-4", &future)).await;
-    assert_eq!((ack.accepted, ack.error_code.as_str()), (false, "invalid_expiration_date"));
+    assert_eq!(
+        (ack.accepted, ack.error_code.as_str()),
+        (false, "invalid_expiration_date")
+    );
 
     let l = dp.license().await;
-    assert_eq!((l["id"].as_str(), l["revision"].as_u64()), (Some("lic-1"), Some(1)));
+    assert_eq!(
+        (l["id"].as_str(), l["revision"].as_u64()),
+        (Some("lic-1"), Some(1))
+    );
     assert_eq!(cache::read(dir.path()).unwrap().unwrap().revision, 1);
     assert_eq!(dp.get("/status/ready").await.0, 200);
     dp.stop().await.unwrap();
@@ -231,14 +317,20 @@ async fn an_empty_snapshot_makes_the_node_unlicensed_also_after_a_restart() {
 
     let ack = cp.push(empty_snapshot(EPOCH, 2)).await;
     assert!(ack.accepted);
-    assert_eq!((ack.license_id.as_str(), ack.license_status.as_str()), ("", "unlicensed"));
+    assert_eq!(
+        (ack.license_id.as_str(), ack.license_status.as_str()),
+        ("", "unlicensed")
+    );
     let l = dp.license().await;
     assert_eq!(l["status"], "unlicensed");
     assert_eq!(l["id"], Value::Null);
     assert_eq!(l["revision"], 2);
     let (code, ready) = dp.get("/status/ready").await;
     assert_eq!(code, 503);
-    assert!(ready["reason"].as_str().unwrap().contains("unlicensed"), "{ready}");
+    assert!(
+        ready["reason"].as_str().unwrap().contains("unlicensed"),
+        "{ready}"
+    );
     let (code, f) = dp.get("/license/features/rbac").await;
     assert_eq!(code, 403);
     assert!(f["message"].as_str().unwrap().contains("unlicensed"), "{f}");
@@ -249,7 +341,10 @@ async fn an_empty_snapshot_makes_the_node_unlicensed_also_after_a_restart() {
 
     let dp = Dp::start(config, fixed(MARCH_2026)).await;
     let l = dp.license().await;
-    assert_eq!(l["status"], "unlicensed", "boots unlicensed with the CP gone: {l}");
+    assert_eq!(
+        l["status"], "unlicensed",
+        "boots unlicensed with the CP gone: {l}"
+    );
     assert_eq!(l["revision"], 2);
     assert_eq!(dp.get("/status/ready").await.0, 503);
     dp.stop().await.unwrap();
@@ -284,7 +379,10 @@ async fn with_the_control_plane_gone_a_restart_enforces_the_cache() {
     assert_eq!(status["control_plane"]["connected"], false);
     assert_eq!(status["control_plane"]["last_sync"], Value::Null);
     assert!(
-        status["control_plane"]["last_error"].as_str().unwrap().contains(&cp_addr.to_string()),
+        status["control_plane"]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains(&cp_addr.to_string()),
         "the error names the address: {status}"
     );
 
@@ -295,7 +393,10 @@ async fn with_the_control_plane_gone_a_restart_enforces_the_cache() {
     let ack = cp.ack(1).await;
     assert!(ack.accepted);
     let hello = cp.hello(1).await;
-    assert_eq!((hello.cached_epoch.as_str(), hello.cached_revision), (EPOCH, 4));
+    assert_eq!(
+        (hello.cached_epoch.as_str(), hello.cached_revision),
+        (EPOCH, 4)
+    );
     let l = eventually("source cluster", WAIT, || async {
         let l = dp.license().await;
         (l["source"] == "cluster").then_some(l)
@@ -326,19 +427,30 @@ async fn a_tampered_or_torn_cache_is_refused_and_the_node_starts_unlicensed() {
     fs::write(&path, &tampered).unwrap();
     let dp = Dp::start(config.clone(), fixed(MARCH_2026)).await;
     let l = dp.license().await;
-    assert_eq!(l["status"], "unlicensed", "a tampered cache is refused: {l}");
+    assert_eq!(
+        l["status"], "unlicensed",
+        "a tampered cache is refused: {l}"
+    );
     assert_eq!(l["revision"], Value::Null);
     assert_eq!(dp.get("/status/ready").await.0, 503);
     dp.stop().await.unwrap();
 
     fs::write(&path, &original[..original.len() / 2]).unwrap();
     let dp = Dp::start(config.clone(), fixed(MARCH_2026)).await;
-    assert_eq!(dp.license().await["status"], "unlicensed", "a torn cache is refused");
+    assert_eq!(
+        dp.license().await["status"],
+        "unlicensed",
+        "a torn cache is refused"
+    );
     dp.stop().await.unwrap();
 
     fs::write(&path, &original).unwrap();
     let dp = Dp::start(config, fixed(MARCH_2026)).await;
-    assert_eq!(dp.license().await["source"], "cache", "the intact cache loads");
+    assert_eq!(
+        dp.license().await["source"],
+        "cache",
+        "the intact cache loads"
+    );
     dp.stop().await.unwrap();
 }
 
@@ -354,7 +466,10 @@ async fn a_clock_set_backwards_does_not_revive_an_expired_license() {
     let dp = Dp::start(config.clone(), fixed(MAY_2026)).await;
     cp.connected().await;
     let ack = cp.push(snapshot(EPOCH, 1, "lic-1", &doc)).await;
-    assert_eq!((ack.accepted, ack.license_status.as_str()), (true, "expiring"));
+    assert_eq!(
+        (ack.accepted, ack.license_status.as_str()),
+        (true, "expiring")
+    );
     assert_eq!(dp.license().await["days_left"], 60);
 
     // Time passes with no snapshot: the license expires with time.
@@ -364,10 +479,16 @@ async fn a_clock_set_backwards_does_not_revive_an_expired_license() {
     dp.clock.set(SEPTEMBER_2026);
     let l = dp.license().await;
     assert_eq!(l["status"], "expired");
-    assert!(l["warnings"][0].as_str().unwrap().contains("expired"), "{l}");
+    assert!(
+        l["warnings"][0].as_str().unwrap().contains("expired"),
+        "{l}"
+    );
     let (code, ready) = dp.get("/status/ready").await;
     assert_eq!(code, 503);
-    assert!(ready["reason"].as_str().unwrap().starts_with("expired"), "{ready}");
+    assert!(
+        ready["reason"].as_str().unwrap().starts_with("expired"),
+        "{ready}"
+    );
     let (code, f) = dp.get("/license/features/rbac").await;
     assert_eq!(code, 403);
     assert!(f["message"].as_str().unwrap().contains("expired"), "{f}");
@@ -379,7 +500,10 @@ async fn a_clock_set_backwards_does_not_revive_an_expired_license() {
 
     // An expired but signed license is still accepted (its status denies).
     let ack = cp.push(snapshot(EPOCH, 2, "lic-1", &doc)).await;
-    assert_eq!((ack.accepted, ack.license_status.as_str()), (true, "expired"));
+    assert_eq!(
+        (ack.accepted, ack.license_status.as_str()),
+        (true, "expired")
+    );
     dp.stop().await.unwrap();
     cp.stop().await;
     let mark: i64 = fs::read_to_string(dir.path().join(CLOCK_MARK_FILE))
@@ -392,7 +516,10 @@ async fn a_clock_set_backwards_does_not_revive_an_expired_license() {
     // A restart with the clock back and the control plane gone: still expired.
     let dp = Dp::start(config, fixed(MAY_2026)).await;
     let l = dp.license().await;
-    assert_eq!((l["source"].as_str(), l["status"].as_str()), (Some("cache"), Some("expired")));
+    assert_eq!(
+        (l["source"].as_str(), l["status"].as_str()),
+        (Some("cache"), Some("expired"))
+    );
     assert_eq!(dp.get("/status/ready").await.0, 503);
     dp.stop().await.unwrap();
 }
@@ -403,7 +530,11 @@ async fn the_data_plane_reconnects_when_the_control_plane_comes_back() {
     let vendor = signer(1);
     let cp = FakeCp::start().await;
     let addr = cp.addr;
-    let dp = Dp::start(config(&cp.address(), dir.path(), keys(&vendor)), fixed(MARCH_2026)).await;
+    let dp = Dp::start(
+        config(&cp.address(), dir.path(), keys(&vendor)),
+        fixed(MARCH_2026),
+    )
+    .await;
     cp.connected().await;
     let first = license(&vendor, "key-1", "2026-01-01", "2099-12-31", &[]);
     assert!(cp.push(snapshot(EPOCH, 1, "lic-1", &first)).await.accepted);
@@ -414,7 +545,11 @@ async fn the_data_plane_reconnects_when_the_control_plane_comes_back() {
         (status["control_plane"]["connected"] == false).then_some(())
     })
     .await;
-    assert_eq!(dp.get("/status/ready").await.0, 200, "ready stays 200 with the CP gone");
+    assert_eq!(
+        dp.get("/status/ready").await.0,
+        200,
+        "ready stays 200 with the CP gone"
+    );
     assert_eq!(dp.license().await["id"], "lic-1");
 
     let cp = FakeCp::start_on(addr).await;
@@ -428,7 +563,10 @@ async fn the_data_plane_reconnects_when_the_control_plane_comes_back() {
     assert_eq!(status["control_plane"]["connected"], true);
     assert_eq!(status["license"]["id"], "lic-2");
     let (_, metrics) = dp.get_text("/metrics").await;
-    assert!(!metrics.contains("charter_dp_reconnects_total 0"), "{metrics}");
+    assert!(
+        !metrics.contains("charter_dp_reconnects_total 0"),
+        "{metrics}"
+    );
     dp.stop().await.unwrap();
     cp.stop().await;
 }
@@ -446,7 +584,10 @@ async fn a_static_license_wins_but_snapshots_are_still_acknowledged() {
     });
     let dp = Dp::start(config, fixed(MARCH_2026)).await;
     let l = dp.license().await;
-    assert_eq!((l["source"].as_str(), l["status"].as_str()), (Some("static"), Some("valid")));
+    assert_eq!(
+        (l["source"].as_str(), l["status"].as_str()),
+        (Some("static"), Some("valid"))
+    );
     assert_eq!(l["payload"]["license_key"], "static-key");
     assert_eq!(dp.get("/status/ready").await.0, 200);
     cp.connected().await;
@@ -454,11 +595,17 @@ async fn a_static_license_wins_but_snapshots_are_still_acknowledged() {
     let cluster = license(&vendor, "cluster-key", "2026-01-01", "2099-12-31", &[]);
     let ack = cp.push(snapshot(EPOCH, 1, "lic-1", &cluster)).await;
     assert!(ack.accepted);
-    assert_eq!((ack.license_id.as_str(), ack.license_status.as_str()), ("", "valid"));
+    assert_eq!(
+        (ack.license_id.as_str(), ack.license_status.as_str()),
+        ("", "valid")
+    );
     let ack = cp.push(empty_snapshot(EPOCH, 2)).await;
     assert!(ack.accepted);
     let l = dp.license().await;
-    assert_eq!(l["source"], "static", "the cluster never changes a static node");
+    assert_eq!(
+        l["source"], "static",
+        "the cluster never changes a static node"
+    );
     assert_eq!(l["payload"]["license_key"], "static-key");
     assert_eq!(dp.get("/license/features/rbac").await.0, 200);
     dp.stop().await.unwrap();
@@ -473,14 +620,21 @@ async fn a_refusal_by_the_control_plane_is_reported() {
     cp.refuse(tonic::Status::failed_precondition(
         "data plane version 9.9.9 is newer than control plane 0.1.0; upgrade the control plane first",
     ));
-    let dp = Dp::start(config(&cp.address(), dir.path(), keys(&vendor)), fixed(MARCH_2026)).await;
+    let dp = Dp::start(
+        config(&cp.address(), dir.path(), keys(&vendor)),
+        fixed(MARCH_2026),
+    )
+    .await;
     let status = eventually("the refusal in /status", WAIT, || async {
         let (_, status) = dp.get("/status").await;
         (!status["control_plane"]["last_error"].is_null()).then_some(status)
     })
     .await;
     let error = status["control_plane"]["last_error"].as_str().unwrap();
-    assert!(error.contains("refused") && error.contains("upgrade the control plane"), "{error}");
+    assert!(
+        error.contains("refused") && error.contains("upgrade the control plane"),
+        "{error}"
+    );
     assert_eq!(status["control_plane"]["connected"], false);
     // It keeps trying.
     cp.hello(2).await;
@@ -493,7 +647,11 @@ async fn the_data_plane_stops_promptly_while_disconnected() {
     let dir = TempDir::new().unwrap();
     let vendor = signer(1);
     // Nothing listens there.
-    let dp = Dp::start(config("127.0.0.1:1", dir.path(), keys(&vendor)), fixed(MARCH_2026)).await;
+    let dp = Dp::start(
+        config("127.0.0.1:1", dir.path(), keys(&vendor)),
+        fixed(MARCH_2026),
+    )
+    .await;
     assert_eq!(dp.license().await["status"], "unlicensed");
     tokio::time::sleep(Duration::from_millis(200)).await;
     dp.stop().await.unwrap();
@@ -514,7 +672,10 @@ fn the_binary_refuses_a_bad_configuration_with_exit_64() {
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
-    assert!(stderr.contains("invalid configuration") && stderr.contains("--trusted-key"), "{stderr}");
+    assert!(
+        stderr.contains("invalid configuration") && stderr.contains("--trusted-key"),
+        "{stderr}"
+    );
 
     let key = dir.path().join("vendor.pub");
     fs::write(&key, signer(1).trusted_key().to_pem()).unwrap();

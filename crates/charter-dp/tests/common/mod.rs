@@ -19,6 +19,7 @@ use charter_proto::v1::{
     control_plane_message, data_plane_message, Ack, ControlPlaneMessage, DataPlaneMessage, Hello,
     License, Snapshot,
 };
+use charter_tls::{MtlsMode, TlsFiles};
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
@@ -46,7 +47,12 @@ pub fn keys(signer: &LicenseSigner) -> TrustedKeys {
 }
 
 /// A Kong-shaped payload with `features`.
-pub fn payload(license_key: &str, created: &str, expires: &str, features: &[&str]) -> Map<String, Value> {
+pub fn payload(
+    license_key: &str,
+    created: &str,
+    expires: &str,
+    features: &[&str],
+) -> Map<String, Value> {
     let Value::Object(map) = json!({
         "admin_seats": "1",
         "customer": "Example Company, Inc",
@@ -64,7 +70,13 @@ pub fn payload(license_key: &str, created: &str, expires: &str, features: &[&str
 }
 
 /// A signed license document.
-pub fn license(signer: &LicenseSigner, license_key: &str, created: &str, expires: &str, features: &[&str]) -> String {
+pub fn license(
+    signer: &LicenseSigner,
+    license_key: &str,
+    created: &str,
+    expires: &str,
+    features: &[&str],
+) -> String {
     signer
         .sign(payload(license_key, created, expires, features))
         .expect("test payload has Kong's shape")
@@ -105,7 +117,10 @@ where
         if let Some(value) = check().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -127,7 +142,8 @@ struct Shared {
 #[derive(Clone)]
 struct Service(Arc<Shared>);
 
-type SyncStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<ControlPlaneMessage, Status>> + Send>>;
+type SyncStream =
+    Pin<Box<dyn tokio_stream::Stream<Item = Result<ControlPlaneMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Cluster for Service {
@@ -139,7 +155,9 @@ impl Cluster for Service {
     ) -> Result<Response<SyncStream>, Status> {
         let mut inbound = request.into_inner();
         let hello = match inbound.message().await? {
-            Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Hello(hello)) }) => hello,
+            Some(DataPlaneMessage {
+                msg: Some(data_plane_message::Msg::Hello(hello)),
+            }) => hello,
             other => panic!("the data plane must speak Hello first, sent {other:?}"),
         };
         self.0.hellos.lock().unwrap().push(hello);
@@ -186,15 +204,42 @@ impl FakeCp {
 
     /// Starts on `addr` (to come back where a stopped one was).
     pub async fn start_on(addr: SocketAddr) -> FakeCp {
-        let listener = tokio::net::TcpListener::bind(addr).await.expect("binding the fake control plane");
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .expect("binding the fake control plane");
         let addr = listener.local_addr().unwrap();
+        FakeCp::serve(addr, TcpListenerStream::new(listener))
+    }
+
+    /// Starts on a free port, serving mutual TLS with the shared cluster certificate in
+    /// `files` (as a real control plane in `shared` mode does).
+    pub async fn start_tls(files: &TlsFiles) -> FakeCp {
+        let config =
+            charter_tls::server_config(MtlsMode::Shared, files).expect("server TLS config");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        FakeCp::serve(addr, charter_tls::incoming(listener, config))
+    }
+
+    fn serve<I, IO, IE>(addr: SocketAddr, incoming: I) -> FakeCp
+    where
+        I: tokio_stream::Stream<Item = Result<IO, IE>> + Send + 'static,
+        IO: tokio::io::AsyncRead
+            + tokio::io::AsyncWrite
+            + tonic::transport::server::Connected
+            + Unpin
+            + Send
+            + 'static,
+        IO::ConnectInfo: Clone + Send + Sync + 'static,
+        IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let shared = Arc::new(Shared::default());
         let (stop, stopped) = oneshot::channel::<()>();
         let service = Service(shared.clone());
         let task = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(ClusterServer::new(service))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
+                .serve_with_incoming_shutdown(incoming, async {
                     let _ = stopped.await;
                 })
                 .await
@@ -244,20 +289,32 @@ impl FakeCp {
 
     /// Waits for the `n`th Hello (1-based) and returns it.
     pub async fn hello(&self, n: usize) -> Hello {
-        eventually(&format!("Hello #{n}"), WAIT, || async { self.hellos().get(n - 1).cloned() }).await
+        eventually(&format!("Hello #{n}"), WAIT, || async {
+            self.hellos().get(n - 1).cloned()
+        })
+        .await
     }
 
     /// Waits until a data plane holds an open stream.
     pub async fn connected(&self) {
         eventually("a data plane stream", WAIT, || async {
-            self.shared.streams.lock().unwrap().iter().any(|s| !s.is_closed()).then_some(())
+            self.shared
+                .streams
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|s| !s.is_closed())
+                .then_some(())
         })
         .await
     }
 
     /// Waits for the `n`th Ack (1-based) and returns it.
     pub async fn ack(&self, n: usize) -> Ack {
-        eventually(&format!("Ack #{n}"), WAIT, || async { self.acks().get(n - 1).cloned() }).await
+        eventually(&format!("Ack #{n}"), WAIT, || async {
+            self.acks().get(n - 1).cloned()
+        })
+        .await
     }
 
     /// Sends a snapshot and waits for its Ack (the next one).
@@ -328,7 +385,8 @@ impl Dp {
     /// `GET path` → status and JSON body.
     pub async fn get(&self, path: &str) -> (u16, Value) {
         let (status, body) = self.get_text(path).await;
-        let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"));
+        let value =
+            serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"));
         (status, value)
     }
 
@@ -347,13 +405,17 @@ impl Dp {
 
 /// A minimal HTTP/1.1 GET over a real socket.
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connecting to the status API");
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connecting to the status API");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = Vec::new();
     stream.read_to_end(&mut response).await.unwrap();
     let response = String::from_utf8(response).expect("utf-8 response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a complete HTTP response");
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .expect("a complete HTTP response");
     let status = head
         .split_whitespace()
         .nth(1)
