@@ -516,6 +516,11 @@ impl Dp {
         panic!("charter-dp failed to start 3 times; log:\n{}", self.logs());
     }
 
+    /// The process id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `GET` a path on the status API.
     pub fn get(&self, path: &str) -> Resp {
         request("GET", &format!("http://{}{}", self.status_addr, path), None)

@@ -70,6 +70,29 @@ pub struct Args {
     /// Connect to the control plane in plaintext gRPC. For development only.
     #[arg(long, env = "CHARTER_CLUSTER_INSECURE")]
     pub cluster_insecure: bool,
+    /// Gate mode: serve a license-enforcing reverse proxy on this address (needs --upstream).
+    #[arg(long, env = "CHARTER_PROXY_LISTEN")]
+    pub proxy_listen: Option<String>,
+    /// Gate mode: the service behind the proxy, `http://HOST:PORT[/PATH]` (needs --proxy-listen).
+    #[arg(long, env = "CHARTER_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Gate mode: seconds to wait for the upstream's response headers before answering 504.
+    #[arg(long, env = "CHARTER_UPSTREAM_TIMEOUT", default_value_t = 30)]
+    pub upstream_timeout: u64,
+    /// Seconds between usage reports to the control plane (also sent at shutdown).
+    #[arg(long, env = "CHARTER_TELEMETRY_INTERVAL", default_value_t = 60)]
+    pub telemetry_interval: u64,
+}
+
+/// Gate mode settings.
+#[derive(Debug, Clone)]
+pub struct GateConfig {
+    /// Where the proxy listens.
+    pub listen: SocketAddr,
+    /// Where it forwards.
+    pub upstream: crate::gate::Upstream,
+    /// How long to wait for the upstream's response headers.
+    pub timeout: std::time::Duration,
 }
 
 /// A license configured on this node (static configuration wins over the cluster's).
@@ -118,6 +141,10 @@ pub struct Config {
     pub labels: BTreeMap<String, String>,
     /// Log format.
     pub log_format: LogFormat,
+    /// Gate mode, when configured.
+    pub gate: Option<GateConfig>,
+    /// How often usage is reported.
+    pub telemetry_interval: std::time::Duration,
 }
 
 impl Config {
@@ -133,6 +160,8 @@ impl Config {
             transport: Transport::Insecure,
             static_license: None,
             labels: BTreeMap::new(),
+            gate: None,
+            telemetry_interval: std::time::Duration::from_secs(60),
             log_format: LogFormat::Text,
         }
     }
@@ -167,6 +196,26 @@ impl Config {
         }
         let labels = parse_labels(&args.labels)?;
         let transport = transport(&args)?;
+        let gate = match (&args.proxy_listen, &args.upstream) {
+            (None, None) => None,
+            (Some(listen), Some(upstream)) => {
+                if args.upstream_timeout == 0 {
+                    bail!("--upstream-timeout must be at least 1 second");
+                }
+                Some(GateConfig {
+                    listen: resolve(listen, "--proxy-listen")?,
+                    upstream: crate::gate::Upstream::parse(upstream).map_err(|e| anyhow!(e))?,
+                    timeout: std::time::Duration::from_secs(args.upstream_timeout),
+                })
+            }
+            (Some(_), None) => bail!("--proxy-listen needs --upstream, the service to forward to"),
+            (None, Some(_)) => {
+                bail!("--upstream needs --proxy-listen, the address the gate serves on")
+            }
+        };
+        if args.telemetry_interval == 0 {
+            bail!("--telemetry-interval must be at least 1 second");
+        }
         Ok(Config {
             control_plane: args.control_plane,
             data_dir: args.data_dir,
@@ -176,6 +225,8 @@ impl Config {
             static_license,
             labels,
             log_format: args.log_format,
+            gate,
+            telemetry_interval: std::time::Duration::from_secs(args.telemetry_interval),
         })
     }
 }

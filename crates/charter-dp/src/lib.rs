@@ -17,9 +17,11 @@ pub mod clock;
 pub mod config;
 pub mod expiry;
 pub mod files;
+pub mod gate;
 pub mod metrics;
 pub mod state;
 pub mod sync;
+pub mod usage;
 
 use std::future::Future;
 use std::path::Path;
@@ -45,6 +47,8 @@ pub const MARK_EVERY: Duration = Duration::from_secs(60);
 pub struct Listeners {
     /// The local status API.
     pub status: tokio::net::TcpListener,
+    /// The gate's proxy listener, in gate mode.
+    pub proxy: Option<tokio::net::TcpListener>,
 }
 
 /// Runs the data plane until `shutdown` completes, with the wall clock.
@@ -114,6 +118,7 @@ pub async fn run_with_clock(
             "--cluster-insecure: the cluster connection is plaintext and unauthenticated; for development only");
     }
 
+    let usage = Arc::new(usage::Usage::open(&dir).context("opening the usage counts")?);
     let control_plane = Arc::new(sync::ControlPlaneStatus::new(&config.control_plane));
     let metrics = Arc::new(metrics::Metrics::new());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -127,7 +132,11 @@ pub async fn run_with_clock(
             labels: config.labels.clone().into_iter().collect(),
             cached_epoch: String::new(),
             cached_revision: 0,
-            upstream: String::new(),
+            upstream: config
+                .gate
+                .as_ref()
+                .map(|g| g.upstream.url())
+                .unwrap_or_default(),
         },
         data_dir: dir.clone(),
         trusted_keys: config.trusted_keys.clone(),
@@ -135,12 +144,36 @@ pub async fn run_with_clock(
         clock: clock.clone(),
         control_plane: control_plane.clone(),
         metrics: metrics.clone(),
+        usage: usage.clone(),
+        telemetry_every: config.telemetry_interval,
     };
-    let tasks = [
+    let mut tasks = vec![
         tokio::spawn(client.run(stop_rx.clone())),
         tokio::spawn(expiry::run(enforcement.clone(), stop_rx.clone())),
-        tokio::spawn(keep_mark(clock.clone(), stop_rx)),
+        tokio::spawn(keep_mark(clock.clone(), stop_rx.clone())),
+        tokio::spawn(keep_usage(usage.clone(), stop_rx.clone())),
     ];
+    match (&config.gate, listeners.proxy) {
+        (Some(gate_config), Some(listener)) => {
+            let addr = listener
+                .local_addr()
+                .context("reading the proxy listener address")?;
+            tracing::info!(%addr, upstream = %gate_config.upstream.url(), "gate listening");
+            let gate = Arc::new(gate::Gate::new(
+                gate_config.upstream.clone(),
+                enforcement.clone(),
+                usage.clone(),
+                gate_config.timeout,
+            ));
+            tasks.push(tokio::spawn(gate::serve(listener, gate, stop_rx)));
+        }
+        (Some(_), None) => {
+            return Err(anyhow!(
+                "gate mode is configured but no proxy listener was bound"
+            ))
+        }
+        (None, _) => drop(stop_rx),
+    }
 
     let addr = listeners
         .status
@@ -167,8 +200,33 @@ pub async fn run_with_clock(
         let _ = task.await;
     }
     let _ = tokio::task::spawn_blocking(move || clock.persist()).await;
+    match tokio::task::spawn_blocking(move || usage.persist()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::error!(error = %e, "cannot save the usage counts at shutdown"),
+        Err(e) => tracing::error!(error = %e, "usage save task failed at shutdown"),
+    }
     tracing::info!("data plane stopped");
     served
+}
+
+/// How often gate usage counts are saved to the data dir (and at shutdown).
+pub const USAGE_SAVE_EVERY: Duration = Duration::from_secs(1);
+
+/// Saves the usage counts every second until `shutdown`.
+async fn keep_usage(usage: Arc<usage::Usage>, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(USAGE_SAVE_EVERY);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let usage = usage.clone();
+        match tokio::task::spawn_blocking(move || usage.persist()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "cannot save the usage counts; will retry"),
+            Err(e) => tracing::error!(error = %e, "usage save task failed"),
+        }
+    }
 }
 
 /// Verifies the cache read at start into what the cluster gave this node, or refuses it.

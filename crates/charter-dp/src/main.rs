@@ -42,5 +42,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let status = tokio::net::TcpListener::bind(config.status_listen)
         .await
         .with_context(|| format!("binding the status API on {}", config.status_listen))?;
-    charter_dp::run(config, Listeners { status }, shutdown_signal()).await
+    let proxy = match &config.gate {
+        Some(gate) => Some(
+            tokio::net::TcpListener::bind(gate.listen)
+                .await
+                .with_context(|| format!("binding the gate on {}", gate.listen))?,
+        ),
+        None => None,
+    };
+    charter_dp::run(config, Listeners { status, proxy }, shutdown_signal()).await
 }

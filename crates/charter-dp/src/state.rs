@@ -193,6 +193,28 @@ impl Enforcement {
         self.cluster.subscribe()
     }
 
+    /// Whether the license in force allows traffic now: the gate's per-request check.
+    /// Only a date comparison on the license already verified — no signature check, no
+    /// clone of the license.
+    pub fn allows_now(&self) -> bool {
+        let now = self.now();
+        let judge = |license: &HeldLicense| {
+            license
+                .verified
+                .evaluate(now)
+                .is_ok_and(|e| e.status.allows())
+        };
+        match &self.static_license {
+            Some(license) => judge(license),
+            None => self
+                .cluster
+                .borrow()
+                .as_ref()
+                .and_then(|held| held.license.as_ref())
+                .is_some_and(judge),
+        }
+    }
+
     /// What is in force, judged now.
     pub fn current(&self) -> InForce {
         let now = self.now();

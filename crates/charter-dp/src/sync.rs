@@ -10,8 +10,8 @@ use std::time::Duration;
 use charter_license::{TrustedKeys, UnixTime};
 use charter_proto::v1::cluster_client::ClusterClient;
 use charter_proto::v1::{
-    control_plane_message, data_plane_message, Ack, ControlPlaneMessage, DataPlaneMessage, Hello,
-    Ping, Snapshot,
+    control_plane_message, data_plane_message, Ack, ControlPlaneMessage, Counter, DataPlaneMessage,
+    Hello, Ping, Snapshot, Telemetry,
 };
 use charter_tls::TlsError;
 use rand::Rng;
@@ -25,6 +25,7 @@ use crate::clock::NodeClock;
 use crate::config::Transport;
 use crate::metrics::Metrics;
 use crate::state::{decide, Decision, Enforcement, Source};
+use crate::usage::Usage;
 
 /// How often the data plane pings the control plane (which marks it gone after 45 s).
 pub const PING_EVERY: Duration = Duration::from_secs(30);
@@ -161,7 +162,14 @@ pub struct SyncClient {
     pub control_plane: Arc<ControlPlaneStatus>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Gate usage counts, reported as telemetry.
+    pub usage: Arc<Usage>,
+    /// How often usage is reported.
+    pub telemetry_every: Duration,
 }
+
+/// How long a stopping data plane waits for its last usage report to be acknowledged.
+const FINAL_TELEMETRY_WAIT: Duration = Duration::from_secs(3);
 
 impl SyncClient {
     /// Syncs until `shutdown` fires, reconnecting for ever.
@@ -235,6 +243,7 @@ impl SyncClient {
         let mut inbound = response.into_inner();
         let start = tokio::time::Instant::now() + PING_EVERY;
         let mut ping = tokio::time::interval_at(start, PING_EVERY);
+        let mut telemetry = tokio::time::interval(self.telemetry_every);
         loop {
             tokio::select! {
                 message = inbound.message() => match message {
@@ -244,7 +253,7 @@ impl SyncClient {
                         send(&tx, data_plane_message::Msg::Ack(ack)).await?;
                     }
                     Ok(Some(ControlPlaneMessage { msg: Some(control_plane_message::Msg::TelemetryAck(ack)) })) => {
-                        tracing::debug!(seq = ack.seq, "telemetry acknowledged");
+                        self.acknowledge(ack.seq).await;
                     }
                     Ok(Some(ControlPlaneMessage { msg: None })) => {
                         tracing::debug!("empty message from the control plane ignored");
@@ -253,8 +262,93 @@ impl SyncClient {
                     Err(status) => return Err(SyncError::from_status(status)),
                 },
                 _ = ping.tick() => send(&tx, data_plane_message::Msg::Ping(Ping {})).await?,
-                _ = shutdown.changed() => return Ok(()),
+                _ = telemetry.tick() => {
+                    if let Some(report) = self.next_report().await {
+                        send(&tx, data_plane_message::Msg::Telemetry(report)).await?;
+                    }
+                }
+                _ = shutdown.changed() => {
+                    self.final_report(&tx, &mut inbound).await;
+                    return Ok(());
+                }
             }
+        }
+    }
+
+    /// The usage report to send now, if there are counts (frozen and saved first).
+    async fn next_report(&self) -> Option<Telemetry> {
+        let usage = self.usage.clone();
+        match tokio::task::spawn_blocking(move || usage.next_batch()).await {
+            Ok(Ok(Some(batch))) => Some(Telemetry {
+                seq: batch.seq,
+                counters: batch
+                    .counters
+                    .into_iter()
+                    .map(|(bucket, request_count)| Counter {
+                        bucket,
+                        request_count,
+                    })
+                    .collect(),
+            }),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "cannot save the usage report before sending it; will retry");
+                None
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "usage report task failed");
+                None
+            }
+        }
+    }
+
+    /// The control plane has applied report `seq`: drop it.
+    async fn acknowledge(&self, seq: u64) {
+        let usage = self.usage.clone();
+        match tokio::task::spawn_blocking(move || usage.acknowledge(seq)).await {
+            Ok(Ok(true)) => tracing::debug!(seq, "usage report acknowledged"),
+            Ok(Ok(false)) => tracing::debug!(seq, "acknowledgement of a report no longer pending"),
+            Ok(Err(e)) => {
+                tracing::error!(seq, error = %e, "cannot save the acknowledged usage report; it will be sent again and not counted twice")
+            }
+            Err(e) => tracing::error!(error = %e, "usage acknowledgement task failed"),
+        }
+    }
+
+    /// At shutdown: send what is counted and wait (bounded) for its acknowledgement. What
+    /// is not acknowledged stays on disk and is sent after the restart.
+    async fn final_report(
+        &self,
+        tx: &mpsc::Sender<DataPlaneMessage>,
+        inbound: &mut tonic::Streaming<ControlPlaneMessage>,
+    ) {
+        let Some(report) = self.next_report().await else {
+            return;
+        };
+        let seq = report.seq;
+        let sent = tx
+            .send(DataPlaneMessage {
+                msg: Some(data_plane_message::Msg::Telemetry(report)),
+            })
+            .await;
+        if sent.is_err() {
+            return;
+        }
+        let wait = async {
+            while let Ok(Some(message)) = inbound.message().await {
+                if let Some(control_plane_message::Msg::TelemetryAck(ack)) = message.msg {
+                    self.acknowledge(ack.seq).await;
+                    if ack.seq == seq {
+                        return;
+                    }
+                }
+            }
+        };
+        if tokio::time::timeout(FINAL_TELEMETRY_WAIT, wait)
+            .await
+            .is_err()
+        {
+            tracing::warn!(seq, "the last usage report was not acknowledged before shutdown; it is kept and sent after restart");
         }
     }
 

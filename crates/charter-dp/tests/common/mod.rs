@@ -356,7 +356,10 @@ impl Dp {
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(charter_dp::run_with_clock(
             config,
-            Listeners { status },
+            Listeners {
+                status,
+                proxy: None,
+            },
             clock.clone(),
             async {
                 let _ = stopped.await;

@@ -1,0 +1,421 @@
+//! End-to-end tests of gate mode: a real `charter-dp` in front of a real upstream on
+//! loopback, licensed by a real `charter-cp` (or a static license), and the usage counts
+//! that reach the control plane's report exactly once.
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Path, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use axum::Router;
+use charter_tests::{
+    eventually, free_port, http, http_with_headers, Body as ReqBody, Cp, Dp, Resp, Vendor,
+};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+/// An upstream on loopback: `/echo/...` answers what it received, `/status/{code}` that
+/// status, `/large/{bytes}` a streamed body, `/slow` after 3 s.
+struct Upstream {
+    addr: SocketAddr,
+    _runtime: tokio::runtime::Runtime,
+}
+
+async fn echo(request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 64 * 1024 * 1024)
+        .await
+        .unwrap_or_default();
+    let headers: serde_json::Map<String, Value> = parts
+        .headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or(""))))
+        .collect();
+    let answer = json!({
+        "method": parts.method.as_str(),
+        "path": parts.uri.path(),
+        "query": parts.uri.query(),
+        "version": format!("{:?}", parts.version),
+        "headers": headers,
+        "body_len": body.len(),
+        "body_head": String::from_utf8_lossy(&body[..body.len().min(64)]),
+    });
+    ([("x-upstream", "yes")], axum::Json(answer)).into_response()
+}
+
+async fn status(Path(code): Path<u16>) -> Response {
+    let code = StatusCode::from_u16(code).unwrap_or(StatusCode::IM_A_TEAPOT);
+    (code, format!("status {code}")).into_response()
+}
+
+async fn large(Path(bytes): Path<usize>) -> Response {
+    let chunk = vec![b'x'; 64 * 1024];
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = (0..bytes / chunk.len())
+        .map(|_| Ok(chunk.clone()))
+        .collect();
+    Response::new(Body::from_stream(tokio_stream::iter(chunks)))
+}
+
+async fn slow() -> &'static str {
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    "late"
+}
+
+impl Upstream {
+    fn start() -> Upstream {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind upstream");
+        let addr = listener.local_addr().expect("addr");
+        let app = Router::new()
+            .route("/status/{code}", any(status))
+            .route("/large/{bytes}", any(large))
+            .route("/slow", any(slow))
+            .fallback(echo);
+        runtime.spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Upstream {
+            addr,
+            _runtime: runtime,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// A data plane in gate mode in front of `upstream`.
+fn gate(
+    dir: &TempDir,
+    name: &str,
+    cp: &Cp,
+    vendor: &Vendor,
+    upstream: &str,
+    extra: &[&str],
+) -> (Dp, SocketAddr) {
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy_arg = proxy.to_string();
+    let mut args = vec![
+        "--proxy-listen",
+        &proxy_arg,
+        "--upstream",
+        upstream,
+        "--telemetry-interval",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let dp = Dp::start(dir.path(), name, cp, &vendor.public_key, &args);
+    (dp, proxy)
+}
+
+fn through(
+    proxy: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<ReqBody>,
+    headers: &[(&str, &str)],
+) -> Resp {
+    http_with_headers(method, &format!("http://{proxy}{path}"), body, headers)
+        .expect("the gate answers")
+}
+
+fn setup() -> (TempDir, Vendor, Cp, Upstream) {
+    let dir = TempDir::new().expect("temp dir");
+    let vendor = Vendor::new(dir.path(), 51);
+    let key = vendor.public_key.to_string_lossy().into_owned();
+    let cp = Cp::start(dir.path(), &["--trusted-key", &key]);
+    (dir, vendor, cp, Upstream::start())
+}
+
+#[test]
+fn gate_forwards_only_while_licensed_and_switches_within_a_second() {
+    let (dir, vendor, cp, upstream) = setup();
+    let (dp, proxy) = gate(&dir, "gate", &cp, &vendor, &upstream.url(), &[]);
+
+    // Unlicensed: Kong's 403.
+    let denied = through(proxy, "GET", "/echo", None, &[]);
+    assert_eq!(denied.status, 403);
+    assert_eq!(
+        denied.json(),
+        json!({"message": "Enterprise license missing or expired"})
+    );
+
+    // Licensed: forwarded within a second of the license being added.
+    let record = cp.add(&vendor.valid("GATE"));
+    let started = Instant::now();
+    eventually("the gate to open", Duration::from_secs(5), || {
+        (through(proxy, "GET", "/echo", None, &[]).status == 200).then_some(())
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "opened after {:?}",
+        started.elapsed()
+    );
+
+    // Method, path, query, headers and body pass through; hop-by-hop headers do not.
+    let body = ReqBody::Raw("text/plain".into(), b"hello upstream".to_vec());
+    let resp = through(
+        proxy,
+        "PUT",
+        "/echo/a/b?x=1&y=two",
+        Some(body),
+        &[
+            ("x-custom", "kept"),
+            ("connection", "keep-alive, x-drop"),
+            ("x-drop", "gone"),
+        ],
+    );
+    assert_eq!(resp.status, 200, "{}", resp.body);
+    let seen = resp.json();
+    assert_eq!(seen["method"], "PUT");
+    assert_eq!(seen["path"], "/echo/a/b");
+    assert_eq!(seen["query"], "x=1&y=two");
+    assert_eq!(seen["body_head"], "hello upstream");
+    assert_eq!(seen["headers"]["x-custom"], "kept");
+    assert!(
+        seen["headers"].get("x-drop").is_none(),
+        "a header named in Connection is hop-by-hop: {seen}"
+    );
+    assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
+    assert_eq!(
+        seen["headers"]["x-forwarded-host"],
+        json!(proxy.to_string())
+    );
+    // Status codes pass through.
+    for code in [201, 404, 418, 500, 503] {
+        assert_eq!(
+            through(proxy, "GET", &format!("/status/{code}"), None, &[]).status,
+            code
+        );
+    }
+    // A large body streams through both ways.
+    let big = vec![b'y'; 8 * 1024 * 1024];
+    let resp = through(
+        proxy,
+        "POST",
+        "/echo/upload",
+        Some(ReqBody::Raw("application/octet-stream".into(), big)),
+        &[],
+    );
+    assert_eq!(resp.json()["body_len"], 8 * 1024 * 1024);
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download}",
+        ])
+        .arg(format!("http://{proxy}/large/{}", 32 * 1024 * 1024))
+        .output()
+        .expect("curl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("200 {}", 32 * 1024 * 1024)
+    );
+    // HTTP/2 (cleartext, prior knowledge) clients are served too.
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+        ])
+        .arg(format!("http://{proxy}/echo/h2"))
+        .output()
+        .expect("curl");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 2");
+
+    // The license is deleted: denied again within a second.
+    let id = record["id"].as_str().expect("id");
+    assert_eq!(cp.send("DELETE", &format!("/licenses/{id}")).status, 204);
+    let started = Instant::now();
+    eventually("the gate to close", Duration::from_secs(5), || {
+        (through(proxy, "GET", "/echo", None, &[]).status == 403).then_some(())
+    });
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "closed after {:?}",
+        started.elapsed()
+    );
+    drop(dp);
+}
+
+#[test]
+fn grace_forwards_and_expired_denies() {
+    let (dir, vendor, cp, upstream) = setup();
+    let today = time_today();
+    let in_grace = vendor.license("GRACE", "2020-01-01", &days_from(today, -10));
+    let expired = vendor.license("EXPIRED", "2020-01-01", &days_from(today, -40));
+    let grace_file = dir.path().join("grace.json");
+    let expired_file = dir.path().join("expired.json");
+    std::fs::write(&grace_file, in_grace).expect("write");
+    std::fs::write(&expired_file, expired).expect("write");
+    let (_grace_dp, grace_proxy) = gate(
+        &dir,
+        "grace",
+        &cp,
+        &vendor,
+        &upstream.url(),
+        &["--license-path", &grace_file.to_string_lossy()],
+    );
+    let (_expired_dp, expired_proxy) = gate(
+        &dir,
+        "expired",
+        &cp,
+        &vendor,
+        &upstream.url(),
+        &["--license-path", &expired_file.to_string_lossy()],
+    );
+    assert_eq!(
+        through(grace_proxy, "GET", "/echo", None, &[]).status,
+        200,
+        "grace still allows"
+    );
+    let denied = through(expired_proxy, "GET", "/echo", None, &[]);
+    assert_eq!(
+        (denied.status, denied.json()["message"].clone()),
+        (403, json!("Enterprise license missing or expired"))
+    );
+}
+
+#[test]
+fn upstream_down_or_slow_is_a_json_error_and_the_gate_stays_up() {
+    let (dir, vendor, cp, upstream) = setup();
+    cp.add(&vendor.valid("UP"));
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let (dp, proxy) = gate(&dir, "dead", &cp, &vendor, &dead, &[]);
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    let resp = through(proxy, "GET", "/anything", None, &[]);
+    assert_eq!(resp.status, 502, "{}", resp.body);
+    assert!(resp.json()["message"]
+        .as_str()
+        .expect("message")
+        .contains("unavailable"));
+    assert_eq!(dp.get("/status").status, 200, "the DP stays up");
+
+    let (slow_dp, slow_proxy) = gate(
+        &dir,
+        "slow",
+        &cp,
+        &vendor,
+        &upstream.url(),
+        &["--upstream-timeout", "1"],
+    );
+    slow_dp.wait_license("the license", |l| l["status"] == "valid");
+    let resp = through(slow_proxy, "GET", "/slow", None, &[]);
+    assert_eq!(resp.status, 504, "{}", resp.body);
+    assert!(resp.json()["message"].is_string());
+}
+
+fn report_total(cp: &Cp) -> u64 {
+    cp.get("/license/report").json()["counters"]
+        .as_array()
+        .expect("counters")
+        .iter()
+        .map(|c| c["request_count"].as_u64().expect("count"))
+        .sum()
+}
+
+#[test]
+fn every_forwarded_request_is_counted_exactly_once() {
+    let (dir, vendor, mut cp, upstream) = setup();
+    cp.add(&vendor.valid("COUNT"));
+    let (mut dp, proxy) = gate(&dir, "counter", &cp, &vendor, &upstream.url(), &[]);
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    let mut sent = 0u64;
+    let mut send = |n: u64| {
+        for _ in 0..n {
+            assert_eq!(through(proxy, "GET", "/echo/count", None, &[]).status, 200);
+        }
+        sent += n;
+        sent
+    };
+    send(40);
+    eventually(
+        "the first counts in the report",
+        Duration::from_secs(10),
+        || (report_total(&cp) == 40).then_some(()),
+    );
+
+    // The DP stops gracefully and comes back: nothing lost, nothing twice.
+    send(25);
+    let status = Command::new("kill")
+        .args(["-TERM", &dp_pid(&dp)])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    dp.restart();
+    dp.wait_license("the license", |l| l["status"] == "valid");
+
+    // The CP is killed outright and comes back while the DP keeps counting.
+    cp.kill();
+    let total = send(30);
+    cp.restart();
+    eventually(
+        "the counts after both restarts",
+        Duration::from_secs(20),
+        || (report_total(&cp) == total).then_some(()),
+    );
+
+    // A cut connection: counts made meanwhile still arrive once.
+    cp.kill();
+    let total = send(15);
+    std::thread::sleep(Duration::from_millis(1500));
+    cp.restart();
+    eventually(
+        "the counts after a cut connection",
+        Duration::from_secs(20),
+        || (report_total(&cp) == total).then_some(()),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(report_total(&cp), total, "no request counted twice");
+    let by_dp = cp.get("/license/report?by=dataplane").json();
+    assert_eq!(by_dp["dataplanes"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        by_dp["services_count"], 1,
+        "the gated upstream is a service"
+    );
+    let _ = http("GET", &upstream.url(), None);
+}
+
+fn dp_pid(dp: &Dp) -> String {
+    dp.pid().expect("running").to_string()
+}
+
+fn time_today() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64
+        / 86_400
+}
+
+/// The date `offset` days from day number `today` (days since 1970-01-01), as YYYY-MM-DD.
+fn days_from(today: i64, offset: i64) -> String {
+    let out = Command::new("date")
+        .args([
+            "-u",
+            "-d",
+            &format!("@{}", (today + offset) * 86_400),
+            "+%Y-%m-%d",
+        ])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
