@@ -414,7 +414,8 @@ async fn apply_telemetry(
         }
     }
     let (store, node) = (state.store().clone(), node_id.to_owned());
-    let applied = tokio::task::spawn_blocking(move || store.apply_telemetry(&node, seq, &counters)).await;
+    let applied =
+        tokio::task::spawn_blocking(move || store.apply_telemetry(&node, seq, &counters)).await;
     match applied {
         Ok(Ok(applied)) => {
             tracing::debug!(%node_id, seq, applied, "telemetry acknowledged");
@@ -443,7 +444,9 @@ mod tests {
     #[test]
     fn usage_buckets() {
         assert!(valid_bucket("2026-11"));
-        for bad in ["2026-13", "2026-00", "26-11", "2026/11", "2026-1x", "2026-111"] {
+        for bad in [
+            "2026-13", "2026-00", "26-11", "2026/11", "2026-1x", "2026-111",
+        ] {
             assert!(!valid_bucket(bad), "{bad}");
         }
     }

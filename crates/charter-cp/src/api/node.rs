@@ -68,9 +68,14 @@ pub async fn report(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-        .map_err(|e| ApiError::BadRequest(format!("Cannot parse query string: {e}")))?;
-    let by_dataplane = match pairs.iter().find(|(k, _)| k == "by").map(|(_, v)| v.as_str()) {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
+            .map_err(|e| ApiError::BadRequest(format!("Cannot parse query string: {e}")))?;
+    let by_dataplane = match pairs
+        .iter()
+        .find(|(k, _)| k == "by")
+        .map(|(_, v)| v.as_str())
+    {
         None => false,
         Some("dataplane") => true,
         Some(other) => {
