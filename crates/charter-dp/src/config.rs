@@ -2,12 +2,13 @@
 //! typed [`Config`], before any port is bound.
 
 use std::collections::BTreeMap;
-use std::fs;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use charter_license::{TrustedKey, TrustedKeys, UnixTime};
+use charter_license::{TrustedKeys, UnixTime};
+pub use charter_runtime::flags::StaticLicense;
+use charter_runtime::flags::{load_trusted_keys, resolve, static_license};
 use charter_runtime::LogFormat;
 use charter_tls::{MtlsMode, TlsFiles};
 use clap::Parser;
@@ -95,15 +96,6 @@ pub struct GateConfig {
     pub timeout: std::time::Duration,
 }
 
-/// A license configured on this node (static configuration wins over the cluster's).
-#[derive(Debug, Clone)]
-pub struct StaticLicense {
-    /// Where it came from, for logs (`--license-path FILE` or `CHARTER_LICENSE_DATA`).
-    pub origin: String,
-    /// The document text.
-    pub text: String,
-}
-
 /// How the data plane reaches the control plane.
 #[derive(Debug, Clone)]
 pub enum Transport {
@@ -174,26 +166,12 @@ impl Config {
             bail!("no --trusted-key given: the data plane verifies every license itself and needs at least one vendor public key (the one the control plane trusts)");
         }
         let trusted_keys = load_trusted_keys(&args.trusted_keys)?;
-        let static_license = match (&args.license_path, &args.license_data) {
-            (Some(_), Some(_)) => bail!(
-                "both --license-path and CHARTER_LICENSE_DATA are set; configure the static license once"
-            ),
-            (Some(path), None) => Some(StaticLicense {
-                origin: format!("--license-path {}", path.display()),
-                text: read(path, "--license-path")?,
-            }),
-            (None, Some(text)) => Some(StaticLicense {
-                origin: "CHARTER_LICENSE_DATA".to_owned(),
-                text: text.clone(),
-            }),
-            (None, None) => None,
-        };
-        if let Some(license) = &static_license {
-            // A static license that does not verify is a configuration error: the node
-            // would otherwise run unlicensed while the operator believes it is licensed.
-            charter_license::validate(&license.text, &trusted_keys, now)
-                .map_err(|e| anyhow!("static license from {} is refused: {e}", license.origin))?;
-        }
+        let static_license = static_license(
+            args.license_path.as_deref(),
+            args.license_data.as_deref(),
+            &trusted_keys,
+            now,
+        )?;
         let labels = parse_labels(&args.labels)?;
         let transport = transport(&args)?;
         let gate = match (&args.proxy_listen, &args.upstream) {
@@ -296,31 +274,4 @@ fn check_host_port(addr: &str) -> Result<()> {
         return Err(bad());
     }
     Ok(())
-}
-
-/// Reads every trusted key; a file that is not an Ed25519 SPKI PEM key is refused.
-pub fn load_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys> {
-    let mut keys = Vec::new();
-    for path in paths {
-        let pem = read(path, "--trusted-key")?;
-        let key = TrustedKey::from_pem(&pem)
-            .with_context(|| format!("--trusted-key {}", path.display()))?;
-        keys.push(key);
-    }
-    Ok(TrustedKeys::new(keys))
-}
-
-fn read(path: &Path, flag: &str) -> Result<String> {
-    fs::read_to_string(path)
-        .with_context(|| format!("{flag} {}: cannot read the file", path.display()))
-}
-
-fn resolve(addr: &str, flag: &str) -> Result<SocketAddr> {
-    if let Ok(addr) = addr.parse() {
-        return Ok(addr);
-    }
-    addr.to_socket_addrs()
-        .ok()
-        .and_then(|mut addrs| addrs.next())
-        .with_context(|| format!("{flag} `{addr}` is not an address like 127.0.0.1:8100"))
 }

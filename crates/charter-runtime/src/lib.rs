@@ -4,6 +4,8 @@
 //! This is the one place a Charter process reads the wall clock; everything downstream
 //! takes a [`charter_license::Clock`].
 
+pub mod flags;
+
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 

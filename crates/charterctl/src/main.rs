@@ -6,13 +6,13 @@ mod files;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use charter_license::{
     utc_date, Clock, LicenseDocument, LicenseError, LicenseSigner, TrustedKey, TrustedKeys,
     UnixTime,
 };
+use charter_runtime::SystemClock;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 use time::{macros::format_description, Date};
@@ -92,18 +92,6 @@ enum Command {
     },
 }
 
-/// The system clock, read only here at the edge.
-struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> UnixTime {
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0)
-    }
-}
-
 /// How a command ended: success, or a refused license (its own exit code).
 enum Outcome {
     Ok,
@@ -122,7 +110,7 @@ fn main() -> ExitCode {
             // One line, like every other error: clap's first line names the problem.
             eprintln!(
                 "charterctl: error: {} (see charterctl --help)",
-                one_line(&e)
+                charter_runtime::one_line(&e)
             );
             return ExitCode::from(2);
         }
@@ -331,19 +319,4 @@ fn inspect(at: Option<&str>, license: &Path) -> Result<Outcome> {
             Ok(Outcome::Refused)
         }
     }
-}
-
-/// Clap's error text up to its usage section, on one line.
-fn one_line(e: &clap::Error) -> String {
-    let rendered = e.render().to_string();
-    let text: Vec<&str> = rendered
-        .lines()
-        .take_while(|l| !l.starts_with("Usage:"))
-        .map(str::trim)
-        .filter(|l| {
-            !l.is_empty() && !l.starts_with("For more information") && !l.starts_with("tip:")
-        })
-        .collect();
-    let text = text.join(" ");
-    text.strip_prefix("error: ").unwrap_or(&text).to_owned()
 }
