@@ -1,0 +1,57 @@
+//! `charter-bench`: benchmarks of Charter against baselines on the same machine.
+//!
+//! `admin` measures the control plane's admin API (the real `charter-cp` release binary,
+//! as a separate process) against an axum hello-world served the same way, and its durable
+//! `POST /licenses` latency against a raw write+fsync loop on the same disk. See
+//! BENCHMARKS.md at the repository root for what the figures mean.
+
+mod admin;
+mod gate;
+mod hello;
+mod load;
+mod procs;
+mod stats;
+mod writes;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "charter-bench",
+    about = "Benchmarks of Charter's control plane against baselines"
+)]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Admin API: GET req/s against an axum hello-world, durable POST latency against
+    /// raw write+fsync.
+    Admin(admin::AdminArgs),
+    /// Gate mode: GET req/s and latency through charter-dp's gate against the same
+    /// upstream called directly.
+    Gate(gate::GateArgs),
+    /// The hello-world baseline server (started by `admin`; not for direct use).
+    #[command(hide = true)]
+    Hello(hello::HelloArgs),
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let result = match args.command {
+        Command::Admin(args) => admin::main(args),
+        Command::Gate(args) => gate::main(args),
+        Command::Hello(args) => hello::main(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("charter-bench: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
