@@ -20,11 +20,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use charter_license::LicenseSigner;
 use hyper::{Method, StatusCode, Uri};
 use serde_json::{json, Map, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -38,8 +38,6 @@ const THROUGHPUT_GOAL: f64 = 0.8;
 const ADDED_P99_GOAL_MICROS: f64 = 200.0;
 /// Most requests one connection sends in one window (a bound on the loop besides time).
 const MAX_REQUESTS_PER_CONNECTION: usize = 50_000_000;
-/// The largest response head accepted.
-const MAX_HEAD: usize = 16 * 1024;
 /// The pause before measuring a disturbed window again.
 const RETRY_PAUSE: Duration = Duration::from_secs(2);
 
@@ -531,7 +529,7 @@ async fn timed_loop(
             .write_all(&request)
             .await
             .with_context(|| format!("sending a request to {addr}"))?;
-        read_response(&mut stream, &mut buf)
+        crate::load::read_response(&mut stream, &mut buf)
             .await
             .with_context(|| format!("reading an answer from {addr}"))?;
         let done = Instant::now();
@@ -540,48 +538,6 @@ async fn timed_loop(
         }
     }
     Ok(latencies)
-}
-
-/// Reads one whole response (a 200 with a Content-Length); nothing follows it in a closed
-/// loop.
-async fn read_response(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<()> {
-    let (head_len, body_len) = loop {
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut response = httparse::Response::new(&mut headers);
-        match response.parse(buf).context("parsing a response head")? {
-            httparse::Status::Complete(head_len) => {
-                let status = response.code.unwrap_or(0);
-                ensure!(status == 200, "answered {status}, not 200");
-                let body_len = response
-                    .headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-                    .and_then(|h| std::str::from_utf8(h.value).ok())
-                    .and_then(|v| v.trim().parse::<usize>().ok())
-                    .context("a response without a Content-Length")?;
-                break (head_len, body_len);
-            }
-            httparse::Status::Partial => {
-                ensure!(
-                    buf.len() < MAX_HEAD,
-                    "a response head over {MAX_HEAD} bytes"
-                );
-                read_more(stream, buf).await?;
-            }
-        }
-    };
-    while buf.len() < head_len + body_len {
-        read_more(stream, buf).await?;
-    }
-    buf.advance(head_len + body_len);
-    Ok(())
-}
-
-async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<()> {
-    buf.reserve(64 * 1024);
-    let n = stream.read_buf(buf).await.context("reading")?;
-    ensure!(n > 0, "the server closed the connection");
-    Ok(())
 }
 
 /// A loopback port free right now.

@@ -360,7 +360,7 @@ async fn lean_loop(
 
 /// Reads one whole response (which must be a 200 with a Content-Length) and returns its
 /// body length. The loop is closed, so nothing follows it in the buffer.
-async fn read_response(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<usize> {
+pub(crate) async fn read_response(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<usize> {
     let (head_len, body_len) = loop {
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut response = httparse::Response::new(&mut headers);
