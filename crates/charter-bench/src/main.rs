@@ -1,11 +1,15 @@
 //! `charter-bench`: benchmarks of Charter against baselines on the same machine.
 //!
+//! `fanout` measures how fast a license change reaches N simulated data planes (real
+//! protocol, real mTLS) against a minimal tonic server, and the CP's memory per data plane.
+//!
 //! `admin` measures the control plane's admin API (the real `charter-cp` release binary,
 //! as a separate process) against an axum hello-world served the same way, and its durable
 //! `POST /licenses` latency against a raw write+fsync loop on the same disk. See
 //! BENCHMARKS.md at the repository root for what the figures mean.
 
 mod admin;
+mod fanout;
 mod gate;
 mod hello;
 mod load;
@@ -35,6 +39,12 @@ enum Command {
     /// Gate mode: GET req/s and latency through charter-dp's gate against the same
     /// upstream called directly.
     Gate(gate::GateArgs),
+    /// Cluster fan-out: how fast a license change reaches N data planes over mTLS, and
+    /// what each costs the control plane, against a minimal tonic server.
+    Fanout(fanout::FanoutArgs),
+    /// The fan-out baseline server (started by `fanout`; not for direct use).
+    #[command(hide = true)]
+    FanoutBaseline(fanout::BaselineArgs),
     /// The hello-world baseline server (started by `admin`; not for direct use).
     #[command(hide = true)]
     Hello(hello::HelloArgs),
@@ -45,6 +55,8 @@ fn main() -> ExitCode {
     let result = match args.command {
         Command::Admin(args) => admin::main(args),
         Command::Gate(args) => gate::main(args),
+        Command::Fanout(args) => fanout::main(args),
+        Command::FanoutBaseline(args) => fanout::baseline_main(args),
         Command::Hello(args) => hello::main(args),
     };
     match result {

@@ -11,6 +11,9 @@
 
 #![warn(missing_docs)]
 
+/// This data plane's version, sent in `Hello` (the control plane checks it is compatible).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 pub mod api;
 pub mod cache;
 pub mod clock;
@@ -128,7 +131,7 @@ pub async fn run_with_clock(
         hello: Hello {
             node_id: node_id.to_string(),
             hostname: gethostname::gethostname().to_string_lossy().into_owned(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
+            version: VERSION.to_owned(),
             labels: config.labels.clone().into_iter().collect(),
             cached_epoch: String::new(),
             cached_revision: 0,
