@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod config;
 pub mod effective;
 pub mod expiry;
+pub mod inventory;
 pub mod metrics;
 pub mod state;
 
@@ -97,13 +98,18 @@ pub async fn run_with_clock(
         hub.clone(),
         stop_rx.clone(),
     ));
+    let inventory = tokio::spawn(
+        hub.inventory()
+            .clone()
+            .run(state.store().clone(), stop_rx.clone()),
+    );
 
     let cluster_addr = listeners
         .cluster
         .local_addr()
         .context("reading the cluster listener address")?;
     let service = charter_proto::shared::cluster_server::ClusterServer::new(
-        cluster::ClusterService::new(state.clone(), hub, stop_rx.clone()),
+        cluster::ClusterService::new(state.clone(), hub.clone(), stop_rx.clone()),
     );
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
@@ -128,7 +134,7 @@ pub async fn run_with_clock(
         .local_addr()
         .context("reading the admin listener address")?;
     tracing::info!(%addr, "admin API listening");
-    let app = api::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listeners.admin, app)
         .with_graceful_shutdown(stopped(stop_rx.clone()))
         .await
@@ -136,6 +142,11 @@ pub async fn run_with_clock(
     let cluster_served = cluster_server.await;
     let _ = expiry.await;
     let _ = publisher.await;
+    let _ = inventory.await;
+    // The streams have ended and recorded their data planes as disconnected.
+    if let Err(e) = hub.inventory().flush(state.store().as_ref()) {
+        tracing::warn!(error = %e, "cannot record the data planes' last state in the inventory");
+    }
     tracing::info!("control plane stopped");
     served?;
     cluster_served

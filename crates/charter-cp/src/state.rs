@@ -97,6 +97,17 @@ impl AppState {
         let _ = self.0.hub.set(hub);
     }
 
+    /// Every data plane in the inventory, with what the streams recorded and the store
+    /// has not written yet.
+    pub fn data_planes(
+        &self,
+    ) -> Result<Vec<charter_store::DataPlaneRecord>, charter_store::StoreError> {
+        match self.0.hub.get() {
+            Some(hub) => hub.inventory().all(self.store().as_ref()),
+            None => self.store().data_planes(),
+        }
+    }
+
     /// How many data planes are connected now.
     pub fn connected_data_planes(&self) -> usize {
         self.0.hub.get().map_or(0, |hub| hub.connected_count())

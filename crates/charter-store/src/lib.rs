@@ -170,6 +170,9 @@ pub trait LicenseStore: Send + Sync + 'static {
     /// Records a data plane (insert or replace by id). Soft state: see [`DataPlaneRecord`].
     fn put_data_plane(&self, record: &DataPlaneRecord) -> Result<(), StoreError>;
 
+    /// Records several data planes at once (insert or replace by id), all or none.
+    fn put_data_planes(&self, records: &[DataPlaneRecord]) -> Result<(), StoreError>;
+
     /// Every recorded data plane, by id.
     fn data_planes(&self) -> Result<Vec<DataPlaneRecord>, StoreError>;
 

@@ -386,6 +386,19 @@ impl LicenseStore for SledStore {
         Ok(())
     }
 
+    fn put_data_planes(&self, records: &[DataPlaneRecord]) -> Result<(), StoreError> {
+        let mut batch = sled::Batch::default();
+        for record in records {
+            let value = serde_json::to_vec(record).map_err(|e| {
+                StoreError::Corrupt(format!("encoding data plane {}: {e}", record.id))
+            })?;
+            batch.insert(record.id.as_bytes(), value);
+        }
+        self.data_planes
+            .apply_batch(batch)
+            .map_err(|e| backend(format!("recording {} data planes", records.len()), e))
+    }
+
     fn data_planes(&self) -> Result<Vec<DataPlaneRecord>, StoreError> {
         self.data_planes
             .iter()

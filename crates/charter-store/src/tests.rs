@@ -738,9 +738,21 @@ fn data_plane_inventory_is_kept_and_purged() {
     );
     assert_eq!(store.purge_data_planes(250).expect("purge"), 1);
     assert_eq!(store.data_planes().expect("list"), vec![dp("a", 300)]);
+    store
+        .put_data_planes(&[dp("c", 400), dp("a", 500)])
+        .expect("batch");
+    assert_eq!(
+        store.data_planes().expect("list"),
+        vec![dp("a", 500), dp("c", 400)],
+        "a batch inserts and replaces"
+    );
+    store.put_data_planes(&[]).expect("an empty batch");
     drop(store);
     let store = SledStore::open(dir.path()).expect("reopen");
-    assert_eq!(store.data_planes().expect("list"), vec![dp("a", 300)]);
+    assert_eq!(
+        store.data_planes().expect("list"),
+        vec![dp("a", 500), dp("c", 400)]
+    );
 }
 
 #[test]

@@ -97,7 +97,7 @@ pub async fn report(
         .iter()
         .map(|(bucket, count)| json!({"bucket": bucket, "request_count": count}))
         .collect();
-    let planes = state.store().data_planes()?;
+    let planes = state.data_planes()?;
     let services: std::collections::BTreeSet<&str> = planes
         .iter()
         .map(|p| p.upstream.as_str())
@@ -201,7 +201,7 @@ pub async fn openapi() -> Response {
 
 /// `GET /clustering/data-planes`: the inventory, most recently seen first.
 pub async fn data_planes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let mut planes = state.store().data_planes()?;
+    let mut planes = state.data_planes()?;
     planes.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then_with(|| a.id.cmp(&b.id)));
     let data: Vec<Value> = planes
         .iter()
