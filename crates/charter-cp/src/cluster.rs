@@ -21,6 +21,7 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
+use crate::inventory::Inventory;
 use crate::state::AppState;
 
 /// A data plane that sends nothing for this long is marked gone and its stream closed.
@@ -59,9 +60,15 @@ pub struct Hub {
     frames: watch::Sender<Arc<Frame>>,
     connected: Mutex<HashMap<String, Connection>>,
     serials: AtomicU64,
+    inventory: Arc<Inventory>,
 }
 
 impl Hub {
+    /// The data-plane inventory the streams record into.
+    pub fn inventory(&self) -> &Arc<Inventory> {
+        &self.inventory
+    }
+
     /// How many data planes hold a stream now.
     pub fn connected_count(&self) -> usize {
         self.connected
@@ -133,6 +140,7 @@ pub fn hub(state: &AppState) -> Result<Arc<Hub>, charter_store::StoreError> {
         frames,
         connected: Mutex::new(HashMap::new()),
         serials: AtomicU64::new(0),
+        inventory: Arc::new(Inventory::default()),
     }))
 }
 
@@ -222,15 +230,14 @@ impl ClusterService {
 /// What the stream knows of its data plane, kept in the inventory.
 struct Peer {
     state: AppState,
+    inventory: Arc<Inventory>,
     record: DataPlaneRecord,
 }
 
 impl Peer {
     fn save(&mut self) {
         self.record.last_seen = self.state.now();
-        if let Err(e) = self.state.store().put_data_plane(&self.record) {
-            tracing::warn!(node_id = %self.record.id, error = %e, "cannot record data plane in the inventory");
-        }
+        self.inventory.record(self.record.clone());
     }
 }
 
@@ -277,6 +284,7 @@ impl Cluster for ClusterService {
         }
         let mut peer = Peer {
             state: self.state.clone(),
+            inventory: self.hub.inventory.clone(),
             record: DataPlaneRecord {
                 id: node_id.clone(),
                 ip: ip.clone(),
@@ -320,7 +328,10 @@ impl Cluster for ClusterService {
         let stream = async_stream::stream! {
             let mut sent: Option<Arc<Frame>> = None;
             frames.mark_changed();
-            let mut deadline = tokio::time::Instant::now() + LIVENESS;
+            // One timer per stream, moved on by each message: a frame's wake-up does not
+            // touch the timer wheel.
+            let liveness = tokio::time::sleep(LIVENESS);
+            tokio::pin!(liveness);
             loop {
                 tokio::select! {
                     changed = frames.changed() => {
@@ -331,7 +342,7 @@ impl Cluster for ClusterService {
                         yield Ok(frame.encoded.clone());
                     }
                     message = inbound.message() => {
-                        deadline = tokio::time::Instant::now() + LIVENESS;
+                        liveness.as_mut().reset(tokio::time::Instant::now() + LIVENESS);
                         match message {
                             Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Ack(ack)) })) => {
                                 let current = sent.as_ref().is_some_and(|f| f.revision == ack.revision && f.epoch == ack.epoch);
@@ -372,7 +383,7 @@ impl Cluster for ClusterService {
                             }
                         }
                     }
-                    _ = tokio::time::sleep_until(deadline) => {
+                    _ = &mut liveness => {
                         tracing::warn!(%node_id, "no message from data plane for 45 s; marking it gone");
                         break;
                     }
