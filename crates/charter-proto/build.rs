@@ -3,7 +3,9 @@
 //!
 //! Two generations: `client` is the ordinary code (messages, client, server); `server`
 //! maps `ControlPlaneMessage` to [`crate::EncodedControlPlaneMessage`], so the control
-//! plane encodes each snapshot once and every stream sends the same bytes.
+//! plane encodes each snapshot once and every stream sends the same bytes, and uses
+//! [`crate::StreamCodec`], whose buffers are sized for the small messages of a stream
+//! held open per data plane.
 
 use std::path::PathBuf;
 
@@ -28,6 +30,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .out_dir(&shared)
         .build_server(true)
         .build_client(false)
+        .codec_path("crate::StreamCodec")
         .extern_path(
             ".charter.cluster.v1.ControlPlaneMessage",
             "crate::EncodedControlPlaneMessage",

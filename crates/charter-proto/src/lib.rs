@@ -20,6 +20,49 @@ pub mod shared {
     include!(concat!(env!("OUT_DIR"), "/shared/charter.cluster.v1.rs"));
 }
 
+/// The codec of the control plane's `Sync` streams: prost's, with buffers sized for this
+/// protocol's messages (a snapshot is about a kilobyte, an Ack or a Ping tens of bytes)
+/// instead of tonic's 8 KiB per direction. A stream is held open per data plane, so these
+/// buffers are per data plane; a larger message grows its buffer as usual.
+#[derive(Debug, Clone)]
+pub struct StreamCodec<T, U>(std::marker::PhantomData<(T, U)>);
+
+/// The initial buffer capacity of each direction of a `Sync` stream.
+pub const STREAM_BUFFER_SIZE: usize = 2048;
+
+impl<T, U> Default for StreamCodec<T, U> {
+    fn default() -> Self {
+        StreamCodec(std::marker::PhantomData)
+    }
+}
+
+impl<T, U> tonic::codec::Codec for StreamCodec<T, U>
+where
+    T: Message + Send + 'static,
+    U: Message + Default + Send + 'static,
+{
+    type Encode = T;
+    type Decode = U;
+    type Encoder = tonic_prost::ProstEncoder<T>;
+    type Decoder = tonic_prost::ProstDecoder<U>;
+
+    fn encoder(&mut self) -> Self::Encoder {
+        tonic_prost::ProstEncoder::new(Self::settings())
+    }
+
+    fn decoder(&mut self) -> Self::Decoder {
+        tonic_prost::ProstDecoder::new(Self::settings())
+    }
+}
+
+impl<T, U> StreamCodec<T, U> {
+    fn settings() -> tonic::codec::BufferSettings {
+        // tonic's own default yield threshold (32 KiB): how much a stream encodes
+        // before it lets the connection write.
+        tonic::codec::BufferSettings::new(STREAM_BUFFER_SIZE, 32 * 1024)
+    }
+}
+
 /// A `ControlPlaneMessage` already encoded. Cloning shares the bytes (a reference count),
 /// and "encoding" it again copies them verbatim into the frame: no serialisation per stream.
 #[derive(Clone, Default, PartialEq, Eq)]
