@@ -51,9 +51,11 @@ const RSS_PER_DP_GOAL: u64 = 20 * 1024;
 const GOAL_N: usize = 10_000;
 /// File descriptors this process and the CP need beyond one per data plane.
 const FD_MARGIN: u64 = 512;
-/// A server is idle again once it used less than this much CPU in [`IDLE_WINDOW`].
+/// A server is idle again once it used less than this much CPU in [`IDLE_WINDOW`], which
+/// is longer than the CP's inventory flush interval (1 s), so that delayed batch write is
+/// counted in the update that caused it.
 const IDLE_CPU: Duration = Duration::from_millis(2);
-const IDLE_WINDOW: Duration = Duration::from_millis(200);
+const IDLE_WINDOW: Duration = Duration::from_millis(1200);
 /// The bound on waiting for a server to become idle.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -197,12 +199,19 @@ impl Target {
 struct Update {
     /// From the 201 to each data plane's decoded snapshot, sorted.
     deliveries: Vec<Duration>,
+    /// From sending the request to the last data plane's decoded snapshot: the whole
+    /// propagation, whatever the server does first (answering, or sending snapshots).
+    last_from_request: Duration,
     /// Data planes that had it before the 201 reached the simulator (counted as 0).
     before_201: usize,
     /// The server's CPU time from the trigger until it was idle again, Acks included.
     server_cpu: Duration,
     /// The largest share of a CPU the hypervisor took (steal) during the update.
     steal: f64,
+    /// How busy the server and the simulator were (CPU time over wall time, in cores)
+    /// from the trigger until the last data plane had the snapshot: whichever is near 1
+    /// bounds the fan-out.
+    busy: (f64, f64),
 }
 
 impl Update {
@@ -235,6 +244,10 @@ impl Measured {
 
     fn median_last(&self) -> Duration {
         median_of(self.updates.iter().map(Update::last))
+    }
+
+    fn median_last_from_request(&self) -> Duration {
+        median_of(self.updates.iter().map(|u| u.last_from_request))
     }
 }
 
@@ -393,15 +406,33 @@ impl Run<'_> {
         wait_idle(pid).await?;
         for _ in 0..self.settings.updates {
             let cpu_before = procs::cpu_time_precise(pid)?;
+            let sim_before = procs::cpu_time_precise(std::process::id())?;
             let counters_before = procs::cpu_counters()?;
-            let (id, answered) = self.trigger(target, conn).await?;
+            let triggered = Instant::now();
+            let (id, sent, answered) = self.trigger(target, conn).await?;
             let received = fleet
                 .receive(
                     |s| s.license.as_ref().is_some_and(|l| l.id == id),
                     self.settings.timeout,
                 )
                 .await?;
+            let window = triggered.elapsed().as_secs_f64().max(1e-9);
+            let busy = (
+                procs::cpu_time_precise(pid)?
+                    .saturating_sub(cpu_before)
+                    .as_secs_f64()
+                    / window,
+                procs::cpu_time_precise(std::process::id())?
+                    .saturating_sub(sim_before)
+                    .as_secs_f64()
+                    / window,
+            );
             let before_201 = received.iter().filter(|(at, _)| *at < answered).count();
+            let last_from_request = received
+                .iter()
+                .map(|(at, _)| at.saturating_duration_since(sent))
+                .max()
+                .unwrap_or_default();
             let mut deliveries: Vec<Duration> = received
                 .iter()
                 .map(|(at, _)| at.saturating_duration_since(answered))
@@ -425,9 +456,11 @@ impl Run<'_> {
             measured.rss_connected = measured.rss_connected.max(rss(pid)?);
             measured.updates.push(Update {
                 deliveries,
+                last_from_request,
                 before_201,
                 server_cpu,
                 steal,
+                busy,
             });
         }
         fleet.close().await;
@@ -435,9 +468,9 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Makes the server send a new license to every stream; returns the license id and
-    /// the instant the 201 was read.
-    async fn trigger(&self, target: Target, conn: &mut Conn) -> Result<(String, Instant)> {
+    /// Makes the server send a new license to every stream; returns the license id, the
+    /// instant the request was sent and the instant the 201 was read.
+    async fn trigger(&self, target: Target, conn: &mut Conn) -> Result<(String, Instant, Instant)> {
         let serial = self.licenses.get();
         self.licenses.set(serial + 1);
         let document = self
@@ -458,6 +491,7 @@ impl Run<'_> {
         };
         let body = Bytes::from(serde_json::to_vec(&body).context("encoding a trigger")?);
         let sent = json_id(&body);
+        let sent_at = Instant::now();
         let (status, answer) = conn.request(Method::POST, &uri, Some(body)).await?;
         let answered = Instant::now();
         if status != StatusCode::CREATED {
@@ -471,7 +505,7 @@ impl Run<'_> {
             Target::Baseline => sent,
         }
         .context("no license id in the trigger")?;
-        Ok((id, answered))
+        Ok((id, sent_at, answered))
     }
 
     async fn start_cp(&self, data_dir: &Path) -> Result<Started> {
@@ -663,23 +697,24 @@ fn spread(updates: &[Update], f: impl Fn(&Update) -> Duration) -> String {
 fn write_size(out: &mut String, n: usize, cp: &Measured, base: &Measured) -> Result<()> {
     writeln!(
         out,
-        "\nN = {n}: from the 201 to each data plane's decoded snapshot, median (min–max) over {} updates",
+        "\nN = {n}: from the 201 to each data plane's decoded snapshot (a snapshot decoded before the 201 counts 0), and from the request to the last; median (min–max) over {} updates",
         cp.updates.len()
     )?;
     writeln!(
         out,
-        "  {:<18} {:>26} {:>26} {:>26} {:>10} {:>9}",
-        "server", "p50", "p99", "last", "before 201", "connect"
+        "  {:<18} {:>24} {:>24} {:>24} {:>24} {:>10} {:>8}",
+        "server", "p50", "p99", "last", "last from request", "before 201", "connect"
     )?;
     for (target, m) in [(Target::Cp, cp), (Target::Baseline, base)] {
         let before: usize = m.updates.iter().map(|u| u.before_201).sum();
         writeln!(
             out,
-            "  {:<18} {:>26} {:>26} {:>26} {:>10} {:>7.1} s",
+            "  {:<18} {:>24} {:>24} {:>24} {:>24} {:>10} {:>6.1} s",
             target.label(),
             spread(&m.updates, |u| u.p(50.0)),
             spread(&m.updates, |u| u.p(99.0)),
             spread(&m.updates, Update::last),
+            spread(&m.updates, |u| u.last_from_request),
             format!(
                 "{:.1}%",
                 100.0 * before as f64 / (n * m.updates.len().max(1)) as f64
@@ -687,8 +722,26 @@ fn write_size(out: &mut String, n: usize, cp: &Measured, base: &Measured) -> Res
             stats::median(&m.connect_secs).unwrap_or(0.0),
         )?;
     }
-    let ratio = cp.median_last().as_secs_f64() / base.median_last().as_secs_f64().max(1e-9);
-    writeln!(out, "  last delivery, charter-cp vs baseline: {ratio:.2}x")?;
+    writeln!(
+        out,
+        "  last delivery, charter-cp vs baseline: {:.2}x from the 201, {:.2}x from the request",
+        ratio(cp.median_last(), base.median_last()),
+        ratio(
+            cp.median_last_from_request(),
+            base.median_last_from_request()
+        ),
+    )?;
+    for (target, m) in [(Target::Cp, cp), (Target::Baseline, base)] {
+        let server: Vec<f64> = m.updates.iter().map(|u| u.busy.0).collect();
+        let sim: Vec<f64> = m.updates.iter().map(|u| u.busy.1).collect();
+        writeln!(
+            out,
+            "  {:<18} busy from the request to the last delivery (median, cores): server {:.2}, simulator {:.2}",
+            target.label(),
+            stats::median(&server).unwrap_or(0.0),
+            stats::median(&sim).unwrap_or(0.0),
+        )?;
+    }
     writeln!(
         out,
         "  {:<18} {:>14} {:>12} {:>14} {:>12}",
@@ -710,7 +763,7 @@ fn write_size(out: &mut String, n: usize, cp: &Measured, base: &Measured) -> Res
     if let (Some(v), Some(c)) = (verify, cache) {
         writeln!(
             out,
-            "  per DP (charter-cp's snapshots, the data plane's code, serially): verify (decide) p50 {} p99 {} over {}; durable cache write (cache::store) p50 {} p99 {} over {}",
+            "  per DP, the data plane's code on charter-cp's snapshots, serially: verify (decide) p50 {} p99 {} over {}; durable cache write (cache::store) p50 {} p99 {} over {}",
             us(v.p50), us(v.p99), v.count, us(c.p50), us(c.p99), c.count
         )?;
     }
@@ -735,6 +788,10 @@ fn write_size(out: &mut String, n: usize, cp: &Measured, base: &Measured) -> Res
     Ok(())
 }
 
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64().max(1e-9)
+}
+
 fn write_verdicts(out: &mut String, results: &[(usize, Measured, Measured)]) -> Result<()> {
     let Some((n, cp, base)) = results
         .iter()
@@ -745,22 +802,27 @@ fn write_verdicts(out: &mut String, results: &[(usize, Measured, Measured)]) -> 
     };
     let verdict = |met: bool| if met { "met" } else { "MISSED" };
     writeln!(out, "\nGoals (judged at N = {n}):")?;
-    let (last, base_last) = (cp.median_last(), base.median_last());
-    let ratio = last.as_secs_f64() / base_last.as_secs_f64().max(1e-9);
-    writeln!(
-        out,
-        "  last delivery {} = {ratio:.2}x the baseline's {} (goal ≤ {LAST_RATIO_GOAL}x): {}",
-        ms(last),
-        ms(base_last),
-        verdict(ratio <= LAST_RATIO_GOAL)
-    )?;
-    writeln!(
-        out,
-        "  last delivery {} (goal < {}): {}",
-        ms(last),
-        ms(LAST_GOAL),
-        verdict(last < LAST_GOAL)
-    )?;
+    // Judged on both clocks: from the 201, as the goal is stated, and from the request,
+    // which does not depend on whether a server answers before or after it starts sending.
+    for (clock, last, base_last) in [
+        ("from the 201", cp.median_last(), base.median_last()),
+        (
+            "from the request",
+            cp.median_last_from_request(),
+            base.median_last_from_request(),
+        ),
+    ] {
+        let r = ratio(last, base_last);
+        writeln!(
+            out,
+            "  last delivery {clock} {} = {r:.2}x the baseline's {} (goal ≤ {LAST_RATIO_GOAL}x): {}; (goal < {}): {}",
+            ms(last),
+            ms(base_last),
+            verdict(r <= LAST_RATIO_GOAL),
+            ms(LAST_GOAL),
+            verdict(last < LAST_GOAL)
+        )?;
+    }
     let per_dp = cp.rss_per_dp(*n);
     writeln!(
         out,
