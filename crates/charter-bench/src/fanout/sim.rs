@@ -21,7 +21,7 @@ use charter_license::{TrustedKeys, UnixTime};
 use charter_proto::v1::cluster_client::ClusterClient;
 use charter_proto::v1::{
     control_plane_message, data_plane_message, Ack, ControlPlaneMessage, DataPlaneMessage, Hello,
-    Snapshot,
+    Ping, Snapshot,
 };
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -114,9 +114,28 @@ impl Fleet {
                 let (tx, mut inbound) =
                     opened.with_context(|| format!("connecting data plane {dp} to {target}"))?;
                 let events = events_tx.clone();
+                let pings = tx.clone();
                 tasks.spawn(async move {
+                    // A data plane pings every 30 s, from 30 s after it connected; the
+                    // control plane drops a stream that is silent for 45 s.
+                    let mut ping = tokio::time::interval_at(
+                        Instant::now() + charter_dp::sync::PING_EVERY,
+                        charter_dp::sync::PING_EVERY,
+                    );
                     let error = loop {
-                        match inbound.message().await {
+                        let message = tokio::select! {
+                            message = inbound.message() => message,
+                            _ = ping.tick() => {
+                                let ping = DataPlaneMessage {
+                                    msg: Some(data_plane_message::Msg::Ping(Ping {})),
+                                };
+                                if pings.send(ping).await.is_err() {
+                                    break "the request stream closed".to_owned();
+                                }
+                                continue;
+                            }
+                        };
+                        match message {
                             Ok(Some(ControlPlaneMessage {
                                 msg: Some(control_plane_message::Msg::Snapshot(snapshot)),
                             })) => {
