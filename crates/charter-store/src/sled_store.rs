@@ -1,6 +1,7 @@
 //! The sled backend of [`LicenseStore`]: three trees, one transaction per write, and an
 //! explicit fsync before any write is acknowledged.
 
+use std::collections::VecDeque;
 use std::fs::File;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -14,7 +15,8 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::{
-    DataPlaneRecord, LicenseRecord, LicenseStore, NodeUsage, Page, PutOutcome, StoreError,
+    Changes, DataPlaneRecord, LicenseRecord, LicenseStore, NodeUsage, Page, PutOutcome,
+    StoreError,
 };
 
 /// Reported by [`LicenseStore::backend_version`]; must match the sled version in Cargo.toml.
@@ -33,6 +35,10 @@ const REVISION_KEY: &[u8] = b"revision";
 const DB_FILE: &str = "db";
 /// The directory in which sled 0.34 keeps values too large to inline in the log.
 const BLOBS_DIR: &str = "blobs";
+
+/// How many writes [`LicenseStore::changes_since`] remembers. A reader further behind
+/// than this reads everything again.
+pub(crate) const CHANGE_LOG_LEN: usize = 4096;
 
 /// The result type of a transaction closure: our error, or sled's conflict/storage signal.
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
@@ -97,6 +103,66 @@ pub struct SledStore {
     /// whole or not at all.
     write_lock: Mutex<()>,
     revision_tx: watch::Sender<u64>,
+    /// The published revision and the ids of the last writes, for
+    /// [`LicenseStore::changes_since`]. Updated under `write_lock`, after the write is
+    /// durable; its own lock is held only to read or push.
+    changes: Mutex<ChangeLog>,
+}
+
+/// The last published revision and the recent writes: `(revision, id)`, consecutive
+/// revisions ending at `revision`, at most [`CHANGE_LOG_LEN`].
+pub(crate) struct ChangeLog {
+    revision: u64,
+    writes: VecDeque<(u64, Uuid)>,
+}
+
+impl ChangeLog {
+    /// An empty log at `revision`.
+    pub(crate) fn new(revision: u64) -> ChangeLog {
+        ChangeLog {
+            revision,
+            writes: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn publish(&mut self, revision: u64, id: Uuid) {
+        // A write whose commit succeeded but whose flush failed was never published; its
+        // revision is missing here, so forget what came before rather than leave a gap.
+        if self.revision.checked_add(1) != Some(revision) {
+            self.writes.clear();
+        }
+        if self.writes.len() == CHANGE_LOG_LEN {
+            self.writes.pop_front();
+        }
+        self.writes.push_back((revision, id));
+        self.revision = revision;
+    }
+
+    pub(crate) fn since(&self, revision: u64) -> Changes {
+        let ids = if revision == self.revision {
+            Some(Vec::new())
+        } else if revision < self.revision
+            && self
+                .writes
+                .front()
+                .is_some_and(|(first, _)| *first <= revision + 1)
+        {
+            Some(
+                self.writes
+                    .iter()
+                    .filter(|(r, _)| *r > revision)
+                    .map(|(_, id)| *id)
+                    .collect(),
+            )
+        } else {
+            // Too far back, or a revision this store never published.
+            None
+        };
+        Changes {
+            revision: self.revision,
+            ids,
+        }
+    }
 }
 
 impl SledStore {
@@ -137,6 +203,7 @@ impl SledStore {
             epoch,
             write_lock: Mutex::new(()),
             revision_tx: watch::Sender::new(revision),
+            changes: Mutex::new(ChangeLog::new(revision)),
         };
 
         // The first open writes `conf`, the log and possibly the epoch; make all of it
@@ -176,9 +243,12 @@ impl SledStore {
     /// Runs one write: takes the write lock, runs `tx` as one transaction over the three
     /// trees, and, if it reports a new revision, makes it durable and publishes it.
     ///
-    /// `tx` returns the value for the caller and `Some(new_revision)` if it wrote, `None`
-    /// if it changed nothing.
-    fn write<T>(&self, tx: impl Fn(&Trees) -> TxResult<(T, Option<u64>)>) -> Result<T, StoreError> {
+    /// `tx` returns the value for the caller and `Some((new_revision, id))` if it wrote the
+    /// license `id`, `None` if it changed nothing.
+    fn write<T>(
+        &self,
+        tx: impl Fn(&Trees) -> TxResult<(T, Option<(u64, Uuid)>)>,
+    ) -> Result<T, StoreError> {
         let _guard = self
             .write_lock
             .lock()
@@ -195,8 +265,12 @@ impl SledStore {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => backend("committing a write".to_string(), e),
             })?;
-        if let Some(revision) = new_revision {
+        if let Some((revision, id)) = new_revision {
             self.make_durable()?;
+            self.changes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .publish(revision, id);
             self.revision_tx.send_replace(revision);
         }
         Ok(value)
@@ -243,7 +317,7 @@ impl SledStore {
                 revision,
             };
             store_record(t, &record)?;
-            Ok(((record, outcome), Some(revision)))
+            Ok(((record, outcome), Some((revision, id))))
         })
     }
 }
@@ -347,7 +421,7 @@ impl LicenseStore for SledStore {
                 revision,
             };
             store_record(t, &record)?;
-            Ok((record, Some(revision)))
+            Ok((record, Some((revision, id))))
         })
     }
 
@@ -373,7 +447,7 @@ impl LicenseStore for SledStore {
             let old = decode_record(id.as_bytes(), &bytes).or_else(abort)?;
             remove_index_entry(t.checksums, &old.checksum, id)?;
             let revision = bump_revision(t.meta)?;
-            Ok((Some(old), Some(revision)))
+            Ok((Some(old), Some((revision, id))))
         })
     }
 
@@ -476,6 +550,13 @@ impl LicenseStore for SledStore {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.revision_tx.subscribe()
+    }
+
+    fn changes_since(&self, revision: u64) -> Changes {
+        self.changes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .since(revision)
     }
 }
 
