@@ -15,8 +15,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::{
-    Changes, DataPlaneRecord, LicenseRecord, LicenseStore, NodeUsage, Page, PutOutcome,
-    StoreError,
+    Changes, DataPlaneRecord, LicenseRecord, LicenseStore, NodeUsage, Page, PutOutcome, StoreError,
 };
 
 /// Reported by [`LicenseStore::backend_version`]; must match the sled version in Cargo.toml.

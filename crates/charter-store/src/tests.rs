@@ -454,7 +454,10 @@ fn changes_since_forgets_beyond_its_length() {
         log.publish(revision, id(u128::from(revision)));
     }
     assert_eq!(log.since(10).ids, None);
-    assert_eq!(log.since(13).ids.map(|ids| ids.len()), Some(total as usize - 3));
+    assert_eq!(
+        log.since(13).ids.map(|ids| ids.len()),
+        Some(total as usize - 3)
+    );
     assert_eq!(log.since(12).ids, None);
     // A revision that was never published (a failed flush) drops what came before.
     log.publish(20 + total, id(1));

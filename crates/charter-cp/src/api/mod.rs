@@ -18,6 +18,8 @@ use uuid::Uuid;
 
 use crate::state::AppState;
 
+pub use licenses::{record_body, record_json};
+
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 1024 * 1024;
 
