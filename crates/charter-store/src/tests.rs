@@ -446,6 +446,34 @@ fn changes_since_names_every_write_after_a_revision() {
 }
 
 #[test]
+fn a_directory_is_fsynced_again_whenever_its_entries_change() {
+    use crate::sled_store::{list_dir, SyncedDir};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("a"), "a").unwrap();
+    let mut synced = SyncedDir::default();
+    synced.sync(dir, list_dir(dir).unwrap()).unwrap();
+    let first = synced.listing.clone().expect("recorded after an fsync");
+    assert_eq!(first.len(), 1);
+    // A file's content is not an entry: nothing to record.
+    std::fs::write(dir.join("a"), "longer").unwrap();
+    assert_eq!(list_dir(dir).unwrap(), first);
+    // A new name, a name replaced by another inode, a removal: each is a change.
+    std::fs::write(dir.join("b"), "b").unwrap();
+    let with_b = list_dir(dir).unwrap();
+    assert_ne!(with_b, first);
+    synced.sync(dir, with_b.clone()).unwrap();
+    assert_eq!(synced.listing.as_ref(), Some(&with_b));
+    std::fs::write(dir.join("c"), "c").unwrap();
+    std::fs::rename(dir.join("c"), dir.join("a")).unwrap();
+    let renamed = list_dir(dir).unwrap();
+    assert_eq!(renamed.len(), 2);
+    assert_ne!(renamed, with_b, "same names, but `a` is another inode");
+    std::fs::remove_file(dir.join("b")).unwrap();
+    assert_ne!(list_dir(dir).unwrap(), renamed);
+}
+
+#[test]
 fn changes_since_forgets_beyond_its_length() {
     // Thousands of fsynced writes would make this slow, so it drives the log directly.
     let total = super::sled_store::CHANGE_LOG_LEN as u64 + 3;
