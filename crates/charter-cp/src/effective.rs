@@ -10,6 +10,7 @@ use charter_license::{
     Evaluation, LicenseDocument, Status, TrustedKeys, UnixTime, VerifiedLicense,
 };
 use charter_store::LicenseRecord;
+use sha2::{Digest, Sha256};
 
 use crate::config::StaticLicense;
 
@@ -65,6 +66,18 @@ pub struct VerifyCache {
 }
 
 impl VerifyCache {
+    /// Records that the payload `text` verified as `verified`, so that reading it back
+    /// from the store does not verify it again. The admin API calls this for every
+    /// license it validates before storing it (as `text`, the normalized document).
+    pub fn remember(&self, text: &str, verified: &VerifiedLicense) {
+        let checksum = hex::encode(Sha256::digest(text.as_bytes()));
+        let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 10_000 {
+            map.clear();
+        }
+        map.insert(checksum, Some(Arc::new(verified.clone())));
+    }
+
     /// The verification of `record`'s payload, verifying it only on first sight.
     pub fn verify(
         &self,

@@ -119,6 +119,12 @@ impl AppState {
             .read(self.0.store.as_ref(), &self.0.keys, &self.0.verify_cache, f)
     }
 
+    /// Remembers that the license text `text` verified, before it is stored: see
+    /// [`VerifyCache::remember`].
+    pub fn remember_verified(&self, text: &str, verified: &charter_license::VerifiedLicense) {
+        self.0.verify_cache.remember(text, verified);
+    }
+
     /// The stored license with this id, with its API JSON.
     pub fn record(&self, id: uuid::Uuid) -> Result<Option<Arc<Entry>>, StoreError> {
         self.catalog(|index| index.get(id).cloned())

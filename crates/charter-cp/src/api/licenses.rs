@@ -174,7 +174,9 @@ fn validate(
 ) -> Result<(String, VerifiedLicense, Evaluation), ApiError> {
     let (verified, evaluation) = charter_license::validate(text, state.keys(), state.now())
         .map_err(ApiError::InvalidLicense)?;
-    Ok((normalized(&verified.document), verified, evaluation))
+    let text = normalized(&verified.document);
+    state.remember_verified(&text, &verified);
+    Ok((text, verified, evaluation))
 }
 
 fn log_stored(

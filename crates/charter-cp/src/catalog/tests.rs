@@ -419,3 +419,22 @@ fn concurrent_reads_see_every_acknowledged_write() {
         payloads.len()
     );
 }
+
+#[test]
+fn a_remembered_verification_is_what_verifying_the_stored_text_gives() {
+    let f = fixture();
+    let keys = TrustedKeys::new([f.vendor.trusted_key()]);
+    let document = license(&f.vendor, "spaced", "2026-01-01", "2099-12-31");
+    // Submitted with other whitespace and key order than it is stored with.
+    let value: Value = serde_json::from_str(&document).unwrap();
+    let submitted = serde_json::to_string_pretty(&value).unwrap();
+    let verified = keys.verify_text(&submitted).unwrap();
+    let stored = crate::effective::normalized(&verified.document);
+    assert_ne!(stored, submitted);
+    f.state.remember_verified(&stored, &verified);
+    let record = f.store.insert(Uuid::new_v4(), &stored, JUNE_2026).unwrap();
+    let cache = crate::effective::VerifyCache::default();
+    let fresh = cache.verify(&keys, &record).expect("verifies");
+    let entry = f.state.record(record.id).unwrap().expect("stored");
+    assert_eq!(entry.verified.as_deref(), Some(&*fresh));
+}
