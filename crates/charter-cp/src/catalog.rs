@@ -7,9 +7,9 @@
 //! Only what does not depend on the time is kept here: statuses are evaluated at `now` by
 //! [`effective::select`] on every view.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use bytes::Bytes;
 use charter_license::{TrustedKeys, VerifiedLicense};
@@ -49,7 +49,21 @@ pub struct Index {
     by_recency: BTreeSet<RecencyKey>,
     /// How many stored licenses do not verify.
     unverified: usize,
+    /// Bodies of `GET /licenses` pages answered at this revision, by (after, size), so a
+    /// page is assembled once per revision; emptied by every refresh. A std `Mutex`: held
+    /// only to look up or insert, never while a body is built.
+    pages: Mutex<PageCache>,
 }
+
+/// Page bodies, with their total size to bound the memory they take.
+#[derive(Default)]
+struct PageCache {
+    bodies: HashMap<(Option<Uuid>, usize), Bytes>,
+    bytes: usize,
+}
+
+/// The most page bytes kept; past it the cache starts over (pages are rebuilt on demand).
+const PAGE_CACHE_BYTES: usize = 8 << 20;
 
 impl Index {
     /// The entry with this id.
@@ -69,6 +83,37 @@ impl Index {
             None => None,
         };
         (entries, next)
+    }
+
+    /// The body of the page `(after, size)` (see [`page`](Index::page)), made by `build`
+    /// from the page's entries and next id the first time it is asked for at this
+    /// revision, and then reused.
+    pub fn page_body(
+        &self,
+        after: Option<Uuid>,
+        size: usize,
+        build: impl FnOnce(&[Arc<Entry>], Option<Uuid>) -> Bytes,
+    ) -> Bytes {
+        let key = (after, size);
+        if let Some(body) = self.pages().bodies.get(&key) {
+            return body.clone();
+        }
+        let (entries, next) = self.page(after, size);
+        let body = build(&entries, next);
+        let mut pages = self.pages();
+        if pages.bytes + body.len() > PAGE_CACHE_BYTES {
+            *pages = PageCache::default();
+        }
+        pages.bytes += body.len();
+        if let Some(old) = pages.bodies.insert(key, body.clone()) {
+            pages.bytes -= old.len();
+        }
+        body
+    }
+
+    fn pages(&self) -> std::sync::MutexGuard<'_, PageCache> {
+        // Only ever holds finished bodies, so a poisoned lock is still consistent.
+        self.pages.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The verified licenses, newest first (see [`RecencyKey`]).
@@ -183,6 +228,10 @@ fn refresh(
         }
     }
     index.revision = Some(changes.revision);
+    *index
+        .pages
+        .get_mut()
+        .unwrap_or_else(PoisonError::into_inner) = PageCache::default();
     Ok(())
 }
 

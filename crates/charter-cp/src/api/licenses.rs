@@ -219,25 +219,30 @@ pub async fn list(
             _ => {}
         }
     }
-    let (records, next): (Vec<Bytes>, _) = match state.catalog(|index| index.page(after, size)) {
-        Ok((entries, next)) => (entries.iter().map(|e| e.json.clone()).collect(), next),
+    let build = |records: &[Bytes], next: Option<Uuid>| {
+        let offset = next.map(encode_offset);
+        let next = offset
+            .as_ref()
+            .map(|o| format!("/licenses?offset={o}&size={size}"));
+        page_body(records, next.as_deref(), offset.as_deref())
+    };
+    let body = state.catalog(|index| {
+        index.page_body(after, size, |entries, next| {
+            let records: Vec<Bytes> = entries.iter().map(|e| e.json.clone()).collect();
+            build(&records, next)
+        })
+    });
+    match body {
+        Ok(body) => Ok(json_response(body)),
         // The catalog could not be brought up to date (a record that does not decode):
         // answer from the store, which fails only for pages holding such a record.
         Err(e) => {
             tracing::debug!(error = %e, "license catalog unavailable; reading the store");
             let page = state.store().list(after, size)?;
-            (page.records.iter().map(record_body).collect(), page.next)
+            let records: Vec<Bytes> = page.records.iter().map(record_body).collect();
+            Ok(json_response(build(&records, page.next)))
         }
-    };
-    let offset = next.map(encode_offset);
-    let next = offset
-        .as_ref()
-        .map(|o| format!("/licenses?offset={o}&size={size}"));
-    Ok(json_response(page_body(
-        &records,
-        next.as_deref(),
-        offset.as_deref(),
-    )))
+    }
 }
 
 /// The `{id}` path segment. A segment that is not UTF-8 once percent-decoded is no UUID

@@ -119,6 +119,8 @@ async fn check_matches_store(f: &Fixture) {
             let page = f.store.list(after, size).unwrap();
             let (status, body) = get(&f.state, &uri).await;
             assert_eq!(status, StatusCode::OK);
+            // Asked again at the same revision, the page comes from the page cache.
+            assert_eq!(get(&f.state, &uri).await.1, body, "{uri} again");
             assert_eq!(
                 String::from_utf8(body.clone()).unwrap(),
                 String::from_utf8(page_as_before(&page.records, page.next, size)).unwrap(),
