@@ -4,11 +4,13 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+#[cfg(doc)]
+use charter_license::select_effective;
 use charter_license::{
-    select_effective, Candidate, Evaluation, LicenseDocument, TrustedKeys, UnixTime,
-    VerifiedLicense,
+    Evaluation, LicenseDocument, Status, TrustedKeys, UnixTime, VerifiedLicense,
 };
 use charter_store::LicenseRecord;
+use sha2::{Digest, Sha256};
 
 use crate::config::StaticLicense;
 
@@ -64,7 +66,24 @@ pub struct VerifyCache {
 }
 
 impl VerifyCache {
-    fn verify(&self, keys: &TrustedKeys, record: &LicenseRecord) -> Option<Arc<VerifiedLicense>> {
+    /// Records that the payload `text` verified as `verified`, so that reading it back
+    /// from the store does not verify it again. The admin API calls this for every
+    /// license it validates before storing it (as `text`, the normalized document).
+    pub fn remember(&self, text: &str, verified: &VerifiedLicense) {
+        let checksum = hex::encode(Sha256::digest(text.as_bytes()));
+        let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() > 10_000 {
+            map.clear();
+        }
+        map.insert(checksum, Some(Arc::new(verified.clone())));
+    }
+
+    /// The verification of `record`'s payload, verifying it only on first sight.
+    pub fn verify(
+        &self,
+        keys: &TrustedKeys,
+        record: &LicenseRecord,
+    ) -> Option<Arc<VerifiedLicense>> {
         // The lock is held only for map access; verification runs outside it. A poisoned
         // lock only means another thread panicked mid-insert, and the map is still usable.
         if let Some(hit) = self
@@ -86,6 +105,10 @@ impl VerifyCache {
 }
 
 /// Computes the view from the stored records and the static license at `now`.
+///
+/// The admin API's view comes from [`crate::catalog`], which keeps the verified records in
+/// order; this is for a set of records that is not the store's (the Consul face asks what
+/// the view would be without one record). Both end in [`select`].
 pub fn compute(
     records: Vec<LicenseRecord>,
     keys: &TrustedKeys,
@@ -93,41 +116,73 @@ pub fn compute(
     static_license: Option<&StaticLicense>,
     now: UnixTime,
 ) -> View {
-    let mut warnings = Vec::new();
-    let mut candidates = Vec::new();
     let mut unverified = 0;
+    let mut verified = Vec::with_capacity(records.len());
     for record in records {
-        let Some(verified) = cache.verify(keys, &record) else {
-            unverified += 1;
-            continue;
-        };
-        // A license whose creation date is still ahead is not in force yet.
-        let Ok(evaluation) = verified.evaluate(now) else {
-            continue;
-        };
-        candidates.push(Candidate {
-            updated_at: record.updated_at,
-            revision: record.revision,
-            status: evaluation.status,
-            item: (record, verified, evaluation),
-        });
+        match cache.verify(keys, &record) {
+            Some(license) => verified.push((record, license)),
+            None => unverified += 1,
+        }
     }
+    // Newest first: the order `select` expects (see `catalog::RecencyKey`).
+    verified.sort_by(|(a, _), (b, _)| {
+        (b.updated_at, b.revision, b.id).cmp(&(a.updated_at, a.revision, a.id))
+    });
+    select(
+        verified.iter().map(|(record, license)| (record, license)),
+        unverified,
+        keys,
+        static_license,
+        now,
+    )
+}
+
+/// The view at `now`, from the verified stored licenses newest first (most recent
+/// `updated_at`, then the higher revision, then the higher id) and the number of stored
+/// licenses that do not verify.
+///
+/// This is [`select_effective`] over the licenses in force at `now`, without evaluating
+/// each one: the license in force is the first, newest first, whose creation date has come
+/// (`evaluate` succeeds), and only when it has expired are the others looked at, to warn
+/// that another one has not. So a view costs about one evaluation, whatever the number of
+/// stored licenses.
+pub fn select<'a>(
+    newest_first: impl Iterator<Item = (&'a LicenseRecord, &'a Arc<VerifiedLicense>)> + Clone,
+    unverified: usize,
+    keys: &TrustedKeys,
+    static_license: Option<&StaticLicense>,
+    now: UnixTime,
+) -> View {
+    let mut warnings = Vec::new();
     if unverified > 0 {
         warnings.push(format!(
             "{unverified} stored license(s) do not verify against the trusted keys and are ignored"
         ));
     }
-    let selection = select_effective(&candidates);
-    let stored_in_force = selection.effective.map(|c| {
-        let (record, verified, evaluation) = &c.item;
-        InForce {
-            source: Source::Store,
-            record: Some(record.clone()),
-            verified: (**verified).clone(),
-            evaluation: evaluation.clone(),
-        }
+    // A license whose creation date is still ahead is not in force yet.
+    let effective = newest_first.clone().find_map(|(record, verified)| {
+        let evaluation = verified.evaluate(now).ok()?;
+        Some((record, verified, evaluation))
     });
-    if selection.expired_while_other_valid {
+    let expired_while_other_valid = match &effective {
+        Some((_, _, evaluation))
+            if matches!(evaluation.status, Status::Grace | Status::Expired) =>
+        {
+            newest_first.clone().any(|(_, verified)| {
+                verified
+                    .evaluate(now)
+                    .is_ok_and(|e| matches!(e.status, Status::Valid | Status::Expiring))
+            })
+        }
+        _ => false,
+    };
+    let stored_in_force = effective.map(|(record, verified, evaluation)| InForce {
+        source: Source::Store,
+        record: Some(record.clone()),
+        verified: (**verified).clone(),
+        evaluation,
+    });
+    if expired_while_other_valid {
         if let Some(effective) = &stored_in_force {
             let id = effective
                 .record

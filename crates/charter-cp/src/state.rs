@@ -8,6 +8,7 @@ use charter_store::{LicenseStore, StoreError};
 
 use crate::api::ApiError;
 use crate::auth::Tokens;
+use crate::catalog::{Catalog, Entry, Index};
 use crate::cluster::Hub;
 use crate::config::StaticLicense;
 use crate::effective::{self, VerifyCache, View};
@@ -25,6 +26,8 @@ struct Inner {
     tokens: Option<Tokens>,
     metrics: Metrics,
     verify_cache: VerifyCache,
+    /// The stored licenses in memory, refreshed from the store's change log.
+    catalog: Catalog,
     /// Serialises the Consul face's check-then-delete, so two concurrent DELETEs cannot
     /// together remove the last valid license. A Tokio mutex, because it is held across
     /// the store write, which runs on the blocking pool.
@@ -51,6 +54,7 @@ impl AppState {
             tokens,
             metrics: Metrics::new(),
             verify_cache: VerifyCache::default(),
+            catalog: Catalog::default(),
             consul_lock: tokio::sync::Mutex::new(()),
             hostname: gethostname::gethostname().to_string_lossy().into_owned(),
             hub: OnceLock::new(),
@@ -118,20 +122,55 @@ impl AppState {
         &self.0.consul_lock
     }
 
-    /// The license situation now.
+    /// Reads the in-memory copy of the stored licenses, brought up to date first: it
+    /// reflects every write acknowledged before the call.
+    pub fn catalog<T>(&self, f: impl FnOnce(&Index) -> T) -> Result<T, StoreError> {
+        self.0
+            .catalog
+            .read(self.0.store.as_ref(), &self.0.keys, &self.0.verify_cache, f)
+    }
+
+    /// Remembers that the license text `text` verified, before it is stored: see
+    /// [`VerifyCache::remember`].
+    pub fn remember_verified(&self, text: &str, verified: &charter_license::VerifiedLicense) {
+        self.0.verify_cache.remember(text, verified);
+    }
+
+    /// The stored license with this id, with its API JSON.
+    pub fn record(&self, id: uuid::Uuid) -> Result<Option<Arc<Entry>>, StoreError> {
+        self.catalog(|index| index.get(id).cloned())
+    }
+
+    /// The license situation now. Costs about one license evaluation, whatever the number
+    /// of stored licenses (see [`effective::select`]).
     pub fn view(&self) -> Result<View, StoreError> {
-        self.view_of(self.0.store.all()?)
+        let now = self.now();
+        let static_license = self.0.static_license.as_ref();
+        let view = self.catalog(|index| {
+            effective::select(
+                index.newest_first(),
+                index.unverified(),
+                &self.0.keys,
+                static_license,
+                now,
+            )
+        })?;
+        Ok(self.with_cluster_warnings(view))
     }
 
     /// The license situation now if the store held `records`.
     pub fn view_of(&self, records: Vec<charter_store::LicenseRecord>) -> Result<View, StoreError> {
-        let mut view = effective::compute(
+        let view = effective::compute(
             records,
             &self.0.keys,
             &self.0.verify_cache,
             self.0.static_license.as_ref(),
             self.now(),
         );
+        Ok(self.with_cluster_warnings(view))
+    }
+
+    fn with_cluster_warnings(&self, mut view: View) -> View {
         let connected = self.connected_data_planes() as u64;
         let allowed = view
             .stored_in_force
@@ -142,7 +181,7 @@ impl AppState {
                 "{connected} data planes are connected but the license allows {allowed}"
             ));
         }
-        Ok(view)
+        view
     }
 
     /// Runs a store write on the blocking pool: writes flush and fsync, which must not

@@ -1,6 +1,8 @@
 //! The sled backend of [`LicenseStore`]: three trees, one transaction per write, and an
 //! explicit fsync before any write is acknowledged.
 
+use std::collections::VecDeque;
+use std::ffi::OsString;
 use std::fs::File;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
@@ -14,7 +16,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::{
-    DataPlaneRecord, LicenseRecord, LicenseStore, NodeUsage, Page, PutOutcome, StoreError,
+    Changes, DataPlaneRecord, LicenseRecord, LicenseStore, NodeUsage, Page, PutOutcome, StoreError,
 };
 
 /// Reported by [`LicenseStore::backend_version`]; must match the sled version in Cargo.toml.
@@ -33,6 +35,10 @@ const REVISION_KEY: &[u8] = b"revision";
 const DB_FILE: &str = "db";
 /// The directory in which sled 0.34 keeps values too large to inline in the log.
 const BLOBS_DIR: &str = "blobs";
+
+/// How many writes [`LicenseStore::changes_since`] remembers. A reader further behind
+/// than this reads everything again.
+pub(crate) const CHANGE_LOG_LEN: usize = 4096;
 
 /// The result type of a transaction closure: our error, or sled's conflict/storage signal.
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
@@ -57,15 +63,31 @@ type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 /// 0.34.7 writes through (read in its source, `config.rs`, `pagecache/iobuf.rs`,
 /// `pagecache/blob_io.rs`, `pagecache/snapshot.rs`):
 ///
-/// - `db`, the log holding every tree. It is fsynced through a second descriptor opened
-///   here: `fsync` acts on the inode, whichever descriptor it is called on. (sled locks the
-///   file with `flock`, which a second descriptor neither takes nor releases.)
+/// - `db`, the log holding every tree. It is synced through a second descriptor opened
+///   here: `fdatasync` acts on the inode, whichever descriptor it is called on. (sled locks
+///   the file with `flock`, which a second descriptor neither takes nor releases.)
+///   `fdatasync` and not `fsync`: it persists the data and the metadata needed to read it
+///   back (the file's size and block map), and skips only timestamps, which nothing reads.
 /// - every file in `blobs/` and `blobs/` itself: log entries larger than a quarter of a
 ///   log segment (about 128 KiB by default; a large payload, or a tree node holding many
 ///   records) are written there with `write_all` and no sync at all.
 ///   Blob files are never rewritten, so fsyncing those already on disk is nearly free.
 /// - the data directory, so that snapshot renames (`snap.*`, fsynced by sled itself but
 ///   renamed without a directory sync) and new entries are durable too.
+///
+/// A directory is fsynced only when its entries changed since its last fsync
+/// ([`SyncedDir`]). A directory's fsync persists its entries, the names and the inodes
+/// they point to, and nothing else: file contents and sizes are made durable by the
+/// files' own syncs above. So when a directory lists the same (name, inode) pairs as it
+/// did before an fsync that completed, and did not change while that fsync ran, its
+/// durable entries are already the current ones and another fsync would write nothing;
+/// on ext4 it would still cost a device cache flush, a third of a write's time. Any new
+/// entry (a blob, a snapshot, a rename, which makes a new name or moves an inode) is a
+/// change and gets its fsync before the write is acknowledged. What this can miss is an
+/// entry created and removed again while an fsync ran, which can reappear after a power
+/// cut; the same is true of any file sled removes after the last write before a crash,
+/// which sled never syncs either, and such a file (an old snapshot or an unreferenced
+/// blob) is ignored on recovery.
 ///
 /// On open the store also fsyncs `conf` (written by sled on creation without a sync), the
 /// snapshot files, the directory, and the parent directory when the directory was created.
@@ -91,12 +113,76 @@ pub struct SledStore {
     dir: PathBuf,
     /// A second descriptor on sled's `db` file, used only to fsync it.
     db_file: File,
+    /// The entries of the data directory and of `blobs/` at their last fsync; only ever
+    /// touched with `write_lock` held (or during `open`), so its own lock is never
+    /// contended.
+    synced_dirs: Mutex<(SyncedDir, SyncedDir)>,
     epoch: Uuid,
     /// Serialises writes; see the type's documentation for why. The guarded state lives in
     /// sled, so a poisoned lock is safe to take over: every transaction either committed
     /// whole or not at all.
     write_lock: Mutex<()>,
     revision_tx: watch::Sender<u64>,
+    /// The published revision and the ids of the last writes, for
+    /// [`LicenseStore::changes_since`]. Updated under `write_lock`, after the write is
+    /// durable; its own lock is held only to read or push.
+    changes: Mutex<ChangeLog>,
+}
+
+/// The last published revision and the recent writes: `(revision, id)`, consecutive
+/// revisions ending at `revision`, at most [`CHANGE_LOG_LEN`].
+pub(crate) struct ChangeLog {
+    revision: u64,
+    writes: VecDeque<(u64, Uuid)>,
+}
+
+impl ChangeLog {
+    /// An empty log at `revision`.
+    pub(crate) fn new(revision: u64) -> ChangeLog {
+        ChangeLog {
+            revision,
+            writes: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn publish(&mut self, revision: u64, id: Uuid) {
+        // A write whose commit succeeded but whose flush failed was never published; its
+        // revision is missing here, so forget what came before rather than leave a gap.
+        if self.revision.checked_add(1) != Some(revision) {
+            self.writes.clear();
+        }
+        if self.writes.len() == CHANGE_LOG_LEN {
+            self.writes.pop_front();
+        }
+        self.writes.push_back((revision, id));
+        self.revision = revision;
+    }
+
+    pub(crate) fn since(&self, revision: u64) -> Changes {
+        let ids = if revision == self.revision {
+            Some(Vec::new())
+        } else if revision < self.revision
+            && self
+                .writes
+                .front()
+                .is_some_and(|(first, _)| *first <= revision + 1)
+        {
+            Some(
+                self.writes
+                    .iter()
+                    .filter(|(r, _)| *r > revision)
+                    .map(|(_, id)| *id)
+                    .collect(),
+            )
+        } else {
+            // Too far back, or a revision this store never published.
+            None
+        };
+        Changes {
+            revision: self.revision,
+            ids,
+        }
+    }
 }
 
 impl SledStore {
@@ -134,9 +220,11 @@ impl SledStore {
             usage,
             dir: dir.to_path_buf(),
             db_file,
+            synced_dirs: Mutex::new((SyncedDir::default(), SyncedDir::default())),
             epoch,
             write_lock: Mutex::new(()),
             revision_tx: watch::Sender::new(revision),
+            changes: Mutex::new(ChangeLog::new(revision)),
         };
 
         // The first open writes `conf`, the log and possibly the epoch; make all of it
@@ -161,24 +249,37 @@ impl SledStore {
             )
         })?;
         let db_path = self.dir.join(DB_FILE);
-        self.db_file.sync_all().map_err(|source| StoreError::Io {
+        self.db_file.sync_data().map_err(|source| StoreError::Io {
             context: format!("fsyncing {}", db_path.display()),
             source,
         })?;
+        let mut synced = self
+            .synced_dirs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (data, blobs_synced) = &mut *synced;
         let blobs = self.dir.join(BLOBS_DIR);
         if blobs.is_dir() {
-            sync_regular_files(&blobs)?;
-            sync_path(&blobs)?;
+            let listing = list_dir(&blobs)?;
+            for (name, _, is_file) in &listing {
+                if *is_file {
+                    sync_file_unless_gone(&blobs.join(name))?;
+                }
+            }
+            blobs_synced.sync(&blobs, listing)?;
         }
-        sync_path(&self.dir)
+        data.sync(&self.dir, list_dir(&self.dir)?)
     }
 
     /// Runs one write: takes the write lock, runs `tx` as one transaction over the three
     /// trees, and, if it reports a new revision, makes it durable and publishes it.
     ///
-    /// `tx` returns the value for the caller and `Some(new_revision)` if it wrote, `None`
-    /// if it changed nothing.
-    fn write<T>(&self, tx: impl Fn(&Trees) -> TxResult<(T, Option<u64>)>) -> Result<T, StoreError> {
+    /// `tx` returns the value for the caller and `Some((new_revision, id))` if it wrote the
+    /// license `id`, `None` if it changed nothing.
+    fn write<T>(
+        &self,
+        tx: impl Fn(&Trees) -> TxResult<(T, Option<(u64, Uuid)>)>,
+    ) -> Result<T, StoreError> {
         let _guard = self
             .write_lock
             .lock()
@@ -195,8 +296,12 @@ impl SledStore {
                 TransactionError::Abort(e) => e,
                 TransactionError::Storage(e) => backend("committing a write".to_string(), e),
             })?;
-        if let Some(revision) = new_revision {
+        if let Some((revision, id)) = new_revision {
             self.make_durable()?;
+            self.changes
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .publish(revision, id);
             self.revision_tx.send_replace(revision);
         }
         Ok(value)
@@ -243,7 +348,7 @@ impl SledStore {
                 revision,
             };
             store_record(t, &record)?;
-            Ok(((record, outcome), Some(revision)))
+            Ok(((record, outcome), Some((revision, id))))
         })
     }
 }
@@ -347,7 +452,7 @@ impl LicenseStore for SledStore {
                 revision,
             };
             store_record(t, &record)?;
-            Ok((record, Some(revision)))
+            Ok((record, Some((revision, id))))
         })
     }
 
@@ -373,7 +478,7 @@ impl LicenseStore for SledStore {
             let old = decode_record(id.as_bytes(), &bytes).or_else(abort)?;
             remove_index_entry(t.checksums, &old.checksum, id)?;
             let revision = bump_revision(t.meta)?;
-            Ok((Some(old), Some(revision)))
+            Ok((Some(old), Some((revision, id))))
         })
     }
 
@@ -489,6 +594,13 @@ impl LicenseStore for SledStore {
 
     fn subscribe(&self) -> watch::Receiver<u64> {
         self.revision_tx.subscribe()
+    }
+
+    fn changes_since(&self, revision: u64) -> Changes {
+        self.changes
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .since(revision)
     }
 }
 
@@ -726,6 +838,73 @@ fn sync_path(path: &Path) -> Result<(), StoreError> {
         })
 }
 
+/// The entries of a directory as last fsynced: see "Durability" on [`SledStore`].
+#[derive(Default)]
+pub(crate) struct SyncedDir {
+    /// The entries listed just before the last fsync, if they were still the same just
+    /// after it; `None` before the first fsync, or after one during which they changed.
+    pub(crate) listing: Option<Listing>,
+}
+
+/// A directory's entries: (name, inode number, whether it is a regular file), by name.
+pub(crate) type Listing = Vec<(OsString, u64, bool)>;
+
+impl SyncedDir {
+    /// fsyncs `dir`, whose entries are now `listing`, unless they are those of the last
+    /// fsync.
+    pub(crate) fn sync(&mut self, dir: &Path, listing: Listing) -> Result<(), StoreError> {
+        // Without inode numbers (not Unix) a replaced file would look unchanged.
+        if cfg!(unix) && self.listing.as_ref() == Some(&listing) {
+            return Ok(());
+        }
+        self.listing = None;
+        sync_path(dir)?;
+        if list_dir(dir)? == listing {
+            self.listing = Some(listing);
+        }
+        Ok(())
+    }
+}
+
+/// Lists `dir`'s entries, sorted by name.
+pub(crate) fn list_dir(dir: &Path) -> Result<Listing, StoreError> {
+    let io = |source| StoreError::Io {
+        context: format!("listing {}", dir.display()),
+        source,
+    };
+    let mut listing = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let is_file = entry.file_type().is_ok_and(|kind| kind.is_file());
+        listing.push((entry.file_name(), inode(&entry), is_file));
+    }
+    listing.sort_unstable();
+    Ok(listing)
+}
+
+#[cfg(unix)]
+fn inode(entry: &std::fs::DirEntry) -> u64 {
+    std::os::unix::fs::DirEntryExt::ino(entry)
+}
+
+#[cfg(not(unix))]
+fn inode(_: &std::fs::DirEntry) -> u64 {
+    0
+}
+
+/// fsyncs a file, unless it vanished meanwhile (sled removes old snapshots and collected
+/// blobs; a removed file needs no sync).
+fn sync_file_unless_gone(path: &Path) -> Result<(), StoreError> {
+    match File::open(path).and_then(|f| f.sync_all()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StoreError::Io {
+            context: format!("fsyncing {}", path.display()),
+            source,
+        }),
+    }
+}
+
 /// fsyncs every regular file directly in `dir`. A file that vanishes meanwhile (sled
 /// removes old snapshots and collected blobs) needs no sync.
 fn sync_regular_files(dir: &Path) -> Result<(), StoreError> {
@@ -738,21 +917,11 @@ fn sync_regular_files(dir: &Path) -> Result<(), StoreError> {
             context: format!("listing {} to fsync its files", dir.display()),
             source,
         })?;
-        let path = entry.path();
         match entry.file_type() {
             Ok(kind) if kind.is_file() => {}
             _ => continue,
         }
-        match File::open(&path).and_then(|f| f.sync_all()) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => {
-                return Err(StoreError::Io {
-                    context: format!("fsyncing {}", path.display()),
-                    source,
-                })
-            }
-        }
+        sync_file_unless_gone(&entry.path())?;
     }
     Ok(())
 }

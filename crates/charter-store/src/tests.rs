@@ -413,6 +413,86 @@ fn subscribe_sees_every_write() {
     );
 }
 
+#[test]
+fn changes_since_names_every_write_after_a_revision() {
+    let (tmp, store) = fresh();
+    let check = |since: u64, revision: u64, ids: Option<Vec<Uuid>>| {
+        assert_eq!(
+            store.changes_since(since),
+            crate::Changes { revision, ids },
+            "since {since}"
+        );
+    };
+    check(0, 0, Some(vec![]));
+    store.insert(id(1), "a", 1).unwrap();
+    store.put(id(2), "b", 2).unwrap();
+    store.patch(id(1), "c", 3).unwrap();
+    store.delete(id(2)).unwrap();
+    store.delete(id(3)).unwrap(); // not a write
+    assert!(store.insert(id(1), "d", 4).is_err()); // not a write either
+    check(0, 4, Some(vec![id(1), id(2), id(1), id(2)]));
+    check(2, 4, Some(vec![id(1), id(2)]));
+    check(4, 4, Some(vec![]));
+    check(5, 4, None); // never published: start over
+
+    // A reopened store remembers nothing before its first write.
+    drop(store);
+    let store = open(&tmp.path().join("data"));
+    assert_eq!(store.changes_since(4).ids, Some(vec![]));
+    assert_eq!(store.changes_since(3).ids, None);
+    store.insert(id(9), "e", 5).unwrap();
+    assert_eq!(store.changes_since(4).ids, Some(vec![id(9)]));
+    assert_eq!(store.changes_since(3).ids, None);
+}
+
+#[test]
+fn a_directory_is_fsynced_again_whenever_its_entries_change() {
+    use crate::sled_store::{list_dir, SyncedDir};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    std::fs::write(dir.join("a"), "a").unwrap();
+    let mut synced = SyncedDir::default();
+    synced.sync(dir, list_dir(dir).unwrap()).unwrap();
+    let first = synced.listing.clone().expect("recorded after an fsync");
+    assert_eq!(first.len(), 1);
+    // A file's content is not an entry: nothing to record.
+    std::fs::write(dir.join("a"), "longer").unwrap();
+    assert_eq!(list_dir(dir).unwrap(), first);
+    // A new name, a name replaced by another inode, a removal: each is a change.
+    std::fs::write(dir.join("b"), "b").unwrap();
+    let with_b = list_dir(dir).unwrap();
+    assert_ne!(with_b, first);
+    synced.sync(dir, with_b.clone()).unwrap();
+    assert_eq!(synced.listing.as_ref(), Some(&with_b));
+    std::fs::write(dir.join("c"), "c").unwrap();
+    std::fs::rename(dir.join("c"), dir.join("a")).unwrap();
+    let renamed = list_dir(dir).unwrap();
+    assert_eq!(renamed.len(), 2);
+    assert_ne!(renamed, with_b, "same names, but `a` is another inode");
+    std::fs::remove_file(dir.join("b")).unwrap();
+    assert_ne!(list_dir(dir).unwrap(), renamed);
+}
+
+#[test]
+fn changes_since_forgets_beyond_its_length() {
+    // Thousands of fsynced writes would make this slow, so it drives the log directly.
+    let total = super::sled_store::CHANGE_LOG_LEN as u64 + 3;
+    let mut log = super::sled_store::ChangeLog::new(10);
+    for revision in 11..=10 + total {
+        log.publish(revision, id(u128::from(revision)));
+    }
+    assert_eq!(log.since(10).ids, None);
+    assert_eq!(
+        log.since(13).ids.map(|ids| ids.len()),
+        Some(total as usize - 3)
+    );
+    assert_eq!(log.since(12).ids, None);
+    // A revision that was never published (a failed flush) drops what came before.
+    log.publish(20 + total, id(1));
+    assert_eq!(log.since(10 + total).ids, None);
+    assert_eq!(log.since(19 + total).ids, Some(vec![id(1)]));
+}
+
 #[tokio::test]
 async fn subscriber_wakes_on_a_write_from_another_thread() {
     let (_tmp, store) = fresh();

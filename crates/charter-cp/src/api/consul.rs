@@ -94,6 +94,7 @@ pub async fn install(
     let (verified, evaluation) = charter_license::validate(text, state.keys(), state.now())
         .map_err(ApiError::InvalidLicense)?;
     let text = normalized(&verified.document);
+    state.remember_verified(&text, &verified);
     let now = state.now();
     let record = state
         .write(

@@ -3,10 +3,12 @@
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use bytes::Bytes;
 use charter_license::{Evaluation, VerifiedLicense};
 use charter_store::{LicenseRecord, PutOutcome};
 use serde::ser::{SerializeStruct, Serializer};
@@ -36,12 +38,12 @@ pub fn record_json(record: &LicenseRecord) -> Value {
 /// A record as the API shows it, serialised straight from the stored record: the same
 /// bytes as [`record_json`], without first copying every field into a `serde_json::Value`
 /// (which costs every read a copy of each payload and a map per record).
-pub struct ApiRecord(LicenseRecord);
+pub struct ApiRecord<'a>(pub &'a LicenseRecord);
 
-impl Serialize for ApiRecord {
+impl Serialize for ApiRecord<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         // The order `record_json` gives: a `Value` object is a map sorted by key.
-        let record = &self.0;
+        let record = self.0;
         let mut fields = serializer.serialize_struct("LicenseRecord", 5)?;
         fields.serialize_field("checksum", &record.checksum)?;
         fields.serialize_field("created_at", &record.created_at)?;
@@ -52,12 +54,54 @@ impl Serialize for ApiRecord {
     }
 }
 
+/// The body of `GET /licenses/{id}` for `record`: what the catalog keeps per record.
+pub fn record_body(record: &LicenseRecord) -> Bytes {
+    // Serialising strings and integers into a Vec cannot fail; an empty body would be
+    // caught by every test that reads a record.
+    Bytes::from(serde_json::to_vec(&ApiRecord(record)).unwrap_or_default())
+}
+
 /// A page of `GET /licenses`, its fields in sorted order as a `Value` object has them.
+/// [`page_body`] writes the same bytes from records already encoded.
+#[cfg(test)]
 #[derive(Serialize)]
-pub struct ApiPage {
-    data: Vec<ApiRecord>,
+pub struct ApiPage<'a> {
+    data: Vec<ApiRecord<'a>>,
     next: Option<String>,
     offset: Option<String>,
+}
+
+/// The body of a `GET /licenses` page, from the records' bodies ([`record_body`]): the
+/// bytes serde_json writes for [`ApiPage`], copied instead of encoded again.
+fn page_body(records: &[Bytes], next: Option<&str>, offset: Option<&str>) -> Bytes {
+    let records_len: usize = records.iter().map(|r| r.len() + 1).sum();
+    let mut body = Vec::with_capacity(records_len + 64);
+    body.extend_from_slice(br#"{"data":["#);
+    for (n, record) in records.iter().enumerate() {
+        if n > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(record);
+    }
+    body.extend_from_slice(br#"],"next":"#);
+    // Writing a string or null into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut body, &next);
+    body.extend_from_slice(br#","offset":"#);
+    let _ = serde_json::to_writer(&mut body, &offset);
+    body.push(b'}');
+    Bytes::from(body)
+}
+
+/// A 200 answer with a JSON body, as `Json` makes it.
+fn json_response(body: Bytes) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response()
 }
 
 /// The fields of a license write.
@@ -130,7 +174,9 @@ fn validate(
 ) -> Result<(String, VerifiedLicense, Evaluation), ApiError> {
     let (verified, evaluation) = charter_license::validate(text, state.keys(), state.now())
         .map_err(ApiError::InvalidLicense)?;
-    Ok((normalized(&verified.document), verified, evaluation))
+    let text = normalized(&verified.document);
+    state.remember_verified(&text, &verified);
+    Ok((text, verified, evaluation))
 }
 
 fn log_stored(
@@ -154,7 +200,7 @@ fn log_stored(
 pub async fn list(
     State(state): State<AppState>,
     RawQuery(query): RawQuery,
-) -> Result<Json<ApiPage>, ApiError> {
+) -> Result<Response, ApiError> {
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
             .map_err(|e| ApiError::BadRequest(format!("Cannot parse query string: {e}")))?;
@@ -173,16 +219,30 @@ pub async fn list(
             _ => {}
         }
     }
-    let page = state.store().list(after, size)?;
-    let offset = page.next.map(encode_offset);
-    let next = offset
-        .as_ref()
-        .map(|o| format!("/licenses?offset={o}&size={size}"));
-    Ok(Json(ApiPage {
-        data: page.records.into_iter().map(ApiRecord).collect(),
-        next,
-        offset,
-    }))
+    let build = |records: &[Bytes], next: Option<Uuid>| {
+        let offset = next.map(encode_offset);
+        let next = offset
+            .as_ref()
+            .map(|o| format!("/licenses?offset={o}&size={size}"));
+        page_body(records, next.as_deref(), offset.as_deref())
+    };
+    let body = state.catalog(|index| {
+        index.page_body(after, size, |entries, next| {
+            let records: Vec<Bytes> = entries.iter().map(|e| e.json.clone()).collect();
+            build(&records, next)
+        })
+    });
+    match body {
+        Ok(body) => Ok(json_response(body)),
+        // The catalog could not be brought up to date (a record that does not decode):
+        // answer from the store, which fails only for pages holding such a record.
+        Err(e) => {
+            tracing::debug!(error = %e, "license catalog unavailable; reading the store");
+            let page = state.store().list(after, size)?;
+            let records: Vec<Bytes> = page.records.iter().map(record_body).collect();
+            Ok(json_response(build(&records, page.next)))
+        }
+    }
 }
 
 /// The `{id}` path segment. A segment that is not UTF-8 once percent-decoded is no UUID
@@ -225,12 +285,19 @@ pub async fn create(
 pub async fn show(
     State(state): State<AppState>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<ApiRecord>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = path_segment(path)
         .and_then(|id| Uuid::parse_str(&id).ok())
         .ok_or(ApiError::NotFound)?;
-    let record = state.store().get(id)?.ok_or(ApiError::NotFound)?;
-    Ok(Json(ApiRecord(record)))
+    let body = match state.record(id) {
+        Ok(entry) => entry.map(|e| e.json.clone()),
+        // As in `list`: a record that does not decode fails only its own reads.
+        Err(e) => {
+            tracing::debug!(error = %e, "license catalog unavailable; reading the store");
+            state.store().get(id)?.as_ref().map(record_body)
+        }
+    };
+    Ok(json_response(body.ok_or(ApiError::NotFound)?))
 }
 
 /// `PUT /licenses/{id}`: create with that id, or replace (keeping `created_at`).
@@ -287,3 +354,6 @@ pub async fn remove(
     }
     Ok(StatusCode::NO_CONTENT)
 }
+
+#[cfg(test)]
+mod tests;
