@@ -66,6 +66,12 @@ struct PageCache {
 const PAGE_CACHE_BYTES: usize = 8 << 20;
 
 impl Index {
+    /// The published store revision this copy reflects: every write up to it is here (a
+    /// record may be newer still, never older). 0 before the first load.
+    pub fn revision(&self) -> u64 {
+        self.revision.unwrap_or(0)
+    }
+
     /// The entry with this id.
     pub fn get(&self, id: Uuid) -> Option<&Arc<Entry>> {
         self.by_id.get(&id)

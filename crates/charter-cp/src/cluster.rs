@@ -106,8 +106,10 @@ impl Hub {
 /// Computes the frame for the store's current state.
 fn compute_frame(state: &AppState) -> Result<Frame, charter_store::StoreError> {
     let store = state.store();
-    let revision = store.revision()?;
-    let view = state.view()?;
+    // The revision and the view from one read: a revision read separately could be ahead
+    // of the view (a write committed but not yet published), and a snapshot labelled with
+    // it would carry the older license under the newer revision.
+    let (view, revision) = state.view_with_revision()?;
     let license = view.stored_in_force.as_ref().and_then(|f| f.record.clone());
     let message = ControlPlaneMessage {
         msg: Some(control_plane_message::Msg::Snapshot(Snapshot {

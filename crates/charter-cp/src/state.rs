@@ -144,18 +144,27 @@ impl AppState {
     /// The license situation now. Costs about one license evaluation, whatever the number
     /// of stored licenses (see [`effective::select`]).
     pub fn view(&self) -> Result<View, StoreError> {
+        Ok(self.view_with_revision()?.0)
+    }
+
+    /// The license situation now, and the published store revision it reflects: every
+    /// write up to that revision is in the view (a record may be newer, never older). The
+    /// cluster labels its snapshots with it, so a data plane never holds older content
+    /// under a revision whose content it would then skip as already applied.
+    pub fn view_with_revision(&self) -> Result<(View, u64), StoreError> {
         let now = self.now();
         let static_license = self.0.static_license.as_ref();
-        let view = self.catalog(|index| {
-            effective::select(
+        let (view, revision) = self.catalog(|index| {
+            let view = effective::select(
                 index.newest_first(),
                 index.unverified(),
                 &self.0.keys,
                 static_license,
                 now,
-            )
+            );
+            (view, index.revision())
         })?;
-        Ok(self.with_cluster_warnings(view))
+        Ok((self.with_cluster_warnings(view), revision))
     }
 
     /// The license situation now if the store held `records`.
