@@ -20,6 +20,9 @@ fn fanout_benchmark_runs_end_to_end_with_a_few_data_planes() {
             "--cache-sample",
             "2",
             "--no-pin",
+            // Short idle windows: the CPU figures are not checked here.
+            "--idle-window-ms",
+            "300",
         ],
     );
     let report = String::from_utf8_lossy(&out.stdout);

@@ -51,11 +51,15 @@ const RSS_PER_DP_GOAL: u64 = 20 * 1024;
 const GOAL_N: usize = 10_000;
 /// File descriptors this process and the CP need beyond one per data plane.
 const FD_MARGIN: u64 = 512;
-/// A server is idle again once it used less than this much CPU in [`IDLE_WINDOW`], which
-/// is longer than the CP's inventory flush interval (1 s), so that delayed batch write is
-/// counted in the update that caused it.
+/// A server is idle again once it used less than this much CPU (beyond its background)
+/// in an idle window (`--idle-window-ms`, by default longer than the CP's inventory flush
+/// interval of 1 s, so that delayed batch write is counted in the update that caused it).
 const IDLE_CPU: Duration = Duration::from_millis(2);
-const IDLE_WINDOW: Duration = Duration::from_millis(1200);
+static IDLE_WINDOW: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+
+fn idle_window() -> Duration {
+    *IDLE_WINDOW.get_or_init(|| Duration::from_millis(1200))
+}
 /// The bound on waiting for a server to become idle.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -94,6 +98,10 @@ pub struct FanoutArgs {
     /// Do not pin the servers and the simulator to separate CPUs.
     #[arg(long)]
     pub no_pin: bool,
+    /// The window in which a server counts as idle again after an update (milliseconds;
+    /// keep it above the CP's 1 s inventory flush for the CPU figures to include it).
+    #[arg(long, default_value_t = 1200)]
+    pub idle_window_ms: u64,
 }
 
 struct Settings {
@@ -120,6 +128,11 @@ impl Settings {
         ensure!(args.updates >= 1, "--updates must be at least 1");
         ensure!(args.batch >= 1, "--batch must be at least 1");
         ensure!(args.timeout_secs >= 1, "--timeout-secs must be at least 1");
+        ensure!(
+            (50..=10_000).contains(&args.idle_window_ms),
+            "--idle-window-ms must be between 50 and 10000"
+        );
+        let _ = IDLE_WINDOW.set(Duration::from_millis(args.idle_window_ms));
         let self_bin = std::env::current_exe().context("locating this executable")?;
         let beside = |given: Option<PathBuf>, name: &str| -> Result<PathBuf> {
             let path = given.unwrap_or_else(|| self_bin.with_file_name(name));
@@ -599,15 +612,15 @@ fn free_port() -> Option<SocketAddr> {
 
 /// The CPU time per second a process uses while nothing happens but its data planes'
 /// pings and HTTP/2 keep-alives (10,000 data planes ping about 330 times a second):
-/// waits until two consecutive [`IDLE_WINDOW`]s used about the same, within
+/// waits until two consecutive idle windows used about the same, within
 /// [`IDLE_TIMEOUT`].
 async fn background(pid: u32) -> Result<f64> {
     let deadline = Instant::now() + IDLE_TIMEOUT;
-    let window = IDLE_WINDOW.as_secs_f64();
+    let window = idle_window().as_secs_f64();
     let mut last = procs::cpu_time_precise(pid)?;
     let mut previous: Option<Duration> = None;
     loop {
-        tokio::time::sleep(IDLE_WINDOW).await;
+        tokio::time::sleep(idle_window()).await;
         let now = procs::cpu_time_precise(pid)?;
         let used = now.saturating_sub(last);
         last = now;
@@ -626,14 +639,15 @@ async fn background(pid: u32) -> Result<f64> {
 }
 
 /// Waits until the process is back to its `background` CPU rate (within 25 % plus
-/// [`IDLE_CPU`] per [`IDLE_WINDOW`]): its work on the last change (Acks, the inventory
+/// [`IDLE_CPU`] per idle window): its work on the last change (Acks, the inventory
 /// write, closed streams) is done.
 async fn wait_idle(pid: u32, background: f64) -> Result<()> {
     let deadline = Instant::now() + IDLE_TIMEOUT;
-    let allowed = Duration::from_secs_f64(background * IDLE_WINDOW.as_secs_f64() * 1.25) + IDLE_CPU;
+    let allowed =
+        Duration::from_secs_f64(background * idle_window().as_secs_f64() * 1.25) + IDLE_CPU;
     let mut last = procs::cpu_time_precise(pid)?;
     loop {
-        tokio::time::sleep(IDLE_WINDOW).await;
+        tokio::time::sleep(idle_window()).await;
         let now = procs::cpu_time_precise(pid)?;
         if now.saturating_sub(last) <= allowed {
             return Ok(());
