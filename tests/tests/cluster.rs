@@ -385,3 +385,60 @@ fn cache_survives_sigkill_during_updates() {
         held = cycle;
     }
 }
+
+#[test]
+fn an_older_stream_of_a_reconnected_data_plane_does_not_mark_it_disconnected() {
+    let (dir, vendor, cp) = setup();
+    let mut first = Dp::start(dir.path(), "first", &cp, &vendor.public_key, &[]);
+    // Killed, not stopped: its connection just goes away, as when a node dies.
+    first.wait_license("unlicensed", unlicensed);
+    let node = eventually(
+        "the data plane in the inventory",
+        Duration::from_secs(20),
+        || {
+            data_planes(&cp)
+                .first()
+                .filter(|p| p["sync_status"] == "in_sync")
+                .map(|p| p["id"].as_str().expect("id").to_owned())
+        },
+    );
+    // A second process with the same node id: the control plane's registration of the
+    // node moves to the new stream, as when a data plane reconnects while its old
+    // connection has not been noticed as gone yet.
+    let second_dir = dir.path().join("second-data");
+    std::fs::create_dir_all(&second_dir).expect("data dir");
+    std::fs::copy(first.data_dir.join("node-id"), second_dir.join("node-id"))
+        .expect("copying the node id");
+    let second = Dp::start(dir.path(), "second", &cp, &vendor.public_key, &[]);
+    second.wait_license("unlicensed", unlicensed);
+    eventually(
+        "the node's stream replaced",
+        Duration::from_secs(20),
+        || (cp.logs().matches("data plane connected").count() >= 2).then_some(()),
+    );
+    first.kill();
+    eventually("the old stream ended", Duration::from_secs(20), || {
+        cp.logs()
+            .contains("an older stream of a reconnected data plane ended")
+            .then_some(())
+    });
+    let planes = data_planes(&cp);
+    assert_eq!(planes.len(), 1, "{planes:?}");
+    assert_eq!(planes[0]["id"], json!(node));
+    assert_eq!(
+        planes[0]["sync_status"], "in_sync",
+        "the live stream's row stays: {planes:?}"
+    );
+    // The live one killed too: its stream ends with its connection, and the node is
+    // recorded as gone at once, not after the 45 s liveness timeout.
+    let mut second = second;
+    second.kill();
+    eventually(
+        "the node recorded as disconnected",
+        Duration::from_secs(10),
+        || {
+            let planes = data_planes(&cp);
+            (planes.len() == 1 && planes[0]["sync_status"] == "disconnected").then_some(())
+        },
+    );
+}

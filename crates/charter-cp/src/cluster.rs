@@ -91,15 +91,18 @@ impl Hub {
         serial
     }
 
-    /// Removes the registration, unless a newer stream of the same node replaced it.
-    fn disconnect(&self, node_id: &str, serial: u64) {
+    /// Removes the registration, unless a newer stream of the same node replaced it;
+    /// returns whether it did.
+    fn disconnect(&self, node_id: &str, serial: u64) -> bool {
         let mut connected = self
             .connected
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if connected.get(node_id).is_some_and(|c| c.serial == serial) {
             connected.remove(node_id);
+            return true;
         }
+        false
     }
 }
 
@@ -243,6 +246,29 @@ impl Peer {
     }
 }
 
+/// Owns a stream's peer; when the stream ends or is dropped, unregisters it and records
+/// the data plane as disconnected, unless a newer stream of the same node replaced it
+/// (whose row must not be overwritten).
+struct StreamEnd {
+    hub: Arc<Hub>,
+    node_id: String,
+    serial: u64,
+    peer: Peer,
+}
+
+impl Drop for StreamEnd {
+    fn drop(&mut self) {
+        let node_id = &self.node_id;
+        if self.hub.disconnect(node_id, self.serial) {
+            self.peer.record.sync_status = "disconnected".to_owned();
+            self.peer.save();
+            tracing::info!(%node_id, connected = self.hub.connected_count(), "data plane disconnected");
+        } else {
+            tracing::info!(%node_id, "an older stream of a reconnected data plane ended");
+        }
+    }
+}
+
 type SyncStream = Pin<Box<dyn Stream<Item = Result<EncodedControlPlaneMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -328,6 +354,10 @@ impl Cluster for ClusterService {
         let mut frames = self.hub.frames.subscribe();
         let mut shutdown = self.shutdown.clone();
         let stream = async_stream::stream! {
+            // Records the end of the stream however it ends: also when hyper drops it
+            // because the connection went away (a killed data plane), where the code
+            // after the loop would never run.
+            let mut guard = StreamEnd { hub, node_id: node_id.clone(), serial, peer };
             let mut sent: Option<Arc<Frame>> = None;
             frames.mark_changed();
             // One timer per stream, moved on by each message: a frame's wake-up does not
@@ -339,7 +369,7 @@ impl Cluster for ClusterService {
                     changed = frames.changed() => {
                         if changed.is_err() { break; }
                         let frame = frames.borrow_and_update().clone();
-                        peer.record.sync_status = "syncing".to_owned();
+                        guard.peer.record.sync_status = "syncing".to_owned();
                         sent = Some(frame.clone());
                         yield Ok(frame.encoded.clone());
                     }
@@ -349,25 +379,25 @@ impl Cluster for ClusterService {
                             Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Ack(ack)) })) => {
                                 let current = sent.as_ref().is_some_and(|f| f.revision == ack.revision && f.epoch == ack.epoch);
                                 if ack.accepted {
-                                    peer.record.license_revision = ack.revision;
-                                    peer.record.license_id = Some(ack.license_id.clone()).filter(|s| !s.is_empty());
-                                    peer.record.license_status = ack.license_status.clone();
-                                    peer.record.last_error = None;
-                                    if current { peer.record.sync_status = "in_sync".to_owned(); }
+                                    guard.peer.record.license_revision = ack.revision;
+                                    guard.peer.record.license_id = Some(ack.license_id.clone()).filter(|s| !s.is_empty());
+                                    guard.peer.record.license_status = ack.license_status.clone();
+                                    guard.peer.record.last_error = None;
+                                    if current { guard.peer.record.sync_status = "in_sync".to_owned(); }
                                     tracing::debug!(%node_id, revision = ack.revision, "snapshot accepted");
                                 } else {
-                                    peer.record.sync_status = "rejected".to_owned();
-                                    peer.record.license_status = ack.license_status.clone();
-                                    peer.record.last_error = Some(format!("{}: {}", ack.error_code, ack.error));
+                                    guard.peer.record.sync_status = "rejected".to_owned();
+                                    guard.peer.record.license_status = ack.license_status.clone();
+                                    guard.peer.record.last_error = Some(format!("{}: {}", ack.error_code, ack.error));
                                     tracing::warn!(%node_id, revision = ack.revision, code = %ack.error_code,
                                         "data plane rejected the snapshot: {}", ack.error);
                                 }
-                                peer.save();
+                                guard.peer.save();
                             }
-                            Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Ping(_)) })) => peer.save(),
+                            Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Ping(_)) })) => guard.peer.save(),
                             Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Telemetry(t)) })) => {
-                                peer.save();
-                                match apply_telemetry(&peer.state, &node_id, t).await {
+                                guard.peer.save();
+                                match apply_telemetry(&guard.peer.state, &node_id, t).await {
                                     Some(ack) => yield Ok(ack),
                                     // Not durable: no ack, so the data plane sends it again.
                                     None => continue,
@@ -392,10 +422,7 @@ impl Cluster for ClusterService {
                     _ = shutdown.changed() => break,
                 }
             }
-            hub.disconnect(&node_id, serial);
-            peer.record.sync_status = "disconnected".to_owned();
-            peer.save();
-            tracing::info!(%node_id, connected = hub.connected_count(), "data plane disconnected");
+            drop(guard);
         };
         Ok(Response::new(Box::pin(stream)))
     }

@@ -23,6 +23,10 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 pub struct Inventory {
     pending: Mutex<HashMap<String, DataPlaneRecord>>,
     recorded: Notify,
+    /// Held by a batch write from taking the pending rows until they are in the store, and
+    /// by a reader from reading the store until it has read the pending rows, so a reader
+    /// never sees a row neither in the store nor pending. (Streams only take `pending`.)
+    writing: Mutex<()>,
 }
 
 impl Inventory {
@@ -34,6 +38,7 @@ impl Inventory {
 
     /// Every data plane: the stored rows, with the pending ones in their place.
     pub fn all(&self, store: &dyn LicenseStore) -> Result<Vec<DataPlaneRecord>, StoreError> {
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let mut rows: HashMap<String, DataPlaneRecord> = store
             .data_planes()?
             .into_iter()
@@ -48,6 +53,7 @@ impl Inventory {
     /// Writes the pending rows as one batch. On failure they are put back (unless newer
     /// rows were recorded meanwhile) for the next attempt.
     pub fn flush(&self, store: &dyn LicenseStore) -> Result<usize, StoreError> {
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let rows: Vec<DataPlaneRecord> = std::mem::take(&mut *self.lock()).into_values().collect();
         if rows.is_empty() {
             return Ok(0);
@@ -85,6 +91,9 @@ impl Inventory {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => {
                     tracing::warn!(error = %e, "cannot record data planes in the inventory; will retry");
+                    // The rows are pending again: try again after the interval even if
+                    // nothing new is recorded.
+                    self.recorded.notify_one();
                 }
                 Err(e) => tracing::warn!(error = %e, "inventory write task failed"),
             }
@@ -121,6 +130,47 @@ mod tests {
     fn sorted(mut rows: Vec<DataPlaneRecord>) -> Vec<(String, i64)> {
         rows.sort_by(|a, b| a.id.cmp(&b.id));
         rows.into_iter().map(|r| (r.id, r.last_seen)).collect()
+    }
+
+    #[test]
+    fn a_reader_never_misses_a_row_while_batches_are_written() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let store = Arc::new(SledStore::open(dir.path()).expect("open"));
+        let inventory = Arc::new(Inventory::default());
+        let recorded = Arc::new(AtomicUsize::new(0));
+        const ROWS: usize = 2000;
+        let writer = {
+            let (store, inventory, recorded) = (store.clone(), inventory.clone(), recorded.clone());
+            std::thread::spawn(move || {
+                for i in 0..ROWS {
+                    inventory.record(row(&format!("dp-{i}"), i as i64));
+                    recorded.store(i + 1, Ordering::SeqCst);
+                    if i % 25 == 0 {
+                        inventory.flush(store.as_ref()).expect("flush");
+                    }
+                }
+            })
+        };
+        let mut reads = 0;
+        while !writer.is_finished() || reads == 0 {
+            let before = recorded.load(Ordering::SeqCst);
+            let seen: std::collections::HashSet<String> = inventory
+                .all(store.as_ref())
+                .expect("all")
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            for i in 0..before {
+                assert!(
+                    seen.contains(&format!("dp-{i}")),
+                    "dp-{i} missing after {reads} reads"
+                );
+            }
+            reads += 1;
+        }
+        writer.join().expect("writer");
+        assert_eq!(inventory.all(store.as_ref()).expect("all").len(), ROWS);
     }
 
     #[test]

@@ -149,8 +149,9 @@ impl AppState {
 
     /// The license situation now, and the published store revision it reflects: every
     /// write up to that revision is in the view (a record may be newer, never older). The
-    /// cluster labels its snapshots with it, so a data plane never holds older content
-    /// under a revision whose content it would then skip as already applied.
+    /// cluster labels its snapshots with it, so a snapshot's revision is never ahead of
+    /// its content. (A change of the license in force that only time makes keeps the
+    /// revision; data planes apply a snapshot of the same revision with another license.)
     pub fn view_with_revision(&self) -> Result<(View, u64), StoreError> {
         let now = self.now();
         let static_license = self.0.static_license.as_ref();

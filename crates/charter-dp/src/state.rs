@@ -261,12 +261,24 @@ pub enum Decision {
         /// The revision held.
         held: u64,
     },
-    /// Same epoch and revision as held: nothing to do, ACKed.
+    /// Same epoch, revision and license as held: nothing to do, ACKed.
     AlreadyApplied,
     /// The license does not verify: NACKed with its code, the previous state stays.
     Reject(LicenseError),
     /// Accept: write the cache, then swap the state to this.
     Apply(Box<ClusterHeld>),
+}
+
+/// Whether the snapshot carries the license `held` holds (the same record, or none).
+fn holds_same_license(held: &ClusterHeld, snapshot: &Snapshot) -> bool {
+    let held = held.license.as_ref().and_then(|l| l.record.as_ref());
+    match (held, &snapshot.license) {
+        (None, None) => true,
+        (Some(h), Some(s)) => {
+            h.id == s.id && h.updated_at == s.updated_at && h.payload == s.payload
+        }
+        _ => false,
+    }
 }
 
 /// The snapshot rules (DESIGN.md "Cluster protocol"): no going back in time within an
@@ -283,9 +295,12 @@ pub fn decide(
                 held: held.revision,
             };
         }
-        if snapshot.revision == held.revision {
+        if snapshot.revision == held.revision && holds_same_license(held, snapshot) {
             return Decision::AlreadyApplied;
         }
+        // The same revision with another license: nothing was written, but the control
+        // plane's choice changed with time (a stored license's creation date arrived).
+        // That is news, and is judged and applied like a new revision.
     }
     let license = match &snapshot.license {
         None => None,

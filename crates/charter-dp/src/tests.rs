@@ -245,6 +245,19 @@ fn snapshot_rules() {
     let expired = Some(document(&vendor, "2020-01-01", "2021-01-01"));
     let forged = Some(document(&signer(2), "2026-01-01", "2099-12-31"));
     let h = held("e1", 5, &vendor);
+    let same = {
+        let record = h.license.as_ref().and_then(|l| l.record.clone()).unwrap();
+        Snapshot {
+            epoch: "e1".into(),
+            revision: 5,
+            license: Some(License {
+                id: record.id,
+                payload: record.payload,
+                created_at: record.created_at,
+                updated_at: record.updated_at,
+            }),
+        }
+    };
     let outcome = |held: Option<&ClusterHeld>, s: Snapshot| -> String {
         match decide(held, &s, &keys, NOW) {
             Decision::Stale { held } => format!("stale {held}"),
@@ -266,7 +279,15 @@ fn snapshot_rules() {
         (None, snap("e1", 1, None), "apply e1@1 none"),
         (Some(&h), snap("e1", 4, good.clone()), "stale 5"),
         (Some(&h), snap("e1", 4, forged.clone()), "stale 5"),
-        (Some(&h), snap("e1", 5, good.clone()), "applied"),
+        (Some(&h), same.clone(), "applied"),
+        // Same revision, another license: the control plane's choice changed with time.
+        (Some(&h), snap("e1", 5, good.clone()), "apply e1@5 new"),
+        (Some(&h), snap("e1", 5, None), "apply e1@5 none"),
+        (
+            Some(&h),
+            snap("e1", 5, forged.clone()),
+            "reject validation_fail",
+        ),
         (Some(&h), snap("e1", 6, good.clone()), "apply e1@6 new"),
         (Some(&h), snap("e1", 6, None), "apply e1@6 none"),
         (Some(&h), snap("e2", 1, good.clone()), "apply e2@1 new"),

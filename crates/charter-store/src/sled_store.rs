@@ -581,12 +581,24 @@ impl LicenseStore for SledStore {
 
     fn purge_data_planes(&self, last_seen_before: i64) -> Result<usize, StoreError> {
         let mut purged = 0;
-        for record in self.data_planes()? {
+        for entry in self.data_planes.iter() {
+            let (key, value) = entry.map_err(|e| backend("reading data planes".to_string(), e))?;
+            let record: DataPlaneRecord = serde_json::from_slice(&value).map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "data plane {} in tree {DATA_PLANES_TREE}: {e}",
+                    display_key(&key)
+                ))
+            })?;
             if record.last_seen < last_seen_before {
-                self.data_planes
-                    .remove(record.id.as_bytes())
+                // Only if it is still the row read: a data plane that came back meanwhile
+                // has a fresh row, which stays.
+                let swapped = self
+                    .data_planes
+                    .compare_and_swap(&key, Some(&value), None::<&[u8]>)
                     .map_err(|e| backend(format!("purging data plane {}", record.id), e))?;
-                purged += 1;
+                if swapped.is_ok() {
+                    purged += 1;
+                }
             }
         }
         Ok(purged)

@@ -469,8 +469,24 @@ fn a_directory_is_fsynced_again_whenever_its_entries_change() {
     let renamed = list_dir(dir).unwrap();
     assert_eq!(renamed.len(), 2);
     assert_ne!(renamed, with_b, "same names, but `a` is another inode");
+    synced.sync(dir, renamed.clone()).unwrap();
+    assert_eq!(
+        synced.listing.as_ref(),
+        Some(&renamed),
+        "the change is synced and recorded"
+    );
     std::fs::remove_file(dir.join("b")).unwrap();
-    assert_ne!(list_dir(dir).unwrap(), renamed);
+    let removed = list_dir(dir).unwrap();
+    assert_ne!(removed, renamed);
+    synced.sync(dir, removed.clone()).unwrap();
+    assert_eq!(synced.listing.as_ref(), Some(&removed));
+    // A listing that no longer matches the directory when the fsync ends is not recorded,
+    // so the next write fsyncs again.
+    synced.sync(dir, renamed.clone()).unwrap();
+    assert_eq!(
+        synced.listing, None,
+        "a stale listing is never taken as synced"
+    );
 }
 
 #[test]
