@@ -528,58 +528,68 @@ impl Run<'_> {
     }
 
     async fn start_cp(&self, data_dir: &Path) -> Result<Started> {
-        let cluster = Cell::new(None);
-        let server = Server::start(
+        self.start_server(
             "charter-cp",
             &self.settings.cp_bin,
+            "charter-cp.log",
+            "/status",
             |addr| {
-                let port = free_port();
-                cluster.set(port);
-                let mut args: Vec<OsString> = vec![
+                vec![
                     "--data-dir".into(),
                     data_dir.into(),
                     "--admin-listen".into(),
                     addr.to_string().into(),
                     "--trusted-key".into(),
                     self.key_path.clone().into(),
-                    "--cluster-listen".into(),
-                    port.map(|p| p.to_string()).unwrap_or_default().into(),
-                ];
-                args.extend(self.cert_args());
-                args
+                ]
             },
-            self.pinning,
-            self.dir.join("charter-cp.log"),
-            "/status",
         )
-        .await?;
-        let cluster = cluster
-            .get()
-            .context("no free port for the cluster listener")?;
-        Ok(Started { server, cluster })
+        .await
     }
 
     async fn start_baseline(&self) -> Result<Started> {
-        let cluster = Cell::new(None);
-        let server = Server::start(
+        self.start_server(
             "fan-out baseline",
             &self.settings.self_bin,
+            "baseline.log",
+            "/ready",
             |addr| {
-                let port = free_port();
-                cluster.set(port);
-                let mut args: Vec<OsString> = vec![
+                vec![
                     "fanout-baseline".into(),
                     "--listen".into(),
                     addr.to_string().into(),
-                    "--cluster-listen".into(),
-                    port.map(|p| p.to_string()).unwrap_or_default().into(),
-                ];
-                args.extend(self.cert_args());
-                args
+                ]
+            },
+        )
+        .await
+    }
+
+    /// Starts a server with `args(http address)`, plus its cluster port on a free loopback
+    /// port and the cluster certificate, pinned, logging to `log` in the run's directory.
+    async fn start_server(
+        &self,
+        name: &'static str,
+        program: &Path,
+        log: &str,
+        ready: &str,
+        args: impl Fn(SocketAddr) -> Vec<OsString>,
+    ) -> Result<Started> {
+        let cluster = Cell::new(None);
+        let server = Server::start(
+            name,
+            program,
+            |addr| {
+                let port = free_port();
+                cluster.set(port);
+                let mut all = args(addr);
+                all.push("--cluster-listen".into());
+                all.push(port.map(|p| p.to_string()).unwrap_or_default().into());
+                all.extend(self.cert_args());
+                all
             },
             self.pinning,
-            self.dir.join("baseline.log"),
-            "/ready",
+            self.dir.join(log),
+            ready,
         )
         .await?;
         let cluster = cluster
