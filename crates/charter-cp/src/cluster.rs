@@ -353,11 +353,16 @@ impl Cluster for ClusterService {
         let hub = self.hub.clone();
         let mut frames = self.hub.frames.subscribe();
         let mut shutdown = self.shutdown.clone();
+        // Records the end of the stream however it ends: also when hyper drops it because
+        // the connection went away (a killed data plane), where code after the loop would
+        // never run, or before it was ever polled. Moved into the stream.
+        let mut guard = StreamEnd {
+            hub,
+            node_id: node_id.clone(),
+            serial,
+            peer,
+        };
         let stream = async_stream::stream! {
-            // Records the end of the stream however it ends: also when hyper drops it
-            // because the connection went away (a killed data plane), where the code
-            // after the loop would never run.
-            let mut guard = StreamEnd { hub, node_id: node_id.clone(), serial, peer };
             let mut sent: Option<Arc<Frame>> = None;
             frames.mark_changed();
             // One timer per stream, moved on by each message: a frame's wake-up does not
