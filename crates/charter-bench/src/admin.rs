@@ -132,20 +132,13 @@ struct Settings {
 
 impl Settings {
     fn from_args(args: &AdminArgs) -> Result<Settings> {
-        ensure!(
-            (1..=1024).contains(&args.connections),
-            "--connections must be 1 to 1024"
-        );
-        ensure!(
-            (0.1..=600.0).contains(&args.duration_secs),
-            "--duration-secs must be 0.1 to 600"
-        );
-        ensure!(
-            (0.0..=60.0).contains(&args.warmup_secs),
-            "--warmup-secs must be 0 to 60"
-        );
-        ensure!((1..=50).contains(&args.rounds), "--rounds must be 1 to 50");
-        ensure!(args.retries <= 10, "--retries must be 0 to 10");
+        load::check_flags(
+            args.connections,
+            args.duration_secs,
+            args.warmup_secs,
+            args.rounds,
+            args.retries,
+        )?;
         ensure!(
             (1..=10_000).contains(&args.licenses),
             "--licenses must be 1 to 10000"
@@ -159,22 +152,8 @@ impl Settings {
             "--fsync-bytes must be 1 to 1048576"
         );
         let self_bin = std::env::current_exe().context("locating this executable")?;
-        let cp_bin = match &args.cp_bin {
-            Some(path) => path.clone(),
-            None => self_bin.with_file_name("charter-cp"),
-        };
-        ensure!(
-            cp_bin.is_file(),
-            "no charter-cp binary at {}: build it with `cargo build --release -p charter-cp` \
-             (or run scripts/bench), or pass --cp-bin",
-            cp_bin.display()
-        );
-        let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-        ensure!(
-            work_dir.is_dir(),
-            "--work-dir {} is not a directory",
-            work_dir.display()
-        );
+        let cp_bin = procs::binary(args.cp_bin.as_deref(), "charter-cp", "--cp-bin")?;
+        let work_dir = procs::work_dir(args.work_dir.as_deref())?;
         Ok(Settings {
             phase: args.phase,
             cp_bin,

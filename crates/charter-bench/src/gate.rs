@@ -98,44 +98,20 @@ struct Settings {
 
 impl Settings {
     fn from_args(args: &GateArgs) -> Result<Settings> {
-        ensure!(
-            (1..=1024).contains(&args.connections),
-            "--connections must be 1 to 1024"
-        );
-        ensure!(
-            (0.1..=600.0).contains(&args.duration_secs),
-            "--duration-secs must be 0.1 to 600"
-        );
-        ensure!(
-            (0.0..=60.0).contains(&args.warmup_secs),
-            "--warmup-secs must be 0 to 60"
-        );
-        ensure!((1..=50).contains(&args.rounds), "--rounds must be 1 to 50");
-        ensure!(args.retries <= 10, "--retries must be 0 to 10");
+        crate::load::check_flags(
+            args.connections,
+            args.duration_secs,
+            args.warmup_secs,
+            args.rounds,
+            args.retries,
+        )?;
         let self_bin = std::env::current_exe().context("locating this executable")?;
-        let beside = |given: &Option<PathBuf>, name: &str| -> Result<PathBuf> {
-            let path = given
-                .clone()
-                .unwrap_or_else(|| self_bin.with_file_name(name));
-            ensure!(
-                path.is_file(),
-                "no {name} binary at {}: build it with `cargo build --release --workspace --bins` \
-                 (or run scripts/bench gate), or pass its --*-bin flag",
-                path.display()
-            );
-            Ok(path)
-        };
-        let work_dir = args.work_dir.clone().unwrap_or_else(std::env::temp_dir);
-        ensure!(
-            work_dir.is_dir(),
-            "--work-dir {} is not a directory",
-            work_dir.display()
-        );
+        let work_dir = procs::work_dir(args.work_dir.as_deref())?;
         Ok(Settings {
-            cp_bin: beside(&args.cp_bin, "charter-cp")?,
-            dp_bin: beside(&args.dp_bin, "charter-dp")?,
-            ctl_bin: beside(&args.ctl_bin, "charterctl")?,
-            self_bin: self_bin.clone(),
+            cp_bin: procs::binary(args.cp_bin.as_deref(), "charter-cp", "--cp-bin")?,
+            dp_bin: procs::binary(args.dp_bin.as_deref(), "charter-dp", "--dp-bin")?,
+            ctl_bin: procs::binary(args.ctl_bin.as_deref(), "charterctl", "--ctl-bin")?,
+            self_bin,
             connections: args.connections,
             warmup: Duration::from_secs_f64(args.warmup_secs),
             duration: Duration::from_secs_f64(args.duration_secs),

@@ -399,3 +399,28 @@ async fn read_more(stream: &mut TcpStream, buf: &mut BytesMut) -> Result<()> {
     ensure!(n > 0, "the server closed the connection");
     Ok(())
 }
+
+/// Checks the flags every throughput benchmark shares.
+pub fn check_flags(
+    connections: usize,
+    duration_secs: f64,
+    warmup_secs: f64,
+    rounds: usize,
+    retries: usize,
+) -> Result<()> {
+    anyhow::ensure!(
+        (1..=1024).contains(&connections),
+        "--connections must be 1 to 1024"
+    );
+    anyhow::ensure!(
+        (0.1..=600.0).contains(&duration_secs),
+        "--duration-secs must be 0.1 to 600"
+    );
+    anyhow::ensure!(
+        (0.0..=60.0).contains(&warmup_secs),
+        "--warmup-secs must be 0 to 60"
+    );
+    anyhow::ensure!((1..=50).contains(&rounds), "--rounds must be 1 to 50");
+    anyhow::ensure!(retries <= 10, "--retries must be 0 to 10");
+    Ok(())
+}

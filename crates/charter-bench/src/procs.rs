@@ -83,6 +83,34 @@ impl Pinning {
     }
 }
 
+/// The binary `name` next to this executable, or `given` (its `flag`); it must exist.
+pub fn binary(given: Option<&Path>, name: &str, flag: &str) -> Result<PathBuf> {
+    let path = match given {
+        Some(path) => path.to_owned(),
+        None => std::env::current_exe()
+            .context("locating this executable")?
+            .with_file_name(name),
+    };
+    anyhow::ensure!(
+        path.is_file(),
+        "no {name} binary at {}: build it with `cargo build --release --workspace --bins` \
+         (or run scripts/bench), or pass {flag}",
+        path.display()
+    );
+    Ok(path)
+}
+
+/// `--work-dir`, or the system temp dir; it must be a directory.
+pub fn work_dir(given: Option<&Path>) -> Result<PathBuf> {
+    let dir = given.map_or_else(std::env::temp_dir, Path::to_owned);
+    anyhow::ensure!(
+        dir.is_dir(),
+        "--work-dir {} is not a directory",
+        dir.display()
+    );
+    Ok(dir)
+}
+
 /// A server child process on a loopback port, killed when dropped.
 pub struct Server {
     name: &'static str,

@@ -134,26 +134,17 @@ impl Settings {
         );
         let _ = IDLE_WINDOW.set(Duration::from_millis(args.idle_window_ms));
         let self_bin = std::env::current_exe().context("locating this executable")?;
-        let beside = |given: Option<PathBuf>, name: &str| -> Result<PathBuf> {
-            let path = given.unwrap_or_else(|| self_bin.with_file_name(name));
-            ensure!(
-                path.is_file(),
-                "{} does not exist; build it first (`cargo build --release --workspace --bins`) or pass its path",
-                path.display()
-            );
-            Ok(path)
-        };
         Ok(Settings {
-            cp_bin: beside(args.cp_bin, "charter-cp")?,
-            ctl_bin: beside(args.ctl_bin, "charterctl")?,
-            self_bin: self_bin.clone(),
+            cp_bin: procs::binary(args.cp_bin.as_deref(), "charter-cp", "--cp-bin")?,
+            ctl_bin: procs::binary(args.ctl_bin.as_deref(), "charterctl", "--ctl-bin")?,
+            work_dir: procs::work_dir(args.work_dir.as_deref())?,
+            self_bin,
             sizes: args.sizes,
             rounds: args.rounds,
             updates: args.updates,
             batch: args.batch,
             cache_sample: args.cache_sample,
             timeout: Duration::from_secs(args.timeout_secs),
-            work_dir: args.work_dir.unwrap_or_else(std::env::temp_dir),
         })
     }
 }
