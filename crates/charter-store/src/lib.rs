@@ -5,10 +5,12 @@
 //! `LISTEN/NOTIFY`) can be added later without touching the admin API or the sync code.
 //!
 //! **Architecture Invariant:** an acknowledged write is durable. No write method returns
-//! `Ok` before the change is flushed *and* fsynced (see [`SledStore`]).
+//! `Ok` before the change is on the device: written to the store's write-ahead log and
+//! `fdatasync`ed (see [`SledStore`]).
 //!
-//! **Architecture Invariant:** every write bumps the store revision by exactly one, in the
-//! same transaction as the data it changes, so a revision always names one state of the store.
+//! **Architecture Invariant:** every license write bumps the store revision by exactly one,
+//! in the same log record as the data it changes, so after a crash a revision always names
+//! one state of the store.
 //!
 //! **Architecture Invariant:** the store never reads the clock; callers pass `now`.
 
@@ -19,6 +21,7 @@ use uuid::Uuid;
 
 mod error;
 mod sled_store;
+mod wal;
 
 #[cfg(test)]
 mod tests;

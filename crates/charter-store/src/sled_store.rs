@@ -1,6 +1,7 @@
-//! The sled backend of [`LicenseStore`]: three trees, one transaction per write, and an
-//! explicit fsync before any write is acknowledged.
+//! The sled backend of [`LicenseStore`]: sled trees, one transaction per write, and the
+//! write-ahead log ([`crate::wal`]) `fdatasync`ed before any write is acknowledged.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::ffi::OsString;
 use std::fs::File;
@@ -10,11 +11,11 @@ use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
-use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
-use sled::{Transactional, Tree};
+use sled::{IVec, Tree};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::wal::{self, Appended, Entry, Op, TreeTag, Wal};
 use crate::{
     Changes, DataPlaneRecord, LicenseRecord, LicenseStore, NodeUsage, Page, PutOutcome, StoreError,
 };
@@ -30,6 +31,9 @@ const USAGE_TREE: &str = "usage";
 
 const EPOCH_KEY: &[u8] = b"epoch";
 const REVISION_KEY: &[u8] = b"revision";
+/// The LSN of the last write-ahead log record whose transaction is in sled; see
+/// [`crate::wal`].
+const WAL_LSN_KEY: &[u8] = b"wal_lsn";
 
 /// The file in which sled 0.34 keeps its log (all tree data), relative to the data dir.
 const DB_FILE: &str = "db";
@@ -40,28 +44,41 @@ const BLOBS_DIR: &str = "blobs";
 /// than this reads everything again.
 pub(crate) const CHANGE_LOG_LEN: usize = 4096;
 
-/// The result type of a transaction closure: our error, or sled's conflict/storage signal.
-type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
-
-/// A [`LicenseStore`] in a sled 0.34 database in one directory.
+/// A [`LicenseStore`] in a sled 0.34 database in one directory, with a write-ahead log.
 ///
 /// # Layout
 ///
-/// Three trees: `licenses` (16 id bytes → JSON [`LicenseRecord`]), `checksums` (payload
-/// checksum hex → 16 id bytes, the unique index on payloads) and `meta` (`epoch` → 16
-/// bytes, `revision` → big-endian `u64`). Every write is one multi-tree sled transaction
-/// that changes the record, the index and the revision together, so a crash never leaves
-/// one without the others.
+/// Five trees: `licenses` (16 id bytes → JSON [`LicenseRecord`]), `checksums` (payload
+/// checksum hex → 16 id bytes, the unique index on payloads), `meta` (`epoch` → 16 bytes,
+/// `revision` and `wal_lsn` → big-endian `u64`), `usage` (telemetry per node) and
+/// `data_planes` (the inventory, soft state). Next to sled's files, [`crate::wal`]'s
+/// `charter.wal`.
 ///
 /// # Durability
 ///
-/// `Db::flush` in sled 0.34 is not enough on Linux: it writes the log with
-/// `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)`, which pushes the data pages to the
-/// device but neither flushes the device's write cache nor persists file metadata (such as
-/// the file length when the log grows), so a power cut can still lose acknowledged writes.
-/// So after every committed write this store calls `flush` and then `fsync`s what sled
-/// 0.34.7 writes through (read in its source, `config.rs`, `pagecache/iobuf.rs`,
-/// `pagecache/blob_io.rs`, `pagecache/snapshot.rs`):
+/// A write is acknowledged once it is durable in the write-ahead log: its changes (the
+/// record, the index entry, the revision, or a node's usage) are one record there, written
+/// and `fdatasync`ed, and only then applied to sled's trees in memory. The log is a file of
+/// fixed size written full of zeros when it is made, so an append overwrites blocks the
+/// file already has and its `fdatasync` writes the record and flushes the device cache:
+/// one device round trip per write, with nothing else to commit. sled makes its own state
+/// durable in the background; on open, the log's records that sled did not keep are applied
+/// again (see [`crate::wal`] for the format and the replay rule). A crash at any point thus
+/// leaves every acknowledged write, each whole, and never a part of one: a write is in sled
+/// only once its record is durable, and a record is replayed whole.
+///
+/// Why not sled alone: sled 0.34 makes a write durable only by flushing its whole log,
+/// `pwrite` and `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)` on its I/O thread pool,
+/// which neither flushes the device's write cache nor persists the file's size, so each
+/// write would also need an `fdatasync` of `db`: two device round trips and two thread
+/// hand-offs. Its transactions also write out its I/O buffer twice each (`pin_log` in
+/// `pagecache/mod.rs`), so the logged writes use plain inserts: the log lock keeps writers
+/// apart, and the log, not a sled transaction, makes each write atomic across trees.
+///
+/// A checkpoint makes sled durable and starts the log's next generation: when the log is
+/// full, when a write is larger than the log, after a failed append, and on open. It
+/// flushes sled and then `fsync`s what sled 0.34.7 writes through (read in its source,
+/// `config.rs`, `pagecache/iobuf.rs`, `pagecache/blob_io.rs`, `pagecache/snapshot.rs`):
 ///
 /// - `db`, the log holding every tree. It is synced through a second descriptor opened
 ///   here: `fdatasync` acts on the inode, whichever descriptor it is called on. (sled locks
@@ -80,29 +97,26 @@ type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 /// they point to, and nothing else: file contents and sizes are made durable by the
 /// files' own syncs above. So when a directory lists the same (name, inode) pairs as it
 /// did before an fsync that completed, and did not change while that fsync ran, its
-/// durable entries are already the current ones and another fsync would write nothing;
-/// on ext4 it would still cost a device cache flush, a third of a write's time. Any new
-/// entry (a blob, a snapshot, a rename, which makes a new name or moves an inode) is a
-/// change and gets its fsync before the write is acknowledged. What this can miss is an
-/// entry created and removed again while an fsync ran, which can reappear after a power
-/// cut; the same is true of any file sled removes after the last write before a crash,
-/// which sled never syncs either, and such a file (an old snapshot or an unreferenced
-/// blob) is ignored on recovery.
+/// durable entries are already the current ones and another fsync would write nothing.
+/// Any new entry (a blob, a snapshot, a rename, which makes a new name or moves an inode)
+/// is a change and gets its fsync. What this can miss is an entry created and removed again
+/// while an fsync ran, which can reappear after a power cut; the same is true of any file
+/// sled removes after a checkpoint, which sled never syncs either, and such a file (an old
+/// snapshot or an unreferenced blob) is ignored on recovery.
 ///
 /// On open the store also fsyncs `conf` (written by sled on creation without a sync), the
 /// snapshot files, the directory, and the parent directory when the directory was created.
 ///
 /// # Concurrency
 ///
-/// Reads go straight to sled and run in parallel with everything. Writes are serialised by
-/// a `std::sync::Mutex` held from the transaction until the new revision is published.
-/// sled's transactions would be safe without it (they retry on conflict, and every write
-/// conflicts on the revision key anyway, so there is no parallelism to lose), but holding
-/// it keeps three things simple: the revision watch is fed in strictly increasing order,
-/// each write's flush and fsync cover exactly its own transaction, and conflicting writers
-/// do not spin in sled's retry loop. It is a std mutex and not a Tokio one because nothing
-/// asynchronous happens while it is held. License writes are rare, so one fsync per write
-/// is cheap enough.
+/// Reads go straight to sled and run in parallel with everything; they see a write once it
+/// is durable, and may see one being applied with some of its keys changed and others not
+/// yet (for a few microseconds; the revision is applied after the record and its index
+/// entry). Writes are serialised by the log's `std::sync::Mutex`, held from the reads a
+/// write decides on until its new revision is published, so each write sees every earlier
+/// one whole, the log's records are in LSN order, and the revision watch is fed in strictly
+/// increasing order. It is a std mutex and not a Tokio one because nothing asynchronous
+/// happens while it is held.
 pub struct SledStore {
     pub(crate) db: sled::Db,
     pub(crate) licenses: Tree,
@@ -114,19 +128,50 @@ pub struct SledStore {
     /// A second descriptor on sled's `db` file, used only to fsync it.
     db_file: File,
     /// The entries of the data directory and of `blobs/` at their last fsync; only ever
-    /// touched with `write_lock` held (or during `open`), so its own lock is never
-    /// contended.
+    /// touched with `log` locked (or during `open`), so its own lock is never contended.
     synced_dirs: Mutex<(SyncedDir, SyncedDir)>,
     epoch: Uuid,
-    /// Serialises writes; see the type's documentation for why. The guarded state lives in
-    /// sled, so a poisoned lock is safe to take over: every transaction either committed
-    /// whole or not at all.
-    write_lock: Mutex<()>,
+    /// The write-ahead log and the next LSN. Its lock serialises writes; see the type's
+    /// documentation for why. A poisoned lock is safe to take over: every transaction
+    /// either committed whole or not at all, and an append that failed midway marks the
+    /// log broken, so the next write checkpoints instead of appending after it.
+    log: Mutex<Log>,
     revision_tx: watch::Sender<u64>,
     /// The published revision and the ids of the last writes, for
-    /// [`LicenseStore::changes_since`]. Updated under `write_lock`, after the write is
+    /// [`LicenseStore::changes_since`]. Updated with `log` locked, after the write is
     /// durable; its own lock is held only to read or push.
     changes: Mutex<ChangeLog>,
+    /// How many log records `open` applied again.
+    replayed: usize,
+}
+
+/// The write-ahead log as the store uses it.
+struct Log {
+    wal: Wal,
+    /// The LSN of the next durable write; above every LSN in sled and in the log.
+    next_lsn: u64,
+    /// Set when a logged write could not be applied to sled: see [`SledStore::apply`].
+    unapplied: bool,
+}
+
+/// Settings tests change; [`SledStore::open`] uses the defaults.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Tuning {
+    /// The size of the write-ahead log file.
+    pub(crate) wal_capacity: u64,
+    /// sled's background flush interval (`None`: sled flushes only when asked, at a
+    /// checkpoint, so a crash loses everything since; the tests of replay use that).
+    pub(crate) sled_flush_every_ms: Option<u64>,
+}
+
+impl Default for Tuning {
+    fn default() -> Tuning {
+        Tuning {
+            wal_capacity: wal::DEFAULT_CAPACITY,
+            // sled's own default.
+            sled_flush_every_ms: Some(500),
+        }
+    }
 }
 
 /// The last published revision and the recent writes: `(revision, id)`, consecutive
@@ -189,10 +234,15 @@ impl SledStore {
     /// Opens the store in `dir`, creating the directory (mode 0700) and a fresh store with
     /// a new epoch if needed. An existing store keeps its epoch and revision.
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
+        SledStore::open_tuned(dir, Tuning::default())
+    }
+
+    /// [`SledStore::open`] with other settings.
+    pub(crate) fn open_tuned(dir: &Path, tuning: Tuning) -> Result<SledStore, StoreError> {
         let created = !dir.exists();
         create_private_dir(dir)?;
 
-        let db = open_sled(dir)?;
+        let db = open_sled(dir, tuning.sled_flush_every_ms)?;
         let open_tree = |name: &str| {
             db.open_tree(name)
                 .map_err(|e| backend(format!("opening tree {name} in {}", dir.display()), e))
@@ -203,6 +253,17 @@ impl SledStore {
         let data_planes = open_tree(DATA_PLANES_TREE)?;
         let usage = open_tree(USAGE_TREE)?;
 
+        // Writes acknowledged since sled's last durable state first, then the epoch and
+        // revision they may have moved.
+        let entries = wal::recover(dir)?;
+        let applied = read_wal_lsn(&meta)?;
+        let mut replayed = 0;
+        for entry in entries.iter().filter(|entry| entry.lsn > applied) {
+            apply_ops([&licenses, &checksums, &meta, &usage], entry)?;
+            replayed += 1;
+        }
+        let last_lsn = entries.last().map_or(applied, |e| e.lsn.max(applied));
+
         let (epoch, revision) = init_meta(&meta)?;
 
         let db_path = dir.join(DB_FILE);
@@ -210,6 +271,13 @@ impl SledStore {
             context: format!("opening {} to fsync it", db_path.display()),
             source,
         })?;
+
+        // The first open writes `conf`, the log and possibly the epoch, and a replay
+        // wrote what the log held: make sled durable before the log is replaced. A new,
+        // empty log is also the only place records of an older generation can never
+        // follow the current ones.
+        make_sled_durable(&db, dir, &db_file)?;
+        let wal = Wal::create(dir, tuning.wal_capacity)?;
 
         let store = SledStore {
             db,
@@ -222,13 +290,17 @@ impl SledStore {
             db_file,
             synced_dirs: Mutex::new((SyncedDir::default(), SyncedDir::default())),
             epoch,
-            write_lock: Mutex::new(()),
+            log: Mutex::new(Log {
+                wal,
+                next_lsn: last_lsn + 1,
+                unapplied: false,
+            }),
             revision_tx: watch::Sender::new(revision),
             changes: Mutex::new(ChangeLog::new(revision)),
+            replayed,
         };
-
-        // The first open writes `conf`, the log and possibly the epoch; make all of it
-        // durable before anyone relies on this epoch.
+        // The fresh log's rename and the first open's files become durable in
+        // `make_durable` (the directory's entries changed).
         store.make_durable()?;
         sync_regular_files(dir)?;
         if created {
@@ -239,20 +311,16 @@ impl SledStore {
         Ok(store)
     }
 
+    /// How many write-ahead log records `open` applied to sled again: writes acknowledged
+    /// before a crash that sled had not made durable itself.
+    pub fn replayed(&self) -> usize {
+        self.replayed
+    }
+
     /// Flushes sled's buffers and fsyncs every file a write may have touched; see
     /// "Durability" on [`SledStore`].
     fn make_durable(&self) -> Result<(), StoreError> {
-        self.db.flush().map_err(|e| {
-            backend(
-                format!("flushing sled database in {}", self.dir.display()),
-                e,
-            )
-        })?;
-        let db_path = self.dir.join(DB_FILE);
-        self.db_file.sync_data().map_err(|source| StoreError::Io {
-            context: format!("fsyncing {}", db_path.display()),
-            source,
-        })?;
+        make_sled_durable(&self.db, &self.dir, &self.db_file)?;
         let mut synced = self
             .synced_dirs
             .lock()
@@ -271,33 +339,77 @@ impl SledStore {
         data.sync(&self.dir, list_dir(&self.dir)?)
     }
 
-    /// Runs one write: takes the write lock, runs `tx` as one transaction over the three
-    /// trees, and, if it reports a new revision, makes it durable and publishes it.
+    /// Runs one write: locks the log, lets `write` read the trees and say what to change,
+    /// makes the changes durable in the write-ahead log, applies them to sled, and
+    /// publishes the new revision if `write` reports one.
     ///
-    /// `tx` returns the value for the caller and `Some((new_revision, id))` if it wrote the
-    /// license `id`, `None` if it changed nothing.
+    /// `write` makes its changes through [`Trees`], which only records them, and returns
+    /// the value for the caller and `Some((new_revision, id))` if it wrote the license
+    /// `id`. An error it returns changes nothing.
+    ///
+    /// The log comes first, so a change is in sled only once it is durable: readers never
+    /// see a write that a crash could take back, and a write whose append fails leaves
+    /// nothing behind.
     fn write<T>(
         &self,
-        tx: impl Fn(&Trees) -> TxResult<(T, Option<(u64, Uuid)>)>,
+        write: impl FnOnce(&Trees) -> Result<(T, Option<(u64, Uuid)>), StoreError>,
     ) -> Result<T, StoreError> {
-        let _guard = self
-            .write_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let (value, new_revision) = (&self.licenses, &self.checksums, &self.meta)
-            .transaction(|(licenses, checksums, meta)| {
-                tx(&Trees {
-                    licenses,
-                    checksums,
-                    meta,
-                })
-            })
-            .map_err(|e| match e {
-                TransactionError::Abort(e) => e,
-                TransactionError::Storage(e) => backend("committing a write".to_string(), e),
-            })?;
+        let mut log = self.log.lock().unwrap_or_else(PoisonError::into_inner);
+        if log.unapplied {
+            return Err(StoreError::Backend(
+                "an earlier write is durable but could not be applied; restart the control \
+                 plane to recover it from the write-ahead log"
+                    .to_string(),
+            ));
+        }
+        if log.wal.is_broken() {
+            // An append failed: start a new generation before anything else is logged, so
+            // whatever part of that record reached the disk is never replayed.
+            self.checkpoint(&mut log)?;
+        }
+        let trees = Trees {
+            licenses: &self.licenses,
+            checksums: &self.checksums,
+            meta: &self.meta,
+            usage: &self.usage,
+            ops: RefCell::new(Vec::new()),
+        };
+        let (value, new_revision) = write(&trees)?;
+        let mut ops = trees.ops.into_inner();
+        if ops.is_empty() {
+            return Ok(value);
+        }
+        // The revision after the data it names, for readers during `apply` (a stable sort,
+        // and keys of different trees never interact, so the outcome is the same).
+        ops.sort_by_key(|op| op.tree == TreeTag::Meta);
+        // Taken for good even if the append fails, so no two records share an LSN.
+        let lsn = log.next_lsn;
+        log.next_lsn += 1;
+        // Last, so that a state of sled that has this LSN has all of its changes.
+        ops.push(Op {
+            tree: TreeTag::Meta,
+            key: WAL_LSN_KEY.into(),
+            value: Some(lsn.to_be_bytes().as_slice().into()),
+        });
+        let entry = Entry { lsn, ops };
+        let mut appended = log.wal.append(&entry)?;
+        if appended == Appended::Full {
+            // This generation has no room left: make sled hold everything logged so far,
+            // and log this write in the next one.
+            self.checkpoint(&mut log)?;
+            appended = log.wal.append(&entry)?;
+        }
+        if let Err(e) = self.apply(&entry) {
+            log.unapplied = true;
+            return Err(e);
+        }
+        if appended == Appended::Full {
+            // Larger than the whole log: made durable by a checkpoint of its own. Until
+            // that succeeds the log counts as broken, so the next write checkpoints first.
+            log.wal.set_broken();
+            self.checkpoint(&mut log)?;
+        }
         if let Some((revision, id)) = new_revision {
-            self.make_durable()?;
             self.changes
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
@@ -305,6 +417,26 @@ impl SledStore {
             self.revision_tx.send_replace(revision);
         }
         Ok(value)
+    }
+
+    /// Makes sled durable, then starts a new generation of the log, whose records sled
+    /// now holds.
+    fn checkpoint(&self, log: &mut Log) -> Result<(), StoreError> {
+        self.make_durable()?;
+        log.wal.restart()
+    }
+
+    /// Applies a logged write's changes to sled, in order.
+    ///
+    /// If sled fails here (it does not fail in-memory updates short of a broken database),
+    /// the write is durable in the log but not in sled; the caller gets the error, and the
+    /// store refuses further writes (`Log::unapplied`), which would be computed without it,
+    /// until a restart replays it.
+    fn apply(&self, entry: &Entry) -> Result<(), StoreError> {
+        apply_ops(
+            [&self.licenses, &self.checksums, &self.meta, &self.usage],
+            entry,
+        )
     }
 
     /// The shared body of `put` and `patch`.
@@ -317,23 +449,22 @@ impl SledStore {
     ) -> Result<(LicenseRecord, PutOutcome), StoreError> {
         let checksum = checksum_of(payload);
         self.write(|t| {
-            let old = match t.licenses.get(id.as_bytes())? {
-                Some(bytes) => Some(decode_record(id.as_bytes(), &bytes).or_else(abort)?),
-                None if must_exist => return abort(StoreError::NotFound(id)),
+            let old = match t.get(TreeTag::Licenses, id.as_bytes())? {
+                Some(bytes) => Some(decode_record(id.as_bytes(), &bytes)?),
+                None if must_exist => return Err(StoreError::NotFound(id)),
                 None => None,
             };
-            if let Some(holder) = t.checksums.get(checksum.as_bytes())? {
-                let holder =
-                    decode_id(CHECKSUMS_TREE, checksum.as_bytes(), &holder).or_else(abort)?;
+            if let Some(holder) = t.get(TreeTag::Checksums, checksum.as_bytes())? {
+                let holder = decode_id(CHECKSUMS_TREE, checksum.as_bytes(), &holder)?;
                 if holder != id {
-                    return abort(StoreError::DuplicatePayload { existing: holder });
+                    return Err(StoreError::DuplicatePayload { existing: holder });
                 }
             }
-            let revision = bump_revision(t.meta)?;
+            let revision = bump_revision(t)?;
             let (created_at, outcome) = match &old {
                 Some(old) => {
                     if old.checksum != checksum {
-                        remove_index_entry(t.checksums, &old.checksum, id)?;
+                        remove_index_entry(t, &old.checksum, id)?;
                     }
                     (old.created_at, PutOutcome::Replaced)
                 }
@@ -353,11 +484,72 @@ impl SledStore {
     }
 }
 
-/// The three trees as seen inside one transaction.
+/// The logged trees as one write sees them: its reads see the trees with its own changes
+/// so far, and its changes, made through [`Trees::insert`] and [`Trees::remove`], are only
+/// recorded, for [`SledStore::write`] to log and then apply.
 struct Trees<'a> {
-    licenses: &'a TransactionalTree,
-    checksums: &'a TransactionalTree,
-    meta: &'a TransactionalTree,
+    licenses: &'a Tree,
+    checksums: &'a Tree,
+    meta: &'a Tree,
+    usage: &'a Tree,
+    ops: RefCell<Vec<Op>>,
+}
+
+impl Trees<'_> {
+    fn get(&self, tree: TreeTag, key: &[u8]) -> Result<Option<IVec>, StoreError> {
+        if let Some(op) = self
+            .ops
+            .borrow()
+            .iter()
+            .rev()
+            .find(|op| op.tree == tree && op.key == key)
+        {
+            return Ok(op.value.clone());
+        }
+        let source = match tree {
+            TreeTag::Licenses => self.licenses,
+            TreeTag::Checksums => self.checksums,
+            TreeTag::Meta => self.meta,
+            TreeTag::Usage => self.usage,
+        };
+        source
+            .get(key)
+            .map_err(|e| backend(format!("reading {}", display_key(key)), e))
+    }
+
+    fn insert(&self, tree: TreeTag, key: &[u8], value: impl Into<IVec>) {
+        self.ops.borrow_mut().push(Op {
+            tree,
+            key: key.into(),
+            value: Some(value.into()),
+        });
+    }
+
+    fn remove(&self, tree: TreeTag, key: &[u8]) {
+        self.ops.borrow_mut().push(Op {
+            tree,
+            key: key.into(),
+            value: None,
+        });
+    }
+}
+
+/// Applies `entry`'s changes to the trees, indexed by [`TreeTag`], in order.
+fn apply_ops(trees: [&Tree; 4], entry: &Entry) -> Result<(), StoreError> {
+    for op in &entry.ops {
+        let tree = trees[op.tree as usize];
+        let done = match &op.value {
+            Some(value) => tree.insert(&op.key, value.clone()).map(drop),
+            None => tree.remove(&op.key).map(drop),
+        };
+        done.map_err(|e| {
+            backend(
+                format!("applying write {} to {}", entry.lsn, display_key(&op.key)),
+                e,
+            )
+        })?;
+    }
+    Ok(())
 }
 
 impl LicenseStore for SledStore {
@@ -434,15 +626,14 @@ impl LicenseStore for SledStore {
     fn insert(&self, id: Uuid, payload: &str, now: i64) -> Result<LicenseRecord, StoreError> {
         let checksum = checksum_of(payload);
         self.write(|t| {
-            if t.licenses.get(id.as_bytes())?.is_some() {
-                return abort(StoreError::IdExists(id));
+            if t.get(TreeTag::Licenses, id.as_bytes())?.is_some() {
+                return Err(StoreError::IdExists(id));
             }
-            if let Some(holder) = t.checksums.get(checksum.as_bytes())? {
-                let existing =
-                    decode_id(CHECKSUMS_TREE, checksum.as_bytes(), &holder).or_else(abort)?;
-                return abort(StoreError::DuplicatePayload { existing });
+            if let Some(holder) = t.get(TreeTag::Checksums, checksum.as_bytes())? {
+                let existing = decode_id(CHECKSUMS_TREE, checksum.as_bytes(), &holder)?;
+                return Err(StoreError::DuplicatePayload { existing });
             }
-            let revision = bump_revision(t.meta)?;
+            let revision = bump_revision(t)?;
             let record = LicenseRecord {
                 id,
                 payload: payload.to_string(),
@@ -472,12 +663,13 @@ impl LicenseStore for SledStore {
 
     fn delete(&self, id: Uuid) -> Result<Option<LicenseRecord>, StoreError> {
         self.write(|t| {
-            let Some(bytes) = t.licenses.remove(id.as_bytes())? else {
+            let Some(bytes) = t.get(TreeTag::Licenses, id.as_bytes())? else {
                 return Ok((None, None));
             };
-            let old = decode_record(id.as_bytes(), &bytes).or_else(abort)?;
-            remove_index_entry(t.checksums, &old.checksum, id)?;
-            let revision = bump_revision(t.meta)?;
+            let old = decode_record(id.as_bytes(), &bytes)?;
+            t.remove(TreeTag::Licenses, id.as_bytes());
+            remove_index_entry(t, &old.checksum, id)?;
+            let revision = bump_revision(t)?;
             Ok((Some(old), Some((revision, id))))
         })
     }
@@ -526,42 +718,31 @@ impl LicenseStore for SledStore {
         seq: u64,
         counters: &[(String, u64)],
     ) -> Result<bool, StoreError> {
-        // Serialised with license writes: one fsync covers exactly one applied report.
-        let _guard = self
-            .write_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let decode = |value: &[u8]| -> Result<NodeUsage, StoreError> {
-            serde_json::from_slice(value).map_err(|e| {
-                StoreError::Corrupt(format!("usage of {node_id} in tree {USAGE_TREE}: {e}"))
-            })
-        };
-        let mut usage = match self
-            .usage
-            .get(node_id.as_bytes())
-            .map_err(|e| backend(format!("reading usage of {node_id}"), e))?
-        {
-            Some(value) => decode(&value)?,
-            None => NodeUsage {
-                node_id: node_id.to_owned(),
-                ..NodeUsage::default()
-            },
-        };
-        if seq <= usage.last_seq {
-            return Ok(false);
-        }
-        usage.last_seq = seq;
-        for (bucket, count) in counters {
-            let total = usage.buckets.entry(bucket.clone()).or_default();
-            *total = total.saturating_add(*count);
-        }
-        let value = serde_json::to_vec(&usage)
-            .map_err(|e| StoreError::Corrupt(format!("encoding usage of {node_id}: {e}")))?;
-        self.usage
-            .insert(node_id.as_bytes(), value)
-            .map_err(|e| backend(format!("recording usage of {node_id}"), e))?;
-        self.make_durable()?;
-        Ok(true)
+        // Logged like a license write, without moving the revision.
+        let key = node_id.as_bytes();
+        self.write(|t| {
+            let mut usage = match t.get(TreeTag::Usage, key)? {
+                Some(value) => serde_json::from_slice(&value).map_err(|e| {
+                    StoreError::Corrupt(format!("usage of {node_id} in tree {USAGE_TREE}: {e}"))
+                })?,
+                None => NodeUsage {
+                    node_id: node_id.to_owned(),
+                    ..NodeUsage::default()
+                },
+            };
+            if seq <= usage.last_seq {
+                return Ok((false, None));
+            }
+            usage.last_seq = seq;
+            for (bucket, count) in counters {
+                let total = usage.buckets.entry(bucket.clone()).or_default();
+                *total = total.saturating_add(*count);
+            }
+            let value = serde_json::to_vec(&usage)
+                .map_err(|e| StoreError::Corrupt(format!("encoding usage of {node_id}: {e}")))?;
+            t.insert(TreeTag::Usage, key, value);
+            Ok((true, None))
+        })
     }
 
     fn usage(&self) -> Result<Vec<NodeUsage>, StoreError> {
@@ -628,10 +809,14 @@ const LOCK_RETRIES: u32 = 100;
 /// after closing it in the same process, as a restart or a test does, can fail spuriously.
 /// The wait is bounded, so a data directory really used by another process still fails
 /// quickly, with an error that says so.
-fn open_sled(dir: &Path) -> Result<sled::Db, StoreError> {
+fn open_sled(dir: &Path, flush_every_ms: Option<u64>) -> Result<sled::Db, StoreError> {
     let mut retries = 0;
     loop {
-        match sled::Config::new().path(dir).open() {
+        match sled::Config::new()
+            .path(dir)
+            .flush_every_ms(flush_every_ms)
+            .open()
+        {
             Ok(db) => return Ok(db),
             Err(e) if is_lock_contention(&e) && retries < LOCK_RETRIES => {
                 retries += 1;
@@ -664,80 +849,110 @@ fn is_lock_contention(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
-/// Reads the epoch and revision, writing a new epoch and revision 0 if the store is new.
-fn init_meta(meta: &Tree) -> Result<(Uuid, u64), StoreError> {
-    let fresh_epoch = Uuid::new_v4();
-    meta.transaction(|meta| {
-        let revision = meta.get(REVISION_KEY)?;
-        match meta.get(EPOCH_KEY)? {
-            Some(epoch) => {
-                let epoch = decode_id(META_TREE, EPOCH_KEY, &epoch).or_else(abort)?;
-                let Some(revision) = revision else {
-                    return abort(StoreError::Corrupt(
-                        "tree meta has an epoch but no revision key".to_string(),
-                    ));
-                };
-                Ok((epoch, decode_revision(&revision).or_else(abort)?))
-            }
-            None if revision.is_some() => abort(StoreError::Corrupt(
-                "tree meta has a revision but no epoch key".to_string(),
-            )),
-            None => {
-                meta.insert(EPOCH_KEY, fresh_epoch.as_bytes().as_slice())?;
-                meta.insert(REVISION_KEY, &0u64.to_be_bytes())?;
-                Ok((fresh_epoch, 0))
-            }
-        }
-    })
-    .map_err(|e| match e {
-        TransactionError::Abort(e) => e,
-        TransactionError::Storage(e) => backend("initialising the store epoch".to_string(), e),
+/// Flushes sled and `fdatasync`s its log file, the part of [`SledStore::make_durable`]
+/// that needs no store yet.
+fn make_sled_durable(db: &sled::Db, dir: &Path, db_file: &File) -> Result<(), StoreError> {
+    db.flush()
+        .map_err(|e| backend(format!("flushing sled database in {}", dir.display()), e))?;
+    db_file.sync_data().map_err(|source| StoreError::Io {
+        context: format!("fsyncing {}", dir.join(DB_FILE).display()),
+        source,
     })
 }
 
+/// The LSN of the last logged write sled holds, 0 before the first.
+fn read_wal_lsn(meta: &Tree) -> Result<u64, StoreError> {
+    match meta
+        .get(WAL_LSN_KEY)
+        .map_err(|e| backend("reading the write-ahead log position".to_string(), e))?
+    {
+        Some(bytes) => {
+            let bytes: [u8; 8] = bytes.as_ref().try_into().map_err(|_| {
+                StoreError::Corrupt(format!(
+                    "tree {META_TREE} key wal_lsn: {} bytes, expected 8",
+                    bytes.len()
+                ))
+            })?;
+            Ok(u64::from_be_bytes(bytes))
+        }
+        None => Ok(0),
+    }
+}
+
+/// Reads the epoch and revision, writing a new epoch and revision 0 if the store is new.
+fn init_meta(meta: &Tree) -> Result<(Uuid, u64), StoreError> {
+    let read = |key: &[u8]| {
+        meta.get(key)
+            .map_err(|e| backend("reading the store epoch".to_string(), e))
+    };
+    match (read(EPOCH_KEY)?, read(REVISION_KEY)?) {
+        (Some(epoch), Some(revision)) => Ok((
+            decode_id(META_TREE, EPOCH_KEY, &epoch)?,
+            decode_revision(&revision)?,
+        )),
+        (Some(_), None) => Err(StoreError::Corrupt(
+            "tree meta has an epoch but no revision key".to_string(),
+        )),
+        (None, Some(_)) => Err(StoreError::Corrupt(
+            "tree meta has a revision but no epoch key".to_string(),
+        )),
+        (None, None) => {
+            // One batch, so a crash never leaves one key without the other. `open` holds
+            // sled's lock on the directory, so nothing else writes meantime.
+            let epoch = Uuid::new_v4();
+            let mut batch = sled::Batch::default();
+            batch.insert(EPOCH_KEY, epoch.as_bytes().as_slice());
+            batch.insert(REVISION_KEY, 0u64.to_be_bytes().as_slice());
+            meta.apply_batch(batch)
+                .map_err(|e| backend("initialising the store epoch".to_string(), e))?;
+            Ok((epoch, 0))
+        }
+    }
+}
+
 /// Writes the record and its index entry.
-fn store_record(t: &Trees, record: &LicenseRecord) -> TxResult<()> {
+fn store_record(t: &Trees, record: &LicenseRecord) -> Result<(), StoreError> {
     let json = serde_json::to_vec(record).map_err(|e| {
         // Serialising a struct of strings and integers cannot fail; map it anyway rather
         // than panic.
-        ConflictableTransactionError::Abort(StoreError::Backend(format!(
-            "encoding license {}: {e}",
-            record.id
-        )))
+        StoreError::Backend(format!("encoding license {}: {e}", record.id))
     })?;
-    t.licenses.insert(record.id.as_bytes().as_slice(), json)?;
-    t.checksums
-        .insert(record.checksum.as_bytes(), record.id.as_bytes().as_slice())?;
+    t.insert(TreeTag::Licenses, record.id.as_bytes(), json);
+    t.insert(
+        TreeTag::Checksums,
+        record.checksum.as_bytes(),
+        record.id.as_bytes().as_slice(),
+    );
     Ok(())
 }
 
 /// Removes `checksum → id` from the index, leaving the entry alone if it names another id
 /// (which would mean the index was already wrong; never take another record's entry).
-fn remove_index_entry(checksums: &TransactionalTree, checksum: &str, id: Uuid) -> TxResult<()> {
-    if let Some(holder) = checksums.get(checksum.as_bytes())? {
+fn remove_index_entry(t: &Trees, checksum: &str, id: Uuid) -> Result<(), StoreError> {
+    if let Some(holder) = t.get(TreeTag::Checksums, checksum.as_bytes())? {
         if holder.as_ref() == id.as_bytes().as_slice() {
-            checksums.remove(checksum.as_bytes())?;
+            t.remove(TreeTag::Checksums, checksum.as_bytes());
         }
     }
     Ok(())
 }
 
 /// Increments the stored revision and returns the new value.
-fn bump_revision(meta: &TransactionalTree) -> TxResult<u64> {
-    let current = match meta.get(REVISION_KEY)? {
-        Some(bytes) => decode_revision(&bytes).or_else(abort)?,
+fn bump_revision(t: &Trees) -> Result<u64, StoreError> {
+    let current = match t.get(TreeTag::Meta, REVISION_KEY)? {
+        Some(bytes) => decode_revision(&bytes)?,
         None => {
-            return abort(StoreError::Corrupt(
+            return Err(StoreError::Corrupt(
                 "tree meta has no revision key".to_string(),
             ))
         }
     };
     let Some(next) = current.checked_add(1) else {
-        return abort(StoreError::Corrupt(format!(
+        return Err(StoreError::Corrupt(format!(
             "revision {current} cannot be incremented"
         )));
     };
-    meta.insert(REVISION_KEY, &next.to_be_bytes())?;
+    t.insert(TreeTag::Meta, REVISION_KEY, next.to_be_bytes().as_slice());
     Ok(next)
 }
 
@@ -808,11 +1023,6 @@ fn checksum_matches(payload: &str, checksum: &str) -> bool {
     // 32 digest bytes always fit in 64 hex digits; on the impossible error, report a mismatch.
     hex::encode_to_slice(Sha256::digest(payload.as_bytes()), &mut hex).is_ok()
         && hex.as_slice() == checksum.as_bytes()
-}
-
-/// Turns an error into a transaction abort, for `.or_else(abort)` on a `Result`.
-fn abort<T>(e: StoreError) -> TxResult<T> {
-    Err(ConflictableTransactionError::Abort(e))
 }
 
 fn backend(context: String, e: sled::Error) -> StoreError {

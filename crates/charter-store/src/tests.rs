@@ -887,3 +887,287 @@ fn telemetry_is_applied_exactly_once_and_survives_reopen() {
     assert_eq!(usage[0].buckets["2026-12"], 2);
     assert_eq!(usage[1].buckets["2026-11"], 7);
 }
+
+/// Set in the re-executed test binary to make [`a_full_log_checkpoints_and_loses_nothing`]
+/// act as the writer that aborts: `DIR:WAL_CAPACITY`.
+const ABORT_CHILD_ENV: &str = "CHARTER_STORE_ABORT_CHILD";
+const ABORT_TEST_NAME: &str = "tests::a_full_log_checkpoints_and_loses_nothing";
+const REPLAY_WRITES: u128 = 40;
+
+/// Opens a store whose sled is made durable only at checkpoints.
+fn open_unflushed(dir: &Path, wal_capacity: u64) -> SledStore {
+    let tuning = crate::sled_store::Tuning {
+        wal_capacity,
+        sled_flush_every_ms: None,
+    };
+    SledStore::open_tuned(dir, tuning).expect("open store")
+}
+
+/// Acknowledged writes of every kind, checked by [`check_logged_writes`].
+fn make_logged_writes(store: &SledStore) {
+    for n in 1..=REPLAY_WRITES {
+        // About 1 KiB each, so a 16 KiB log holds a handful.
+        store
+            .insert(id(n), &format!("{n:0>1000}"), n as i64)
+            .expect("insert");
+    }
+    store.put(id(1), "replaced", 100).expect("put");
+    store.patch(id(2), "patched", 101).expect("patch");
+    store.delete(id(3)).expect("delete");
+    assert!(store
+        .apply_telemetry("dp-1", 1, &[("2026-11".to_owned(), 42)])
+        .expect("telemetry"));
+}
+
+/// Checks the state [`make_logged_writes`] left, then writes once more.
+fn check_logged_writes(store: &SledStore) {
+    let writes = REPLAY_WRITES as u64 + 3;
+    assert_eq!(store.revision().unwrap(), writes);
+    assert_eq!(store.count().unwrap(), writes - 3 - 1 + 1 - 1);
+    let one = store.get(id(1)).unwrap().unwrap();
+    assert_eq!(
+        (one.payload.as_str(), one.created_at, one.updated_at),
+        ("replaced", 1, 100)
+    );
+    assert_eq!(store.get(id(2)).unwrap().unwrap().revision, writes - 1);
+    assert_eq!(store.get(id(3)).unwrap(), None);
+    for n in 4..=REPLAY_WRITES {
+        let record = store.get(id(n)).unwrap().unwrap();
+        assert_eq!((record.revision, record.created_at), (n as u64, n as i64));
+    }
+    // The index followed every write: the old payloads of 1 and 2 and the deleted 3 are
+    // free again, the current ones taken.
+    assert_eq!(store.checksums.len(), store.all().unwrap().len());
+    store.insert(id(1001), &format!("{:0>1000}", 1), 1).unwrap();
+    assert!(matches!(
+        store.insert(id(1002), "patched", 1),
+        Err(StoreError::DuplicatePayload { existing }) if existing == id(2)
+    ));
+    let usage = store.usage().unwrap();
+    assert_eq!(usage[0].buckets["2026-11"], 42);
+    assert_eq!(store.revision().unwrap(), writes + 1);
+}
+
+/// Copies the regular files of `from` (sled's `conf`, `db`, snapshots, the log) to `to`.
+fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_file() {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn acknowledged_writes_are_replayed_from_the_log_when_sled_lost_them() {
+    // What a power cut leaves of a store whose sled was last made durable at `open`: sled's
+    // files as they were then, and the log as it is now. sled writes each commit to the
+    // page cache, so no process crash can take that state away from it; copying does.
+    let tmp = tempfile::tempdir().unwrap();
+    let live = tmp.path().join("live");
+    let cut = tmp.path().join("cut");
+    let store = open_unflushed(&live, crate::wal::DEFAULT_CAPACITY);
+    copy_files(&live, &cut);
+    make_logged_writes(&store);
+    std::fs::copy(
+        live.join(crate::wal::WAL_FILE),
+        cut.join(crate::wal::WAL_FILE),
+    )
+    .unwrap();
+
+    let recovered = open(&cut);
+    assert_eq!(
+        recovered.replayed(),
+        REPLAY_WRITES as usize + 4,
+        "every write came from the log"
+    );
+    check_logged_writes(&recovered);
+    drop(recovered);
+    // The replay was made durable and the log started again: nothing is applied twice.
+    let reopened = open(&cut);
+    assert_eq!(reopened.replayed(), 0);
+    assert_eq!(reopened.revision().unwrap(), REPLAY_WRITES as u64 + 4);
+}
+
+#[test]
+fn a_full_log_checkpoints_and_loses_nothing() {
+    if let Some(spec) = std::env::var_os(ABORT_CHILD_ENV) {
+        // The writer: a 16 KiB log fills every dozen writes or so, and each time a
+        // checkpoint makes sled durable and starts the log again.
+        let spec = spec.to_str().expect("UTF-8 spec").to_owned();
+        let (dir, capacity) = spec.rsplit_once(':').expect("DIR:CAPACITY");
+        make_logged_writes(&open_unflushed(
+            Path::new(dir),
+            capacity.parse().expect("capacity"),
+        ));
+        println!("DONE");
+        std::io::stdout().flush().expect("flush stdout");
+        std::process::abort();
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("data");
+    let out = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            ABORT_TEST_NAME,
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ABORT_CHILD_ENV, format!("{}:{}", dir.display(), 16 * 1024))
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("DONE"),
+        "the child did not finish its writes: {:?}",
+        out.status
+    );
+    assert!(!out.status.success(), "the child aborts");
+    let store = open(&dir);
+    assert!(
+        store.replayed() < 16,
+        "{} records replayed from a 16 KiB log",
+        store.replayed()
+    );
+    check_logged_writes(&store);
+}
+
+#[test]
+fn the_log_ends_at_a_torn_record_or_one_of_an_older_generation() {
+    use crate::wal::{self, Appended, Entry, Op, TreeTag, Wal, HEADER_LEN, WAL_FILE};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let entry = |lsn: u64, value: &[u8]| Entry {
+        lsn,
+        ops: vec![
+            Op {
+                tree: TreeTag::Licenses,
+                key: b"k".into(),
+                value: Some(value.into()),
+            },
+            Op {
+                tree: TreeTag::Checksums,
+                key: b"gone".into(),
+                value: None,
+            },
+        ],
+    };
+    let mut log = Wal::create(dir, 1024 * 16).unwrap();
+    assert_eq!(
+        std::fs::metadata(dir.join(WAL_FILE)).unwrap().len(),
+        16 * 1024,
+        "the log is written full size up front"
+    );
+    assert_eq!(wal::recover(dir).unwrap(), vec![]);
+    let entries: Vec<Entry> = (1..=3).map(|lsn| entry(lsn, &[lsn as u8; 100])).collect();
+    for e in &entries {
+        assert_eq!(log.append(e).unwrap(), Appended::Durable);
+    }
+    assert_eq!(wal::recover(dir).unwrap(), entries);
+    // One that does not fit is refused whole, and the log is unchanged.
+    assert_eq!(
+        log.append(&entry(4, &[0; 20 * 1024])).unwrap(),
+        Appended::Full
+    );
+    assert_eq!(wal::recover(dir).unwrap(), entries);
+
+    // A flipped bit in the third record ends the log after the second.
+    let path = dir.join(WAL_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let record_len = wal::encode(1, &entries[0]).len();
+    let third = HEADER_LEN as usize + 2 * record_len;
+    bytes[third + 40] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(wal::recover(dir).unwrap(), entries[..2]);
+    // A record cut short likewise.
+    bytes[third + 40] ^= 1;
+    bytes[third + record_len - 1..third + record_len].fill(0);
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(wal::recover(dir).unwrap(), entries[..2]);
+
+    // A new generation makes every earlier record obsolete; its own records are read, and
+    // the older ones behind them are not.
+    let mut log = Wal::create(dir, 1024 * 16).unwrap();
+    for e in &entries {
+        log.append(e).unwrap();
+    }
+    log.restart().unwrap();
+    assert_eq!(wal::recover(dir).unwrap(), vec![]);
+    let short = entry(9, b"x");
+    log.append(&short).unwrap();
+    assert_eq!(wal::recover(dir).unwrap(), vec![short]);
+
+    // A broken header means no log: it is only ever replaced once sled is durable.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[9] ^= 1;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(wal::recover(dir).unwrap(), vec![]);
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(wal::recover(dir).unwrap(), vec![]);
+}
+
+#[test]
+fn a_log_record_that_checks_but_does_not_decode_is_corrupt() {
+    use crate::wal::{self, Entry, Op, TreeTag, Wal, HEADER_LEN, WAL_FILE};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let mut log = Wal::create(dir, 16 * 1024).unwrap();
+    let entry = Entry {
+        lsn: 1,
+        ops: vec![Op {
+            tree: TreeTag::Meta,
+            key: b"k".into(),
+            value: None,
+        }],
+    };
+    log.append(&entry).unwrap();
+    // An unknown tree tag, with the CRC made to match: a bug or a foreign writer, not a
+    // torn write, so it is reported rather than taken as the end of the log.
+    let path = dir.join(WAL_FILE);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = HEADER_LEN as usize;
+    let len = wal::encode(1, &entry).len();
+    bytes[at + 24] = 9;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&bytes[at..at + 20]);
+    crc.update(&bytes[at + 24..at + len]);
+    bytes[at + 20..at + 24].copy_from_slice(&crc.finalize().to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    match wal::recover(dir) {
+        Err(StoreError::Corrupt(message)) => {
+            assert!(message.contains("unknown tree tag 9"), "{message}");
+            assert!(message.contains("offset 4096"), "{message}");
+        }
+        other => panic!("expected Corrupt, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_write_larger_than_the_log_is_made_durable_by_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let live = tmp.path().join("live");
+    let cut = tmp.path().join("cut");
+    let store = open_unflushed(&live, 16 * 1024);
+    store.insert(id(1), "small one", 1).unwrap();
+    let big = "b".repeat(40 * 1024);
+    store.insert(id(2), &big, 2).unwrap();
+    // That write did not fit in the 16 KiB log, so it returned only once sled was durable:
+    // sled's files as they are now are what a power cut keeps of it.
+    copy_files(&live, &cut);
+    store.insert(id(3), "small three", 3).unwrap();
+    store.delete(id(1)).unwrap();
+    std::fs::copy(
+        live.join(crate::wal::WAL_FILE),
+        cut.join(crate::wal::WAL_FILE),
+    )
+    .unwrap();
+
+    let recovered = open(&cut);
+    assert_eq!(recovered.replayed(), 2, "the writes after the checkpoint");
+    assert_eq!(recovered.revision().unwrap(), 4);
+    assert_eq!(recovered.get(id(1)).unwrap(), None);
+    assert_eq!(recovered.get(id(2)).unwrap().unwrap().payload, big);
+    assert_eq!(recovered.get(id(3)).unwrap().unwrap().revision, 3);
+}
