@@ -194,16 +194,26 @@ impl AppState {
         view
     }
 
-    /// Runs a store write on the blocking pool: writes flush and fsync, which must not
-    /// stall the async workers.
+    /// Runs a store write, which waits for the disk, without stalling the runtime.
+    ///
+    /// On the multi-threaded runtime (the binary's) it runs on this thread inside
+    /// `block_in_place`, which hands this worker's other tasks to another thread first: the
+    /// request's own path then has no thread hand-off, and its response is written as soon
+    /// as the write returns. Elsewhere (a current-thread runtime in tests) it goes to the
+    /// blocking pool.
     pub async fn write<T: Send + 'static>(
         &self,
         op: impl FnOnce(&dyn LicenseStore) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, ApiError> {
         let store = self.0.store.clone();
-        tokio::task::spawn_blocking(move || op(store.as_ref()))
-            .await
-            .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
-            .map_err(ApiError::from)
+        let flavor = tokio::runtime::Handle::current().runtime_flavor();
+        let result = if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
+            tokio::task::block_in_place(|| op(store.as_ref()))
+        } else {
+            tokio::task::spawn_blocking(move || op(store.as_ref()))
+                .await
+                .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
+        };
+        result.map_err(ApiError::from)
     }
 }
