@@ -268,7 +268,7 @@ async fn run(settings: &Settings, pinning: &Pinning) -> Result<String> {
         Vec::new()
     };
     let writes = if settings.phase.writes() {
-        let writes = measure_writes(settings, &signer, &cp, dir, &data_dir, nonce).await?;
+        let writes = measure_writes(settings, pinning, &signer, &cp, dir, &data_dir, nonce).await?;
         write_writes(&mut report, settings, &writes)?;
         Some(writes)
     } else {
@@ -408,7 +408,10 @@ async fn measure_gets(
 
 /// The latencies of the three kinds of durable write.
 struct Writes {
+    /// The raw write+fsync on the servers' core: the baseline.
     raw: Latency,
+    /// The same on the load generator's core, for comparison.
+    raw_client_core: Latency,
     post: Latency,
     store: Latency,
     /// Licenses in the CP's store when each block starts.
@@ -429,12 +432,14 @@ struct Writes {
 #[derive(Default)]
 struct Block {
     raw: Vec<Duration>,
+    raw_client_core: Vec<Duration>,
     post: Vec<Duration>,
     store: Vec<Duration>,
 }
 
 async fn measure_writes(
     settings: &Settings,
+    pinning: &Pinning,
     signer: &LicenseSigner,
     cp: &Server,
     dir: &Path,
@@ -499,11 +504,17 @@ async fn measure_writes(
         let cpus_before = procs::cpu_counters()?;
         let ours_before = procs::cpu_time(cp.pid())? + procs::cpu_time(std::process::id())?;
         let disk_before = disk_written();
-        let mut block = Block::default();
-        // The raw loop and the in-process store block this thread; nothing else of the
-        // bench is in flight meanwhile, so no request waits on them.
+        // The raw loop and the in-process store run on the CP's core, like the POSTs they
+        // are compared with, while this thread waits; nothing else of the bench is in
+        // flight meanwhile, so no request waits on them. The raw loop also runs here, on
+        // the load generator's core, for the report.
+        let mut block = Block {
+            raw: pinning
+                .on_server_core(|| (0..size).map(|_| raw.once()).collect::<Result<Vec<_>>>())??,
+            ..Block::default()
+        };
         for _ in 0..size {
-            block.raw.push(raw.once()?);
+            block.raw_client_core.push(raw.once()?);
         }
         let cp_cpu_before = procs::cpu_time_precise(cp.pid())?;
         let mut created = Vec::with_capacity(size);
@@ -520,9 +531,12 @@ async fn measure_writes(
         let cp_cpu = |before| -> Result<Duration> {
             Ok(procs::cpu_time_precise(cp.pid())?.saturating_sub(before))
         };
-        for text in &texts {
-            block.store.push(store.insert(text, now)?);
-        }
+        block.store = pinning.on_server_core(|| {
+            texts
+                .iter()
+                .map(|text| store.insert(text, now))
+                .collect::<Result<Vec<_>>>()
+        })??;
         let block_cp_cpu = cp_cpu(cp_cpu_before)? / u32::try_from(size).unwrap_or(u32::MAX);
         let seconds = started.elapsed().as_secs_f64();
         let cpus_after = procs::cpu_counters()?;
@@ -572,6 +586,7 @@ async fn measure_writes(
         disk_bytes = disk_bytes.max(block_disk);
         cp_cpu_per_post.push(block_cp_cpu.as_secs_f64());
         kept.raw.extend(block.raw);
+        kept.raw_client_core.extend(block.raw_client_core);
         kept.post.extend(block.post);
         kept.store.extend(block.store);
         kept_blocks += 1;
@@ -579,6 +594,7 @@ async fn measure_writes(
     let summary = |samples: &[Duration]| Latency::of(samples).context("no write samples");
     Ok(Writes {
         raw: summary(&kept.raw)?,
+        raw_client_core: summary(&kept.raw_client_core)?,
         post: summary(&kept.post)?,
         store: summary(&kept.store)?,
         stored: settings.licenses,
@@ -770,6 +786,10 @@ fn write_writes(out: &mut String, s: &Settings, w: &Writes) -> Result<()> {
     )?;
     let rows = [
         (format!("raw write({} B) + fsync", s.fsync_bytes), w.raw),
+        (
+            "  the same on the load generator's CPU".to_owned(),
+            w.raw_client_core,
+        ),
         ("POST /licenses (201, durable)".to_owned(), w.post),
         ("  of which SledStore::insert alone".to_owned(), w.store),
     ];

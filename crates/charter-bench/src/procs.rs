@@ -67,6 +67,30 @@ impl Pinning {
         }
     }
 
+    /// Runs `f` on a thread of its own, pinned to [`SERVER_CORE`] when the servers are
+    /// pinned there, and waits for it. A baseline measured in this process this way runs
+    /// where the server it is compared with runs, so both wait on the same core's wake-ups:
+    /// the cost of a disk completion differs between cores when the disk's interrupts are
+    /// routed to one of them (here `virtio` requests complete on CPU 1 only).
+    pub fn on_server_core<T: Send>(&self, f: impl FnOnce() -> T + Send) -> Result<T> {
+        std::thread::scope(|scope| {
+            let pinned = matches!(self, Pinning::Pinned);
+            scope
+                .spawn(move || {
+                    if pinned {
+                        let mut cpus = rustix::thread::CpuSet::new();
+                        cpus.set(SERVER_CORE);
+                        rustix::thread::sched_setaffinity(None, &cpus).with_context(|| {
+                            format!("pinning a baseline thread to CPU {SERVER_CORE}")
+                        })?;
+                    }
+                    Ok(f())
+                })
+                .join()
+                .map_err(|_| anyhow::anyhow!("a baseline thread panicked"))?
+        })
+    }
+
     /// The command that runs `program` with this pinning.
     fn command(&self, program: &Path) -> Command {
         match self {
