@@ -1,7 +1,8 @@
-//! The fan-out benchmark, run small: it starts the built `charter-cp` and its baseline,
+//! The benchmarks, run small, so they keep working between the runs that measure with them
+//! (`scripts/bench`). The fan-out one starts the built `charter-cp` and its baseline,
 //! connects simulated data planes over shared-mode mTLS with the real protocol, and every
-//! one of them must receive, verify and acknowledge each update. This keeps the benchmark
-//! working between the runs that measure with it (`scripts/bench fanout`).
+//! one of them must receive, verify and acknowledge each update. The admin one starts
+//! `charter-cp` and the hello-world and runs every GET target and every kind of write.
 
 use charter_tests::run;
 
@@ -46,4 +47,46 @@ fn fanout_benchmark_runs_end_to_end_with_a_few_data_planes() {
         report.matches("over 2 updates").count() == 2,
         "not every update was timed:\n{report}"
     );
+}
+
+#[test]
+fn admin_benchmark_runs_end_to_end_briefly() {
+    let out = run(
+        "charter-bench",
+        &[
+            "admin",
+            "--licenses",
+            "20",
+            "--connections",
+            "2",
+            "--duration-secs",
+            "0.3",
+            "--warmup-secs",
+            "0.1",
+            "--rounds",
+            "1",
+            "--retries",
+            "0",
+            "--writes",
+            "20",
+        ],
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "admin bench failed:\n{report}\n{log}");
+    for expected in [
+        "GET /licenses/{id}",
+        "GET /licenses (size 100)",
+        "hello-world (page body)",
+        "raw write(1536 B) + fsync",
+        "the same on the load generator's CPU",
+        "POST /licenses (201, durable)",
+        "of which SledStore::insert alone",
+        // Each goal names the baseline it is judged against.
+        "x hello-world (page body) (goal >= 0.7x)",
+        "x hello-world (record body) (goal >= 0.7x)",
+        "x raw fsync   (goal <= 2x)",
+    ] {
+        assert!(report.contains(expected), "no `{expected}` in:\n{report}");
+    }
 }

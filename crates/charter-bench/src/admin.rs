@@ -32,6 +32,9 @@ use crate::writes::{InProcessStore, RawFsync};
 
 /// GET req/s must be at least this fraction of the hello-world's.
 const GET_GOAL: f64 = 0.7;
+/// Where the two hello-world baselines sit among the GET targets.
+const RECORD_HELLO: usize = 0;
+const PAGE_HELLO: usize = 4;
 /// The POST p50 must be at most this multiple of the raw write+fsync p50.
 const POST_GOAL: f64 = 2.0;
 /// Bytes the disk may write per durable write (data, journal and metadata blocks) before a
@@ -196,8 +199,9 @@ struct Target {
     label: &'static str,
     on_cp: bool,
     uris: Arc<[Uri]>,
-    /// Whether a goal applies (the hello rows are baselines).
-    goal: bool,
+    /// The target whose req/s the goal compares with, as an index into the targets: the
+    /// hello-world answering the same bytes, the same way. `None` for the baselines.
+    judged_against: Option<usize>,
     samples: Vec<Throughput>,
 }
 
@@ -333,38 +337,46 @@ async fn measure_gets(
             label: "hello-world (record body)",
             on_cp: false,
             uris: Arc::from(vec![Uri::from_static("/record")]),
-            goal: false,
+            judged_against: None,
             samples: Vec::new(),
         },
         Target {
             label: "GET /licenses/{id}",
             on_cp: true,
             uris: Arc::from(id_uris),
-            goal: true,
+            judged_against: Some(RECORD_HELLO),
             samples: Vec::new(),
         },
         Target {
             label: "GET /licenses (size 100)",
             on_cp: true,
             uris: Arc::from(vec![licenses_uri.clone()]),
-            goal: true,
+            // 66 KiB: against the hello-world answering those bytes. The record
+            // hello-world is in the table too; with this body it is itself at about 0.5x.
+            judged_against: Some(PAGE_HELLO),
             samples: Vec::new(),
         },
         Target {
             label: "GET /licenses?size=10",
             on_cp: true,
             uris: Arc::from(vec![Uri::from_static("/licenses?size=10")]),
-            goal: true,
+            // No hello-world answers these 6.8 KiB; the record one is the stricter.
+            judged_against: Some(RECORD_HELLO),
             samples: Vec::new(),
         },
         Target {
             label: "hello-world (page body)",
             on_cp: false,
             uris: Arc::from(vec![Uri::from_static("/page")]),
-            goal: false,
+            judged_against: None,
             samples: Vec::new(),
         },
     ];
+    ensure!(
+        targets[RECORD_HELLO].label == "hello-world (record body)"
+            && targets[PAGE_HELLO].label == "hello-world (page body)",
+        "the hello-world baselines moved in the target list"
+    );
     for round in 1..=settings.rounds {
         for target in &mut targets {
             let server = if target.on_cp { cp } else { &hello };
@@ -841,17 +853,19 @@ fn write_writes(out: &mut String, s: &Settings, w: &Writes) -> Result<()> {
 fn write_verdicts(out: &mut String, targets: &[Target], writes: Option<&Writes>) -> Result<()> {
     writeln!(out)?;
     writeln!(out, "Goals")?;
-    if let Some(hello) = targets.first().map(median_rps) {
-        for target in targets.iter().filter(|t| t.goal) {
-            let ratio = median_rps(target) / hello;
-            writeln!(
-                out,
-                "  {:<40} {:>6.2}x hello-world (goal >= {GET_GOAL}x): {}",
-                target.label,
-                ratio,
-                verdict(ratio >= GET_GOAL)
-            )?;
-        }
+    for target in targets {
+        let Some(baseline) = target.judged_against.and_then(|i| targets.get(i)) else {
+            continue;
+        };
+        let ratio = median_rps(target) / median_rps(baseline).max(f64::MIN_POSITIVE);
+        writeln!(
+            out,
+            "  {:<40} {:>6.2}x {} (goal >= {GET_GOAL}x): {}",
+            target.label,
+            ratio,
+            baseline.label,
+            verdict(ratio >= GET_GOAL)
+        )?;
     }
     if let Some(w) = writes {
         let post = ratio(w.post.p50, w.raw.p50);
