@@ -53,10 +53,11 @@ pub async fn run_with_clock(
         .await
         .context("opening the license store")?
         .with_context(|| format!("opening the license store in {}", config.data_dir.display()))?;
+    let replayed = store.replayed();
     let store: Arc<dyn LicenseStore> = Arc::new(store);
     tracing::info!(data_dir = %config.data_dir.display(), epoch = %store.epoch(),
         revision = store.revision().unwrap_or_default(), backend = store.backend_version(),
-        "license store open");
+        replayed, "license store open");
     let key_ids: Vec<String> = config
         .trusted_keys
         .ids()
