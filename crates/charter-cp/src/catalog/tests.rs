@@ -440,3 +440,187 @@ fn a_remembered_verification_is_what_verifying_the_stored_text_gives() {
     let entry = f.state.record(record.id).unwrap().expect("stored");
     assert_eq!(entry.verified.as_deref(), Some(&*fresh));
 }
+
+/// The sled store, except that one record reads back as corrupt, as a record whose bytes
+/// were damaged on disk would: the real store's API cannot make one, by design.
+struct OneCorruptRecord {
+    inner: SledStore,
+    broken: std::sync::Mutex<Option<Uuid>>,
+}
+
+impl OneCorruptRecord {
+    fn broken(&self) -> Option<Uuid> {
+        *self.broken.lock().unwrap()
+    }
+
+    fn check(&self, id: Uuid) -> Result<(), charter_store::StoreError> {
+        match self.broken() {
+            Some(broken) if broken == id => Err(charter_store::StoreError::Corrupt(format!(
+                "tree licenses key {id}: checksum does not match the payload"
+            ))),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl LicenseStore for OneCorruptRecord {
+    fn epoch(&self) -> Uuid {
+        self.inner.epoch()
+    }
+    fn revision(&self) -> Result<u64, charter_store::StoreError> {
+        self.inner.revision()
+    }
+    fn backend_version(&self) -> &'static str {
+        self.inner.backend_version()
+    }
+    fn get(&self, id: Uuid) -> Result<Option<LicenseRecord>, charter_store::StoreError> {
+        self.check(id)?;
+        self.inner.get(id)
+    }
+    fn list(
+        &self,
+        after: Option<Uuid>,
+        limit: usize,
+    ) -> Result<charter_store::Page, charter_store::StoreError> {
+        let page = self.inner.list(after, limit)?;
+        page.records.iter().try_for_each(|r| self.check(r.id))?;
+        Ok(page)
+    }
+    fn all(&self) -> Result<Vec<LicenseRecord>, charter_store::StoreError> {
+        let all = self.inner.all()?;
+        all.iter().try_for_each(|r| self.check(r.id))?;
+        Ok(all)
+    }
+    fn count(&self) -> Result<u64, charter_store::StoreError> {
+        self.inner.count()
+    }
+    fn insert(
+        &self,
+        id: Uuid,
+        payload: &str,
+        now: i64,
+    ) -> Result<LicenseRecord, charter_store::StoreError> {
+        self.inner.insert(id, payload, now)
+    }
+    fn put(
+        &self,
+        id: Uuid,
+        payload: &str,
+        now: i64,
+    ) -> Result<(LicenseRecord, charter_store::PutOutcome), charter_store::StoreError> {
+        self.inner.put(id, payload, now)
+    }
+    fn patch(
+        &self,
+        id: Uuid,
+        payload: &str,
+        now: i64,
+    ) -> Result<LicenseRecord, charter_store::StoreError> {
+        self.inner.patch(id, payload, now)
+    }
+    fn delete(&self, id: Uuid) -> Result<Option<LicenseRecord>, charter_store::StoreError> {
+        self.inner.delete(id)
+    }
+    fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.subscribe()
+    }
+    fn changes_since(&self, revision: u64) -> charter_store::Changes {
+        self.inner.changes_since(revision)
+    }
+    fn put_data_plane(
+        &self,
+        record: &charter_store::DataPlaneRecord,
+    ) -> Result<(), charter_store::StoreError> {
+        self.inner.put_data_plane(record)
+    }
+    fn put_data_planes(
+        &self,
+        records: &[charter_store::DataPlaneRecord],
+    ) -> Result<(), charter_store::StoreError> {
+        self.inner.put_data_planes(records)
+    }
+    fn data_planes(
+        &self,
+    ) -> Result<Vec<charter_store::DataPlaneRecord>, charter_store::StoreError> {
+        self.inner.data_planes()
+    }
+    fn apply_telemetry(
+        &self,
+        node_id: &str,
+        seq: u64,
+        counters: &[(String, u64)],
+    ) -> Result<bool, charter_store::StoreError> {
+        self.inner.apply_telemetry(node_id, seq, counters)
+    }
+    fn usage(&self) -> Result<Vec<charter_store::NodeUsage>, charter_store::StoreError> {
+        self.inner.usage()
+    }
+    fn purge_data_planes(&self, last_seen_before: i64) -> Result<usize, charter_store::StoreError> {
+        self.inner.purge_data_planes(last_seen_before)
+    }
+}
+
+#[tokio::test]
+async fn a_record_that_does_not_decode_fails_only_its_own_reads() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let store = Arc::new(OneCorruptRecord {
+        inner: SledStore::open(&tmp.path().join("data")).expect("open store"),
+        broken: std::sync::Mutex::new(None),
+    });
+    let vendor = LicenseSigner::from_seed([7; 32]);
+    let state = AppState::new(
+        store.clone(),
+        TrustedKeys::new([vendor.trusted_key()]),
+        Arc::new(FixedClock::new(JUNE_2026)),
+        None,
+        None,
+    );
+    let (good, bad) = (Uuid::from_u128(1), Uuid::from_u128(2));
+    for (id, key) in [(good, "good"), (bad, "bad")] {
+        store
+            .insert(id, &license(&vendor, key, "2026-01-01", "2027-01-01"), 1)
+            .unwrap();
+    }
+    assert_eq!(get(&state, "/licenses").await.0, StatusCode::OK);
+
+    // The bad record changes, and reads back as corrupt: the catalog cannot take it in.
+    store
+        .put(
+            bad,
+            &license(&vendor, "bad 2", "2026-01-01", "2027-01-01"),
+            2,
+        )
+        .unwrap();
+    *store.broken.lock().unwrap() = Some(bad);
+    assert!(state.record(good).is_err(), "the catalog is behind");
+
+    // The good record is still served, from the store, byte for byte.
+    let (status, body) = get(&state, &format!("/licenses/{good}")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        serde_json::to_vec(&record_json(&store.inner.get(good).unwrap().unwrap())).unwrap()
+    );
+    // The bad one, and any page that holds it, fail as the store does rather than guess.
+    let unavailable = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        br#"{"message":"License store unavailable"}"#.to_vec(),
+    );
+    assert_eq!(get(&state, &format!("/licenses/{bad}")).await, unavailable);
+    assert_eq!(get(&state, "/licenses").await, unavailable);
+    assert_eq!(get(&state, "/licenses?size=1").await.0, StatusCode::OK);
+    assert_eq!(
+        get(&state, &format!("/licenses/{}", Uuid::from_u128(3)))
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+
+    // Once it reads back again, the catalog catches up and serves it.
+    *store.broken.lock().unwrap() = None;
+    let (status, body) = get(&state, &format!("/licenses/{bad}")).await;
+    assert_eq!(status, StatusCode::OK);
+    let answer: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(answer["updated_at"], 2);
+    assert!(state.record(bad).unwrap().is_some());
+}
