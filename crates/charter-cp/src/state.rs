@@ -30,7 +30,7 @@ struct Inner {
     catalog: Catalog,
     /// Serialises the Consul face's check-then-delete, so two concurrent DELETEs cannot
     /// together remove the last valid license. A Tokio mutex, because it is held across
-    /// the store write, which runs on the blocking pool.
+    /// the store write, an `.await` (see [`AppState::write`]).
     consul_lock: tokio::sync::Mutex<()>,
     hostname: String,
     /// The cluster server's hub, set once at start-up (it needs the state to exist first).
@@ -208,7 +208,12 @@ impl AppState {
         let store = self.0.store.clone();
         let flavor = tokio::runtime::Handle::current().runtime_flavor();
         let result = if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
-            tokio::task::block_in_place(|| op(store.as_ref()))
+            // A panic in the store answers 500, as it does from the blocking pool, instead
+            // of unwinding through the connection's task.
+            tokio::task::block_in_place(|| {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| op(store.as_ref())))
+            })
+            .map_err(|_| ApiError::Internal("the store write panicked".to_string()))?
         } else {
             tokio::task::spawn_blocking(move || op(store.as_ref()))
                 .await

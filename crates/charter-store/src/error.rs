@@ -20,6 +20,16 @@ pub enum StoreError {
         existing: Uuid,
     },
 
+    /// The write is larger than the store's write-ahead log can hold in one record; nothing
+    /// was written. The admin API's body limit keeps every write well under it.
+    #[error("the write is {bytes} bytes, more than the {limit} bytes the store can log at once")]
+    TooLarge {
+        /// The size of the write's log record.
+        bytes: u64,
+        /// The largest record the log holds.
+        limit: u64,
+    },
+
     /// Stored data cannot be decoded or breaks an invariant of the store; the message
     /// names the tree and key. Restore the data directory from a backup.
     #[error("license store data is corrupt: {0}")]

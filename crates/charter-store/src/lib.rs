@@ -124,8 +124,9 @@ pub enum PutOutcome {
 /// Every write method returns `Ok` only once the change is durable (it survives a power
 /// cut), bumps [`revision`](LicenseStore::revision) by exactly one, and then publishes the
 /// new revision to the receivers made by [`subscribe`](LicenseStore::subscribe). A write that returns `Err`
-/// changed nothing, except that an error while making a committed change durable leaves
-/// the outcome unknown (the change may be visible, and may or may not survive a crash).
+/// changed nothing, except when making it durable or applying it failed midway: then its
+/// outcome is unknown, as with any request whose answer was lost (it may have reached the
+/// disk and appear after a restart).
 pub trait LicenseStore: Send + Sync + 'static {
     /// The UUID made once when this store was created; persisted, so a rebuilt store
     /// (new epoch) can be told apart from an old one that went back in time.
@@ -200,7 +201,7 @@ pub trait LicenseStore: Send + Sync + 'static {
 
     /// Applies one telemetry report of a data plane exactly once: if `seq` is above the
     /// node's last applied `seq`, adds `counters` (bucket, count) to its totals, durably
-    /// (flushed and fsynced, like a license write, but without moving the revision), and
+    /// (like a license write, but without moving the revision), and
     /// returns `true`; a resend (`seq` not above the last) changes nothing and returns
     /// `false`. Either way the caller may acknowledge `seq`.
     fn apply_telemetry(

@@ -1,5 +1,5 @@
-//! The sled backend of [`LicenseStore`]: sled trees, one transaction per write, and the
-//! write-ahead log ([`crate::wal`]) `fdatasync`ed before any write is acknowledged.
+//! The sled backend of [`LicenseStore`]: sled trees, and the write-ahead log
+//! ([`crate::wal`]) `fdatasync`ed before any write is acknowledged.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -31,8 +31,7 @@ const USAGE_TREE: &str = "usage";
 
 const EPOCH_KEY: &[u8] = b"epoch";
 const REVISION_KEY: &[u8] = b"revision";
-/// The LSN of the last write-ahead log record whose transaction is in sled; see
-/// [`crate::wal`].
+/// The LSN of the last write-ahead log record applied to sled; see [`crate::wal`].
 const WAL_LSN_KEY: &[u8] = b"wal_lsn";
 
 /// The file in which sled 0.34 keeps its log (all tree data), relative to the data dir.
@@ -61,11 +60,13 @@ pub(crate) const CHANGE_LOG_LEN: usize = 4096;
 /// and `fdatasync`ed, and only then applied to sled's trees in memory. The log is a file of
 /// fixed size written full of zeros when it is made, so an append overwrites blocks the
 /// file already has and its `fdatasync` writes the record and flushes the device cache:
-/// one device round trip per write, with nothing else to commit. sled makes its own state
-/// durable in the background; on open, the log's records that sled did not keep are applied
-/// again (see [`crate::wal`] for the format and the replay rule). A crash at any point thus
-/// leaves every acknowledged write, each whole, and never a part of one: a write is in sled
-/// only once its record is durable, and a record is replayed whole.
+/// one device round trip per write, with nothing else to commit. sled writes its own state
+/// out in the background, with no guarantee relied on; on open, every record logged since
+/// the last checkpoint is applied again, in order (see [`crate::wal`] for the format and the
+/// replay rule). A crash at any point thus leaves every acknowledged write, each whole: a
+/// write is in sled only once its record is durable, and a record is replayed whole. A
+/// write too large for one record is refused ([`StoreError::TooLarge`]); the log (4 MiB)
+/// holds the largest the admin API accepts (1 MiB bodies) with room to spare.
 ///
 /// Why not sled alone: sled 0.34 makes a write durable only by flushing its whole log,
 /// `pwrite` and `sync_file_range(WAIT_BEFORE | WRITE | WAIT_AFTER)` on its I/O thread pool,
@@ -76,7 +77,7 @@ pub(crate) const CHANGE_LOG_LEN: usize = 4096;
 /// apart, and the log, not a sled transaction, makes each write atomic across trees.
 ///
 /// A checkpoint makes sled durable and starts the log's next generation: when the log is
-/// full, when a write is larger than the log, after a failed append, and on open. It
+/// full, after a failed append, and on open (before the new log replaces the old). It
 /// flushes sled and then `fsync`s what sled 0.34.7 writes through (read in its source,
 /// `config.rs`, `pagecache/iobuf.rs`, `pagecache/blob_io.rs`, `pagecache/snapshot.rs`):
 ///
@@ -132,9 +133,10 @@ pub struct SledStore {
     synced_dirs: Mutex<(SyncedDir, SyncedDir)>,
     epoch: Uuid,
     /// The write-ahead log and the next LSN. Its lock serialises writes; see the type's
-    /// documentation for why. A poisoned lock is safe to take over: every transaction
-    /// either committed whole or not at all, and an append that failed midway marks the
-    /// log broken, so the next write checkpoints instead of appending after it.
+    /// documentation for why. A poisoned lock is safe to take over: a write that panicked
+    /// before its append changed nothing, one that panicked while being applied left
+    /// `Log::unapplied` set, and an append that failed midway marks the log broken, so
+    /// the next write checkpoints instead of appending after it.
     log: Mutex<Log>,
     revision_tx: watch::Sender<u64>,
     /// The published revision and the ids of the last writes, for
@@ -150,8 +152,13 @@ struct Log {
     wal: Wal,
     /// The LSN of the next durable write; above every LSN in sled and in the log.
     next_lsn: u64,
-    /// Set when a logged write could not be applied to sled: see [`SledStore::apply`].
+    /// Set while a logged write is applied to sled, and left set if that fails or panics:
+    /// then sled holds part of a durable write, and the store refuses further writes,
+    /// which would be computed from that state, until a restart replays it whole (see
+    /// [`SledStore::apply`]).
     unapplied: bool,
+    /// Checkpoints made since `open`.
+    checkpoints: u64,
 }
 
 /// Settings tests change; [`SledStore::open`] uses the defaults.
@@ -159,8 +166,8 @@ struct Log {
 pub(crate) struct Tuning {
     /// The size of the write-ahead log file.
     pub(crate) wal_capacity: u64,
-    /// sled's background flush interval (`None`: sled flushes only when asked, at a
-    /// checkpoint, so a crash loses everything since; the tests of replay use that).
+    /// sled's background flush interval (`None`: none, so sled makes nothing durable
+    /// between checkpoints, though it may still write its buffers out; tests use that).
     pub(crate) sled_flush_every_ms: Option<u64>,
 }
 
@@ -191,8 +198,9 @@ impl ChangeLog {
     }
 
     pub(crate) fn publish(&mut self, revision: u64, id: Uuid) {
-        // A write whose commit succeeded but whose flush failed was never published; its
-        // revision is missing here, so forget what came before rather than leave a gap.
+        // Should a durable write ever go unpublished (the store refuses writes after one
+        // fails to apply), its revision would be missing here: forget what came before
+        // rather than leave a gap.
         if self.revision.checked_add(1) != Some(revision) {
             self.writes.clear();
         }
@@ -253,15 +261,14 @@ impl SledStore {
         let data_planes = open_tree(DATA_PLANES_TREE)?;
         let usage = open_tree(USAGE_TREE)?;
 
-        // Writes acknowledged since sled's last durable state first, then the epoch and
-        // revision they may have moved.
+        // The writes logged since the last checkpoint first, all of them, in order (see
+        // "Replay" in `wal`), then the epoch and revision they may have moved.
         let entries = wal::recover(dir)?;
-        let applied = read_wal_lsn(&meta)?;
-        let mut replayed = 0;
-        for entry in entries.iter().filter(|entry| entry.lsn > applied) {
+        for entry in &entries {
             apply_ops([&licenses, &checksums, &meta, &usage], entry)?;
-            replayed += 1;
         }
+        let replayed = entries.len();
+        let applied = read_wal_lsn(&meta)?;
         let last_lsn = entries.last().map_or(applied, |e| e.lsn.max(applied));
 
         let (epoch, revision) = init_meta(&meta)?;
@@ -273,10 +280,11 @@ impl SledStore {
         })?;
 
         // The first open writes `conf`, the log and possibly the epoch, and a replay
-        // wrote what the log held: make sled durable before the log is replaced. A new,
-        // empty log is also the only place records of an older generation can never
-        // follow the current ones.
-        make_sled_durable(&db, dir, &db_file)?;
+        // wrote what the log held: make all of it durable, blobs included, before the log
+        // is replaced. A new, empty log is also the only place records of an older
+        // generation can never follow the current ones.
+        let synced_dirs = Mutex::new((SyncedDir::default(), SyncedDir::default()));
+        make_durable(&db, dir, &db_file, &synced_dirs)?;
         let wal = Wal::create(dir, tuning.wal_capacity)?;
 
         let store = SledStore {
@@ -288,20 +296,20 @@ impl SledStore {
             usage,
             dir: dir.to_path_buf(),
             db_file,
-            synced_dirs: Mutex::new((SyncedDir::default(), SyncedDir::default())),
+            synced_dirs,
             epoch,
             log: Mutex::new(Log {
                 wal,
                 next_lsn: last_lsn + 1,
                 unapplied: false,
+                checkpoints: 0,
             }),
             revision_tx: watch::Sender::new(revision),
             changes: Mutex::new(ChangeLog::new(revision)),
             replayed,
         };
-        // The fresh log's rename and the first open's files become durable in
-        // `make_durable` (the directory's entries changed).
-        store.make_durable()?;
+        // `Wal::create` fsynced the directory with the new log in it; `conf` and the
+        // snapshots are sled's files written without a sync.
         sync_regular_files(dir)?;
         if created {
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -311,32 +319,15 @@ impl SledStore {
         Ok(store)
     }
 
-    /// How many write-ahead log records `open` applied to sled again: writes acknowledged
-    /// before a crash that sled had not made durable itself.
+    /// How many write-ahead log records `open` applied to sled again: the writes logged
+    /// since the last checkpoint before the store was last closed or crashed.
     pub fn replayed(&self) -> usize {
         self.replayed
     }
 
-    /// Flushes sled's buffers and fsyncs every file a write may have touched; see
-    /// "Durability" on [`SledStore`].
+    /// See [`make_durable`].
     fn make_durable(&self) -> Result<(), StoreError> {
-        make_sled_durable(&self.db, &self.dir, &self.db_file)?;
-        let mut synced = self
-            .synced_dirs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let (data, blobs_synced) = &mut *synced;
-        let blobs = self.dir.join(BLOBS_DIR);
-        if blobs.is_dir() {
-            let listing = list_dir(&blobs)?;
-            for (name, _, is_file) in &listing {
-                if *is_file {
-                    sync_file_unless_gone(&blobs.join(name))?;
-                }
-            }
-            blobs_synced.sync(&blobs, listing)?;
-        }
-        data.sync(&self.dir, list_dir(&self.dir)?)
+        make_durable(&self.db, &self.dir, &self.db_file, &self.synced_dirs)
     }
 
     /// Runs one write: locks the log, lets `write` read the trees and say what to change,
@@ -349,7 +340,8 @@ impl SledStore {
     ///
     /// The log comes first, so a change is in sled only once it is durable: readers never
     /// see a write that a crash could take back, and a write whose append fails leaves
-    /// nothing behind.
+    /// nothing in sled (its record may still have reached the disk: then a crash before the
+    /// next write's checkpoint replays it, so the outcome of a failed write is unknown).
     fn write<T>(
         &self,
         write: impl FnOnce(&Trees) -> Result<(T, Option<(u64, Uuid)>), StoreError>,
@@ -392,23 +384,22 @@ impl SledStore {
             value: Some(lsn.to_be_bytes().as_slice().into()),
         });
         let entry = Entry { lsn, ops };
-        let mut appended = log.wal.append(&entry)?;
-        if appended == Appended::Full {
+        if log.wal.append(&entry)? == Appended::Full {
             // This generation has no room left: make sled hold everything logged so far,
-            // and log this write in the next one.
+            // and log this write in the next one, where it fits (`append` refuses a record
+            // larger than an empty log).
             self.checkpoint(&mut log)?;
-            appended = log.wal.append(&entry)?;
+            if log.wal.append(&entry)? == Appended::Full {
+                return Err(StoreError::Backend(
+                    "the write-ahead log refused a record after a checkpoint".to_string(),
+                ));
+            }
         }
-        if let Err(e) = self.apply(&entry) {
-            log.unapplied = true;
-            return Err(e);
-        }
-        if appended == Appended::Full {
-            // Larger than the whole log: made durable by a checkpoint of its own. Until
-            // that succeeds the log counts as broken, so the next write checkpoints first.
-            log.wal.set_broken();
-            self.checkpoint(&mut log)?;
-        }
+        // Set until the apply has finished, also if it panics: a half-applied write must
+        // not be built on (see `Log::unapplied`).
+        log.unapplied = true;
+        self.apply(&entry)?;
+        log.unapplied = false;
         if let Some((revision, id)) = new_revision {
             self.changes
                 .lock()
@@ -423,7 +414,18 @@ impl SledStore {
     /// now holds.
     fn checkpoint(&self, log: &mut Log) -> Result<(), StoreError> {
         self.make_durable()?;
-        log.wal.restart()
+        log.wal.restart()?;
+        log.checkpoints += 1;
+        Ok(())
+    }
+
+    /// Checkpoints made since `open`.
+    #[cfg(test)]
+    pub(crate) fn checkpoints(&self) -> u64 {
+        self.log
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .checkpoints
     }
 
     /// Applies a logged write's changes to sled, in order.
@@ -849,15 +851,34 @@ fn is_lock_contention(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
 }
 
-/// Flushes sled and `fdatasync`s its log file, the part of [`SledStore::make_durable`]
-/// that needs no store yet.
-fn make_sled_durable(db: &sled::Db, dir: &Path, db_file: &File) -> Result<(), StoreError> {
+/// Flushes sled's buffers and fsyncs every file sled may have written since; see
+/// "Durability" on [`SledStore`]. `synced_dirs` are the data directory's and `blobs/`'s
+/// entries at their last fsync.
+fn make_durable(
+    db: &sled::Db,
+    dir: &Path,
+    db_file: &File,
+    synced_dirs: &Mutex<(SyncedDir, SyncedDir)>,
+) -> Result<(), StoreError> {
     db.flush()
         .map_err(|e| backend(format!("flushing sled database in {}", dir.display()), e))?;
     db_file.sync_data().map_err(|source| StoreError::Io {
         context: format!("fsyncing {}", dir.join(DB_FILE).display()),
         source,
-    })
+    })?;
+    let mut synced = synced_dirs.lock().unwrap_or_else(PoisonError::into_inner);
+    let (data, blobs_synced) = &mut *synced;
+    let blobs = dir.join(BLOBS_DIR);
+    if blobs.is_dir() {
+        let listing = list_dir(&blobs)?;
+        for (name, _, is_file) in &listing {
+            if *is_file {
+                sync_file_unless_gone(&blobs.join(name))?;
+            }
+        }
+        blobs_synced.sync(&blobs, listing)?;
+    }
+    data.sync(dir, list_dir(dir)?)
 }
 
 /// The LSN of the last logged write sled holds, 0 before the first.

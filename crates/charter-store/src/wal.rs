@@ -2,9 +2,11 @@
 //!
 //! sled 0.34 can only make a write durable by flushing its whole log, which it hands to a
 //! thread pool and which waits on `sync_file_range` before our `fdatasync`: two device
-//! round trips and two thread hand-offs per write. So each durable write is also appended
-//! here, as the exact key/value changes its sled transaction made, and `fdatasync`ed; sled
-//! itself is flushed only at a checkpoint (when this log is full, and on open).
+//! round trips and two thread hand-offs per write. So each durable write is appended here
+//! first, as the exact key/value changes it makes, and `fdatasync`ed, and only then applied
+//! to sled. The store makes sled durable only at a checkpoint (when this log is full, after
+//! a failed append, and on open); sled's own background flush writes it out meanwhile, with
+//! no guarantee the store relies on.
 //!
 //! # Format
 //!
@@ -25,13 +27,20 @@
 //! is not of the header's generation, does not check, or does not fit, which is also where
 //! a write torn by a crash ends the log.
 //!
+//! A corrupt record followed by intact records of the current generation is not a torn end
+//! but damage in the middle of the log: reading it fails, naming the offset, rather than
+//! dropping the acknowledged writes behind it.
+//!
 //! # Replay
 //!
-//! Every durable transaction also sets `meta/wal_lsn` to its record's LSN, in the same
-//! transaction. On open, the records whose LSN is above the `wal_lsn` sled recovered are
-//! applied again, in order. Their operations are absolute (set this key to these bytes,
-//! remove that key), so applying one twice changes nothing. sled recovers a prefix of its
-//! log, so a state that has LSN `n` has every transaction before it.
+//! On open, every record of the current generation is applied again, in order. Each was
+//! logged after the checkpoint that started the generation, which made everything before it
+//! durable in sled, and its operations are absolute (set this key to these bytes, remove
+//! that key), so applying the whole generation in order gives every key it touches its
+//! value after the last acknowledged write, whatever part of it sled kept. (Only records
+//! above sled's `meta/wal_lsn` would be needed if sled always recovered a prefix of its own
+//! log; after a power cut it need not, so nothing is skipped.) Nothing reaches sled without
+//! a record first, so sled never holds a change the log lacks.
 
 use std::fs::File;
 use std::io::Write;
@@ -75,7 +84,7 @@ impl TreeTag {
     }
 }
 
-/// One change a transaction made: `value` `None` removes the key.
+/// One change a write makes: `value` `None` removes the key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Op {
     pub(crate) tree: TreeTag,
@@ -83,7 +92,7 @@ pub(crate) struct Op {
     pub(crate) value: Option<IVec>,
 }
 
-/// One logged transaction.
+/// One logged write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Entry {
     pub(crate) lsn: u64,
@@ -95,8 +104,9 @@ pub(crate) struct Entry {
 pub(crate) enum Appended {
     /// The record is durable.
     Durable,
-    /// The record does not fit in what is left of the log (or in the log at all); nothing
-    /// was written. The caller must make the write durable by a checkpoint.
+    /// The record does not fit in what is left of the log, or the log is broken; nothing
+    /// was written. After a checkpoint it fits, unless it is larger than
+    /// [`Wal::max_record`].
     Full,
 }
 
@@ -152,9 +162,21 @@ impl Wal {
         })
     }
 
+    /// The largest record an empty log holds.
+    pub(crate) fn max_record(&self) -> u64 {
+        self.capacity - HEADER_LEN
+    }
+
     /// Appends `entry` and `fdatasync`s it, unless it does not fit or the log is broken.
+    /// A record larger than [`Wal::max_record`] is refused with [`StoreError::TooLarge`].
     pub(crate) fn append(&mut self, entry: &Entry) -> Result<Appended, StoreError> {
         let record = encode(self.generation, entry);
+        if record.len() as u64 > self.max_record() {
+            return Err(StoreError::TooLarge {
+                bytes: record.len() as u64,
+                limit: self.max_record(),
+            });
+        }
         if self.broken || self.end + record.len() as u64 > self.capacity {
             return Ok(Appended::Full);
         }
@@ -176,11 +198,6 @@ impl Wal {
     /// Whether an append failed since the last [`Wal::restart`].
     pub(crate) fn is_broken(&self) -> bool {
         self.broken
-    }
-
-    /// Marks the log broken: [`Wal::append`] refuses until the next [`Wal::restart`].
-    pub(crate) fn set_broken(&mut self) {
-        self.broken = true;
     }
 
     /// Starts the next generation, which empties the log. Call only once everything its
@@ -235,6 +252,22 @@ pub(crate) fn recover(dir: &Path) -> Result<Vec<Entry>, StoreError> {
         }
         entries.push(entry);
         at += len;
+    }
+    // Where the log ends: only zeros, older generations and torn bytes may follow.
+    // A record starts with its generation, so only those places are candidates.
+    let last = entries.last().map_or(0, |e| e.lsn);
+    let rest = bytes.get(at + 1..).unwrap_or_default();
+    if let Some(later) = memchr::memmem::find_iter(rest, &generation.to_le_bytes())
+        .map(|i| at + 1 + i)
+        .find(|&i| {
+            read_record(&bytes[i..], generation).is_some_and(|(e, _)| e.is_ok_and(|e| e.lsn > last))
+        })
+    {
+        return Err(StoreError::Corrupt(format!(
+            "{}: the record at offset {at} is damaged, but an intact later one follows at \
+             offset {later}",
+            path.display()
+        )));
     }
     Ok(entries)
 }

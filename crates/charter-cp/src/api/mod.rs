@@ -244,6 +244,7 @@ impl From<StoreError> for ApiError {
                 field: "id",
                 existing: id,
             },
+            StoreError::TooLarge { .. } => ApiError::TooLarge,
             other => ApiError::Unavailable(other.to_string()),
         }
     }
