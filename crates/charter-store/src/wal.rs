@@ -204,6 +204,9 @@ impl Wal {
     /// records hold is durable elsewhere (after a checkpoint's sled flush).
     pub(crate) fn restart(&mut self) -> Result<(), StoreError> {
         let generation = self.generation + 1;
+        // Until the new header is durable the header on disk is unknown, so nothing may be
+        // appended under either generation: a failure leaves the log broken.
+        self.broken = true;
         self.file
             .write_all_at(&header(generation), 0)
             .and_then(|()| self.file.sync_data())
