@@ -5,8 +5,8 @@
 //! round trips and two thread hand-offs per write. So each durable write is appended here
 //! first, as the exact key/value changes it makes, and `fdatasync`ed, and only then applied
 //! to sled. The store makes sled durable only at a checkpoint (when this log is full, after
-//! a failed append, and on open); sled's own background flush writes it out meanwhile, with
-//! no guarantee the store relies on.
+//! a failed append, on open and on a clean close); sled's own background flush writes it
+//! out meanwhile, with no guarantee the store relies on.
 //!
 //! # Format
 //!
