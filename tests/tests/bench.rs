@@ -2,7 +2,9 @@
 //! (`scripts/bench`). The fan-out one starts the built `charter-cp` and its baseline,
 //! connects simulated data planes over shared-mode mTLS with the real protocol, and every
 //! one of them must receive, verify and acknowledge each update. The admin one starts
-//! `charter-cp` and the hello-world and runs every GET target and every kind of write.
+//! `charter-cp` and the hello-world and runs every GET target and every kind of write. The
+//! gate one starts `charter-cp`, the hello-world upstream, the bare relay and `charter-dp` in
+//! gate mode, and loads all three paths.
 
 use charter_tests::run;
 
@@ -86,6 +88,43 @@ fn admin_benchmark_runs_end_to_end_briefly() {
         "x hello-world (page body) (goal >= 0.7x)",
         "x hello-world (record body) (goal >= 0.7x)",
         "x raw fsync   (goal <= 2x)",
+    ] {
+        assert!(report.contains(expected), "no `{expected}` in:\n{report}");
+    }
+}
+
+#[test]
+fn gate_benchmark_runs_end_to_end_briefly() {
+    let out = run(
+        "charter-bench",
+        &[
+            "gate",
+            "--connections",
+            "2",
+            "--duration-secs",
+            "0.3",
+            "--warmup-secs",
+            "0.1",
+            "--rounds",
+            "1",
+            "--retries",
+            "0",
+            "--no-pin",
+        ],
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "gate bench failed:\n{report}\n{log}");
+    for expected in [
+        "direct x1",
+        "through a bare relay x1",
+        "through the gate x1",
+        "direct x2",
+        "through a bare relay x2",
+        "through the gate x2",
+        "1 connection(s): throughput",
+        "2 connection(s): throughput",
+        "the bare relay:",
     ] {
         assert!(report.contains(expected), "no `{expected}` in:\n{report}");
     }

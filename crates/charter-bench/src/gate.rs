@@ -3,13 +3,14 @@
 //!
 //! One run starts the real `charter-cp` (a release build) with its cluster port on
 //! shared-mode mTLS (certificates made by `charterctl gen-cert`), adds a freshly signed
-//! license, starts the hello-world upstream and `charter-dp` in gate mode in front of it,
-//! waits until the data plane's `GET /status/ready` answers 200, then measures `GET /record`
-//! directly against the upstream and through the gate, in interleaved rounds, at one
-//! connection (latency) and at N keep-alive connections (throughput): req/s and the p50
-//! and p99 of every request's latency in each window. It prints the medians over the
-//! rounds with their extremes, the throughput ratio (gate / direct), the added p99
-//! (gate p99 − direct p99) and the verdict on each goal.
+//! license, starts the hello-world upstream, a bare TCP relay (`relay.rs`) and `charter-dp`
+//! in gate mode in front of it, waits until the data plane's `GET /status/ready` answers
+//! 200, then measures `GET /record` directly against the upstream, through the relay and
+//! through the gate, in interleaved rounds, at one connection (latency) and at N keep-alive
+//! connections (throughput): req/s and the p50 and p99 of every request's latency in each
+//! window. It prints the medians over the rounds with their extremes, the throughput ratio
+//! (gate / direct), the added p99 (gate p99 − direct p99) and the verdict on each goal, and
+//! the same for the relay: what a proxy that does no HTTP work reaches on this machine.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -145,11 +146,12 @@ pub fn main(args: GateArgs) -> Result<()> {
 struct Sample {
     rps: f64,
     latency: Latency,
-    /// CPU time of the serving processes (upstream, plus the gate when through it) per
-    /// request, in microseconds.
+    /// CPU time of the serving processes (upstream, plus the gate or the relay when through
+    /// one) per request, in microseconds.
     server_micros: f64,
-    /// The gate's own CPU time per request, in microseconds (0 when direct).
-    gate_micros: f64,
+    /// The proxy's (gate's or relay's) own CPU time per request, in microseconds (0 when
+    /// direct).
+    proxy_micros: f64,
     other_cores: f64,
     steal: f64,
 }
@@ -160,10 +162,33 @@ impl Sample {
     }
 }
 
+/// Where the load is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Path {
+    /// To the upstream itself.
+    Direct,
+    /// Through the bare TCP relay (`relay.rs`): what any proxy on this path costs.
+    Relay,
+    /// Through charter-dp's gate.
+    Gate,
+}
+
+impl Path {
+    const ALL: [Path; 3] = [Path::Direct, Path::Relay, Path::Gate];
+
+    fn name(self) -> &'static str {
+        match self {
+            Path::Direct => "direct",
+            Path::Relay => "through a bare relay",
+            Path::Gate => "through the gate",
+        }
+    }
+}
+
 /// The samples of one (concurrency, path) pair.
 struct Series {
     connections: usize,
-    through_gate: bool,
+    path: Path,
     samples: Vec<Sample>,
 }
 
@@ -286,6 +311,31 @@ async fn run(settings: &Settings, pinning: &Pinning) -> Result<String> {
     .await?;
 
     progress(format_args!(
+        "starting the bare relay in front of the upstream"
+    ));
+    let relay = {
+        let upstream_addr = upstream.addr();
+        Server::start(
+            "bare relay",
+            &settings.self_bin,
+            move |addr| {
+                let args: [OsString; 5] = [
+                    "relay".into(),
+                    "--listen".into(),
+                    addr.to_string().into(),
+                    "--upstream".into(),
+                    upstream_addr.to_string().into(),
+                ];
+                args.into()
+            },
+            pinning,
+            dir.join("relay.log"),
+            "/record",
+        )
+        .await?
+    };
+
+    progress(format_args!(
         "starting {} in gate mode; waiting for /status/ready",
         settings.dp_bin.display()
     ));
@@ -335,10 +385,10 @@ async fn run(settings: &Settings, pinning: &Pinning) -> Result<String> {
 
     let mut series = Vec::new();
     for connections in [1, settings.connections] {
-        for through_gate in [false, true] {
+        for path in Path::ALL {
             series.push(Series {
                 connections,
-                through_gate,
+                path,
                 samples: Vec::new(),
             });
         }
@@ -354,12 +404,11 @@ async fn run(settings: &Settings, pinning: &Pinning) -> Result<String> {
         };
         for index in order {
             let entry = &mut series[index];
-            let target = if entry.through_gate {
-                proxy_addr
-            } else {
-                upstream.addr()
+            let (target, proxy_pid) = match entry.path {
+                Path::Direct => (upstream.addr(), None),
+                Path::Relay => (relay.addr(), Some(relay.pid())),
+                Path::Gate => (proxy_addr, Some(gate.pid())),
             };
-            let gate_pid = entry.through_gate.then(|| gate.pid());
             let mut attempt = 0;
             let sample = loop {
                 attempt += 1;
@@ -369,7 +418,7 @@ async fn run(settings: &Settings, pinning: &Pinning) -> Result<String> {
                     entry.connections,
                     settings,
                     upstream.pid(),
-                    gate_pid,
+                    proxy_pid,
                 )
                 .await
                 .with_context(|| format!("measuring {}", label(entry)))?;
@@ -397,6 +446,7 @@ async fn run(settings: &Settings, pinning: &Pinning) -> Result<String> {
         }
     }
     drop(gate);
+    drop(relay);
     drop(upstream);
     drop(cp);
     write_results(&mut report, settings, &series)?;
@@ -404,15 +454,7 @@ async fn run(settings: &Settings, pinning: &Pinning) -> Result<String> {
 }
 
 fn label(series: &Series) -> String {
-    format!(
-        "{} x{}",
-        if series.through_gate {
-            "through the gate"
-        } else {
-            "direct"
-        },
-        series.connections
-    )
+    format!("{} x{}", series.path.name(), series.connections)
 }
 
 /// A closed loop of `GET /record` over `connections` keep-alive connections to `addr`:
@@ -423,7 +465,7 @@ async fn measure(
     connections: usize,
     settings: &Settings,
     upstream_pid: u32,
-    gate_pid: Option<u32>,
+    proxy_pid: Option<u32>,
 ) -> Result<Sample> {
     let window_start = Instant::now() + settings.warmup;
     let window_end = window_start + settings.duration;
@@ -432,7 +474,7 @@ async fn measure(
         tasks.spawn(timed_loop(addr, request.clone(), window_start, window_end));
     }
     let servers_cpu = || -> Result<(Duration, Duration)> {
-        let gate = match gate_pid {
+        let gate = match proxy_pid {
             Some(pid) => procs::cpu_time(pid)?,
             None => Duration::ZERO,
         };
@@ -473,7 +515,7 @@ async fn measure(
         rps: requests / seconds,
         latency,
         server_micros: servers * 1e6 / requests,
-        gate_micros: gate * 1e6 / requests,
+        proxy_micros: gate * 1e6 / requests,
         other_cores: (charged - (servers + client) / seconds).max(0.0),
         steal: procs::max_steal_between(&cpus_before, &cpus_after),
     })
@@ -589,7 +631,7 @@ fn write_results(out: &mut String, s: &Settings, series: &[Series]) -> Result<()
     writeln!(
         out,
         "  {:<22} {:>22} {:>24} {:>24} {:>10} {:>10}",
-        "path", "req/s (min-max)", "p50 (min-max)", "p99 (min-max)", "servers", "of which gate"
+        "path", "req/s (min-max)", "p50 (min-max)", "p99 (min-max)", "servers", "of which proxy"
     )?;
     for entry in series {
         let rps: Vec<f64> = entry.samples.iter().map(|x| x.rps).collect();
@@ -604,7 +646,7 @@ fn write_results(out: &mut String, s: &Settings, series: &[Series]) -> Result<()
             .map(|x| micros(x.latency.p99))
             .collect();
         let server: Vec<f64> = entry.samples.iter().map(|x| x.server_micros).collect();
-        let gate: Vec<f64> = entry.samples.iter().map(|x| x.gate_micros).collect();
+        let gate: Vec<f64> = entry.samples.iter().map(|x| x.proxy_micros).collect();
         writeln!(
             out,
             "  {:<22} {:>22} {:>24} {:>24} {:>10} {:>10}",
@@ -623,18 +665,19 @@ fn write_results(out: &mut String, s: &Settings, series: &[Series]) -> Result<()
                 format_micros(max(&p99))
             ),
             format!("{:.1} µs", med(&server)),
-            if entry.through_gate {
-                format!("{:.1} µs", med(&gate))
-            } else {
+            if entry.path == Path::Direct {
                 "-".to_owned()
+            } else {
+                format!("{:.1} µs", med(&gate))
             },
         )?;
     }
     writeln!(
         out,
         "  medians of the rounds (min-max: the extremes); p50, p99: of every request's latency in a window;\n  \
-         servers: CPU time of the upstream plus, through the gate, charter-dp, per request (median);\n  \
-         of which gate: charter-dp's share"
+         servers: CPU time of the upstream plus, through a proxy, the proxy's, per request (median);\n  \
+         of which proxy: charter-dp's or the relay's share; the bare relay copies bytes with no HTTP,\n  \
+         so it costs what any proxy on this path must (two more loopback hops and their wake-ups)"
     )?;
     let samples = || series.iter().flat_map(|x| &x.samples);
     let other = samples().map(|x| x.other_cores).fold(0.0, f64::max);
@@ -654,8 +697,10 @@ fn write_results(out: &mut String, s: &Settings, series: &[Series]) -> Result<()
 
     writeln!(out)?;
     writeln!(out, "Goals")?;
-    for pair in series.chunks(2) {
-        let [direct, gate] = pair else { continue };
+    for triple in series.chunks(Path::ALL.len()) {
+        let [direct, relay, gate] = triple else {
+            continue;
+        };
         let rps = |x: &Series| med(&x.samples.iter().map(|x| x.rps).collect::<Vec<_>>());
         let p99 = |x: &Series| {
             med(&x
@@ -671,17 +716,25 @@ fn write_results(out: &mut String, s: &Settings, series: &[Series]) -> Result<()
                 .map(|x| micros(x.latency.p50))
                 .collect::<Vec<_>>())
         };
-        let ratio = rps(gate) / rps(direct).max(f64::MIN_POSITIVE);
-        let added = p99(gate) - p99(direct);
+        let ratio = |x: &Series| rps(x) / rps(direct).max(f64::MIN_POSITIVE);
+        let added = |x: &Series| p99(x) - p99(direct);
         writeln!(
             out,
             "  {:>3} connection(s): throughput {:>5.2}x direct (goal >= {THROUGHPUT_GOAL}x): {:<6}  added p99 {:>7} (goal <= {ADDED_P99_GOAL_MICROS:.0} µs): {:<6}  (added p50 {})",
             direct.connections,
-            ratio,
-            verdict(ratio >= THROUGHPUT_GOAL),
-            format_micros(added),
-            verdict(added <= ADDED_P99_GOAL_MICROS),
+            ratio(gate),
+            verdict(ratio(gate) >= THROUGHPUT_GOAL),
+            format_micros(added(gate)),
+            verdict(added(gate) <= ADDED_P99_GOAL_MICROS),
             format_micros(p50(gate) - p50(direct)),
+        )?;
+        writeln!(
+            out,
+            "      the bare relay:      {:>5.2}x direct, added p99 {:>7}, added p50 {}  (a proxy doing no HTTP work; the gate has {:.2}x its throughput)",
+            ratio(relay),
+            format_micros(added(relay)),
+            format_micros(p50(relay) - p50(direct)),
+            rps(gate) / rps(relay).max(f64::MIN_POSITIVE),
         )?;
     }
     if disturbed > 0 {

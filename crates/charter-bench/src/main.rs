@@ -14,6 +14,7 @@ mod gate;
 mod hello;
 mod load;
 mod procs;
+mod relay;
 mod stats;
 mod writes;
 
@@ -48,6 +49,9 @@ enum Command {
     /// The hello-world baseline server (started by `admin`; not for direct use).
     #[command(hide = true)]
     Hello(hello::HelloArgs),
+    /// The bare TCP relay baseline (started by `gate`; not for direct use).
+    #[command(hide = true)]
+    Relay(relay::RelayArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +62,7 @@ fn main() -> ExitCode {
         Command::Fanout(args) => fanout::main(args),
         Command::FanoutBaseline(args) => fanout::baseline_main(args),
         Command::Hello(args) => hello::main(args),
+        Command::Relay(args) => relay::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
