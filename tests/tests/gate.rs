@@ -2,12 +2,13 @@
 //! loopback, licensed by a real `charter-cp` (or a static license), and the usage counts
 //! that reach the control plane's report exactly once.
 
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use axum::extract::{Path, Request};
+use axum::extract::{ConnectInfo, Path, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::any;
@@ -18,14 +19,15 @@ use charter_tests::{
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-/// An upstream on loopback: `/echo/...` answers what it received, `/status/{code}` that
-/// status, `/large/{bytes}` a streamed body, `/slow` after 3 s.
+/// An upstream on loopback: `/echo/...` answers what it received (and the port of the
+/// connection it came on), `/close` answers it too but closes the connection after,
+/// `/status/{code}` answers that status, `/large/{bytes}` a streamed body, `/slow` after 3 s.
 struct Upstream {
     addr: SocketAddr,
     _runtime: tokio::runtime::Runtime,
 }
 
-async fn echo(request: Request) -> Response {
+async fn echo(ConnectInfo(peer): ConnectInfo<SocketAddr>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     let body = axum::body::to_bytes(body, 64 * 1024 * 1024)
         .await
@@ -43,8 +45,18 @@ async fn echo(request: Request) -> Response {
         "headers": headers,
         "body_len": body.len(),
         "body_head": String::from_utf8_lossy(&body[..body.len().min(64)]),
+        "peer_port": peer.port(),
     });
     ([("x-upstream", "yes")], axum::Json(answer)).into_response()
+}
+
+async fn close(peer: ConnectInfo<SocketAddr>, request: Request) -> Response {
+    let mut response = echo(peer, request).await;
+    response.headers_mut().insert(
+        axum::http::header::CONNECTION,
+        axum::http::HeaderValue::from_static("close"),
+    );
+    response
 }
 
 async fn status(Path(code): Path<u16>) -> Response {
@@ -80,9 +92,14 @@ impl Upstream {
             .route("/status/{code}", any(status))
             .route("/large/{bytes}", any(large))
             .route("/slow", any(slow))
+            .route("/close", any(close))
             .fallback(echo);
         runtime.spawn(async move {
-            let _ = axum::serve(listener, app).await;
+            let _ = axum::serve(
+                listener,
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await;
         });
         Upstream {
             addr,
@@ -253,6 +270,110 @@ fn gate_forwards_only_while_licensed_and_switches_within_a_second() {
         started.elapsed()
     );
     drop(dp);
+}
+
+/// One keep-alive HTTP/1.1 client connection.
+struct KeepAlive {
+    reader: BufReader<TcpStream>,
+}
+
+impl KeepAlive {
+    fn connect(addr: SocketAddr) -> KeepAlive {
+        let stream = TcpStream::connect(addr).expect("connect to the gate");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        KeepAlive {
+            reader: BufReader::new(stream),
+        }
+    }
+
+    /// `GET path` on this connection: the status and the JSON body.
+    fn get(&mut self, path: &str) -> (u16, Value) {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: gate.test\r\n\r\n");
+        self.reader
+            .get_mut()
+            .write_all(request.as_bytes())
+            .expect("send");
+        let mut status_line = String::new();
+        self.reader
+            .read_line(&mut status_line)
+            .expect("status line");
+        let status = status_line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            self.reader.read_line(&mut line).expect("header line");
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().expect("content-length");
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.reader.read_exact(&mut body).expect("body");
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+}
+
+#[test]
+fn a_client_connection_keeps_its_upstream_connection_and_idle_ones_are_reused() {
+    let (dir, vendor, cp, upstream) = setup();
+    cp.add(&vendor.valid("LANES"));
+    let (dp, proxy) = gate(&dir, "lanes", &cp, &vendor, &upstream.url(), &[]);
+    dp.wait_license("the license", |l| l["status"] == "valid");
+
+    // Requests on one client connection go over one upstream connection.
+    let mut client = KeepAlive::connect(proxy);
+    let ports: Vec<Value> = (0..3)
+        .map(|i| {
+            let (status, seen) = client.get(&format!("/echo/{i}"));
+            assert_eq!(status, 200, "{seen}");
+            assert_eq!(seen["path"], format!("/echo/{i}"));
+            seen["peer_port"].clone()
+        })
+        .collect();
+    assert!(ports[0].is_u64(), "{ports:?}");
+    assert!(ports.iter().all(|p| *p == ports[0]), "{ports:?}");
+
+    // An upstream that closes its connection after each answer: every request on the
+    // same client connection is still forwarded, each on a new upstream connection.
+    let closed: Vec<Value> = (0..3)
+        .map(|_| {
+            let (status, seen) = client.get("/close");
+            assert_eq!(status, 200, "{seen}");
+            seen["peer_port"].clone()
+        })
+        .collect();
+    assert!(
+        closed[0] != closed[1] && closed[1] != closed[2],
+        "{closed:?}"
+    );
+    drop(client);
+
+    // Client connections that come one after another reuse the idle upstream connection
+    // the previous one gave back when it closed.
+    let mut previous = None;
+    eventually(
+        "a new client connection to reuse an idle upstream connection",
+        Duration::from_secs(5),
+        || {
+            let (status, seen) = KeepAlive::connect(proxy).get("/echo/fresh");
+            assert_eq!(status, 200, "{seen}");
+            let port = seen["peer_port"].clone();
+            let reused = previous.as_ref() == Some(&port);
+            previous = Some(port);
+            std::thread::sleep(Duration::from_millis(50));
+            reused.then_some(())
+        },
+    );
 }
 
 #[test]

@@ -3,22 +3,30 @@
 //!
 //! The decision reads the in-memory enforcement state (a date comparison, no signature
 //! check per request). Bodies stream both ways without buffering.
+//!
+//! Upstream connections: an HTTP/1.1 client connection carries one request at a time, so
+//! it is given an upstream connection of its own (a [`Lane`]) for its whole life, taken
+//! from a shared stack of idle connections when it sends its first request and put back
+//! when it closes. A request then costs no pool lookup and no extra task; the shared
+//! stack is touched once per client connection. HTTP/2 clients multiplex requests on one
+//! connection, so theirs go through hyper-util's pooled client.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::state::Enforcement;
@@ -40,6 +48,14 @@ const HOP_BY_HOP: [&str; 8] = [
 ];
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long an upstream connection may wait, idle, to be reused.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most idle upstream connections kept for reuse; more are closed.
+const MAX_IDLE: usize = 256;
+/// How long connecting to the upstream may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The upstream a gate forwards to: `http://host:port[/base]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,10 +100,85 @@ impl Upstream {
     }
 }
 
+/// Idle HTTP/1.1 connections to the upstream, the most recently used on top.
+#[derive(Default)]
+struct IdleConnections {
+    stack: Mutex<Vec<(http1::SendRequest<Incoming>, Instant)>>,
+}
+
+impl IdleConnections {
+    /// The most recently used idle connection that is still open and young enough.
+    fn take(&self) -> Option<http1::SendRequest<Incoming>> {
+        let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some((sender, since)) = stack.pop() {
+            if since.elapsed() < IDLE_TIMEOUT && sender.is_ready() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Keeps `sender` for reuse if it can take a request now (the last response was read
+    /// to its end and the upstream kept the connection open). Dropping a sender closes
+    /// its connection.
+    fn put(&self, sender: http1::SendRequest<Incoming>) {
+        if !sender.is_ready() {
+            return;
+        }
+        let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
+        Self::prune(&mut stack);
+        if stack.len() >= MAX_IDLE {
+            // The least recently used is at the bottom.
+            stack.remove(0);
+        }
+        stack.push((sender, Instant::now()));
+    }
+
+    /// Closes the connections idle for too long, and forgets those the upstream closed.
+    fn sweep(&self) {
+        Self::prune(&mut self.stack.lock().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    fn prune(stack: &mut Vec<(http1::SendRequest<Incoming>, Instant)>) {
+        stack.retain(|(sender, since)| since.elapsed() < IDLE_TIMEOUT && !sender.is_closed());
+    }
+}
+
+/// An HTTP/1.1 client connection's upstream connection, held from its first forwarded
+/// request until it closes, then given back to the idle stack.
+struct Lane {
+    gate: Arc<Gate>,
+    sender: Mutex<Option<http1::SendRequest<Incoming>>>,
+}
+
+impl Lane {
+    fn take(&self) -> Option<http1::SendRequest<Incoming>> {
+        self.sender
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+    }
+
+    fn put(&self, sender: http1::SendRequest<Incoming>) {
+        *self.sender.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        if let Some(sender) = self.take() {
+            self.gate.idle.put(sender);
+        }
+    }
+}
+
 /// A running gate's shared parts.
 pub struct Gate {
     upstream: Upstream,
+    /// For HTTP/2 clients.
     client: Client<HttpConnector, Incoming>,
+    /// For HTTP/1.1 clients' lanes.
+    idle: IdleConnections,
     enforcement: Arc<Enforcement>,
     usage: Arc<Usage>,
     timeout: Duration,
@@ -103,7 +194,7 @@ impl Gate {
         timeout: Duration,
     ) -> Gate {
         let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(Duration::from_secs(5)));
+        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
@@ -111,25 +202,44 @@ impl Gate {
         Gate {
             upstream,
             client,
+            idle: IdleConnections::default(),
             enforcement,
             usage,
             timeout,
         }
     }
 
+    /// A lane for a new client connection.
+    fn lane(self: &Arc<Self>) -> Arc<Lane> {
+        Arc::new(Lane {
+            gate: self.clone(),
+            sender: Mutex::new(None),
+        })
+    }
+
     async fn handle(
-        self: Arc<Self>,
+        &self,
         request: Request<Incoming>,
         peer: SocketAddr,
+        lane: &Lane,
     ) -> Result<Response<ProxyBody>, Infallible> {
         if !self.enforcement.allows_now() {
             return Ok(json(StatusCode::FORBIDDEN, DENIED));
         }
-        let request = match self.upstream_request(request, peer) {
+        // HTTP/1.x clients go through their lane, HTTP/2 clients through the pool.
+        let pooled = request.version() == Version::HTTP_2;
+        let request = match self.upstream_request(request, peer, pooled) {
             Ok(request) => request,
             Err(message) => return Ok(json(StatusCode::BAD_REQUEST, &message)),
         };
-        match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+        let forwarded = async {
+            if pooled {
+                self.client.request(request).await.map_err(BoxError::from)
+            } else {
+                self.forward(lane, request).await
+            }
+        };
+        match tokio::time::timeout(self.timeout, forwarded).await {
             Ok(Ok(response)) => {
                 self.usage.count(self.enforcement.now());
                 let (mut parts, body) = response.into_parts();
@@ -161,12 +271,62 @@ impl Gate {
         }
     }
 
+    /// Sends `request` on the lane's upstream connection, or on an idle one, or on a new
+    /// one. A request the upstream never received (its connection had just closed) is
+    /// sent once more on a new connection; one it may have received is not.
+    async fn forward(
+        &self,
+        lane: &Lane,
+        mut request: Request<Incoming>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        let mut sender = match lane.take().or_else(|| self.idle.take()) {
+            Some(sender) => sender,
+            None => self.connect().await?,
+        };
+        for attempt in 0..2 {
+            if attempt > 0 || sender.ready().await.is_err() {
+                sender = self.connect().await?;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => {
+                    lane.put(sender);
+                    return Ok(response);
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if attempt == 0 => request = unsent,
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        }
+        Err("the upstream closed two connections before taking the request".into())
+    }
+
+    /// A new HTTP/1.1 connection to the upstream; its I/O runs in a task of its own until
+    /// the connection closes or its sender is dropped.
+    async fn connect(&self) -> Result<http1::SendRequest<Incoming>, BoxError> {
+        let authority = &self.upstream.authority;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
+            .await
+            .map_err(|_| format!("connecting to {authority} timed out after {CONNECT_TIMEOUT:?}"))?
+            .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender)
+    }
+
     /// Rewrites a client request for the upstream: same method, path, query, headers and
-    /// streamed body; hop-by-hop headers dropped; `X-Forwarded-*` added.
+    /// streamed body; hop-by-hop headers dropped; `X-Forwarded-*` added. The target is in
+    /// origin form (`/path?query`) for a lane, in absolute form for the pooled client.
     fn upstream_request(
         &self,
         request: Request<Incoming>,
         peer: SocketAddr,
+        absolute: bool,
     ) -> Result<Request<Incoming>, String> {
         let (mut parts, body) = request.into_parts();
         let original_host = parts
@@ -175,15 +335,15 @@ impl Gate {
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned)
             .or_else(|| parts.uri.authority().map(|a| a.to_string()));
-        let path_and_query = parts
-            .uri
-            .path_and_query()
-            .map_or("/", |pq| pq.as_str())
-            .to_owned();
-        let target = format!(
-            "http://{}{}{}",
-            self.upstream.authority, self.upstream.base_path, path_and_query
-        );
+        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let target = if absolute {
+            format!(
+                "http://{}{}{}",
+                self.upstream.authority, self.upstream.base_path, path_and_query
+            )
+        } else {
+            format!("{}{}", self.upstream.base_path, path_and_query)
+        };
         parts.uri = target
             .parse()
             .map_err(|e| format!("cannot forward to {target}: {e}"))?;
@@ -229,9 +389,9 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn describe(e: &hyper_util::client::legacy::Error) -> String {
+fn describe(e: &BoxError) -> String {
     let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
+    let mut source = e.source();
     while let Some(s) = source {
         text = format!("{text}: {s}");
         source = s.source();
@@ -252,8 +412,13 @@ fn json(status: StatusCode, message: &str) -> Response<ProxyBody> {
 
 /// Serves the gate on `listener` (HTTP/1.1 and HTTP/2 cleartext) until `shutdown`.
 pub async fn serve(listener: TcpListener, gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
+    let mut sweep = tokio::time::interval(IDLE_TIMEOUT / 4);
     loop {
         let (stream, peer) = tokio::select! {
+            _ = sweep.tick() => {
+                gate.idle.sweep();
+                continue;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
@@ -266,10 +431,12 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, mut shutdown: watch::
             _ = shutdown.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let gate = gate.clone();
+        let (gate, lane) = (gate.clone(), gate.lane());
         tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |request| gate.clone().handle(request, peer));
+            let service = hyper::service::service_fn(move |request| {
+                let (gate, lane) = (gate.clone(), lane.clone());
+                async move { gate.handle(request, peer, &lane).await }
+            });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             if let Err(e) = builder
                 .serve_connection(TokioIo::new(stream), service)
