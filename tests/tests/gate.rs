@@ -290,11 +290,18 @@ impl KeepAlive {
 
     /// `GET path` on this connection: the status and the JSON body.
     fn get(&mut self, path: &str) -> (u16, Value) {
-        let request = format!("GET {path} HTTP/1.1\r\nhost: gate.test\r\n\r\n");
-        self.reader
-            .get_mut()
-            .write_all(request.as_bytes())
-            .expect("send");
+        self.send("GET", path, b"")
+    }
+
+    /// `method target` with `body` on this connection: the status and the JSON body.
+    fn send(&mut self, method: &str, target: &str, body: &[u8]) -> (u16, Value) {
+        let head = format!(
+            "{method} {target} HTTP/1.1\r\nhost: gate.test\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let stream = self.reader.get_mut();
+        stream.write_all(head.as_bytes()).expect("send");
+        stream.write_all(body).expect("send body");
         let mut status_line = String::new();
         self.reader
             .read_line(&mut status_line)
@@ -342,6 +349,40 @@ fn a_client_connection_keeps_its_upstream_connection_and_idle_ones_are_reused() 
         .collect();
     assert!(ports[0].is_u64(), "{ports:?}");
     assert!(ports.iter().all(|p| *p == ports[0]), "{ports:?}");
+    // A body on the reused connection; an absolute-form target with no path.
+    let (status, seen) = client.send("POST", "/echo/body", b"twelve bytes");
+    assert_eq!((status, &seen["body_len"]), (200, &json!(12)), "{seen}");
+    assert_eq!(seen["peer_port"], ports[0]);
+    let (status, seen) = client.get("http://gate.test?x=1");
+    assert_eq!(status, 200, "{seen}");
+    assert_eq!(
+        (&seen["path"], &seen["query"]),
+        (&json!("/"), &json!("x=1"))
+    );
+
+    // Two client connections taking turns keep one upstream connection each (a pool
+    // shared per request would hand both the same, most recently used, one).
+    let mut other = KeepAlive::connect(proxy);
+    let turns: Vec<(Value, Value)> = (0..2)
+        .map(|_| {
+            (
+                client.get("/echo/a").1["peer_port"].clone(),
+                other.get("/echo/b").1["peer_port"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(turns[0], turns[1], "{turns:?}");
+    assert_ne!(turns[0].0, turns[0].1, "{turns:?}");
+    drop(other);
+
+    // An HTTP/1.0 client, answered and closed.
+    let mut old = TcpStream::connect(proxy).expect("connect");
+    old.write_all(b"GET /echo/old HTTP/1.0\r\n\r\n")
+        .expect("send");
+    let mut answer = String::new();
+    old.read_to_string(&mut answer).expect("read to the close");
+    assert!(answer.starts_with("HTTP/1.0 200"), "{answer}");
+    assert!(answer.contains("\"path\":\"/echo/old\""), "{answer}");
 
     // An upstream that closes its connection after each answer: every request on the
     // same client connection is still forwarded, each on a new upstream connection.
@@ -373,6 +414,70 @@ fn a_client_connection_keeps_its_upstream_connection_and_idle_ones_are_reused() 
             std::thread::sleep(Duration::from_millis(50));
             reused.then_some(())
         },
+    );
+}
+
+/// An upstream that answers the first request on each connection and closes the
+/// connection, unanswered, when the second arrives: as an upstream whose keep-alive
+/// timeout fires just as a request reaches a reused connection.
+fn dropping_upstream() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate().take(64) {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut length = 0;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':') {
+                        if name.eq_ignore_ascii_case("content-length") {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                }
+                let mut body = vec![0; length];
+                let _ = reader.read_exact(&mut body);
+                let answer = format!("{{\"connection\":{n}}}");
+                let _ = write!(
+                    reader.get_mut(),
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{answer}",
+                    answer.len()
+                );
+                // Wait for the next request, then close without answering it.
+                let _ = reader.fill_buf();
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_request_lost_on_a_reused_connection_is_sent_again_only_if_idempotent() {
+    let (dir, vendor, cp, _upstream) = setup();
+    cp.add(&vendor.valid("AGAIN"));
+    let upstream = format!("http://{}", dropping_upstream());
+    let (dp, proxy) = gate(&dir, "again", &cp, &vendor, &upstream, &[]);
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    let mut client = KeepAlive::connect(proxy);
+    let (status, first) = client.get("/one");
+    assert_eq!(status, 200, "{first}");
+    // Lost on the reused connection: a GET is sent again, on a new connection.
+    let (status, second) = client.get("/two");
+    assert_eq!(status, 200, "{second}");
+    assert_ne!(first["connection"], second["connection"]);
+    // A POST is not: the upstream might have acted on it.
+    let (status, refused) = client.send("POST", "/three", b"{}");
+    assert_eq!(status, 502, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unavailable")),
+        "{refused}"
     );
 }
 

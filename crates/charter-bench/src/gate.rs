@@ -152,6 +152,8 @@ struct Sample {
     /// The proxy's (gate's or relay's) own CPU time per request, in microseconds (0 when
     /// direct).
     proxy_micros: f64,
+    /// The load generator's (this process's) CPU time per request, in microseconds.
+    client_micros: f64,
     other_cores: f64,
     steal: f64,
 }
@@ -423,13 +425,14 @@ async fn run(settings: &Settings, pinning: &Pinning) -> Result<String> {
                 .await
                 .with_context(|| format!("measuring {}", label(entry)))?;
                 progress(format_args!(
-                    "round {round}/{}: {:<24} {:>8.0} req/s, p50 {}, p99 {} (servers {:.1} µs/req; other processes {:.2} cores, steal {:.0}%)",
+                    "round {round}/{}: {:<24} {:>8.0} req/s, p50 {}, p99 {} (servers {:.1} µs/req, load generator {:.1} µs/req; other processes {:.2} cores, steal {:.0}%)",
                     settings.rounds,
                     label(entry),
                     sample.rps,
                     format_micros(micros(sample.latency.p50)),
                     format_micros(micros(sample.latency.p99)),
                     sample.server_micros,
+                    sample.client_micros,
                     sample.other_cores,
                     sample.steal * 100.0,
                 ));
@@ -516,6 +519,7 @@ async fn measure(
         latency,
         server_micros: servers * 1e6 / requests,
         proxy_micros: gate * 1e6 / requests,
+        client_micros: client * 1e6 / requests,
         other_cores: (charged - (servers + client) / seconds).max(0.0),
         steal: procs::max_steal_between(&cpus_before, &cpus_after),
     })

@@ -4,12 +4,15 @@
 //! The decision reads the in-memory enforcement state (a date comparison, no signature
 //! check per request). Bodies stream both ways without buffering.
 //!
-//! Upstream connections: an HTTP/1.1 client connection carries one request at a time, so
+//! Upstream connections: an HTTP/1.x client connection carries one request at a time, so
 //! it is given an upstream connection of its own (a [`Lane`]) for its whole life, taken
 //! from a shared stack of idle connections when it sends its first request and put back
 //! when it closes. A request then costs no pool lookup and no extra task; the shared
-//! stack is touched once per client connection. HTTP/2 clients multiplex requests on one
-//! connection, so theirs go through hyper-util's pooled client.
+//! stack is touched once per client connection. At most [`MAX_LANES`] client connections
+//! hold a lane; the requests of the others, and of HTTP/2 clients (which multiplex
+//! requests on one connection), go through hyper-util's pooled client. A client
+//! connection that sends no request for [`CLIENT_IDLE_TIMEOUT`] is closed, so idle
+//! clients do not hold upstream connections (nor a slow client's header a task) for long.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,16 +21,16 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::{BodyExt, Either, Empty, Full};
+use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 use crate::state::Enforcement;
 use crate::usage::Usage;
@@ -56,12 +59,20 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_IDLE: usize = 256;
 /// How long connecting to the upstream may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most client connections holding an upstream connection of their own.
+pub const MAX_LANES: usize = 512;
+/// How long a given-back upstream connection may take to become ready for reuse.
+const READY_WAIT: Duration = Duration::from_secs(1);
+/// How long a client connection may wait before (or while) sending a request's header.
+pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The upstream a gate forwards to: `http://host:port[/base]`.
+/// The upstream a gate forwards to: `http://host[:port][/base]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
-    /// `host:port`.
+    /// `host[:port]` as given: the `Host` header the upstream gets.
     pub authority: String,
+    /// `host:port` to connect to (port 80 when none is given).
+    pub address: String,
     /// A path prefix, without the trailing slash ("" for none).
     pub base_path: String,
 }
@@ -83,13 +94,22 @@ impl Upstream {
         }
         let authority = uri
             .authority()
-            .ok_or_else(|| format!("--upstream `{url}` has no host"))?
-            .to_string();
+            .ok_or_else(|| format!("--upstream `{url}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!(
+                "--upstream `{url}`: credentials in the URL are not supported"
+            ));
+        }
         if uri.query().is_some() {
             return Err(format!("--upstream `{url}` must not have a query string"));
         }
         Ok(Upstream {
-            authority,
+            address: format!(
+                "{}:{}",
+                authority.host(),
+                authority.port_u16().unwrap_or(80)
+            ),
+            authority: authority.to_string(),
             base_path: uri.path().trim_end_matches('/').to_owned(),
         })
     }
@@ -100,16 +120,21 @@ impl Upstream {
     }
 }
 
-/// Idle HTTP/1.1 connections to the upstream, the most recently used on top.
+/// The body sent upstream: the client's, or none (a request sent again, see
+/// [`Gate::forward`]).
+type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+type Sender = http1::SendRequest<UpstreamBody>;
+
+/// Idle HTTP/1.1 connections to the upstream, the least recently used at the bottom.
 #[derive(Default)]
 struct IdleConnections {
-    stack: Mutex<Vec<(http1::SendRequest<Incoming>, Instant)>>,
+    stack: Mutex<Vec<(Sender, Instant)>>,
 }
 
 impl IdleConnections {
     /// The most recently used idle connection that is still open and young enough.
-    fn take(&self) -> Option<http1::SendRequest<Incoming>> {
-        let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
+    fn take(&self) -> Option<Sender> {
+        let mut stack = self.lock();
         while let Some((sender, since)) = stack.pop() {
             if since.elapsed() < IDLE_TIMEOUT && sender.is_ready() {
                 return Some(sender);
@@ -118,56 +143,94 @@ impl IdleConnections {
         None
     }
 
-    /// Keeps `sender` for reuse if it can take a request now (the last response was read
-    /// to its end and the upstream kept the connection open). Dropping a sender closes
-    /// its connection.
-    fn put(&self, sender: http1::SendRequest<Incoming>) {
-        if !sender.is_ready() {
-            return;
-        }
-        let mut stack = self.stack.lock().unwrap_or_else(PoisonError::into_inner);
-        Self::prune(&mut stack);
+    /// Keeps `sender` for reuse (it can take a request now: the last response was read to
+    /// its end and the upstream kept the connection open).
+    fn put(&self, sender: Sender) {
+        let now = Instant::now();
+        let mut stack = self.lock();
+        // In time order, so the expired ones are at the bottom.
+        let expired =
+            stack.partition_point(|(_, since)| now.duration_since(*since) >= IDLE_TIMEOUT);
+        stack.drain(..expired);
         if stack.len() >= MAX_IDLE {
-            // The least recently used is at the bottom.
             stack.remove(0);
         }
-        stack.push((sender, Instant::now()));
+        stack.push((sender, now));
+    }
+
+    /// Keeps `sender` for reuse once it is ready, if it becomes so soon: the connection's
+    /// task marks it ready a moment after the last response ends, which may be just after
+    /// its client connection closed. Dropping a sender closes its connection.
+    fn give_back(self: &Arc<Self>, mut sender: Sender) {
+        if sender.is_ready() {
+            return self.put(sender);
+        }
+        if sender.is_closed() {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let idle = self.clone();
+            runtime.spawn(async move {
+                if let Ok(Ok(())) = tokio::time::timeout(READY_WAIT, sender.ready()).await {
+                    idle.put(sender);
+                }
+            });
+        }
     }
 
     /// Closes the connections idle for too long, and forgets those the upstream closed.
     fn sweep(&self) {
-        Self::prune(&mut self.stack.lock().unwrap_or_else(PoisonError::into_inner));
+        self.lock()
+            .retain(|(sender, since)| since.elapsed() < IDLE_TIMEOUT && !sender.is_closed());
     }
 
-    fn prune(stack: &mut Vec<(http1::SendRequest<Incoming>, Instant)>) {
-        stack.retain(|(sender, since)| since.elapsed() < IDLE_TIMEOUT && !sender.is_closed());
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<(Sender, Instant)>> {
+        self.stack.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
-/// An HTTP/1.1 client connection's upstream connection, held from its first forwarded
-/// request until it closes, then given back to the idle stack.
+/// An HTTP/1.x client connection's upstream connection, held from its first forwarded
+/// request until it closes, then given back to the idle stack. At most [`MAX_LANES`]
+/// client connections hold one at a time; the others' requests use the pooled client.
 struct Lane {
-    gate: Arc<Gate>,
-    sender: Mutex<Option<http1::SendRequest<Incoming>>>,
+    idle: Arc<IdleConnections>,
+    held: Mutex<Held>,
+}
+
+#[derive(Default)]
+struct Held {
+    sender: Option<Sender>,
+    /// One of the gate's [`MAX_LANES`] places, taken at the first request.
+    place: Option<OwnedSemaphorePermit>,
 }
 
 impl Lane {
-    fn take(&self) -> Option<http1::SendRequest<Incoming>> {
-        self.sender
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        self.held.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn put(&self, sender: http1::SendRequest<Incoming>) {
-        *self.sender.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender);
+    /// Whether this client connection has (or now gets) a lane of its own.
+    fn admitted(&self, places: &Arc<Semaphore>) -> bool {
+        let mut held = self.lock();
+        if held.place.is_none() {
+            held.place = places.clone().try_acquire_owned().ok();
+        }
+        held.place.is_some()
+    }
+
+    fn take(&self) -> Option<Sender> {
+        self.lock().sender.take()
+    }
+
+    fn put(&self, sender: Sender) {
+        self.lock().sender = Some(sender);
     }
 }
 
 impl Drop for Lane {
     fn drop(&mut self) {
         if let Some(sender) = self.take() {
-            self.gate.idle.put(sender);
+            self.idle.give_back(sender);
         }
     }
 }
@@ -175,10 +238,12 @@ impl Drop for Lane {
 /// A running gate's shared parts.
 pub struct Gate {
     upstream: Upstream,
-    /// For HTTP/2 clients.
-    client: Client<HttpConnector, Incoming>,
-    /// For HTTP/1.1 clients' lanes.
-    idle: IdleConnections,
+    /// For HTTP/2 clients, and HTTP/1.x clients beyond [`MAX_LANES`].
+    client: Client<HttpConnector, UpstreamBody>,
+    /// For lanes.
+    idle: Arc<IdleConnections>,
+    /// The places for lanes.
+    places: Arc<Semaphore>,
     enforcement: Arc<Enforcement>,
     usage: Arc<Usage>,
     timeout: Duration,
@@ -197,12 +262,13 @@ impl Gate {
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_idle_timeout(IDLE_TIMEOUT)
             .build(connector);
         Gate {
             upstream,
             client,
-            idle: IdleConnections::default(),
+            idle: Arc::default(),
+            places: Arc::new(Semaphore::new(MAX_LANES)),
             enforcement,
             usage,
             timeout,
@@ -210,10 +276,10 @@ impl Gate {
     }
 
     /// A lane for a new client connection.
-    fn lane(self: &Arc<Self>) -> Arc<Lane> {
+    fn lane(&self) -> Arc<Lane> {
         Arc::new(Lane {
-            gate: self.clone(),
-            sender: Mutex::new(None),
+            idle: self.idle.clone(),
+            held: Mutex::new(Held::default()),
         })
     }
 
@@ -227,7 +293,7 @@ impl Gate {
             return Ok(json(StatusCode::FORBIDDEN, DENIED));
         }
         // HTTP/1.x clients go through their lane, HTTP/2 clients through the pool.
-        let pooled = request.version() == Version::HTTP_2;
+        let pooled = request.version() == Version::HTTP_2 || !lane.admitted(&self.places);
         let request = match self.upstream_request(request, peer, pooled) {
             Ok(request) => request,
             Err(message) => return Ok(json(StatusCode::BAD_REQUEST, &message)),
@@ -272,44 +338,67 @@ impl Gate {
     }
 
     /// Sends `request` on the lane's upstream connection, or on an idle one, or on a new
-    /// one. A request the upstream never received (its connection had just closed) is
-    /// sent once more on a new connection; one it may have received is not.
+    /// one. On a reused connection that turns out closed, the request is sent once more on
+    /// a new connection when the upstream cannot have acted on it: it was never written,
+    /// or the connection closed before any answer (an upstream's idle timeout firing as
+    /// the request arrived) and the request has no body and is idempotent (RFC 9110
+    /// §9.2.2). Otherwise the error is returned.
     async fn forward(
         &self,
         lane: &Lane,
-        mut request: Request<Incoming>,
+        mut request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, BoxError> {
-        let mut sender = match lane.take().or_else(|| self.idle.take()) {
-            Some(sender) => sender,
-            None => self.connect().await?,
-        };
-        for attempt in 0..2 {
-            if attempt > 0 || sender.ready().await.is_err() {
-                sender = self.connect().await?;
+        let mut reused = lane.take().or_else(|| self.idle.take());
+        loop {
+            let (mut sender, fresh) = match reused.take() {
+                Some(sender) => (sender, false),
+                None => (self.connect().await?, true),
+            };
+            if !fresh {
+                if let Err(e) = sender.ready().await {
+                    tracing::debug!(error = %e, "an idle upstream connection had closed");
+                    continue;
+                }
             }
+            let again =
+                (!fresh && request.method().is_idempotent() && request.body().is_end_stream())
+                    .then(|| without_body(&request));
             match sender.try_send_request(request).await {
                 Ok(response) => {
                     lane.put(sender);
                     return Ok(response);
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if attempt == 0 => request = unsent,
-                    _ => return Err(e.into_error().into()),
-                },
+                Err(mut e) => {
+                    if let Some(unsent) = e.take_message() {
+                        if !fresh {
+                            request = unsent;
+                            continue;
+                        }
+                    }
+                    let error = e.into_error();
+                    match again {
+                        Some(again) if error.is_incomplete_message() => {
+                            tracing::debug!(error = %error, "a reused upstream connection closed under an idempotent request; sending it again");
+                            request = again;
+                        }
+                        _ => return Err(error.into()),
+                    }
+                }
             }
         }
-        Err("the upstream closed two connections before taking the request".into())
     }
 
     /// A new HTTP/1.1 connection to the upstream; its I/O runs in a task of its own until
     /// the connection closes or its sender is dropped.
-    async fn connect(&self) -> Result<http1::SendRequest<Incoming>, BoxError> {
-        let authority = &self.upstream.authority;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(authority))
+    async fn connect(&self) -> Result<Sender, BoxError> {
+        let address = &self.upstream.address;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
             .await
-            .map_err(|_| format!("connecting to {authority} timed out after {CONNECT_TIMEOUT:?}"))?
-            .map_err(|e| format!("cannot connect to {authority}: {e}"))?;
-        stream.set_nodelay(true)?;
+            .map_err(|_| format!("connecting to {address} timed out after {CONNECT_TIMEOUT:?}"))?
+            .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("cannot set TCP_NODELAY on the connection to {address}: {e}"))?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
@@ -327,7 +416,7 @@ impl Gate {
         request: Request<Incoming>,
         peer: SocketAddr,
         absolute: bool,
-    ) -> Result<Request<Incoming>, String> {
+    ) -> Result<Request<UpstreamBody>, String> {
         let (mut parts, body) = request.into_parts();
         let original_host = parts
             .headers
@@ -335,14 +424,24 @@ impl Gate {
             .and_then(|h| h.to_str().ok())
             .map(str::to_owned)
             .or_else(|| parts.uri.authority().map(|a| a.to_string()));
-        let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        let base = &self.upstream.base_path;
+        let path_and_query = match parts.uri.path_and_query().map_or("/", |pq| pq.as_str()) {
+            // `OPTIONS *` asks about the server: about the base path when there is one.
+            "*" if !base.is_empty() => "",
+            "*" => "*",
+            // An absolute-form target with no path (`http://host?x=1`).
+            pq if pq.starts_with('?') => &format!("/{pq}"),
+            pq => pq,
+        };
         let target = if absolute {
-            format!(
-                "http://{}{}{}",
-                self.upstream.authority, self.upstream.base_path, path_and_query
-            )
+            let path = if path_and_query == "*" {
+                ""
+            } else {
+                path_and_query
+            };
+            format!("http://{}{base}{path}", self.upstream.authority)
         } else {
-            format!("{}{}", self.upstream.base_path, path_and_query)
+            format!("{base}{path_and_query}")
         };
         parts.uri = target
             .parse()
@@ -362,8 +461,18 @@ impl Gate {
             insert(headers, "x-forwarded-host", &host);
         }
         insert(headers, "host", &self.upstream.authority);
-        Ok(Request::from_parts(parts, body))
+        Ok(Request::from_parts(parts, Either::Left(body)))
     }
+}
+
+/// The same request with no body, to send again.
+fn without_body(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
+    let mut again = Request::new(Either::Right(Empty::new()));
+    *again.method_mut() = request.method().clone();
+    *again.uri_mut() = request.uri().clone();
+    *again.version_mut() = request.version();
+    *again.headers_mut() = request.headers().clone();
+    again
 }
 
 fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
@@ -437,7 +546,11 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, mut shutdown: watch::
                 let (gate, lane) = (gate.clone(), lane.clone());
                 async move { gate.handle(request, peer, &lane).await }
             });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(CLIENT_IDLE_TIMEOUT);
             if let Err(e) = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await
@@ -458,9 +571,23 @@ mod tests {
             Upstream::parse("http://127.0.0.1:8080").expect("ok"),
             Upstream {
                 authority: "127.0.0.1:8080".into(),
+                address: "127.0.0.1:8080".into(),
                 base_path: String::new()
             }
         );
+        // No port: the Host header stays as given, the connection goes to port 80.
+        let bare = Upstream::parse("http://my-app/api").expect("ok");
+        assert_eq!(
+            (bare.authority.as_str(), bare.address.as_str()),
+            ("my-app", "my-app:80")
+        );
+        assert_eq!(
+            Upstream::parse("http://[::1]:9000").expect("ok").address,
+            "[::1]:9000"
+        );
+        assert!(Upstream::parse("http://user:pw@svc:80")
+            .unwrap_err()
+            .contains("credentials"));
         assert_eq!(
             Upstream::parse("http://svc:80/api/").expect("ok").base_path,
             "/api"
