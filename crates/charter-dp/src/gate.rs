@@ -10,7 +10,7 @@
 //! when it closes. A request then costs no pool lookup and no extra task; the shared
 //! stack is touched once per client connection. At most [`MAX_LANES`] client connections
 //! hold a lane; the requests of the others, and of HTTP/2 clients (which multiplex
-//! requests on one connection), go through hyper-util's pooled client. A client
+//! requests on one connection), go through hyper-util's pooled client. An HTTP/1.x client
 //! connection that sends no request for [`CLIENT_IDLE_TIMEOUT`] is closed, so idle
 //! clients do not hold upstream connections (nor a slow client's header a task) for long.
 
