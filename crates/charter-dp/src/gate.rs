@@ -244,6 +244,8 @@ pub struct Gate {
     idle: Arc<IdleConnections>,
     /// The places for lanes.
     places: Arc<Semaphore>,
+    /// How long an HTTP/1.x client connection may stay idle.
+    client_idle_timeout: Duration,
     enforcement: Arc<Enforcement>,
     usage: Arc<Usage>,
     timeout: Duration,
@@ -258,6 +260,25 @@ impl Gate {
         usage: Arc<Usage>,
         timeout: Duration,
     ) -> Gate {
+        Gate::with_limits(
+            upstream,
+            enforcement,
+            usage,
+            timeout,
+            MAX_LANES,
+            CLIENT_IDLE_TIMEOUT,
+        )
+    }
+
+    /// A gate with other limits than [`MAX_LANES`] and [`CLIENT_IDLE_TIMEOUT`] (tests).
+    pub(crate) fn with_limits(
+        upstream: Upstream,
+        enforcement: Arc<Enforcement>,
+        usage: Arc<Usage>,
+        timeout: Duration,
+        max_lanes: usize,
+        client_idle_timeout: Duration,
+    ) -> Gate {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         connector.set_nodelay(true);
@@ -268,7 +289,8 @@ impl Gate {
             upstream,
             client,
             idle: Arc::default(),
-            places: Arc::new(Semaphore::new(MAX_LANES)),
+            places: Arc::new(Semaphore::new(max_lanes)),
+            client_idle_timeout,
             enforcement,
             usage,
             timeout,
@@ -540,7 +562,7 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, mut shutdown: watch::
             _ = shutdown.changed() => return,
         };
         let _ = stream.set_nodelay(true);
-        let (gate, lane) = (gate.clone(), gate.lane());
+        let (gate, lane, idle_timeout) = (gate.clone(), gate.lane(), gate.client_idle_timeout);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let (gate, lane) = (gate.clone(), lane.clone());
@@ -550,7 +572,7 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, mut shutdown: watch::
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(CLIENT_IDLE_TIMEOUT);
+                .header_read_timeout(idle_timeout);
             if let Err(e) = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await

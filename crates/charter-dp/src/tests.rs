@@ -1,4 +1,5 @@
-//! Unit tests: configuration, the snapshot rules, the cache files and the backoff.
+//! Unit tests: configuration, the snapshot rules, the cache files, the backoff and the
+//! gate's limits (lanes, idle client connections).
 
 use std::fs;
 use std::path::Path;
@@ -446,4 +447,160 @@ fn backoff_doubles_from_one_to_thirty_seconds_with_jitter() {
     assert_eq!(secs(5, 1.0), 30.0, "capped");
     assert_eq!(secs(u32::MAX, 1.0), 30.0);
     assert!(secs(10, 0.0) >= 24.0);
+}
+
+// ---- the gate's limits ----
+
+/// An upstream on loopback that answers every request with the number of the connection
+/// it came on, and keeps connections open.
+fn counting_upstream() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate().take(32) {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    let body = n.to_string();
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if reader.get_mut().write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One keep-alive client connection to the gate.
+struct Client(std::io::BufReader<std::net::TcpStream>);
+
+impl Client {
+    fn connect(addr: std::net::SocketAddr) -> Client {
+        let stream = std::net::TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        Client(std::io::BufReader::new(stream))
+    }
+
+    /// `GET /` on this connection: the status and the body (the upstream connection's
+    /// number).
+    fn get(&mut self) -> (u16, String) {
+        use std::io::{BufRead, Read, Write};
+        self.0
+            .get_mut()
+            .write_all(b"GET / HTTP/1.1\r\nhost: gate.test\r\n\r\n")
+            .expect("send");
+        let mut line = String::new();
+        self.0.read_line(&mut line).expect("status line");
+        let status = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut length = 0;
+        loop {
+            line.clear();
+            self.0.read_line(&mut line).expect("header");
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(("content-length", value)) = line.split_once(':') {
+                length = value.trim().parse().expect("length");
+            }
+        }
+        let mut body = vec![0; length];
+        self.0.read_exact(&mut body).expect("body");
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Whether the gate has closed this connection.
+    fn closed(&mut self) -> bool {
+        use std::io::Read;
+        let mut byte = [0; 1];
+        matches!(self.0.read(&mut byte), Ok(0))
+    }
+}
+
+#[test]
+fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed() {
+    use std::sync::Arc;
+
+    use crate::gate::{serve, Gate, Upstream};
+    use crate::state::Enforcement;
+    use crate::usage::Usage;
+
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let signer = signer(7);
+    let text = document(&signer, "2026-01-01", "2099-12-31");
+    let (verified, _) =
+        charter_license::validate(&text, &TrustedKeys::new([signer.trusted_key()]), NOW)
+            .expect("valid");
+    let clock = Arc::new(charter_license::FixedClock::new(NOW));
+    let enforcement = Arc::new(Enforcement::new(Some(verified), None, clock));
+    let usage = Arc::new(Usage::open(dir.path()).expect("usage"));
+    let upstream = Upstream::parse(&format!("http://{}", counting_upstream())).expect("url");
+    // One lane, and clients closed after a second without a request.
+    let gate = Arc::new(Gate::with_limits(
+        upstream,
+        enforcement,
+        usage,
+        Duration::from_secs(5),
+        1,
+        Duration::from_secs(1),
+    ));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    runtime.spawn(serve(listener, gate, stop));
+
+    // The first client holds the only lane: its requests go over one upstream connection.
+    let mut first = Client::connect(addr);
+    let (status, lane) = first.get();
+    assert_eq!(status, 200);
+    assert_eq!(first.get(), (200, lane.clone()));
+    // A second client, beyond the limit, is served through the pool, on another
+    // upstream connection.
+    let mut second = Client::connect(addr);
+    let (status, pooled) = second.get();
+    assert_eq!(status, 200);
+    assert_ne!(pooled, lane);
+    // A third, also beyond the limit, gets the pool's idle connection (with a lane of its
+    // own it would open a new one).
+    std::thread::sleep(Duration::from_millis(100));
+    let mut third = Client::connect(addr);
+    assert_eq!(third.get(), (200, pooled.clone()));
+
+    // Idle for longer than the limit: the gate closes the client connections, and the
+    // first one's upstream connection goes back to be reused by the next lane.
+    std::thread::sleep(Duration::from_millis(1500));
+    for client in [&mut first, &mut second, &mut third] {
+        assert!(client.closed(), "an idle client connection is closed");
+    }
+    let mut fourth = Client::connect(addr);
+    assert_eq!(
+        fourth.get(),
+        (200, lane),
+        "the closed client's upstream connection is reused"
+    );
 }
