@@ -314,7 +314,8 @@ impl Gate {
         if !self.enforcement.allows_now() {
             return Ok(json(StatusCode::FORBIDDEN, DENIED));
         }
-        // HTTP/1.x clients go through their lane, HTTP/2 clients through the pool.
+        // HTTP/1.x clients go through their lane; HTTP/2 clients, and HTTP/1.x clients
+        // beyond the lane limit, through the pool.
         let pooled = request.version() == Version::HTTP_2 || !lane.admitted(&self.places);
         let request = match self.upstream_request(request, peer, pooled) {
             Ok(request) => request,
