@@ -195,6 +195,18 @@ fn configuration_errors() {
     );
     refused(&with(&["--license-data", "{}"]), "static license");
     refused(&with(&["--cluster-mtls", "fancy"]), "fancy");
+    // Gate mode.
+    let gate = |upstream: &'static str| -> Vec<&str> {
+        with(&["--proxy-listen", "127.0.0.1:0", "--upstream", upstream])
+    };
+    refused(&with(&["--proxy-listen", "127.0.0.1:0"]), "needs --upstream");
+    refused(&with(&["--upstream", "http://svc:80"]), "needs --proxy-listen");
+    refused(&gate("https://svc:443"), "not supported");
+    refused(&gate("http://user:pw@svc:80"), "credentials");
+    refused(&gate("http://svc:80/?a=b"), "query");
+    let mut slow = gate("http://svc:80");
+    slow.extend(["--upstream-timeout", "0"]);
+    refused(&slow, "--upstream-timeout");
 }
 
 #[test]
