@@ -199,8 +199,14 @@ fn configuration_errors() {
     let gate = |upstream: &'static str| -> Vec<&str> {
         with(&["--proxy-listen", "127.0.0.1:0", "--upstream", upstream])
     };
-    refused(&with(&["--proxy-listen", "127.0.0.1:0"]), "needs --upstream");
-    refused(&with(&["--upstream", "http://svc:80"]), "needs --proxy-listen");
+    refused(
+        &with(&["--proxy-listen", "127.0.0.1:0"]),
+        "needs --upstream",
+    );
+    refused(
+        &with(&["--upstream", "http://svc:80"]),
+        "needs --proxy-listen",
+    );
     refused(&gate("https://svc:443"), "not supported");
     refused(&gate("http://user:pw@svc:80"), "credentials");
     refused(&gate("http://svc:80/?a=b"), "query");
