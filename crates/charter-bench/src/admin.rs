@@ -543,12 +543,7 @@ async fn measure_writes(
         let cp_cpu = |before| -> Result<Duration> {
             Ok(procs::cpu_time_precise(cp.pid())?.saturating_sub(before))
         };
-        block.store = pinning.on_server_core(|| {
-            texts
-                .iter()
-                .map(|text| store.insert(text, now))
-                .collect::<Result<Vec<_>>>()
-        })??;
+        block.store = pinning.on_server_core(|| store.insert_all(&texts, now))??;
         let block_cp_cpu = cp_cpu(cp_cpu_before)? / u32::try_from(size).unwrap_or(u32::MAX);
         let seconds = started.elapsed().as_secs_f64();
         let cpus_after = procs::cpu_counters()?;

@@ -12,6 +12,7 @@ mod admin;
 mod fanout;
 mod gate;
 mod hello;
+mod ingest;
 mod load;
 mod procs;
 mod relay;
@@ -43,6 +44,9 @@ enum Command {
     /// Cluster fan-out: how fast a license change reaches N data planes over mTLS, and
     /// what each costs the control plane, against a minimal tonic server.
     Fanout(fanout::FanoutArgs),
+    /// Telemetry ingest: reports per second durably applied from N simulated data planes
+    /// sending at once.
+    Telemetry(ingest::IngestArgs),
     /// The fan-out baseline server (started by `fanout`; not for direct use).
     #[command(hide = true)]
     FanoutBaseline(fanout::BaselineArgs),
@@ -60,6 +64,7 @@ fn main() -> ExitCode {
         Command::Admin(args) => admin::main(args),
         Command::Gate(args) => gate::main(args),
         Command::Fanout(args) => fanout::main(args),
+        Command::Telemetry(args) => ingest::main(args),
         Command::FanoutBaseline(args) => fanout::baseline_main(args),
         Command::Hello(args) => hello::main(args),
         Command::Relay(args) => relay::main(args),

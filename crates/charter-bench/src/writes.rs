@@ -1,5 +1,5 @@
 //! The durable-write baselines: a raw append+fsync loop, the floor any durable write on
-//! this disk pays, and `SledStore::insert` called in-process, which separates the store's
+//! this disk pays, and a `SledStore` commit called in-process, which separates the store's
 //! own cost from the HTTP and license-verification cost of `POST /licenses`.
 
 use std::fs::{File, OpenOptions};
@@ -8,7 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use charter_store::{LicenseStore, SledStore};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use charter_store::{Change, LicenseRecord, SledStore, Store};
 use uuid::Uuid;
 
 /// Appends `record_bytes` to one file and fsyncs it (`File::sync_all`, i.e. `fsync(2)`),
@@ -54,6 +56,7 @@ impl RawFsync {
 /// The control plane's store, opened in this process on the same disk.
 pub struct InProcessStore {
     store: SledStore,
+    revision: AtomicU64,
 }
 
 impl InProcessStore {
@@ -61,15 +64,43 @@ impl InProcessStore {
     pub fn open(dir: &Path) -> Result<InProcessStore> {
         let store = SledStore::open(dir)
             .with_context(|| format!("opening an in-process store in {}", dir.display()))?;
-        Ok(InProcessStore { store })
+        Ok(InProcessStore {
+            store,
+            revision: AtomicU64::new(0),
+        })
     }
 
-    /// One `insert` of a new license text, timed (it returns only once durable).
-    pub fn insert(&self, payload: &str, now: i64) -> Result<Duration> {
+    /// Inserts each license text, one durable commit each, timed, on a runtime made on this
+    /// thread (so the store's blocking thread inherits this thread's CPU pinning).
+    pub fn insert_all(&self, texts: &[String], now: i64) -> Result<Vec<Duration>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting a runtime for the in-process store")?;
+        texts
+            .iter()
+            .map(|text| runtime.block_on(self.insert(text, now)))
+            .collect()
+    }
+
+    async fn insert(&self, payload: &str, now: i64) -> Result<Duration> {
+        let base = self.revision.load(Ordering::SeqCst);
+        let record = LicenseRecord {
+            id: Uuid::new_v4(),
+            payload: payload.to_owned(),
+            checksum: charter_store::checksum_of(payload),
+            created_at: now,
+            updated_at: now,
+            revision: base + 1,
+        };
         let started = Instant::now();
-        self.store
-            .insert(Uuid::new_v4(), payload, now)
-            .context("inserting into the in-process store")?;
-        Ok(started.elapsed())
+        let revision = self
+            .store
+            .commit(base, Change::Put(record))
+            .await
+            .context("committing to the in-process store")?;
+        let elapsed = started.elapsed();
+        self.revision.store(revision, Ordering::SeqCst);
+        Ok(elapsed)
     }
 }

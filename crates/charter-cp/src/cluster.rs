@@ -2,11 +2,10 @@
 //! license is encoded once into a shared frame; every stream sends the same bytes when
 //! the frame changes. Acks, pings and disconnects feed the data-plane inventory.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use charter_proto::shared::cluster_server::Cluster;
@@ -21,13 +20,10 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 use uuid::Uuid;
 
-use crate::inventory::Inventory;
-use crate::state::AppState;
+use crate::service::{Service, Snapshot as Licenses};
 
 /// A data plane that sends nothing for this long is marked gone and its stream closed.
 pub const LIVENESS: Duration = Duration::from_secs(45);
-/// Inventory rows are purged this long after a data plane was last seen.
-pub const PURGE_AFTER: Duration = Duration::from_secs(14 * 24 * 3600);
 /// How long a new stream may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the effective license is recomputed without a store change (a license whose
@@ -49,75 +45,36 @@ pub struct Frame {
     pub encoded: EncodedControlPlaneMessage,
 }
 
-/// A connected data plane.
-#[derive(Debug, Clone)]
-struct Connection {
-    serial: u64,
-}
-
-/// The shared state of the cluster server: the current frame and the connected streams.
+/// The frame every stream sends, replaced when the license in force changes.
 pub struct Hub {
     frames: watch::Sender<Arc<Frame>>,
-    connected: Mutex<HashMap<String, Connection>>,
-    serials: AtomicU64,
-    inventory: Arc<Inventory>,
 }
 
 impl Hub {
-    /// The data-plane inventory the streams record into.
-    pub fn inventory(&self) -> &Arc<Inventory> {
-        &self.inventory
-    }
-
-    /// How many data planes hold a stream now.
-    pub fn connected_count(&self) -> usize {
-        self.connected
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+    /// The hub with the frame of the service's current snapshot.
+    pub fn new(service: &Service) -> Arc<Hub> {
+        let snapshot = service.snapshot();
+        Arc::new(Hub {
+            frames: watch::Sender::new(Arc::new(compute_frame(service, &snapshot))),
+        })
     }
 
     /// The current frame.
     pub fn frame(&self) -> Arc<Frame> {
         self.frames.borrow().clone()
     }
-
-    fn connect(&self, node_id: &str) -> u64 {
-        let serial = self.serials.fetch_add(1, Ordering::Relaxed);
-        self.connected
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(node_id.to_owned(), Connection { serial });
-        serial
-    }
-
-    /// Removes the registration, unless a newer stream of the same node replaced it;
-    /// returns whether it did.
-    fn disconnect(&self, node_id: &str, serial: u64) -> bool {
-        let mut connected = self
-            .connected
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        if connected.get(node_id).is_some_and(|c| c.serial == serial) {
-            connected.remove(node_id);
-            return true;
-        }
-        false
-    }
 }
 
-/// Computes the frame for the store's current state.
-fn compute_frame(state: &AppState) -> Result<Frame, charter_store::StoreError> {
-    let store = state.store();
-    // The revision and the view from one read: a revision read separately could be ahead
-    // of the view (a write committed but not yet published), and a snapshot labelled with
-    // it would carry the older license under the newer revision.
-    let (view, revision) = state.view_with_revision()?;
+/// The frame of a snapshot: its license in force now, labelled with its revision (so a
+/// snapshot's revision is never ahead of its content).
+fn compute_frame(service: &Service, snapshot: &Licenses) -> Frame {
+    let view = service.view_of(snapshot);
     let license = view.stored_in_force.as_ref().and_then(|f| f.record.clone());
+    let epoch = snapshot.epoch.to_string();
     let message = ControlPlaneMessage {
         msg: Some(control_plane_message::Msg::Snapshot(Snapshot {
-            epoch: store.epoch().to_string(),
-            revision,
+            epoch: epoch.clone(),
+            revision: snapshot.revision,
             license: license.as_ref().map(|r| License {
                 id: r.id.to_string(),
                 payload: r.payload.clone(),
@@ -126,67 +83,51 @@ fn compute_frame(state: &AppState) -> Result<Frame, charter_store::StoreError> {
             }),
         })),
     };
-    Ok(Frame {
-        epoch: store.epoch().to_string(),
-        revision,
+    Frame {
+        epoch,
+        revision: snapshot.revision,
         licensed_dataplanes: view
             .stored_in_force
             .as_ref()
             .and_then(|f| f.verified.terms.dataplanes),
         license: license.map(|r| (r.id, r.updated_at, r.checksum)),
         encoded: EncodedControlPlaneMessage::new(&message),
-    })
+    }
 }
 
-/// Makes the hub with the current frame.
-pub fn hub(state: &AppState) -> Result<Arc<Hub>, charter_store::StoreError> {
-    let (frames, _) = watch::channel(Arc::new(compute_frame(state)?));
-    Ok(Arc::new(Hub {
-        frames,
-        connected: Mutex::new(HashMap::new()),
-        serials: AtomicU64::new(0),
-        inventory: Arc::new(Inventory::default()),
-    }))
-}
-
-/// Publishes a new frame whenever the cluster's license changes, and purges old
-/// inventory rows, until `shutdown` fires.
-pub async fn publish(state: AppState, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
-    let mut revisions = state.store().subscribe();
+/// Publishes a new frame whenever the cluster's license changes: on every new snapshot,
+/// and every [`RECHECK_EVERY`] (a license whose creation date arrives, a day that passes),
+/// until `shutdown` fires.
+pub async fn publish(service: Service, hub: Arc<Hub>, mut shutdown: watch::Receiver<bool>) {
+    let mut snapshots = service.subscribe();
     let mut recheck = tokio::time::interval(RECHECK_EVERY);
     loop {
         tokio::select! {
-            changed = revisions.changed() => if changed.is_err() { return },
-            _ = recheck.tick() => purge(&state),
+            changed = snapshots.changed() => if changed.is_err() { return },
+            _ = recheck.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let frame = match compute_frame(&state) {
-            Ok(frame) => frame,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the license store to update data planes; will retry on the next change");
-                continue;
-            }
-        };
+        let snapshot = snapshots.borrow_and_update().clone();
+        let frame = compute_frame(&service, &snapshot);
         hub.frames.send_if_modified(|current| {
             if current.license == frame.license && current.epoch == frame.epoch {
                 return false;
             }
             tracing::info!(revision = frame.revision,
                 license = %frame.license.as_ref().map_or("none".to_owned(), |l| l.0.to_string()),
-                data_planes = hub.connected_count(), "pushing a new snapshot to data planes");
+                data_planes = service.inventory().connected_count(), "pushing a new snapshot to data planes");
             *current = Arc::new(frame);
             true
         });
     }
 }
 
-fn purge(state: &AppState) {
-    let cutoff = state.now() - PURGE_AFTER.as_secs() as i64;
-    match state.store().purge_data_planes(cutoff) {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(purged = n, "purged data planes not seen for 14 days"),
-        Err(e) => tracing::warn!(error = %e, "cannot purge old data planes"),
-    }
+/// A data plane's node id: `[A-Za-z0-9._:-]{1,128}`.
+pub fn valid_node_id(node_id: &str) -> bool {
+    (1..=128).contains(&node_id.len())
+        && node_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
 
 /// Whether a data plane of `dp` version may sync with this control plane: same major,
@@ -216,16 +157,16 @@ pub fn compatible(cp: &str, dp: &str) -> Result<(), String> {
 
 /// The `Cluster` service.
 pub struct ClusterService {
-    state: AppState,
+    service: Service,
     hub: Arc<Hub>,
     shutdown: watch::Receiver<bool>,
 }
 
 impl ClusterService {
     /// The service over a hub; streams end when `shutdown` fires.
-    pub fn new(state: AppState, hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> ClusterService {
+    pub fn new(service: Service, hub: Arc<Hub>, shutdown: watch::Receiver<bool>) -> ClusterService {
         ClusterService {
-            state,
+            service,
             hub,
             shutdown,
         }
@@ -234,15 +175,14 @@ impl ClusterService {
 
 /// What the stream knows of its data plane, kept in the inventory.
 struct Peer {
-    state: AppState,
-    inventory: Arc<Inventory>,
+    service: Service,
     record: DataPlaneRecord,
 }
 
 impl Peer {
     fn save(&mut self) {
-        self.record.last_seen = self.state.now();
-        self.inventory.record(self.record.clone());
+        self.record.last_seen = self.service.now();
+        self.service.inventory().record(self.record.clone());
     }
 }
 
@@ -250,7 +190,6 @@ impl Peer {
 /// the data plane as disconnected, unless a newer stream of the same node replaced it
 /// (whose row must not be overwritten).
 struct StreamEnd {
-    hub: Arc<Hub>,
     node_id: String,
     serial: u64,
     peer: Peer,
@@ -259,10 +198,12 @@ struct StreamEnd {
 impl Drop for StreamEnd {
     fn drop(&mut self) {
         let node_id = &self.node_id;
-        if self.hub.disconnect(node_id, self.serial) {
+        let inventory = self.peer.service.inventory();
+        if inventory.disconnect(node_id, self.serial) {
+            let connected = inventory.connected_count();
             self.peer.record.sync_status = "disconnected".to_owned();
             self.peer.save();
-            tracing::info!(%node_id, connected = self.hub.connected_count(), "data plane disconnected");
+            tracing::info!(%node_id, connected, "data plane disconnected");
         } else {
             tracing::info!(%node_id, "an older stream of a reconnected data plane ended");
         }
@@ -305,14 +246,16 @@ impl Cluster for ClusterService {
             cached_revision,
             upstream,
         } = hello;
-        if node_id.is_empty() || node_id.len() > 128 {
+        if !valid_node_id(&node_id) {
+            // Recorded nowhere: the id is only logged, escaped, with the peer's address.
+            tracing::warn!(%ip, node_id = ?node_id.chars().take(160).collect::<String>(),
+                "refusing a data plane whose node_id is not [A-Za-z0-9._:-]{{1,128}}");
             return Err(Status::invalid_argument(
-                "node_id must be 1 to 128 characters",
+                "node_id must be 1 to 128 characters of A-Z, a-z, 0-9, '.', '_', ':' and '-'",
             ));
         }
         let mut peer = Peer {
-            state: self.state.clone(),
-            inventory: self.hub.inventory.clone(),
+            service: self.service.clone(),
             record: DataPlaneRecord {
                 id: node_id.clone(),
                 ip: ip.clone(),
@@ -336,8 +279,9 @@ impl Cluster for ClusterService {
             return Err(Status::failed_precondition(reason));
         }
         peer.save();
-        let serial = self.hub.connect(&node_id);
-        let connected = self.hub.connected_count();
+        let inventory = self.service.inventory();
+        let serial = inventory.connect(&node_id);
+        let connected = inventory.connected_count();
         tracing::info!(%node_id, %ip, %version, %cached_epoch, cached_revision, connected, "data plane connected");
         let frame = self.hub.frame();
         if let Some(allowed) = frame.licensed_dataplanes {
@@ -350,14 +294,12 @@ impl Cluster for ClusterService {
             }
         }
 
-        let hub = self.hub.clone();
         let mut frames = self.hub.frames.subscribe();
         let mut shutdown = self.shutdown.clone();
         // Records the end of the stream however it ends: also when hyper drops it because
         // the connection went away (a killed data plane), where code after the loop would
         // never run, or before it was ever polled. Moved into the stream.
         let mut guard = StreamEnd {
-            hub,
             node_id: node_id.clone(),
             serial,
             peer,
@@ -402,7 +344,7 @@ impl Cluster for ClusterService {
                             Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Ping(_)) })) => guard.peer.save(),
                             Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Telemetry(t)) })) => {
                                 guard.peer.save();
-                                match apply_telemetry(&guard.peer.state, &node_id, t).await {
+                                match apply_telemetry(&guard.peer.service, &node_id, t).await {
                                     Some(ack) => yield Ok(ack),
                                     // Not durable: no ack, so the data plane sends it again.
                                     None => continue,
@@ -442,10 +384,11 @@ fn valid_bucket(bucket: &str) -> bool {
         && matches!(bucket[5..].parse::<u8>(), Ok(1..=12))
 }
 
-/// Applies a telemetry report exactly once (durably) and returns the encoded ack, or
-/// `None` when it could not be stored (then no ack is sent, and the data plane resends).
+/// Applies a telemetry report exactly once (durably, in a batch with the reports that
+/// arrive with it) and returns the encoded ack, or `None` when it could not be stored (then
+/// no ack is sent, and the data plane resends).
 async fn apply_telemetry(
-    state: &AppState,
+    service: &Service,
     node_id: &str,
     telemetry: charter_proto::v1::Telemetry,
 ) -> Option<EncodedControlPlaneMessage> {
@@ -455,14 +398,16 @@ async fn apply_telemetry(
         if valid_bucket(&counter.bucket) {
             counters.push((counter.bucket, counter.request_count));
         } else {
-            tracing::warn!(%node_id, seq, bucket = %counter.bucket, "ignoring a usage counter whose bucket is not YYYY-MM");
+            tracing::warn!(%node_id, seq, bucket = ?counter.bucket, "ignoring a usage counter whose bucket is not YYYY-MM");
         }
     }
-    let (store, node) = (state.store().clone(), node_id.to_owned());
-    let applied =
-        tokio::task::spawn_blocking(move || store.apply_telemetry(&node, seq, &counters)).await;
-    match applied {
-        Ok(Ok(applied)) => {
+    let report = charter_store::Report {
+        node_id: node_id.to_owned(),
+        seq,
+        counters,
+    };
+    match service.apply_telemetry(report).await {
+        Ok(applied) => {
             tracing::debug!(%node_id, seq, applied, "telemetry acknowledged");
             let ack = ControlPlaneMessage {
                 msg: Some(control_plane_message::Msg::TelemetryAck(
@@ -471,12 +416,8 @@ async fn apply_telemetry(
             };
             Some(EncodedControlPlaneMessage::new(&ack))
         }
-        Ok(Err(e)) => {
-            tracing::error!(%node_id, seq, error = %e, "cannot store telemetry; the data plane will resend it");
-            None
-        }
         Err(e) => {
-            tracing::error!(%node_id, seq, error = %e, "telemetry task failed; the data plane will resend it");
+            tracing::error!(%node_id, seq, error = %e, "cannot store telemetry; the data plane will resend it");
             None
         }
     }
@@ -484,7 +425,32 @@ async fn apply_telemetry(
 
 #[cfg(test)]
 mod tests {
-    use super::{compatible, valid_bucket};
+    use super::{compatible, valid_bucket, valid_node_id};
+
+    #[test]
+    fn node_ids() {
+        for good in [
+            "dp-1",
+            "a",
+            "node.example.com:8000",
+            "A_b-c.d:e",
+            &"x".repeat(128),
+        ] {
+            assert!(valid_node_id(good), "{good}");
+        }
+        for bad in [
+            "",
+            &"x".repeat(129),
+            "dp 1",
+            "dp/1",
+            "dp\n1",
+            "CHWAL\u{0}",
+            "é",
+            "{\"a\":1}",
+        ] {
+            assert!(!valid_node_id(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn usage_buckets() {

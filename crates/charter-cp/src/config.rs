@@ -12,7 +12,7 @@ use charter_runtime::LogFormat;
 use charter_tls::{MtlsMode, TlsFiles};
 use clap::Parser;
 
-use crate::auth::Tokens;
+use crate::api::auth::Tokens;
 
 /// `charter-cp` flags. Every flag also reads `CHARTER_` + its name in upper snake case.
 #[derive(Debug, Parser)]

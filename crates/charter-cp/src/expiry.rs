@@ -5,13 +5,13 @@ use std::time::Duration;
 
 use charter_license::{utc_date, DailyLog, Severity};
 
-use crate::state::AppState;
+use crate::service::Service;
 
 /// How often the schedule looks at the license. Logging happens at most daily.
 const CHECK_EVERY: Duration = Duration::from_secs(600);
 
 /// Logs the license situation once per day until `shutdown` fires.
-pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+pub async fn run(service: Service, mut shutdown: tokio::sync::watch::Receiver<bool>) {
     let mut schedule = DailyLog::default();
     let mut interval = tokio::time::interval(CHECK_EVERY);
     loop {
@@ -19,14 +19,8 @@ pub async fn run(state: AppState, mut shutdown: tokio::sync::watch::Receiver<boo
             _ = interval.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let view = match state.view() {
-            Ok(view) => view,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read the license store to check license expiry");
-                continue;
-            }
-        };
-        let today = utc_date(state.now());
+        let view = service.view();
+        let today = utc_date(service.now());
         let Some(in_force) = &view.in_force else {
             if schedule.due(today, Some(Severity::Critical), "unlicensed") {
                 tracing::error!(severity = "critical", "no valid license is in force: data planes deny traffic; add one with POST /licenses");

@@ -1,16 +1,19 @@
 //! Charter's control plane as a library: [`run`] serves the Kong-compatible admin API over
 //! the durable license store on listeners the caller has already bound.
 
+//!
+//! The crate is layered, each layer using only those below it:
+//! `service` (licenses in one snapshot, inventory, usage; no transport) ← `api` (the
+//! admin HTTP API) and `cluster` (the gRPC `Sync` server) and `expiry` ← `run`.
+//!
+//! Its public surface is what the binary and the tests need: [`run`], [`Config`],
+//! [`Args`], [`Listeners`], and [`api::auth::Tokens`] (parsed by the configuration).
+
 pub mod api;
-pub mod auth;
-pub mod catalog;
-pub mod cluster;
+mod cluster;
 pub mod config;
-pub mod effective;
-pub mod expiry;
-pub mod inventory;
-pub mod metrics;
-pub mod state;
+mod expiry;
+mod service;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -19,10 +22,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use charter_license::Clock;
 use charter_runtime::SystemClock;
-use charter_store::{LicenseStore, SledStore};
+use charter_store::{SledStore, Store};
 
 pub use config::{Args, Config};
-pub use state::AppState;
 
 /// Listeners bound by the caller (so tests can bind `127.0.0.1:0`).
 pub struct Listeners {
@@ -53,11 +55,8 @@ pub async fn run_with_clock(
         .await
         .context("opening the license store")?
         .with_context(|| format!("opening the license store in {}", config.data_dir.display()))?;
-    let replayed = store.replayed();
-    let store: Arc<dyn LicenseStore> = Arc::new(store);
-    tracing::info!(data_dir = %config.data_dir.display(), epoch = %store.epoch(),
-        revision = store.revision().unwrap_or_default(), backend = store.backend_version(),
-        replayed, "license store open");
+    let epoch = store.epoch();
+    let store: Arc<dyn Store> = Arc::new(store);
     let key_ids: Vec<String> = config
         .trusted_keys
         .ids()
@@ -65,6 +64,19 @@ pub async fn run_with_clock(
         .map(ToString::to_string)
         .collect();
     tracing::info!(trusted_keys = %key_ids.join(","), "trusted signing keys loaded");
+    let started = std::time::Instant::now();
+    let (service, tasks) = service::Service::start(
+        store.clone(),
+        config.trusted_keys,
+        clock,
+        config.static_license.clone(),
+    )
+    .await
+    .context("loading the stored licenses")?;
+    let snapshot = service.snapshot();
+    tracing::info!(data_dir = %config.data_dir.display(), %epoch, revision = snapshot.revision,
+        licenses = snapshot.len(), backend = store.backend_version(),
+        load_ms = started.elapsed().as_millis() as u64, "license store open");
     if let Some(license) = &config.static_license {
         tracing::warn!(origin = %license.origin,
             "static license configured: it is in force on this node and licenses stored through the admin API are not used here");
@@ -75,15 +87,7 @@ pub async fn run_with_clock(
             config.admin_listen
         );
     }
-    let state = AppState::new(
-        store,
-        config.trusted_keys,
-        clock,
-        config.static_license,
-        config.tokens,
-    );
-    let hub = cluster::hub(&state).context("computing the first snapshot")?;
-    state.set_hub(hub.clone());
+    let hub = cluster::Hub::new(&service);
 
     // One shutdown signal, fanned out to every server and task.
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -94,28 +98,24 @@ pub async fn run_with_clock(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let expiry = tokio::spawn(expiry::run(state.clone(), stop_rx.clone()));
+    let expiry = tokio::spawn(expiry::run(service.clone(), stop_rx.clone()));
     let publisher = tokio::spawn(cluster::publish(
-        state.clone(),
+        service.clone(),
         hub.clone(),
         stop_rx.clone(),
     ));
-    let inventory = tokio::spawn(
-        hub.inventory()
-            .clone()
-            .run(state.store().clone(), stop_rx.clone()),
-    );
+    let background = tokio::spawn(tasks.run(stop_rx.clone()));
 
     let cluster_addr = listeners
         .cluster
         .local_addr()
         .context("reading the cluster listener address")?;
-    let service = charter_proto::shared::cluster_server::ClusterServer::new(
-        cluster::ClusterService::new(state.clone(), hub.clone(), stop_rx.clone()),
+    let cluster_service = charter_proto::shared::cluster_server::ClusterServer::new(
+        cluster::ClusterService::new(service.clone(), hub.clone(), stop_rx.clone()),
     );
     let grpc = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .add_service(service);
+        .add_service(cluster_service);
     let cluster_server = match &config.cluster.tls {
         None => {
             tracing::warn!(addr = %cluster_addr,
@@ -136,7 +136,8 @@ pub async fn run_with_clock(
         .local_addr()
         .context("reading the admin listener address")?;
     tracing::info!(%addr, "admin API listening");
-    let app = api::router(state.clone()).into_make_service_with_connect_info::<SocketAddr>();
+    let api = api::ApiState::new(service.clone(), config.tokens);
+    let app = api::router(api).into_make_service_with_connect_info::<SocketAddr>();
     let served = axum::serve(listeners.admin, app)
         .with_graceful_shutdown(stopped(stop_rx.clone()))
         .await
@@ -144,14 +145,14 @@ pub async fn run_with_clock(
     let cluster_served = cluster_server.await;
     let _ = expiry.await;
     let _ = publisher.await;
-    let _ = inventory.await;
-    // The streams have ended and recorded their data planes as disconnected.
-    if let Err(e) = hub.inventory().flush(state.store().as_ref()) {
-        tracing::warn!(error = %e, "cannot record the data planes' last state in the inventory");
-    }
+    let _ = background.await;
+    // The streams have ended and recorded their data planes as disconnected: write the
+    // last inventory rows and close the store explicitly, whoever still holds it.
+    let closed = service.close().await;
     tracing::info!("control plane stopped");
     served?;
     cluster_served
         .context("cluster server task")?
-        .context("serving the cluster port")
+        .context("serving the cluster port")?;
+    closed.context("closing the license store")
 }

@@ -1,43 +1,41 @@
 //! The one error type of the store, saying what went wrong and to which record or file.
 
-use uuid::Uuid;
-
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// There is no license record with this id.
-    #[error("license {0} not found")]
-    NotFound(Uuid),
-
-    /// A record with this id already exists (returned by `insert`).
-    #[error("license {0} already exists")]
-    IdExists(Uuid),
-
-    /// The same payload (same SHA-256) is already stored under another id.
-    #[error("the same license payload is already stored as license {existing}")]
-    DuplicatePayload {
-        /// The id of the record that holds the payload.
-        existing: Uuid,
+    /// The store's revision is no longer the one the write was decided on; nothing was
+    /// written.
+    #[error("the store moved from revision {expected} to {actual} meanwhile")]
+    Conflict {
+        /// The revision the write was decided on.
+        expected: u64,
+        /// The store's revision now.
+        actual: u64,
     },
 
-    /// The write is larger than the store's write-ahead log can hold in one record; nothing
-    /// was written. The admin API's body limit keeps every write well under it.
-    #[error("the write is {bytes} bytes, more than the {limit} bytes the store can log at once")]
-    TooLarge {
-        /// The size of the write's log record.
-        bytes: u64,
-        /// The largest record the log holds.
-        limit: u64,
-    },
+    /// An earlier write failed while being made durable, so what is on disk is unknown;
+    /// the store takes no writes until a restart reads it again.
+    #[error("the store refuses writes since an earlier write failed to reach the disk ({0}); restart the control plane")]
+    Failed(String),
+
+    /// The store was closed.
+    #[error("the store is closed")]
+    Closed,
 
     /// Stored data cannot be decoded or breaks an invariant of the store; the message
     /// names the tree and key. Restore the data directory from a backup.
     #[error("license store data is corrupt: {0}")]
     Corrupt(String),
 
-    /// The storage engine failed; the text is the engine's own error.
-    #[error("license store backend failed: {0}")]
-    Backend(String),
+    /// The storage engine failed.
+    #[error("{context}: {source}")]
+    Backend {
+        /// What was being done, e.g. `flushing the sled database in /var/lib/charter`.
+        context: String,
+        /// The engine's own error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 
     /// A file-system operation on the data directory failed.
     #[error("{context}: {source}")]
@@ -48,4 +46,12 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl StoreError {
+    /// Whether the failed write may still have reached the disk (the engine failed while
+    /// making it durable), as opposed to one that certainly changed nothing.
+    pub fn is_unknown_outcome(&self) -> bool {
+        matches!(self, StoreError::Backend { .. } | StoreError::Io { .. })
+    }
 }

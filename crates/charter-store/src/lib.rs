@@ -1,18 +1,23 @@
-//! License storage for the control plane: the [`LicenseStore`] trait and its sled backend.
+//! The control plane's storage: the narrow, async [`Store`] trait and its sled backend.
 //!
-//! This is the only crate that knows sled. The control plane codes against
-//! [`LicenseStore`], so a PostgreSQL backend (several CP replicas, change fan-out by
-//! `LISTEN/NOTIFY`) can be added later without touching the admin API or the sync code.
+//! This is the only crate that knows sled. The control plane keeps every license in an
+//! in-memory snapshot and asks the store for four things only: load everything, commit a
+//! change on top of a known revision, the data-plane inventory, and telemetry. A
+//! PostgreSQL backend (several control planes on one database) implements the same trait.
 //!
 //! **Architecture Invariant:** an acknowledged write is durable. No write method returns
-//! `Ok` before the change is on the device: written to the store's write-ahead log and
-//! `fdatasync`ed (see [`SledStore`]).
+//! `Ok` before the engine has made the change durable (for sled: one batch, then sled's
+//! `flush` and an fsync of every file and directory in the data dir).
 //!
-//! **Architecture Invariant:** every license write bumps the store revision by exactly one,
-//! in the same log record as the data it changes, so after a crash a revision always names
-//! one state of the store.
+//! **Architecture Invariant:** every license write bumps the store revision by exactly
+//! one, in the same atomic write as the data it changes, so a revision names one state of
+//! the store.
 //!
-//! **Architecture Invariant:** the store never reads the clock; callers pass `now`.
+//! **Architecture Invariant:** a write whose durability failed is never retried as if
+//! nothing happened: the store refuses every later write ([`StoreError::Failed`]) until a
+//! restart reads what is really on disk.
+//!
+//! **Architecture Invariant:** the store never reads the clock; callers pass times in.
 
 use std::collections::BTreeMap;
 
@@ -20,21 +25,23 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 mod error;
-mod sled_store;
-mod wal;
+mod legacy;
+mod sled;
 
 #[cfg(test)]
 mod tests;
 
+#[cfg(feature = "fault-injection")]
+pub use crate::sled::Faults;
+pub use crate::sled::SledStore;
 pub use error::StoreError;
-pub use sled_store::SledStore;
 
 /// One stored license, as the admin API serves it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LicenseRecord {
     /// The record id, chosen by the caller (`POST` makes one, `PUT` names one).
     pub id: Uuid,
-    /// The license document, exactly as it was submitted.
+    /// The license document, as stored.
     pub payload: String,
     /// SHA-256 of the payload bytes, lowercase hex. Unique across the store.
     pub checksum: String,
@@ -46,20 +53,38 @@ pub struct LicenseRecord {
     pub revision: u64,
 }
 
-/// One page of [`LicenseStore::list`].
+/// SHA-256 of a payload, lowercase hex: a record's [`checksum`](LicenseRecord::checksum).
+pub fn checksum_of(payload: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(payload.as_bytes()))
+}
+
+/// Everything the store holds of licenses: see [`Store::load`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Page {
-    /// The records of this page, in ascending id order.
-    pub records: Vec<LicenseRecord>,
-    /// The id to pass as `after` for the next page, `None` when this page is the last.
-    pub next: Option<Uuid>,
+pub struct Loaded {
+    /// The store's epoch: a UUID made once when the store was created.
+    pub epoch: Uuid,
+    /// The revision of the last license write (0 for a fresh store).
+    pub revision: u64,
+    /// Every stored license, in ascending id order.
+    pub licenses: Vec<LicenseRecord>,
+}
+
+/// One license write: see [`Store::commit`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// Creates the record, or replaces the one with its id. Its `revision` must be the
+    /// revision the commit makes (the base + 1).
+    Put(LicenseRecord),
+    /// Removes the record with this id (which must exist).
+    Delete(Uuid),
 }
 
 /// A data plane as the control plane last saw it: the cluster inventory.
 ///
 /// Inventory is soft state, refreshed by every message a data plane sends: it is written
-/// without the fsync that license writes get (sled flushes it within half a second), does
-/// not move the revision, and a crash may lose its last moments.
+/// without waiting for the disk, does not move the revision, and a crash may lose its last
+/// moments (the data planes report again when they reconnect).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DataPlaneRecord {
     /// The data plane's persisted node id.
@@ -99,121 +124,63 @@ pub struct NodeUsage {
     pub buckets: BTreeMap<String, u64>,
 }
 
-/// The license ids written since a revision: see [`LicenseStore::changes_since`].
+/// One telemetry report of a data plane: see [`Store::apply_telemetry`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Changes {
-    /// The latest published revision (that of the last durable write).
-    pub revision: u64,
-    /// The ids written after the revision asked about and up to `revision`, oldest first
-    /// (an id written twice appears twice); `None` when the store no longer remembers that
-    /// far back, so the caller must read everything again.
-    pub ids: Option<Vec<Uuid>>,
+pub struct Report {
+    /// The data plane's node id.
+    pub node_id: String,
+    /// The report's sequence number.
+    pub seq: u64,
+    /// Request counts by UTC month (`YYYY-MM`).
+    pub counters: Vec<(String, u64)>,
 }
 
-/// What [`LicenseStore::put`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PutOutcome {
-    /// No record had that id; one was created.
-    Created,
-    /// A record with that id existed and was replaced (`created_at` kept).
-    Replaced,
-}
-
-/// Storage of license records, with a revision counter that names each state of the store.
+/// The control plane's storage. Implementations are cheap to share (`Arc<dyn Store>`).
 ///
-/// Every write method returns `Ok` only once the change is durable (it survives a power
-/// cut), bumps [`revision`](LicenseStore::revision) by exactly one, and then publishes the
-/// new revision to the receivers made by [`subscribe`](LicenseStore::subscribe). A write that returns `Err`
-/// changed nothing, except when making it durable or applying it failed midway: then its
-/// outcome is unknown, as with any request whose answer was lost (it may have reached the
-/// disk and appear after a restart).
-pub trait LicenseStore: Send + Sync + 'static {
-    /// The UUID made once when this store was created; persisted, so a rebuilt store
-    /// (new epoch) can be told apart from an old one that went back in time.
-    fn epoch(&self) -> Uuid;
-
-    /// The current revision: 0 for a fresh store, +1 for every successful write.
-    fn revision(&self) -> Result<u64, StoreError>;
-
+/// A write that returns `Err` changed nothing, except when the engine failed while making
+/// it durable ([`StoreError::is_unknown_outcome`]): then the outcome is unknown, as with
+/// any request whose answer was lost, and the store takes no more writes until a restart.
+#[async_trait::async_trait]
+pub trait Store: Send + Sync + 'static {
     /// The backend and its version, for reports, e.g. `"sled 0.34.7"`.
     fn backend_version(&self) -> &'static str;
 
-    /// The record with this id, if any.
-    fn get(&self, id: Uuid) -> Result<Option<LicenseRecord>, StoreError>;
+    /// Every stored license with the epoch and the revision they are at: one consistent
+    /// state of the store.
+    async fn load(&self) -> Result<Loaded, StoreError>;
 
-    /// Up to `limit` records with ids strictly greater than `after` (all records when
-    /// `after` is `None`), in ascending order of the id bytes. The order is stable, so
-    /// following [`Page::next`] visits every record exactly once when nothing is written
-    /// meanwhile. A `limit` of 0 is treated as 1 so that paging always makes progress.
-    fn list(&self, after: Option<Uuid>, limit: usize) -> Result<Page, StoreError>;
+    /// Applies `change` on top of revision `base` and returns the new revision (`base + 1`)
+    /// once durable. Fails with [`StoreError::Conflict`], changing nothing, when the
+    /// store's revision is no longer `base` (another writer came first: load again and
+    /// decide again).
+    async fn commit(&self, base: u64, change: Change) -> Result<u64, StoreError>;
 
-    /// Every record, in ascending id order.
-    fn all(&self) -> Result<Vec<LicenseRecord>, StoreError>;
-
-    /// How many records are stored.
-    fn count(&self) -> Result<u64, StoreError>;
-
-    /// Creates a record with this id.
-    ///
-    /// Fails with [`StoreError::IdExists`] if the id is taken, else with
-    /// [`StoreError::DuplicatePayload`] if the same payload is stored under any id.
-    fn insert(&self, id: Uuid, payload: &str, now: i64) -> Result<LicenseRecord, StoreError>;
-
-    /// Creates a record with this id, or replaces the one there (keeping its `created_at`,
-    /// setting `updated_at` to `now`). Replacing a record with its own payload is allowed
-    /// and moves `updated_at`. Fails with [`StoreError::DuplicatePayload`] if the payload
-    /// is stored under another id.
-    fn put(
-        &self,
-        id: Uuid,
-        payload: &str,
-        now: i64,
-    ) -> Result<(LicenseRecord, PutOutcome), StoreError>;
-
-    /// Replaces the payload of an existing record, like [`put`](LicenseStore::put), but
-    /// fails with [`StoreError::NotFound`] if there is no record with this id.
-    fn patch(&self, id: Uuid, payload: &str, now: i64) -> Result<LicenseRecord, StoreError>;
-
-    /// Deletes the record with this id and returns it; `Ok(None)` if there was none (which
-    /// is not a write: the revision does not move).
-    fn delete(&self, id: Uuid) -> Result<Option<LicenseRecord>, StoreError>;
-
-    /// A receiver of the current revision, updated after every durable write. The cluster
-    /// sync code waits on it to push new snapshots.
+    /// A receiver of the newest revision committed to the store, by this process or by
+    /// another sharing the store; a reader that holds an older one loads again.
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
 
-    /// Which license ids were written after `revision`, as of the latest published
-    /// revision, so a reader can keep an in-memory copy of the licenses up to date by
-    /// re-reading only those ids. A write is published (here and to
-    /// [`subscribe`](LicenseStore::subscribe)) after it is durable and before the write
-    /// method returns, so once a write has returned, `changes_since` reports it.
-    /// Cheap when nothing changed: no allocation, one uncontended lock.
-    fn changes_since(&self, revision: u64) -> Changes;
-
-    /// Records a data plane (insert or replace by id). Soft state: see [`DataPlaneRecord`].
-    fn put_data_plane(&self, record: &DataPlaneRecord) -> Result<(), StoreError>;
-
-    /// Records several data planes at once (insert or replace by id), all or none.
-    fn put_data_planes(&self, records: &[DataPlaneRecord]) -> Result<(), StoreError>;
-
-    /// Every recorded data plane, by id.
-    fn data_planes(&self) -> Result<Vec<DataPlaneRecord>, StoreError>;
-
-    /// Applies one telemetry report of a data plane exactly once: if `seq` is above the
-    /// node's last applied `seq`, adds `counters` (bucket, count) to its totals, durably
-    /// (like a license write, but without moving the revision), and
-    /// returns `true`; a resend (`seq` not above the last) changes nothing and returns
-    /// `false`. Either way the caller may acknowledge `seq`.
-    fn apply_telemetry(
-        &self,
-        node_id: &str,
-        seq: u64,
-        counters: &[(String, u64)],
-    ) -> Result<bool, StoreError>;
+    /// Applies telemetry reports exactly once each, all in one durable write: a report
+    /// whose `seq` is above its node's last applied `seq` adds its counters to the node's
+    /// totals (`true`); a resend changes nothing (`false`). Reports of one node apply in
+    /// the order given. Either way the caller may acknowledge each `seq` once this returns.
+    async fn apply_telemetry(&self, reports: Vec<Report>) -> Result<Vec<bool>, StoreError>;
 
     /// Every data plane's applied usage, by node id.
-    fn usage(&self) -> Result<Vec<NodeUsage>, StoreError>;
+    async fn usage(&self) -> Result<Vec<NodeUsage>, StoreError>;
+
+    /// Records data planes (insert or replace by id), all or none. Soft state: see
+    /// [`DataPlaneRecord`].
+    async fn put_data_planes(&self, records: Vec<DataPlaneRecord>) -> Result<(), StoreError>;
+
+    /// Every recorded data plane.
+    async fn data_planes(&self) -> Result<Vec<DataPlaneRecord>, StoreError>;
 
     /// Removes data planes last seen before `last_seen_before`; returns how many.
-    fn purge_data_planes(&self, last_seen_before: i64) -> Result<usize, StoreError>;
+    async fn purge_data_planes(&self, last_seen_before: i64) -> Result<usize, StoreError>;
+
+    /// Whether the store can take writes now (for health checks).
+    async fn check(&self) -> Result<(), StoreError>;
+
+    /// Makes everything durable and releases the store; later calls fail.
+    async fn close(&self) -> Result<(), StoreError>;
 }

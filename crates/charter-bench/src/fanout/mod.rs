@@ -13,7 +13,7 @@
 //! which server goes first.
 
 mod baseline;
-mod sim;
+pub mod sim;
 
 use std::cell::Cell;
 use std::ffi::OsString;

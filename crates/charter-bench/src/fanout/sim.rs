@@ -20,8 +20,8 @@ use charter_dp::state::{decide, ClusterHeld, Decision};
 use charter_license::{TrustedKeys, UnixTime};
 use charter_proto::v1::cluster_client::ClusterClient;
 use charter_proto::v1::{
-    control_plane_message, data_plane_message, Ack, ControlPlaneMessage, DataPlaneMessage, Hello,
-    Ping, Snapshot,
+    control_plane_message, data_plane_message, Ack, ControlPlaneMessage, Counter, DataPlaneMessage,
+    Hello, Ping, Snapshot, Telemetry,
 };
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
@@ -45,6 +45,8 @@ pub enum Event {
         at: Instant,
         snapshot: Snapshot,
     },
+    /// A telemetry report was acknowledged (durable on the control plane).
+    TelemetryAck { dp: usize, seq: u64 },
     /// The stream ended (the server closed it, or it failed).
     Closed { dp: usize, error: String },
 }
@@ -144,6 +146,14 @@ impl Fleet {
                                     return;
                                 }
                             }
+                            Ok(Some(ControlPlaneMessage {
+                                msg: Some(control_plane_message::Msg::TelemetryAck(ack)),
+                            })) => {
+                                let seq = ack.seq;
+                                if events.send(Event::TelemetryAck { dp, seq }).is_err() {
+                                    return;
+                                }
+                            }
                             Ok(Some(_)) => {}
                             Ok(None) => break "the server ended the stream".to_owned(),
                             Err(status) => break status.to_string(),
@@ -200,12 +210,55 @@ impl Fleet {
                         missing -= 1;
                     }
                 }
+                Event::TelemetryAck { .. } => {}
                 Event::Closed { dp, error } => {
                     bail!("the stream of data plane {dp} ended: {error}")
                 }
             }
         }
         Ok(got.into_iter().flatten().collect())
+    }
+
+    /// Sends telemetry report `seq` (one request counted in `bucket`) from every data
+    /// plane at once, and waits until each is acknowledged, within `timeout`.
+    pub async fn report_all(&mut self, seq: u64, bucket: &str, timeout: Duration) -> Result<()> {
+        for link in &self.links {
+            let report = DataPlaneMessage {
+                msg: Some(data_plane_message::Msg::Telemetry(Telemetry {
+                    seq,
+                    counters: vec![Counter {
+                        bucket: bucket.to_owned(),
+                        request_count: 1,
+                    }],
+                })),
+            };
+            link.tx
+                .send(report)
+                .await
+                .map_err(|_| anyhow!("a request stream closed"))?;
+        }
+        let mut acked = vec![false; self.len()];
+        let mut missing = self.len();
+        let deadline = Instant::now() + timeout;
+        while missing > 0 {
+            let event = tokio::time::timeout_at(deadline, self.events.recv())
+                .await
+                .map_err(|_| {
+                    anyhow!("{missing} telemetry reports were not acknowledged within {timeout:?}")
+                })?
+                .context("every stream task ended")?;
+            match event {
+                Event::TelemetryAck { dp, seq: got } if got == seq && !acked[dp] => {
+                    acked[dp] = true;
+                    missing -= 1;
+                }
+                Event::Closed { dp, error } => {
+                    bail!("the stream of data plane {dp} ended: {error}")
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// Handles each data plane's snapshot as a data plane does: `decide` (verification),

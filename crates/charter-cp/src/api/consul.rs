@@ -6,14 +6,11 @@ use axum::extract::{RawQuery, State};
 use axum::http::{header, HeaderMap};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use charter_store::StoreError;
 use serde_json::{json, Value};
 use time::Date;
-use uuid::Uuid;
 
-use super::{read_body, ApiError};
-use crate::effective::{normalized, View};
-use crate::state::AppState;
+use super::{read_body, ApiError, ApiState};
+use crate::service::{normalized, View};
 
 fn rfc3339(date: Date, end_of_day: bool) -> String {
     if end_of_day {
@@ -61,10 +58,10 @@ fn consul_json(view: &View) -> Value {
 
 /// `GET /v1/operator/license[?signed=1]`.
 pub async fn show(
-    State(state): State<AppState>,
+    State(state): State<ApiState>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let view = state.view()?;
+    let view = state.service().view();
     let pairs: Vec<(String, String)> =
         serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
             .map_err(|e| ApiError::BadRequest(format!("Cannot parse query string: {e}")))?;
@@ -84,57 +81,26 @@ pub async fn show(
 /// `PUT /v1/operator/license`: the body is the raw license document. Installing a license
 /// already stored moves its `updated_at`, so it is in force afterwards either way.
 pub async fn install(
-    State(state): State<AppState>,
+    State(state): State<ApiState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let bytes = read_body(&headers, body).await?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::BadRequest("the license must be UTF-8 text".to_owned()))?;
-    let (verified, evaluation) = charter_license::validate(text, state.keys(), state.now())
-        .map_err(ApiError::InvalidLicense)?;
-    let text = normalized(&verified.document);
-    state.remember_verified(&text, &verified);
-    let now = state.now();
-    let record = state
-        .write(
-            move |store| match store.insert(Uuid::new_v4(), &text, now) {
-                Err(StoreError::DuplicatePayload { existing }) => store.patch(existing, &text, now),
-                other => other,
-            },
-        )
-        .await?;
-    tracing::info!(id = %record.id, key_id = %verified.key_id, status = %evaluation.status,
-        "license installed through /v1/operator/license");
-    Ok(Json(consul_json(&state.view()?)))
+    let service = state.service();
+    let written = service.install(service.validate(text)?).await?;
+    tracing::info!(id = %written.record.id, key_id = %written.verified.key_id,
+        status = %written.evaluation.status, "license installed through /v1/operator/license");
+    Ok(Json(consul_json(&service.view())))
 }
 
 /// `DELETE /v1/operator/license`: deletes the stored license in force, so the next one
-/// (or this node's static license) takes over. Refused, changing nothing, when that would
-/// leave no valid license.
-pub async fn reset(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let _guard = state.consul_lock().lock().await;
-    let records = state.store().all()?;
-    let view = state.view_of(records.clone())?;
-    let Some(target) = view.stored_in_force.and_then(|f| f.record) else {
-        return Err(ApiError::BadRequest(
-            "no stored license to delete: install one first".to_owned(),
-        ));
-    };
-    let remaining: Vec<_> = records.into_iter().filter(|r| r.id != target.id).collect();
-    let after = state.view_of(remaining)?;
-    if !after
-        .in_force
-        .as_ref()
-        .is_some_and(|f| f.evaluation.status.allows())
-    {
-        return Err(ApiError::BadRequest(format!(
-            "deleting license {} would leave no valid license; install another license first",
-            target.id
-        )));
-    }
-    let id = target.id;
-    state.write(move |store| store.delete(id)).await?;
-    tracing::info!(%id, "license deleted through /v1/operator/license");
-    Ok(Json(consul_json(&state.view()?)))
+/// takes over. Refused, changing nothing, when that would leave no valid license or when
+/// the license in force here is static; the check and the delete are one write.
+pub async fn reset(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let service = state.service();
+    let (deleted, revision) = service.uninstall().await?;
+    tracing::info!(id = %deleted.id, revision, "license deleted through /v1/operator/license");
+    Ok(Json(consul_json(&service.view())))
 }

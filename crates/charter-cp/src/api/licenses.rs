@@ -9,16 +9,14 @@ use axum::Json;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use bytes::Bytes;
-use charter_license::{Evaluation, VerifiedLicense};
-use charter_store::{LicenseRecord, PutOutcome};
+use charter_store::LicenseRecord;
 use serde::ser::{SerializeStruct, Serializer};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use super::{parse_id, read_fields, ApiError};
-use crate::effective::normalized;
-use crate::state::AppState;
+use super::{parse_id, read_fields, ApiError, ApiState};
+use crate::service::Written;
 
 /// Default and largest page sizes, as Kong's.
 const DEFAULT_SIZE: usize = 100;
@@ -54,7 +52,7 @@ impl Serialize for ApiRecord<'_> {
     }
 }
 
-/// The body of `GET /licenses/{id}` for `record`: what the catalog keeps per record.
+/// The body of `GET /licenses/{id}` for `record`.
 pub fn record_body(record: &LicenseRecord) -> Bytes {
     // Serialising strings and integers into a Vec cannot fail; an empty body would be
     // caught by every test that reads a record.
@@ -167,24 +165,8 @@ impl Input {
     }
 }
 
-/// Validates a license text now; returns the text to store (the normalized document).
-fn validate(
-    state: &AppState,
-    text: &str,
-) -> Result<(String, VerifiedLicense, Evaluation), ApiError> {
-    let (verified, evaluation) = charter_license::validate(text, state.keys(), state.now())
-        .map_err(ApiError::InvalidLicense)?;
-    let text = normalized(&verified.document);
-    state.remember_verified(&text, &verified);
-    Ok((text, verified, evaluation))
-}
-
-fn log_stored(
-    record: &LicenseRecord,
-    verified: &VerifiedLicense,
-    evaluation: &Evaluation,
-    action: &str,
-) {
+fn log_stored(written: &Written, action: &str) {
+    let (record, verified, evaluation) = (&written.record, &written.verified, &written.evaluation);
     if evaluation.status.allows() && evaluation.grace_days_left.is_none() {
         tracing::info!(id = %record.id, key_id = %verified.key_id, status = %evaluation.status,
             expires = %evaluation.expiration_date, revision = record.revision, "license {action}");
@@ -198,7 +180,7 @@ fn log_stored(
 
 /// `GET /licenses?size=N&offset=X`.
 pub async fn list(
-    State(state): State<AppState>,
+    State(state): State<ApiState>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let pairs: Vec<(String, String)> =
@@ -219,30 +201,18 @@ pub async fn list(
             _ => {}
         }
     }
-    let build = |records: &[Bytes], next: Option<Uuid>| {
-        let offset = next.map(encode_offset);
-        let next = offset
-            .as_ref()
-            .map(|o| format!("/licenses?offset={o}&size={size}"));
-        page_body(records, next.as_deref(), offset.as_deref())
-    };
-    let body = state.catalog(|index| {
-        index.page_body(after, size, |entries, next| {
-            let records: Vec<Bytes> = entries.iter().map(|e| e.json.clone()).collect();
-            build(&records, next)
-        })
-    });
-    match body {
-        Ok(body) => Ok(json_response(body)),
-        // The catalog could not be brought up to date (a record that does not decode):
-        // answer from the store, which fails only for pages holding such a record.
-        Err(e) => {
-            tracing::debug!(error = %e, "license catalog unavailable; reading the store");
-            let page = state.store().list(after, size)?;
-            let records: Vec<Bytes> = page.records.iter().map(record_body).collect();
-            Ok(json_response(build(&records, page.next)))
-        }
-    }
+    let snapshot = state.service().snapshot();
+    let (entries, next) = snapshot.page(after, size);
+    let records: Vec<Bytes> = entries.iter().map(|e| record_body(&e.record)).collect();
+    let offset = next.map(encode_offset);
+    let next = offset
+        .as_ref()
+        .map(|o| format!("/licenses?offset={o}&size={size}"));
+    Ok(json_response(page_body(
+        &records,
+        next.as_deref(),
+        offset.as_deref(),
+    )))
 }
 
 /// The `{id}` path segment. A segment that is not UTF-8 once percent-decoded is no UUID
@@ -266,91 +236,83 @@ fn decode_offset(offset: &str) -> Result<Uuid, ApiError> {
 
 /// `POST /licenses`.
 pub async fn create(
-    State(state): State<AppState>,
+    State(state): State<ApiState>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let input = Input::from_fields(read_fields(&headers, body).await?, None, true)?;
-    let (text, verified, evaluation) = validate(&state, input.require_payload()?)?;
-    let id = input.id.unwrap_or_else(Uuid::new_v4);
-    let now = state.now();
-    let record = state
-        .write(move |store| store.insert(id, &text, now))
-        .await?;
-    log_stored(&record, &verified, &evaluation, "added");
-    Ok((StatusCode::CREATED, Json(record_json(&record))))
+    let service = state.service();
+    let valid = service.validate(input.require_payload()?)?;
+    let written = service.create(input.id, valid).await?;
+    log_stored(&written, "added");
+    Ok((StatusCode::CREATED, Json(record_json(&written.record))))
 }
 
 /// `GET /licenses/{id}`: an id that is not a UUID names no license, so it is a 404.
 pub async fn show(
-    State(state): State<AppState>,
+    State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let id = path_segment(path)
         .and_then(|id| Uuid::parse_str(&id).ok())
         .ok_or(ApiError::NotFound)?;
-    let body = match state.record(id) {
-        Ok(entry) => entry.map(|e| e.json.clone()),
-        // As in `list`: a record that does not decode fails only its own reads.
-        Err(e) => {
-            tracing::debug!(error = %e, "license catalog unavailable; reading the store");
-            state.store().get(id)?.as_ref().map(record_body)
-        }
-    };
-    Ok(json_response(body.ok_or(ApiError::NotFound)?))
+    let snapshot = state.service().snapshot();
+    let entry = snapshot.get(id).ok_or(ApiError::NotFound)?;
+    Ok(json_response(record_body(&entry.record)))
 }
 
 /// `PUT /licenses/{id}`: create with that id, or replace (keeping `created_at`).
 pub async fn replace(
-    State(state): State<AppState>,
+    State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&path_segment(path).unwrap_or_default())?;
     let input = Input::from_fields(read_fields(&headers, body).await?, Some(id), true)?;
-    let (text, verified, evaluation) = validate(&state, input.require_payload()?)?;
-    let now = state.now();
-    let (record, outcome) = state.write(move |store| store.put(id, &text, now)).await?;
-    let action = match outcome {
-        PutOutcome::Created => "added",
-        PutOutcome::Replaced => "replaced",
-    };
-    log_stored(&record, &verified, &evaluation, action);
-    Ok(Json(record_json(&record)))
+    let service = state.service();
+    let valid = service.validate(input.require_payload()?)?;
+    let written = service.put(id, valid).await?;
+    log_stored(
+        &written,
+        if written.replaced {
+            "replaced"
+        } else {
+            "added"
+        },
+    );
+    Ok(Json(record_json(&written.record)))
 }
 
 /// `PATCH /licenses/{id}`: a new payload, or none to move `updated_at` (which puts the
 /// license back in force).
 pub async fn update(
-    State(state): State<AppState>,
+    State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let id = parse_id(&path_segment(path).unwrap_or_default())?;
     let input = Input::from_fields(read_fields(&headers, body).await?, Some(id), false)?;
-    let text = match input.payload {
-        Some(text) => text,
-        None => state.store().get(id)?.ok_or(ApiError::NotFound)?.payload,
-    };
-    let (text, verified, evaluation) = validate(&state, &text)?;
-    let now = state.now();
-    let record = state
-        .write(move |store| store.patch(id, &text, now))
-        .await?;
-    log_stored(&record, &verified, &evaluation, "updated");
-    Ok(Json(record_json(&record)))
+    let service = state.service();
+    let valid = input
+        .payload
+        .as_deref()
+        .map(|text| service.validate(text))
+        .transpose()?;
+    let written = service.patch(id, valid).await?;
+    log_stored(&written, "updated");
+    Ok(Json(record_json(&written.record)))
 }
 
 /// `DELETE /licenses/{id}`: 204 whether or not it existed, as Kong.
 pub async fn remove(
-    State(state): State<AppState>,
+    State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<StatusCode, ApiError> {
     let id = parse_id(&path_segment(path).unwrap_or_default())?;
-    if let Some(record) = state.write(move |store| store.delete(id)).await? {
-        tracing::info!(id = %record.id, "license deleted");
+    if let Some(record) = state.service().delete(id).await? {
+        tracing::info!(id = %record.id, revision = record.revision, "license deleted");
     }
     Ok(StatusCode::NO_CONTENT)
 }

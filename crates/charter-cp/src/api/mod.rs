@@ -1,9 +1,14 @@
 //! The admin HTTP API: routes, Kong-shaped errors (one `ApiError: IntoResponse` for the
-//! whole boundary) and the body reader that takes JSON and form-urlencoded alike.
+//! whole boundary) and the body reader that takes JSON and form-urlencoded alike. It is
+//! built on [`Service`]; everything about HTTP and JSON lives here.
 
+pub mod auth;
 mod consul;
 mod licenses;
+mod metrics;
 mod node;
+
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -16,9 +21,51 @@ use http_body_util::BodyExt;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use crate::state::AppState;
+use crate::service::{Service, WriteError};
+use auth::Tokens;
+use metrics::Metrics;
 
-pub use licenses::{record_body, record_json};
+/// What every handler shares; cheap to clone.
+#[derive(Clone)]
+pub struct ApiState(Arc<ApiInner>);
+
+struct ApiInner {
+    service: Service,
+    tokens: Option<Tokens>,
+    metrics: Metrics,
+    hostname: String,
+}
+
+impl ApiState {
+    /// The admin API's state over the service.
+    pub fn new(service: Service, tokens: Option<Tokens>) -> ApiState {
+        ApiState(Arc::new(ApiInner {
+            service,
+            tokens,
+            metrics: Metrics::new(),
+            hostname: gethostname::gethostname().to_string_lossy().into_owned(),
+        }))
+    }
+
+    /// The service.
+    pub fn service(&self) -> &Service {
+        &self.0.service
+    }
+
+    /// Admin tokens, when configured.
+    pub fn tokens(&self) -> Option<&Tokens> {
+        self.0.tokens.as_ref()
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// This machine's host name (only ever shown hashed).
+    fn hostname(&self) -> &str {
+        &self.0.hostname
+    }
+}
 
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 1024 * 1024;
@@ -38,7 +85,7 @@ pub const ROUTES: [&str; 9] = [
 ];
 
 /// The admin API router, with auth (when tokens are configured) and metrics.
-pub fn router(state: AppState) -> Router {
+pub fn router(state: ApiState) -> Router {
     let [r_licenses, r_license, r_status, r_report, r_consul, r_data_planes, r_health, r_metrics, r_openapi] =
         ROUTES;
     let mut router = Router::new()
@@ -67,13 +114,13 @@ pub fn router(state: AppState) -> Router {
     if state.tokens().is_some() {
         router = router.layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::auth::require_token,
+            auth::require_token,
         ));
     }
     router
         .layer(middleware::from_fn_with_state(
             state.clone(),
-            crate::metrics::track,
+            metrics::track,
         ))
         .with_state(state)
 }
@@ -125,9 +172,15 @@ pub enum ApiError {
     /// 400 with a plain message (Consul face).
     #[error("{0}")]
     BadRequest(String),
-    /// 503 the store cannot be read or written.
-    #[error("store unavailable: {0}")]
-    Unavailable(String),
+    /// 503 the store cannot be read or written; the message is the client's, the error
+    /// the log's.
+    #[error("store unavailable: {error}")]
+    Unavailable {
+        /// What the client is told.
+        message: &'static str,
+        /// What went wrong, for the log.
+        error: String,
+    },
     /// 500 a bug.
     #[error("internal error: {0}")]
     Internal(String),
@@ -155,7 +208,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -214,7 +267,7 @@ impl ApiError {
                 "message": "Forbidden: this token is read-only; the request needs a write token",
             }),
             ApiError::BadRequest(message) => json!({"message": message}),
-            ApiError::Unavailable(_) => json!({"message": "License store unavailable"}),
+            ApiError::Unavailable { message, .. } => json!({"message": message}),
             ApiError::Internal(_) => json!({"message": "An unexpected error occurred"}),
         }
     }
@@ -223,8 +276,8 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         match &self {
-            ApiError::Unavailable(e) | ApiError::Internal(e) => {
-                tracing::error!(error = %e, "admin API request failed");
+            ApiError::Unavailable { error, .. } | ApiError::Internal(error) => {
+                tracing::error!(error = %error, "admin API request failed");
             }
             _ => {}
         }
@@ -234,18 +287,34 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
+        let message = match &e {
+            StoreError::Failed(_) => {
+                "License store refuses writes since a write failed to reach the disk; restart the control plane"
+            }
+            _ => "License store unavailable",
+        };
+        ApiError::Unavailable {
+            message,
+            error: e.to_string(),
+        }
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(e: WriteError) -> ApiError {
         match e {
-            StoreError::NotFound(_) => ApiError::NotFound,
-            StoreError::DuplicatePayload { existing } => ApiError::Conflict {
+            WriteError::Invalid(e) => ApiError::InvalidLicense(e),
+            WriteError::NotFound(_) => ApiError::NotFound,
+            WriteError::DuplicatePayload { existing } => ApiError::Conflict {
                 field: "payload",
                 existing,
             },
-            StoreError::IdExists(id) => ApiError::Conflict {
+            WriteError::IdExists(id) => ApiError::Conflict {
                 field: "id",
                 existing: id,
             },
-            StoreError::TooLarge { .. } => ApiError::TooLarge,
-            other => ApiError::Unavailable(other.to_string()),
+            WriteError::Refused(message) => ApiError::BadRequest(message),
+            WriteError::Store(e) => e.into(),
         }
     }
 }

@@ -8,9 +8,8 @@ use axum::Json;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::ApiError;
-use crate::effective::{InForce, View};
-use crate::state::AppState;
+use super::{ApiError, ApiState};
+use crate::service::{InForce, View};
 
 /// The OpenAPI 3 document of this API.
 const OPENAPI: &str = include_str!("../openapi.json");
@@ -58,14 +57,14 @@ fn status_json(view: &View) -> Value {
 }
 
 /// `GET /license/status`.
-pub async fn license_status(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    Ok(Json(status_json(&state.view()?)))
+pub async fn license_status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    Ok(Json(status_json(&state.service().view())))
 }
 
 /// `GET /license/report[?by=dataplane]`: Kong's usage report, plus Charter's deployment
 /// fields; `by=dataplane` adds the counters of each data plane.
 pub async fn report(
-    State(state): State<AppState>,
+    State(state): State<ApiState>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
     let pairs: Vec<(String, String)> =
@@ -84,8 +83,9 @@ pub async fn report(
             )))
         }
     };
-    let view = state.view()?;
-    let usage = state.store().usage()?;
+    let service = state.service();
+    let view = service.view();
+    let usage = service.usage().await?;
     let mut months: std::collections::BTreeMap<String, u64> = std::collections::BTreeMap::new();
     for node in &usage {
         for (bucket, count) in &node.buckets {
@@ -97,7 +97,7 @@ pub async fn report(
         .iter()
         .map(|(bucket, count)| json!({"bucket": bucket, "request_count": count}))
         .collect();
-    let planes = state.data_planes()?;
+    let planes = service.data_planes().await?;
     let services: std::collections::BTreeSet<&str> = planes
         .iter()
         .map(|p| p.upstream.as_str())
@@ -111,7 +111,7 @@ pub async fn report(
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut report = json!({
         "counters": counters,
-        "db_version": state.store().backend_version(),
+        "db_version": service.store().backend_version(),
         "kong_version": env!("CARGO_PKG_VERSION"),
         "license_key": license_key,
         "rbac_users": state.tokens().map_or(0, |t| t.len()),
@@ -122,7 +122,7 @@ pub async fn report(
             "uname": uname(),
         },
         "workspaces_count": 1,
-        "deployment_info": {"type": "hybrid", "connected_dp_count": state.connected_data_planes()},
+        "deployment_info": {"type": "hybrid", "connected_dp_count": service.inventory().connected_count()},
         "licensed_dataplanes": terms.and_then(|t| t.dataplanes),
     });
     if by_dataplane {
@@ -149,22 +149,22 @@ fn uname() -> String {
     format!("{name} {}", std::env::consts::ARCH)
 }
 
-/// `GET /status`: health. 503 when the store cannot be read.
-pub async fn health(State(state): State<AppState>) -> Response {
-    let store = state.store();
-    match store.revision() {
-        Ok(revision) => {
-            let status = state
-                .view()
-                .ok()
-                .and_then(|v| v.in_force.map(|f| f.evaluation.status.as_str()))
-                .unwrap_or("unlicensed");
+/// `GET /status`: health. 503 when the store takes no writes.
+pub async fn health(State(state): State<ApiState>) -> Response {
+    let service = state.service();
+    match service.health().await {
+        Ok(()) => {
+            let snapshot = service.snapshot();
+            let status = service
+                .view_of(&snapshot)
+                .in_force
+                .map_or("unlicensed", |f| f.evaluation.status.as_str());
             Json(json!({
                 "database": {
                     "reachable": true,
-                    "backend": store.backend_version(),
-                    "epoch": store.epoch(),
-                    "revision": revision,
+                    "backend": service.store().backend_version(),
+                    "epoch": snapshot.epoch,
+                    "revision": snapshot.revision,
                 },
                 "license": {"status": status},
                 "server": {"version": env!("CARGO_PKG_VERSION")},
@@ -172,7 +172,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
             .into_response()
         }
         Err(e) => {
-            tracing::error!(error = %e, "health check: the license store cannot be read");
+            tracing::error!(error = %e, "health check: the license store takes no writes");
             (
                 StatusCode::SERVICE_UNAVAILABLE,
                 Json(json!({"database": {"reachable": false}, "message": "License store unavailable"})),
@@ -183,13 +183,13 @@ pub async fn health(State(state): State<AppState>) -> Response {
 }
 
 /// `GET /metrics`: Prometheus text.
-pub async fn metrics(State(state): State<AppState>) -> Response {
+pub async fn metrics(State(state): State<ApiState>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.metrics().render(&state),
+        state.metrics().render(state.service()),
     )
         .into_response()
 }
@@ -200,8 +200,8 @@ pub async fn openapi() -> Response {
 }
 
 /// `GET /clustering/data-planes`: the inventory, most recently seen first.
-pub async fn data_planes(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let mut planes = state.data_planes()?;
+pub async fn data_planes(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let mut planes = state.service().data_planes().await?;
     planes.sort_by(|a, b| b.last_seen.cmp(&a.last_seen).then_with(|| a.id.cmp(&b.id)));
     let data: Vec<Value> = planes
         .iter()

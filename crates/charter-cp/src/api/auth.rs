@@ -7,8 +7,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
-use crate::api::ApiError;
-use crate::state::AppState;
+use super::{ApiError, ApiState};
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,7 +103,7 @@ impl Tokens {
 
 /// Checks the admin token of a request, when tokens are configured.
 pub async fn require_token(
-    State(state): State<AppState>,
+    State(state): State<ApiState>,
     request: Request,
     next: Next,
 ) -> Response {

@@ -1,18 +1,15 @@
 //! Which license is in force on this control plane: a static license if configured, else
 //! the stored license with the most recent `updated_at` among those that verify.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 #[cfg(doc)]
 use charter_license::select_effective;
 use charter_license::{
     Evaluation, LicenseDocument, Status, TrustedKeys, UnixTime, VerifiedLicense,
 };
+use charter_runtime::flags::StaticLicense;
 use charter_store::LicenseRecord;
-use sha2::{Digest, Sha256};
-
-use crate::config::StaticLicense;
 
 /// Where the license in force comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,85 +53,6 @@ pub struct View {
     pub stored_in_force: Option<InForce>,
     /// What an operator should be told.
     pub warnings: Vec<String>,
-}
-
-/// Verifies stored licenses once per distinct payload: a record's verification only
-/// changes when its payload does, and the trusted keys are fixed for the process.
-#[derive(Default)]
-pub struct VerifyCache {
-    verified: Mutex<HashMap<String, Option<Arc<VerifiedLicense>>>>,
-}
-
-impl VerifyCache {
-    /// Records that the payload `text` verified as `verified`, so that reading it back
-    /// from the store does not verify it again. The admin API calls this for every
-    /// license it validates before storing it (as `text`, the normalized document).
-    pub fn remember(&self, text: &str, verified: &VerifiedLicense) {
-        let checksum = hex::encode(Sha256::digest(text.as_bytes()));
-        let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 10_000 {
-            map.clear();
-        }
-        map.insert(checksum, Some(Arc::new(verified.clone())));
-    }
-
-    /// The verification of `record`'s payload, verifying it only on first sight.
-    pub fn verify(
-        &self,
-        keys: &TrustedKeys,
-        record: &LicenseRecord,
-    ) -> Option<Arc<VerifiedLicense>> {
-        // The lock is held only for map access; verification runs outside it. A poisoned
-        // lock only means another thread panicked mid-insert, and the map is still usable.
-        if let Some(hit) = self
-            .verified
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&record.checksum)
-        {
-            return hit.clone();
-        }
-        let result = keys.verify_text(&record.payload).ok().map(Arc::new);
-        let mut map = self.verified.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() > 10_000 {
-            map.clear();
-        }
-        map.insert(record.checksum.clone(), result.clone());
-        result
-    }
-}
-
-/// Computes the view from the stored records and the static license at `now`.
-///
-/// The admin API's view comes from [`crate::catalog`], which keeps the verified records in
-/// order; this is for a set of records that is not the store's (the Consul face asks what
-/// the view would be without one record). Both end in [`select`].
-pub fn compute(
-    records: Vec<LicenseRecord>,
-    keys: &TrustedKeys,
-    cache: &VerifyCache,
-    static_license: Option<&StaticLicense>,
-    now: UnixTime,
-) -> View {
-    let mut unverified = 0;
-    let mut verified = Vec::with_capacity(records.len());
-    for record in records {
-        match cache.verify(keys, &record) {
-            Some(license) => verified.push((record, license)),
-            None => unverified += 1,
-        }
-    }
-    // Newest first: the order `select` expects (see `catalog::RecencyKey`).
-    verified.sort_by(|(a, _), (b, _)| {
-        (b.updated_at, b.revision, b.id).cmp(&(a.updated_at, a.revision, a.id))
-    });
-    select(
-        verified.iter().map(|(record, license)| (record, license)),
-        unverified,
-        keys,
-        static_license,
-        now,
-    )
 }
 
 /// The view at `now`, from the verified stored licenses newest first (most recent

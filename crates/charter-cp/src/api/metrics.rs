@@ -14,7 +14,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
-use crate::state::AppState;
+use super::ApiState;
 
 /// Static strings, so labelling a request allocates nothing.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -98,23 +98,19 @@ impl Metrics {
         }
     }
 
-    /// Renders the Prometheus text exposition, refreshing the license gauges first.
-    pub fn render(&self, state: &AppState) -> String {
-        if let Ok(count) = state.store().count() {
-            self.licenses_stored.set(count as i64);
-        }
-        if let Ok(revision) = state.store().revision() {
-            self.store_revision.set(revision as i64);
-        }
-        let status = match state.view() {
-            Ok(view) => match view.in_force {
-                Some(in_force) => {
-                    self.days_left.set(in_force.evaluation.days_left);
-                    in_force.evaluation.status
-                }
-                None => charter_license::Status::Unlicensed,
-            },
-            Err(_) => charter_license::Status::Unlicensed,
+    /// Renders the Prometheus text exposition, refreshing the license gauges first from
+    /// the snapshot (no store read, nothing that grows with the number of licenses but
+    /// the count the snapshot keeps).
+    pub fn render(&self, service: &crate::service::Service) -> String {
+        let snapshot = service.snapshot();
+        self.licenses_stored.set(snapshot.len() as i64);
+        self.store_revision.set(snapshot.revision as i64);
+        let status = match service.view_of(&snapshot).in_force {
+            Some(in_force) => {
+                self.days_left.set(in_force.evaluation.days_left);
+                in_force.evaluation.status
+            }
+            None => charter_license::Status::Unlicensed,
         };
         for s in ["valid", "expiring", "grace", "expired", "unlicensed"] {
             let value = i64::from(s == status.as_str());
@@ -139,7 +135,7 @@ impl Default for Metrics {
 
 /// Counts and times every admin request by its route template (never the raw path, so
 /// ids do not explode the label set).
-pub async fn track(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn track(State(state): State<ApiState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = method_label(request.method());
     let route = request
@@ -177,10 +173,10 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// The route template as a label: one of [`ROUTES`](crate::api::ROUTES), which the router
+/// The route template as a label: one of [`ROUTES`](super::ROUTES), which the router
 /// is built from.
 fn route_label(matched: &str) -> &'static str {
-    crate::api::ROUTES
+    super::ROUTES
         .iter()
         .find(|route| **route == matched)
         .copied()

@@ -9,15 +9,18 @@ use charter_store::SledStore;
 use http_body_util::BodyExt;
 use tower::ServiceExt;
 
-use crate::api::{router, ROUTES};
-use crate::state::AppState;
+use crate::api::{router, ApiState, ROUTES};
+use crate::service::Service;
 
 #[tokio::test]
 async fn every_route_is_labelled_by_its_template() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(SledStore::open(&tmp.path().join("data")).unwrap());
     let keys = TrustedKeys::new([LicenseSigner::from_seed([1; 32]).trusted_key()]);
-    let state = AppState::new(store, keys, Arc::new(FixedClock::new(0)), None, None);
+    let (service, _tasks) = Service::start(store, keys, Arc::new(FixedClock::new(0)), None)
+        .await
+        .unwrap();
+    let state = ApiState::new(service, None);
     let send = |method: &str, uri: String| {
         let request = Request::builder()
             .method(method)

@@ -1,0 +1,506 @@
+//! The control plane without its transports: licenses, the license in force, the
+//! data-plane inventory and usage. The admin API and the cluster server are both built on
+//! [`Service`]; it knows neither HTTP nor gRPC, and maps nothing to a wire answer.
+//!
+//! The licenses live in one immutable [`Snapshot`] at a time. A write is decided on the
+//! current snapshot, committed to the store on top of that snapshot's revision, and once
+//! durable the next snapshot replaces it (one `watch` send, which also wakes the cluster
+//! streams). Writes are serialised by one lock, and the store refuses a commit whose base
+//! revision is stale, so each write is decided on every earlier write whole.
+
+mod effective;
+mod inventory;
+mod snapshot;
+mod telemetry;
+
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use charter_license::{Clock, Evaluation, LicenseError, TrustedKeys, UnixTime, VerifiedLicense};
+use charter_runtime::flags::StaticLicense;
+use charter_store::{Change, LicenseRecord, NodeUsage, Store, StoreError};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+pub use effective::{normalized, InForce, View};
+pub use inventory::Inventory;
+pub use snapshot::{Entry, Snapshot};
+pub use telemetry::TelemetryError;
+
+/// How many times a write is decided again after another writer of the store came first.
+const WRITE_ATTEMPTS: usize = 8;
+
+/// Why a license write was refused. Nothing was written, except for
+/// [`WriteError::Store`] with an unknown outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The license does not validate (Kong's code and message).
+    #[error("invalid license: {0}")]
+    Invalid(LicenseError),
+    /// The same payload is stored under another id.
+    #[error("the same license payload is already stored as license {existing}")]
+    DuplicatePayload {
+        /// The id holding it.
+        existing: Uuid,
+    },
+    /// A license with this id exists (a create that names an id).
+    #[error("license {0} already exists")]
+    IdExists(Uuid),
+    /// No license has this id.
+    #[error("license {0} not found")]
+    NotFound(Uuid),
+    /// A Consul `DELETE` that would leave the cluster without a valid license, or with
+    /// nothing stored to delete.
+    #[error("{0}")]
+    Refused(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a license write stored.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The record as stored.
+    pub record: LicenseRecord,
+    /// Whether it replaced a record with the same id.
+    pub replaced: bool,
+    /// Its verification.
+    pub verified: Arc<VerifiedLicense>,
+    /// Its status at the time of the write.
+    pub evaluation: Evaluation,
+}
+
+/// A validated license text, ready to store.
+pub struct Valid {
+    text: String,
+    verified: Arc<VerifiedLicense>,
+    evaluation: Evaluation,
+}
+
+/// The control plane's service; cheap to clone.
+#[derive(Clone)]
+pub struct Service(Arc<Inner>);
+
+struct Inner {
+    store: Arc<dyn Store>,
+    keys: TrustedKeys,
+    clock: Arc<dyn Clock>,
+    static_license: Option<StaticLicense>,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    /// Serialises license writes (and reloads): a write decides, commits and publishes
+    /// with it held. A Tokio mutex, held across the store's `.await`.
+    writing: tokio::sync::Mutex<()>,
+    inventory: Inventory,
+    telemetry: telemetry::Sender,
+}
+
+/// The service's background work, returned by [`Service::start`]: run it until shutdown.
+pub struct Tasks {
+    service: Service,
+    telemetry: telemetry::Receiver,
+}
+
+impl Service {
+    /// Loads the store into the first snapshot and makes the service.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        keys: TrustedKeys,
+        clock: Arc<dyn Clock>,
+        static_license: Option<StaticLicense>,
+    ) -> Result<(Service, Tasks), StoreError> {
+        let loaded = store.load().await?;
+        let snapshot = {
+            let keys = keys.clone();
+            tokio::task::spawn_blocking(move || Snapshot::build(loaded, &keys, None))
+                .await
+                .map_err(|e| StoreError::Backend {
+                    context: "verifying the stored licenses".to_owned(),
+                    source: Box::new(e),
+                })?
+        };
+        let (telemetry, receiver) = telemetry::channel();
+        let service = Service(Arc::new(Inner {
+            store,
+            keys,
+            clock,
+            static_license,
+            snapshots: watch::Sender::new(Arc::new(snapshot)),
+            writing: tokio::sync::Mutex::new(()),
+            inventory: Inventory::default(),
+            telemetry,
+        }));
+        let tasks = Tasks {
+            service: service.clone(),
+            telemetry: receiver,
+        };
+        Ok((service, tasks))
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.0.store
+    }
+
+    /// The trusted keys.
+    pub fn keys(&self) -> &TrustedKeys {
+        &self.0.keys
+    }
+
+    /// The current time from the injected clock.
+    pub fn now(&self) -> UnixTime {
+        self.0.clock.now()
+    }
+
+    /// The static license, when configured.
+    pub fn static_license(&self) -> Option<&StaticLicense> {
+        self.0.static_license.as_ref()
+    }
+
+    /// The licenses now.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.0.snapshots.borrow().clone()
+    }
+
+    /// A receiver of every new snapshot.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.0.snapshots.subscribe()
+    }
+
+    /// The data-plane inventory.
+    pub fn inventory(&self) -> &Inventory {
+        &self.0.inventory
+    }
+
+    /// The license situation of `snapshot` now.
+    pub fn view_of(&self, snapshot: &Snapshot) -> View {
+        let mut view = effective::select(
+            snapshot.newest_first(),
+            snapshot.unverified(),
+            &self.0.keys,
+            self.0.static_license.as_ref(),
+            self.now(),
+        );
+        let connected = self.0.inventory.connected_count() as u64;
+        let allowed = view
+            .stored_in_force
+            .as_ref()
+            .and_then(|f| f.verified.terms.dataplanes);
+        if let Some(allowed) = allowed.filter(|allowed| connected > *allowed) {
+            view.warnings.push(format!(
+                "{connected} data planes are connected but the license allows {allowed}"
+            ));
+        }
+        view
+    }
+
+    /// The license situation now.
+    pub fn view(&self) -> View {
+        self.view_of(&self.snapshot())
+    }
+
+    /// Validates a license text now; the text to store is the normalized document.
+    pub fn validate(&self, text: &str) -> Result<Valid, WriteError> {
+        let (verified, evaluation) = charter_license::validate(text, &self.0.keys, self.now())
+            .map_err(WriteError::Invalid)?;
+        Ok(Valid {
+            text: normalized(&verified.document),
+            verified: Arc::new(verified),
+            evaluation,
+        })
+    }
+
+    /// Stores a new license (`POST /licenses`), under `id` or a new one.
+    pub async fn create(&self, id: Option<Uuid>, valid: Valid) -> Result<Written, WriteError> {
+        let id = id.unwrap_or_else(Uuid::new_v4);
+        self.write(|snapshot| {
+            if snapshot.get(id).is_some() {
+                return Err(WriteError::IdExists(id));
+            }
+            self.put_decision(snapshot, id, &valid)
+        })
+        .await
+    }
+
+    /// Creates or replaces the license `id` (`PUT /licenses/{id}`).
+    pub async fn put(&self, id: Uuid, valid: Valid) -> Result<Written, WriteError> {
+        self.write(|snapshot| self.put_decision(snapshot, id, &valid))
+            .await
+    }
+
+    /// Replaces the payload of the existing license `id`, or with `None` stores its own
+    /// payload again, which moves `updated_at` and so puts it in force (`PATCH`). The
+    /// stored payload is read in the write, so a concurrent write is never undone.
+    pub async fn patch(&self, id: Uuid, valid: Option<Valid>) -> Result<Written, WriteError> {
+        self.write(|snapshot| {
+            let Some(entry) = snapshot.get(id) else {
+                return Err(WriteError::NotFound(id));
+            };
+            match &valid {
+                Some(valid) => self.put_decision(snapshot, id, valid),
+                None => {
+                    let valid = self.validate(&entry.record.payload)?;
+                    self.put_decision(snapshot, id, &valid)
+                }
+            }
+        })
+        .await
+    }
+
+    /// Deletes the license `id`; `None` when there was none (nothing is written).
+    pub async fn delete(&self, id: Uuid) -> Result<Option<LicenseRecord>, WriteError> {
+        self.write_or_nothing(|snapshot| {
+            Ok(snapshot
+                .get(id)
+                .map(|entry| (Change::Delete(id), None, entry.record.clone())))
+        })
+        .await
+    }
+
+    /// Installs a license through the Consul face: stored as new, or, when the same
+    /// payload is stored, that record's `updated_at` moves so it is in force either way.
+    pub async fn install(&self, valid: Valid) -> Result<Written, WriteError> {
+        let fresh = Uuid::new_v4();
+        self.write(|snapshot| {
+            let id = snapshot
+                .holder_of(&charter_store::checksum_of(&valid.text))
+                .unwrap_or(fresh);
+            self.put_decision(snapshot, id, &valid)
+        })
+        .await
+    }
+
+    /// Deletes the stored license in force (Consul's `DELETE`), so the next one takes
+    /// over; refused, changing nothing, when that would leave no valid license, or when a
+    /// static license is in force here. Decided in the write, against every other write.
+    /// Returns the deleted record and the revision of the delete.
+    pub async fn uninstall(&self) -> Result<(LicenseRecord, u64), WriteError> {
+        let deleted = self
+            .write_or_nothing(|snapshot| {
+                if let Some(license) = &self.0.static_license {
+                    return Err(WriteError::Refused(format!(
+                        "the license in force on this node is static (from {}); remove the static configuration to manage licenses here",
+                        license.origin
+                    )));
+                }
+                let view = self.view_of(snapshot);
+                let Some(target) = view.stored_in_force.and_then(|f| f.record) else {
+                    return Err(WriteError::Refused(
+                        "no stored license to delete: install one first".to_owned(),
+                    ));
+                };
+                let now = self.now();
+                let remains_valid = snapshot
+                    .newest_first()
+                    .filter(|(record, _)| record.id != target.id)
+                    .find_map(|(_, verified)| verified.evaluate(now).ok())
+                    .is_some_and(|e| e.status.allows());
+                if !remains_valid {
+                    return Err(WriteError::Refused(format!(
+                        "deleting license {} would leave no valid license; install another license first",
+                        target.id
+                    )));
+                }
+                let revision = snapshot.revision + 1;
+                Ok(Some((Change::Delete(target.id), None, (target, revision))))
+            })
+            .await?;
+        // `write_or_nothing` only answers `None` when the decision wrote nothing.
+        deleted.ok_or_else(|| WriteError::Refused("nothing was deleted".to_owned()))
+    }
+
+    fn put_decision(
+        &self,
+        snapshot: &Snapshot,
+        id: Uuid,
+        valid: &Valid,
+    ) -> Result<(Change, Option<Entry>, Written), WriteError> {
+        let checksum = charter_store::checksum_of(&valid.text);
+        if let Some(existing) = snapshot.holder_of(&checksum).filter(|holder| *holder != id) {
+            return Err(WriteError::DuplicatePayload { existing });
+        }
+        let now = self.now();
+        let old = snapshot.get(id);
+        let record = LicenseRecord {
+            id,
+            payload: valid.text.clone(),
+            checksum,
+            created_at: old.map_or(now, |e| e.record.created_at),
+            updated_at: now,
+            revision: snapshot.revision + 1,
+        };
+        let entry = Entry {
+            record: record.clone(),
+            verified: Some(valid.verified.clone()),
+        };
+        let written = Written {
+            record: record.clone(),
+            replaced: old.is_some(),
+            verified: valid.verified.clone(),
+            evaluation: valid.evaluation.clone(),
+        };
+        Ok((Change::Put(record), Some(entry), written))
+    }
+
+    async fn write<T>(
+        &self,
+        decide: impl Fn(&Snapshot) -> Result<(Change, Option<Entry>, T), WriteError>,
+    ) -> Result<T, WriteError> {
+        self.write_or_nothing(|snapshot| decide(snapshot).map(Some))
+            .await?
+            .ok_or_else(|| WriteError::Refused("nothing was written".to_owned()))
+    }
+
+    /// Decides a write on the current snapshot (`None`: nothing to write), commits it on
+    /// top of that snapshot's revision and publishes the next snapshot. When another
+    /// writer of the store came first, loads again and decides again.
+    async fn write_or_nothing<T>(
+        &self,
+        decide: impl Fn(&Snapshot) -> Result<Option<(Change, Option<Entry>, T)>, WriteError>,
+    ) -> Result<Option<T>, WriteError> {
+        let _writing = self.0.writing.lock().await;
+        let mut last = None;
+        for _ in 0..WRITE_ATTEMPTS {
+            let snapshot = self.snapshot();
+            let Some((change, entry, out)) = decide(&snapshot)? else {
+                return Ok(None);
+            };
+            let id = match &change {
+                Change::Put(record) => record.id,
+                Change::Delete(id) => *id,
+            };
+            match self.0.store.commit(snapshot.revision, change).await {
+                Ok(revision) => {
+                    let next = match entry {
+                        Some(entry) => snapshot.with_put(revision, entry),
+                        None => snapshot.with_delete(revision, id),
+                    };
+                    self.0.snapshots.send_replace(Arc::new(next));
+                    return Ok(Some(out));
+                }
+                Err(e @ StoreError::Conflict { .. }) => {
+                    last = Some(e);
+                    self.reload_locked().await?;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(last.map_or_else(
+            || WriteError::Refused("the write could not be decided".to_owned()),
+            WriteError::Store,
+        ))
+    }
+
+    /// Loads the store again when it is ahead of the snapshot (another process wrote).
+    pub async fn catch_up(&self) -> Result<(), StoreError> {
+        let _writing = self.0.writing.lock().await;
+        if *self.0.store.subscribe().borrow() > self.snapshot().revision {
+            self.reload_locked().await?;
+        }
+        Ok(())
+    }
+
+    async fn reload_locked(&self) -> Result<(), StoreError> {
+        let loaded = self.0.store.load().await?;
+        let previous = self.snapshot();
+        let keys = self.0.keys.clone();
+        let next =
+            tokio::task::spawn_blocking(move || Snapshot::build(loaded, &keys, Some(&previous)))
+                .await
+                .map_err(|e| StoreError::Backend {
+                    context: "verifying the stored licenses".to_owned(),
+                    source: Box::new(e),
+                })?;
+        self.0.snapshots.send_replace(Arc::new(next));
+        Ok(())
+    }
+
+    /// Applies one telemetry report exactly once, durably, in a write shared with the
+    /// reports that arrive at the same time; `true` if it was new.
+    pub async fn apply_telemetry(
+        &self,
+        report: charter_store::Report,
+    ) -> Result<bool, TelemetryError> {
+        self.0.telemetry.apply(report).await
+    }
+
+    /// Every data plane's applied usage.
+    pub async fn usage(&self) -> Result<Vec<NodeUsage>, StoreError> {
+        self.0.store.usage().await
+    }
+
+    /// Whether the store can take writes.
+    pub async fn health(&self) -> Result<(), StoreError> {
+        self.0.store.check().await
+    }
+
+    /// Every data plane in the inventory, with what the streams recorded and the store
+    /// has not written yet.
+    pub async fn data_planes(&self) -> Result<Vec<charter_store::DataPlaneRecord>, StoreError> {
+        self.0.inventory.all(self.0.store.as_ref()).await
+    }
+
+    /// Writes the last inventory rows and closes the store: call once, after every
+    /// stream has ended.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        if let Err(e) = self.0.inventory.flush(self.0.store.as_ref()).await {
+            tracing::warn!(error = %e, "cannot record the data planes' last state in the inventory");
+        }
+        self.0.store.close().await
+    }
+}
+
+impl Tasks {
+    /// Runs the service's background work until `shutdown` fires: telemetry group
+    /// commits, inventory writes, purging old data planes, and following writes made to
+    /// the store by other processes.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) {
+        let service = self.service;
+        tokio::join!(
+            telemetry::run(service.0.store.clone(), self.telemetry, shutdown.clone()),
+            service
+                .0
+                .inventory
+                .run(service.0.store.clone(), shutdown.clone()),
+            purge(service.clone(), shutdown.clone()),
+            follow(service.clone(), shutdown),
+        );
+    }
+}
+
+/// Inventory rows are purged this long after a data plane was last seen.
+pub const PURGE_AFTER: Duration = Duration::from_secs(14 * 24 * 3600);
+
+async fn purge(service: Service, mut shutdown: watch::Receiver<bool>) {
+    let mut every = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let cutoff = service.now() - PURGE_AFTER.as_secs() as i64;
+        match service.0.store.purge_data_planes(cutoff).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "purged data planes not seen for 14 days"),
+            Err(e) => tracing::warn!(error = %e, "cannot purge old data planes"),
+        }
+    }
+}
+
+/// Loads the store again whenever it moves past the snapshot without this process
+/// writing (another control plane on the same store).
+async fn follow(service: Service, mut shutdown: watch::Receiver<bool>) {
+    let mut revisions = service.0.store.subscribe();
+    loop {
+        tokio::select! {
+            changed = revisions.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+        if let Err(e) = service.catch_up().await {
+            tracing::error!(error = %e, "cannot load licenses written by another control plane; will retry on the next change");
+        }
+    }
+}
