@@ -129,3 +129,32 @@ fn gate_benchmark_runs_end_to_end_briefly() {
         assert!(report.contains(expected), "no `{expected}` in:\n{report}");
     }
 }
+
+#[test]
+fn telemetry_benchmark_counts_every_report_exactly_once() {
+    let out = run(
+        "charter-bench",
+        &["telemetry", "--nodes", "20", "--rounds", "3", "--no-pin"],
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "telemetry failed:\n{report}\n{log}");
+    assert!(report.contains("reports/s durably applied"), "{report}");
+    assert!(report.contains("counted exactly once (60)"), "{report}");
+}
+
+#[test]
+fn startup_benchmark_starts_a_control_plane_on_a_seeded_store() {
+    let out = run(
+        "charter-bench",
+        &["startup", "--licenses", "50", "--starts", "1"],
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "startup failed:\n{report}\n{log}");
+    assert!(
+        report.contains("Start-up with 50 stored licenses"),
+        "{report}"
+    );
+    assert!(report.contains("resident memory once ready"), "{report}");
+}

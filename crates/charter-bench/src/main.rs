@@ -16,6 +16,7 @@ mod ingest;
 mod load;
 mod procs;
 mod relay;
+mod startup;
 mod stats;
 mod writes;
 
@@ -47,6 +48,8 @@ enum Command {
     /// Telemetry ingest: reports per second durably applied from N simulated data planes
     /// sending at once.
     Telemetry(ingest::IngestArgs),
+    /// Start-up of the control plane with many stored licenses: time to ready and memory.
+    Startup(startup::StartupArgs),
     /// The fan-out baseline server (started by `fanout`; not for direct use).
     #[command(hide = true)]
     FanoutBaseline(fanout::BaselineArgs),
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
         Command::Gate(args) => gate::main(args),
         Command::Fanout(args) => fanout::main(args),
         Command::Telemetry(args) => ingest::main(args),
+        Command::Startup(args) => startup::main(args),
         Command::FanoutBaseline(args) => fanout::baseline_main(args),
         Command::Hello(args) => hello::main(args),
         Command::Relay(args) => relay::main(args),
