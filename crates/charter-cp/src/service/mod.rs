@@ -112,16 +112,21 @@ impl Service {
         clock: Arc<dyn Clock>,
         static_license: Option<StaticLicense>,
     ) -> Result<(Service, Tasks), StoreError> {
+        let started = std::time::Instant::now();
         let loaded = store.load().await?;
-        let snapshot = {
-            let keys = keys.clone();
-            tokio::task::spawn_blocking(move || Snapshot::build(loaded, &keys, None))
-                .await
-                .map_err(|e| StoreError::Backend {
-                    context: "verifying the stored licenses".to_owned(),
-                    source: Box::new(e),
-                })?
-        };
+        let read_ms = started.elapsed().as_millis() as u64;
+        let snapshot = tokio::task::spawn_blocking(move || Snapshot::build(loaded, None))
+            .await
+            .map_err(|e| StoreError::Backend {
+                context: "indexing the stored licenses".to_owned(),
+                source: Box::new(e),
+            })?;
+        tracing::info!(
+            licenses = snapshot.len(),
+            read_ms,
+            build_ms = started.elapsed().as_millis() as u64 - read_ms,
+            "stored licenses loaded"
+        );
         let (telemetry, receiver) = telemetry::channel();
         let service = Service(Arc::new(Inner {
             store,
@@ -178,8 +183,8 @@ impl Service {
     /// The license situation of `snapshot` now.
     pub fn view_of(&self, snapshot: &Snapshot) -> View {
         let mut view = effective::select(
-            snapshot.newest_first(),
-            snapshot.unverified(),
+            snapshot.newest_first(&self.0.keys),
+            snapshot.unverified().unwrap_or(0),
             &self.0.keys,
             self.0.static_license.as_ref(),
             self.now(),
@@ -294,7 +299,7 @@ impl Service {
                 };
                 let now = self.now();
                 let remains_valid = snapshot
-                    .newest_first()
+                    .newest_first(&self.0.keys)
                     .filter(|(record, _)| record.id != target.id)
                     .find_map(|(_, verified)| verified.evaluate(now).ok())
                     .is_some_and(|e| e.status.allows());
@@ -332,10 +337,7 @@ impl Service {
             updated_at: now,
             revision: snapshot.revision + 1,
         };
-        let entry = Entry {
-            record: record.clone(),
-            verified: Some(valid.verified.clone()),
-        };
+        let entry = Entry::verified_as(record.clone(), valid.verified.clone());
         let written = Written {
             record: record.clone(),
             replaced: old.is_some(),
@@ -406,16 +408,43 @@ impl Service {
     async fn reload_locked(&self) -> Result<(), StoreError> {
         let loaded = self.0.store.load().await?;
         let previous = self.snapshot();
-        let keys = self.0.keys.clone();
-        let next =
-            tokio::task::spawn_blocking(move || Snapshot::build(loaded, &keys, Some(&previous)))
-                .await
-                .map_err(|e| StoreError::Backend {
-                    context: "verifying the stored licenses".to_owned(),
-                    source: Box::new(e),
-                })?;
+        let next = tokio::task::spawn_blocking(move || Snapshot::build(loaded, Some(&previous)))
+            .await
+            .map_err(|e| StoreError::Backend {
+                context: "indexing the stored licenses".to_owned(),
+                source: Box::new(e),
+            })?;
         self.0.snapshots.send_replace(Arc::new(next));
         Ok(())
+    }
+
+    /// Verifies every license of the current snapshot not verified yet, off the runtime's
+    /// threads, then publishes the snapshot with the count of those that do not verify
+    /// (for the warning), unless a write replaced it meanwhile (the next sweep does).
+    async fn sweep(&self) {
+        let snapshot = self.snapshot();
+        if snapshot.fully_verified() {
+            return;
+        }
+        let keys = self.0.keys.clone();
+        let started = std::time::Instant::now();
+        let swept = match tokio::task::spawn_blocking(move || snapshot.verify_all(&keys)).await {
+            Ok(swept) => swept,
+            Err(e) => {
+                tracing::error!(error = %e, "verifying the stored licenses failed");
+                return;
+            }
+        };
+        let _writing = self.0.writing.lock().await;
+        if self.snapshot().revision == swept.revision && !self.snapshot().fully_verified() {
+            tracing::info!(
+                licenses = swept.len(),
+                unverified = swept.unverified().unwrap_or(0),
+                ms = started.elapsed().as_millis() as u64,
+                "every stored license verified"
+            );
+            self.0.snapshots.send_replace(Arc::new(swept));
+        }
     }
 
     /// Applies one telemetry report exactly once, durably, in a write shared with the
@@ -466,7 +495,8 @@ impl Tasks {
                 .inventory
                 .run(service.0.store.clone(), shutdown.clone()),
             purge(service.clone(), shutdown.clone()),
-            follow(service.clone(), shutdown),
+            follow(service.clone(), shutdown.clone()),
+            sweep(service.clone(), shutdown),
         );
     }
 }
@@ -486,6 +516,32 @@ async fn purge(service: Service, mut shutdown: watch::Receiver<bool>) {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "purged data planes not seen for 14 days"),
             Err(e) => tracing::warn!(error = %e, "cannot purge old data planes"),
+        }
+    }
+}
+
+/// Verifies the stored licenses in the background whenever a snapshot holds some that
+/// were not verified yet (after start-up, and after a reload).
+async fn sweep(service: Service, mut shutdown: watch::Receiver<bool>) {
+    let mut snapshots = service.subscribe();
+    loop {
+        let current = snapshots.borrow_and_update().clone();
+        if !current.fully_verified() {
+            tokio::select! {
+                () = service.sweep() => {}
+                _ = shutdown.changed() => return,
+            }
+            // Swept and published, or a write came first: look again. (Only a failed
+            // sweep leaves the same snapshot unverified; then wait for the next one.)
+            if service.snapshot().revision != current.revision
+                || service.snapshot().fully_verified()
+            {
+                continue;
+            }
+        }
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
         }
     }
 }

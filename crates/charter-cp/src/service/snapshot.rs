@@ -1,13 +1,21 @@
-//! The stored licenses at one store revision, in memory and immutable: each verified once
-//! when it enters a snapshot, and indexed the ways the control plane reads them (by id for
-//! the API, newest first for the license in force, by checksum for duplicates).
+//! The stored licenses at one store revision, in memory and immutable, indexed the ways the
+//! control plane reads them (by id for the API, newest first for the license in force, by
+//! checksum for duplicates).
 //!
 //! A write makes a new snapshot from the last one and the change; a reader holds an
 //! `Arc<Snapshot>` and never sees a write half-applied.
+//!
+//! Each license is verified once: a license written through this process when it is
+//! validated, one loaded from the store the first time something needs it (the license in
+//! force is the newest that verifies, so a view verifies about one) or when the service's
+//! background sweep reaches it. Start-up thus waits for reading the store, not for
+//! verifying every license in it (100,000 signatures take seconds). An entry keeps its
+//! verification in a `OnceLock`: a pure function of its record and the trusted keys,
+//! computed once and shared by every snapshot that holds the entry.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use charter_license::{TrustedKeys, VerifiedLicense};
 use charter_store::{LicenseRecord, Loaded};
@@ -18,8 +26,39 @@ use uuid::Uuid;
 pub struct Entry {
     /// The record as the store holds it.
     pub record: LicenseRecord,
-    /// Its verification against the trusted keys; `None` if it does not verify.
-    pub verified: Option<Arc<VerifiedLicense>>,
+    /// Its verification against the trusted keys (`None` inside: it does not verify),
+    /// once known.
+    verification: OnceLock<Option<Arc<VerifiedLicense>>>,
+}
+
+impl Entry {
+    /// A license not verified yet.
+    pub fn unverified(record: LicenseRecord) -> Entry {
+        Entry {
+            record,
+            verification: OnceLock::new(),
+        }
+    }
+
+    /// A license verified as `verified`.
+    pub fn verified_as(record: LicenseRecord, verified: Arc<VerifiedLicense>) -> Entry {
+        Entry {
+            record,
+            verification: OnceLock::from(Some(verified)),
+        }
+    }
+
+    /// Its verification, verifying it now if nothing has yet.
+    pub fn verified(&self, keys: &TrustedKeys) -> Option<&Arc<VerifiedLicense>> {
+        self.verification
+            .get_or_init(|| keys.verify_text(&self.record.payload).ok().map(Arc::new))
+            .as_ref()
+    }
+
+    /// Whether it is known not to verify (`None`: not verified yet).
+    fn fails(&self) -> Option<bool> {
+        self.verification.get().map(Option::is_none)
+    }
 }
 
 /// The order in which the selection considers verified licenses: most recent
@@ -55,50 +94,33 @@ pub struct Snapshot {
     pub revision: u64,
     by_id: BTreeMap<Uuid, Arc<Entry>>,
     by_checksum: HashMap<ChecksumKey, Uuid>,
+    /// Every entry, verified or not, by [`recency`].
     by_recency: BTreeSet<RecencyKey>,
-    unverified: usize,
+    /// How many licenses do not verify, once every entry's verification is known.
+    unverified: Option<usize>,
 }
 
 impl Snapshot {
-    /// The snapshot of what the store loaded, verifying each license (on every core) unless
-    /// `previous` already verified the same payload.
-    pub fn build(loaded: Loaded, keys: &TrustedKeys, previous: Option<&Snapshot>) -> Snapshot {
-        let known = |record: &LicenseRecord| {
-            let previous = previous?;
-            let id = previous.by_checksum.get(&checksum_key(&record.checksum))?;
-            let entry = previous.by_id.get(id)?;
-            (entry.record.payload == record.payload).then(|| entry.verified.clone())
-        };
-        let records = loaded.licenses;
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let chunk = records.len().div_ceil(threads).max(1);
-        let entries: Vec<Entry> = std::thread::scope(|scope| {
-            let workers: Vec<_> = records
-                .chunks(chunk)
-                .map(|chunk| {
-                    scope.spawn(move || {
-                        chunk
-                            .iter()
-                            .map(|record| Entry {
-                                verified: known(record).unwrap_or_else(|| {
-                                    keys.verify_text(&record.payload).ok().map(Arc::new)
-                                }),
-                                record: record.clone(),
-                            })
-                            .collect::<Vec<_>>()
-                    })
-                })
-                .collect();
-            workers
-                .into_iter()
-                // A worker only verifies and clones; a panic there is a bug worth the
-                // crash of start-up rather than a snapshot missing licenses.
-                .flat_map(|w| w.join().expect("verifying stored licenses"))
-                .collect()
-        });
+    /// The snapshot of what the store loaded. A license `previous` holds with the same
+    /// payload keeps its verification; the others are verified when first needed.
+    pub fn build(loaded: Loaded, previous: Option<&Snapshot>) -> Snapshot {
         let mut snapshot = Snapshot::empty(loaded.epoch, loaded.revision);
-        for entry in entries {
+        for record in loaded.licenses {
+            let known = previous
+                .and_then(|p| p.by_id.get(&record.id))
+                .filter(|e| e.record.payload == record.payload)
+                .and_then(|e| e.verification.get().cloned());
+            let entry = match known {
+                Some(verification) => Entry {
+                    record,
+                    verification: OnceLock::from(verification),
+                },
+                None => Entry::unverified(record),
+            };
             snapshot.insert(Arc::new(entry));
+        }
+        if snapshot.by_id.is_empty() {
+            snapshot.unverified = Some(0);
         }
         snapshot
     }
@@ -110,11 +132,11 @@ impl Snapshot {
             by_id: BTreeMap::new(),
             by_checksum: HashMap::new(),
             by_recency: BTreeSet::new(),
-            unverified: 0,
+            unverified: None,
         }
     }
 
-    /// This snapshot with `entry` put (created or replaced) at `revision`.
+    /// This snapshot with `entry` (verified) put, created or replaced, at `revision`.
     pub fn with_put(&self, revision: u64, entry: Entry) -> Snapshot {
         let mut next = self.clone();
         next.revision = revision;
@@ -131,14 +153,38 @@ impl Snapshot {
         next
     }
 
+    /// Verifies every license not verified yet, on every core, and returns this snapshot
+    /// with the count of those that do not verify.
+    pub fn verify_all(&self, keys: &TrustedKeys) -> Snapshot {
+        let entries: Vec<&Arc<Entry>> = self.by_id.values().collect();
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let chunk = entries.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            for chunk in entries.chunks(chunk) {
+                scope.spawn(move || {
+                    for entry in chunk {
+                        entry.verified(keys);
+                    }
+                });
+            }
+        });
+        let unverified = entries.iter().filter(|e| e.fails() == Some(true)).count();
+        Snapshot {
+            unverified: Some(unverified),
+            ..self.clone()
+        }
+    }
+
     fn insert(&mut self, entry: Arc<Entry>) {
         let record = &entry.record;
         self.by_checksum
             .insert(checksum_key(&record.checksum), record.id);
-        if entry.verified.is_some() {
-            self.by_recency.insert(recency(record));
-        } else {
-            self.unverified += 1;
+        self.by_recency.insert(recency(record));
+        if let Some(count) = &mut self.unverified {
+            match entry.fails() {
+                Some(fails) => *count += usize::from(fails),
+                None => self.unverified = None,
+            }
         }
         self.by_id.insert(record.id, entry);
     }
@@ -151,10 +197,10 @@ impl Snapshot {
         if self.by_checksum.get(&key) == Some(&id) {
             self.by_checksum.remove(&key);
         }
-        if old.verified.is_some() {
-            self.by_recency.remove(&recency(&old.record));
-        } else {
-            self.unverified -= 1;
+        self.by_recency.remove(&recency(&old.record));
+        if let Some(count) = &mut self.unverified {
+            // A known count means every entry's verification is known.
+            *count -= usize::from(old.fails() == Some(true));
         }
     }
 
@@ -192,18 +238,25 @@ impl Snapshot {
         (entries, next)
     }
 
-    /// The verified licenses, newest first (see [`RecencyKey`]).
-    pub fn newest_first(
-        &self,
-    ) -> impl Iterator<Item = (&LicenseRecord, &Arc<VerifiedLicense>)> + Clone {
-        self.by_recency.iter().rev().filter_map(|(_, _, id)| {
+    /// The verified licenses, newest first (see [`RecencyKey`]), verifying each one the
+    /// iteration reaches that was not verified yet.
+    pub fn newest_first<'a>(
+        &'a self,
+        keys: &'a TrustedKeys,
+    ) -> impl Iterator<Item = (&'a LicenseRecord, &'a Arc<VerifiedLicense>)> + Clone + 'a {
+        self.by_recency.iter().rev().filter_map(move |(_, _, id)| {
             let entry = self.by_id.get(id)?;
-            Some((&entry.record, entry.verified.as_ref()?))
+            Some((&entry.record, entry.verified(keys)?))
         })
     }
 
-    /// How many stored licenses do not verify.
-    pub fn unverified(&self) -> usize {
+    /// How many stored licenses do not verify, once every license has been verified.
+    pub fn unverified(&self) -> Option<usize> {
         self.unverified
+    }
+
+    /// Whether every license's verification is known.
+    pub fn fully_verified(&self) -> bool {
+        self.unverified.is_some()
     }
 }
