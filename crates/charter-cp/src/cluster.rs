@@ -269,6 +269,7 @@ impl Cluster for ClusterService {
                 license_status: "unknown".to_owned(),
                 last_error: None,
                 upstream,
+                control_plane: self.service.name().to_owned(),
             },
         };
         if let Err(reason) = compatible(env!("CARGO_PKG_VERSION"), &version) {

@@ -65,18 +65,53 @@ pub async fn run_with_clock(
         .collect();
     tracing::info!(trusted_keys = %key_ids.join(","), "trusted signing keys loaded");
     let started = std::time::Instant::now();
-    let (service, tasks) = service::Service::start(
+    let name = gethostname::gethostname().to_string_lossy().into_owned();
+    let loaded = service::Service::start(
         store.clone(),
-        config.trusted_keys,
+        config.trusted_keys.clone(),
         clock,
         config.static_license.clone(),
+        name,
     )
     .await
-    .context("loading the stored licenses")?;
+    .context("loading the stored licenses");
+    let (service, tasks) = match loaded {
+        Ok(started) => started,
+        Err(e) => {
+            if let Err(closing) = store.close().await {
+                tracing::warn!(error = %closing, "closing the license store");
+            }
+            return Err(e);
+        }
+    };
     let snapshot = service.snapshot();
     tracing::info!(data_dir = %config.data_dir.display(), %epoch, revision = snapshot.revision,
         licenses = snapshot.len(), backend = store.backend_version(),
         load_ms = started.elapsed().as_millis() as u64, "license store open");
+    // Every exit from here on, an error included, stops the tasks and closes the store
+    // explicitly (`serve` returns before anything is closed).
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let background = tokio::spawn(tasks.run(stop_rx.clone()));
+    let served = serve(&config, listeners, &service, stop_tx, stop_rx, shutdown).await;
+    let _ = background.await;
+    // The streams have ended and recorded their data planes as disconnected: write the
+    // last inventory rows and close the store.
+    let closed = service.close().await;
+    tracing::info!("control plane stopped");
+    served?;
+    closed.context("closing the license store")
+}
+
+/// Serves the admin API and the cluster port until `shutdown` (or a failure), then
+/// signals `stop` and waits for every task that uses the service to end.
+async fn serve(
+    config: &Config,
+    listeners: Listeners,
+    service: &service::Service,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
     if let Some(license) = &config.static_license {
         tracing::warn!(origin = %license.origin,
             "static license configured: it is in force on this node and licenses stored through the admin API are not used here");
@@ -87,14 +122,21 @@ pub async fn run_with_clock(
             config.admin_listen
         );
     }
-    let hub = cluster::Hub::new(&service);
-
-    // One shutdown signal, fanned out to every server and task.
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let hub = cluster::Hub::new(service);
+    let stop_tx = Arc::new(stop_tx);
+    let signal = stop_tx.clone();
     tokio::spawn(async move {
         shutdown.await;
-        let _ = stop_tx.send(true);
+        let _ = signal.send(true);
     });
+    // Whatever happens below, the tasks are told to stop when this function returns.
+    struct StopOnReturn(Arc<tokio::sync::watch::Sender<bool>>);
+    impl Drop for StopOnReturn {
+        fn drop(&mut self) {
+            let _ = self.0.send(true);
+        }
+    }
+    let _stop_on_return = StopOnReturn(stop_tx);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -104,55 +146,56 @@ pub async fn run_with_clock(
         hub.clone(),
         stop_rx.clone(),
     ));
-    let background = tokio::spawn(tasks.run(stop_rx.clone()));
-
-    let cluster_addr = listeners
-        .cluster
-        .local_addr()
-        .context("reading the cluster listener address")?;
-    let cluster_service = charter_proto::shared::cluster_server::ClusterServer::new(
-        cluster::ClusterService::new(service.clone(), hub.clone(), stop_rx.clone()),
-    );
-    let grpc = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .add_service(cluster_service);
-    let cluster_server = match &config.cluster.tls {
-        None => {
-            tracing::warn!(addr = %cluster_addr,
-                "--cluster-insecure: the cluster port speaks plaintext gRPC with no authentication; use only for development");
-            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.cluster);
-            tokio::spawn(grpc.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
-        }
-        Some((mode, files)) => {
-            let tls = charter_tls::server_config(*mode, files).context("cluster TLS")?;
-            tracing::info!(addr = %cluster_addr, mode = ?mode, "cluster server listening (mTLS)");
-            let incoming = charter_tls::incoming(listeners.cluster, tls);
-            tokio::spawn(grpc.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
-        }
+    let tasks = async {
+        let _ = expiry.await;
+        let _ = publisher.await;
     };
 
-    let addr = listeners
-        .admin
-        .local_addr()
-        .context("reading the admin listener address")?;
-    tracing::info!(%addr, "admin API listening");
-    let api = api::ApiState::new(service.clone(), config.tokens);
-    let app = api::router(api).into_make_service_with_connect_info::<SocketAddr>();
-    let served = axum::serve(listeners.admin, app)
-        .with_graceful_shutdown(stopped(stop_rx.clone()))
-        .await
-        .context("serving the admin API");
-    let cluster_served = cluster_server.await;
-    let _ = expiry.await;
-    let _ = publisher.await;
-    let _ = background.await;
-    // The streams have ended and recorded their data planes as disconnected: write the
-    // last inventory rows and close the store explicitly, whoever still holds it.
-    let closed = service.close().await;
-    tracing::info!("control plane stopped");
-    served?;
-    cluster_served
-        .context("cluster server task")?
-        .context("serving the cluster port")?;
-    closed.context("closing the license store")
+    let served = async {
+        let cluster_addr = listeners
+            .cluster
+            .local_addr()
+            .context("reading the cluster listener address")?;
+        let cluster_service = charter_proto::shared::cluster_server::ClusterServer::new(
+            cluster::ClusterService::new(service.clone(), hub.clone(), stop_rx.clone()),
+        );
+        let grpc = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+            .add_service(cluster_service);
+        let cluster_server = match &config.cluster.tls {
+            None => {
+                tracing::warn!(addr = %cluster_addr,
+                    "--cluster-insecure: the cluster port speaks plaintext gRPC with no authentication; use only for development");
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.cluster);
+                tokio::spawn(grpc.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
+            }
+            Some((mode, files)) => {
+                let tls = charter_tls::server_config(*mode, files).context("cluster TLS")?;
+                tracing::info!(addr = %cluster_addr, mode = ?mode, "cluster server listening (mTLS)");
+                let incoming = charter_tls::incoming(listeners.cluster, tls);
+                tokio::spawn(grpc.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
+            }
+        };
+        let addr = listeners
+            .admin
+            .local_addr()
+            .context("reading the admin listener address")?;
+        tracing::info!(%addr, "admin API listening");
+        let api = api::ApiState::new(service.clone(), config.tokens.clone());
+        let app = api::router(api).into_make_service_with_connect_info::<SocketAddr>();
+        let served = axum::serve(listeners.admin, app)
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .await
+            .context("serving the admin API");
+        // The admin API ended (shut down, or failed): the cluster server stops too.
+        drop(_stop_on_return);
+        let cluster_served = cluster_server.await;
+        served?;
+        cluster_served
+            .context("cluster server task")?
+            .context("serving the cluster port")
+    };
+    let served: Result<()> = served.await;
+    tasks.await;
+    served
 }

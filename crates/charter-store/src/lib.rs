@@ -27,6 +27,7 @@ use uuid::Uuid;
 mod error;
 mod legacy;
 mod sled;
+mod sync;
 
 #[cfg(test)]
 mod tests;
@@ -66,8 +67,11 @@ pub struct Loaded {
     pub epoch: Uuid,
     /// The revision of the last license write (0 for a fresh store).
     pub revision: u64,
-    /// Every stored license, in ascending id order.
+    /// Every stored license that decodes, in ascending id order.
     pub licenses: Vec<LicenseRecord>,
+    /// What is wrong with each stored record that does not decode (left out of
+    /// `licenses`); restore the data from a backup.
+    pub damaged: Vec<String>,
 }
 
 /// One license write: see [`Store::commit`].
@@ -111,6 +115,9 @@ pub struct DataPlaneRecord {
     pub last_error: Option<String>,
     /// The upstream it gates, or empty.
     pub upstream: String,
+    /// The control plane it is (or was last) connected to.
+    #[serde(default)]
+    pub control_plane: String,
 }
 
 /// Request counts a data plane reported, as applied by the control plane.
@@ -139,11 +146,13 @@ pub struct Report {
 ///
 /// A write that returns `Err` changed nothing, except when the engine failed while making
 /// it durable ([`StoreError::is_unknown_outcome`]): then the outcome is unknown, as with
-/// any request whose answer was lost, and the store takes no more writes until a restart.
+/// any request whose answer was lost. The sled backend then takes no more writes until a
+/// restart ([`StoreError::Failed`]); a backend whose engine reports the outcome later (a
+/// database server) may take writes again, and a caller that lost track loads again.
 #[async_trait::async_trait]
 pub trait Store: Send + Sync + 'static {
     /// The backend and its version, for reports, e.g. `"sled 0.34.7"`.
-    fn backend_version(&self) -> &'static str;
+    fn backend_version(&self) -> &str;
 
     /// Every stored license with the epoch and the revision they are at: one consistent
     /// state of the store.

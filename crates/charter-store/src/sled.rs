@@ -10,6 +10,7 @@ use sled::Tree;
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use crate::sync::{io_error, Synced};
 use crate::{
     legacy, Change, DataPlaneRecord, LicenseRecord, Loaded, NodeUsage, Report, Store, StoreError,
 };
@@ -40,10 +41,12 @@ const REVISION_KEY: &[u8] = b"revision";
 ///
 /// A license write is one sled transaction over `licenses`, `checksums` and `meta`
 /// carrying the record and the revision bump; telemetry is one transaction over `usage`.
-/// Before the write returns, the store calls sled's `flush` and then fsyncs every file and
-/// directory under the data dir: sled's flush ends in `sync_file_range`, which neither
-/// flushes the device's write cache nor persists a file's size, and the fsyncs do both.
-/// The store does not know which files sled keeps; it syncs all of them. If the flush or
+/// Before the write returns, the store calls sled's `flush` and then syncs every file and
+/// directory under the data dir that changed ([`crate::sync`]): sled's flush ends in
+/// `sync_file_range`, which neither flushes the device's write cache nor persists a file's
+/// size, and the syncs do both. The store does not know which files sled keeps. sled's
+/// background flush is off, so no write of sled's reaches the disk (and no writeback error
+/// is reported) outside these syncs. If the flush or
 /// an fsync fails, what reached the disk is unknown (the kernel reports a writeback error
 /// once): the store then refuses every write ([`StoreError::Failed`]) until a restart
 /// reads what is really there.
@@ -68,6 +71,9 @@ struct Inner {
     dir: PathBuf,
     epoch: Uuid,
     writer: Mutex<Writer>,
+    /// Whether the store takes writes; its own lock, held only to read or set it, so a
+    /// health check never waits for a write's syncs.
+    health: Mutex<Health>,
     revisions: watch::Sender<u64>,
     #[cfg(feature = "fault-injection")]
     faults: Faults,
@@ -77,12 +83,19 @@ struct Inner {
 struct Writer {
     /// The revision of the last durable license write.
     revision: u64,
+    /// What the last syncs covered.
+    synced: Synced,
+}
+
+/// Whether the store takes writes.
+#[derive(Default)]
+struct Health {
     /// Why the store refuses writes, once a write failed to reach the disk.
     failed: Option<String>,
     closed: bool,
 }
 
-impl Writer {
+impl Health {
     fn usable(&self) -> Result<(), StoreError> {
         if self.closed {
             return Err(StoreError::Closed);
@@ -116,57 +129,55 @@ impl SledStore {
     pub fn open(dir: &Path) -> Result<SledStore, StoreError> {
         let created = !dir.exists();
         create_private_dir(dir)?;
+        // sled takes its lock on the data dir first, so an old release still running on
+        // it is found before its log is looked at.
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(None)
+            .open()
+            .map_err(|e| {
+                if matches!(&e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+                {
+                    StoreError::Corrupt(format!(
+                        "{} is in use by another process (is another control plane running on this data dir?)",
+                        dir.display()
+                    ))
+                } else {
+                    backend(format!("opening the sled database in {}", dir.display()), e)
+                }
+            })?;
         legacy::check(dir)?;
-        let db = sled::Config::new().path(dir).open().map_err(|e| {
-            if matches!(&e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
-            {
-                StoreError::Corrupt(format!(
-                    "{} is in use by another process (is another control plane running on this data dir?)",
-                    dir.display()
-                ))
-            } else {
-                backend(format!("opening the sled database in {}", dir.display()), e)
-            }
-        })?;
         let open_tree = |name: &str| {
             db.open_tree(name)
                 .map_err(|e| backend(format!("opening tree {name} in {}", dir.display()), e))
         };
+        let meta = open_tree(META_TREE)?;
+        let (epoch, revision) = init_meta(&meta)?;
         let inner = Inner {
             licenses: open_tree(LICENSES_TREE)?,
             checksums: open_tree(CHECKSUMS_TREE)?,
-            meta: open_tree(META_TREE)?,
+            meta,
             data_planes: open_tree(DATA_PLANES_TREE)?,
             usage: open_tree(USAGE_TREE)?,
             db,
             dir: dir.to_path_buf(),
-            epoch: Uuid::nil(),
-            writer: Mutex::new(Writer {
-                revision: 0,
-                failed: None,
-                closed: false,
-            }),
-            revisions: watch::Sender::new(0),
-            #[cfg(feature = "fault-injection")]
-            faults: Faults::default(),
-        };
-        let (epoch, revision) = init_meta(&inner.meta)?;
-        let inner = Inner {
             epoch,
             writer: Mutex::new(Writer {
                 revision,
-                failed: None,
-                closed: false,
+                synced: Synced::default(),
             }),
+            health: Mutex::new(Health::default()),
             revisions: watch::Sender::new(revision),
-            ..inner
+            #[cfg(feature = "fault-injection")]
+            faults: Faults::default(),
         };
         // A new store's epoch, sled's own first files and the removal of an old log are
         // made durable before anything is built on them.
-        inner.make_durable()?;
+        inner.make_durable(&mut inner.writer())?;
         if created {
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                inner.sync_path(parent)?;
+                let handle = File::open(parent).map_err(io_error(parent, "opening"))?;
+                inner.fsync(&handle, parent, true)?;
             }
         }
         Ok(SledStore {
@@ -202,9 +213,17 @@ impl SledStore {
 
 impl Inner {
     fn writer(&self) -> MutexGuard<'_, Writer> {
-        // A panic while the lock was held left `failed` set if it happened after the write
-        // began (see `durable_write`), so the state is still meaningful.
+        // A panic while the lock was held left the store marked failed if it happened
+        // after a write began (see `durable_write`), so the state is still meaningful.
         self.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn health(&self) -> MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn usable(&self) -> Result<(), StoreError> {
+        self.health().usable()
     }
 
     /// Runs `write` (one sled transaction) and makes it durable, with the writer locked.
@@ -215,62 +234,38 @@ impl Inner {
         writer: &mut Writer,
         write: impl FnOnce() -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
-        writer.failed = Some("a write was interrupted".to_owned());
+        self.usable()?;
+        self.health().failed = Some("a write was interrupted".to_owned());
         let result = write().and_then(|value| {
-            self.make_durable()?;
+            self.make_durable(writer)?;
             Ok(value)
         });
-        match &result {
-            Ok(_) => writer.failed = None,
+        let failed = match &result {
+            Ok(_) => None,
             // Found before anything was written: the transaction aborted.
-            Err(StoreError::Corrupt(_)) => writer.failed = None,
-            Err(e) => writer.failed = Some(e.to_string()),
-        }
+            Err(StoreError::Corrupt(_)) => None,
+            Err(e) => Some(e.to_string()),
+        };
+        self.health().failed = failed;
         result
     }
 
-    /// Flushes sled and fsyncs every file and directory under the data dir.
-    fn make_durable(&self) -> Result<(), StoreError> {
+    /// Flushes sled and syncs what changed under the data dir.
+    fn make_durable(&self, writer: &mut Writer) -> Result<(), StoreError> {
         self.db.flush().map_err(|e| {
             backend(
                 format!("flushing the sled database in {}", self.dir.display()),
                 e,
             )
         })?;
-        self.sync_tree(&self.dir)
+        writer.synced.sync(&self.dir, &|file, path, is_dir| {
+            self.fsync(file, path, is_dir)
+        })
     }
 
-    /// Fsyncs every regular file under `dir`, then `dir` itself, depth first. A file that
-    /// disappears between the listing and its fsync was removed by sled, which is fine.
-    fn sync_tree(&self, dir: &Path) -> Result<(), StoreError> {
-        let entries = std::fs::read_dir(dir).map_err(io_error(dir, "listing"))?;
-        for entry in entries {
-            let entry = entry.map_err(io_error(dir, "listing"))?;
-            let path = entry.path();
-            let kind = match entry.file_type() {
-                Ok(kind) => kind,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_error(&path, "reading the type of")(e)),
-            };
-            if kind.is_dir() {
-                self.sync_tree(&path)?;
-            } else if kind.is_file() {
-                match File::open(&path) {
-                    Ok(file) => self.fsync(&file, &path)?,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(io_error(&path, "opening")(e)),
-                }
-            }
-        }
-        self.sync_path(dir)
-    }
-
-    fn sync_path(&self, path: &Path) -> Result<(), StoreError> {
-        let file = File::open(path).map_err(io_error(path, "opening"))?;
-        self.fsync(&file, path)
-    }
-
-    fn fsync(&self, file: &File, path: &Path) -> Result<(), StoreError> {
+    /// `fsync` for a directory, `fdatasync` for a file (its data and what is needed to
+    /// read it back, its size; not its times).
+    fn fsync(&self, file: &File, path: &Path, is_dir: bool) -> Result<(), StoreError> {
         #[cfg(feature = "fault-injection")]
         if self
             .faults
@@ -278,33 +273,41 @@ impl Inner {
             .load(std::sync::atomic::Ordering::SeqCst)
         {
             return Err(io_error(path, "fsyncing")(
-                std::io::Error::from_raw_os_error(
-                    5, // EIO
-                ),
+                std::io::Error::from_raw_os_error(5), // EIO
             ));
         }
-        file.sync_all().map_err(io_error(path, "fsyncing"))
+        if is_dir {
+            file.sync_all()
+        } else {
+            file.sync_data()
+        }
+        .map_err(io_error(path, "fsyncing"))
     }
 
     fn load(&self) -> Result<Loaded, StoreError> {
         // With the writer locked, so the records and the revision are one state.
         let writer = self.writer();
-        writer.usable()?;
+        self.usable()?;
         let mut licenses = Vec::with_capacity(self.licenses.len());
+        let mut damaged = Vec::new();
         for item in self.licenses.iter() {
             let (key, value) = item.map_err(|e| backend("reading licenses".to_owned(), e))?;
-            licenses.push(decode_record(&key, &value)?);
+            match decode_record(&key, &value) {
+                Ok(record) => licenses.push(record),
+                Err(e) => damaged.push(e.to_string()),
+            }
         }
         Ok(Loaded {
             epoch: self.epoch,
             revision: writer.revision,
             licenses,
+            damaged,
         })
     }
 
     fn commit(&self, base: u64, change: Change) -> Result<u64, StoreError> {
         let mut writer = self.writer();
-        writer.usable()?;
+        self.usable()?;
         if writer.revision != base {
             return Err(StoreError::Conflict {
                 expected: base,
@@ -361,7 +364,6 @@ impl Inner {
 
     fn apply_telemetry(&self, reports: Vec<Report>) -> Result<Vec<bool>, StoreError> {
         let mut writer = self.writer();
-        writer.usable()?;
         self.durable_write(&mut writer, || {
             self.usage
                 .transaction(|usage| {
@@ -411,7 +413,11 @@ impl Inner {
         })
     }
 
+    /// Read with the writer locked, so telemetry committed in sled's memory but not yet
+    /// durable (acknowledged) is never shown.
     fn usage(&self) -> Result<Vec<NodeUsage>, StoreError> {
+        let _writer = self.writer();
+        self.usable()?;
         self.usage
             .iter()
             .map(|item| {
@@ -428,7 +434,7 @@ impl Inner {
 
     /// Inventory writes are soft state: one batch, not waited for on the disk.
     fn put_data_planes(&self, records: Vec<DataPlaneRecord>) -> Result<(), StoreError> {
-        self.writer().usable()?;
+        self.usable()?;
         let mut batch = sled::Batch::default();
         for record in &records {
             let value = serde_json::to_vec(record).map_err(|e| {
@@ -458,7 +464,7 @@ impl Inner {
     }
 
     fn purge_data_planes(&self, last_seen_before: i64) -> Result<usize, StoreError> {
-        self.writer().usable()?;
+        self.usable()?;
         let mut batch = sled::Batch::default();
         let mut purged = 0;
         for record in self.data_planes()? {
@@ -475,22 +481,26 @@ impl Inner {
 
     fn close(&self) -> Result<(), StoreError> {
         let mut writer = self.writer();
-        if writer.closed {
-            return Ok(());
-        }
-        writer.closed = true;
-        if writer.failed.is_some() {
+        let failed = {
+            let mut health = self.health();
+            if health.closed {
+                return Ok(());
+            }
+            health.closed = true;
+            health.failed.is_some()
+        };
+        if failed {
             // Nothing more is made durable on top of an unknown state.
             return Ok(());
         }
         // The inventory, written without waiting, is made durable too.
-        self.make_durable()
+        self.make_durable(&mut writer)
     }
 }
 
 #[async_trait::async_trait]
 impl Store for SledStore {
-    fn backend_version(&self) -> &'static str {
+    fn backend_version(&self) -> &str {
         BACKEND_VERSION
     }
 
@@ -530,7 +540,7 @@ impl Store for SledStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        self.inner.writer().usable()
+        self.inner.usable()
     }
 
     async fn close(&self) -> Result<(), StoreError> {
@@ -553,13 +563,6 @@ fn backend(context: String, e: sled::Error) -> StoreError {
     StoreError::Backend {
         context,
         source: Box::new(e),
-    }
-}
-
-fn io_error<'a>(path: &'a Path, what: &'static str) -> impl Fn(std::io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        context: format!("{what} {}", path.display()),
-        source,
     }
 }
 

@@ -35,6 +35,7 @@ fn row(id: &str, last_seen: i64) -> DataPlaneRecord {
         license_status: "unlicensed".to_owned(),
         last_error: None,
         upstream: String::new(),
+        control_plane: "cp-a".to_owned(),
     }
 }
 
@@ -393,4 +394,65 @@ async fn many_licenses_load_in_id_order() {
         .map(|r| r.id.as_bytes()[0])
         .collect();
     assert_eq!(ids, (0..60).collect::<Vec<_>>());
+}
+
+/// Syncs through `Synced`, recording which paths were synced.
+fn synced_paths(synced: &mut crate::sync::Synced, dir: &std::path::Path) -> Vec<String> {
+    let calls = std::cell::RefCell::new(Vec::new());
+    synced
+        .sync(dir, &|_, path, _| {
+            calls.borrow_mut().push(
+                path.strip_prefix(dir)
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            Ok(())
+        })
+        .unwrap();
+    let mut calls = calls.into_inner();
+    calls.sort();
+    calls
+}
+
+#[test]
+fn syncs_cover_every_change_and_skip_only_what_cannot_have_changed() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    let root = dir.path();
+    std::fs::create_dir(root.join("sub")).unwrap();
+    std::fs::write(root.join("old"), b"settled").unwrap();
+    std::fs::write(root.join("sub/fresh"), b"1").unwrap();
+    let mut synced = crate::sync::Synced::default();
+    assert_eq!(
+        synced_paths(&mut synced, root),
+        vec!["", "old", "sub", "sub/fresh"],
+        "everything the first time"
+    );
+    // Files written moments ago are synced again: their times are not trusted yet.
+    assert_eq!(synced_paths(&mut synced, root), vec!["old", "sub/fresh"]);
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    assert_eq!(synced_paths(&mut synced, root), vec!["old", "sub/fresh"]);
+    // Now settled and unchanged: nothing to do.
+    assert_eq!(synced_paths(&mut synced, root), Vec::<String>::new());
+    // A write of the same size is still seen (its times move), a new entry syncs its
+    // directory, and a removed one too.
+    std::fs::write(root.join("old"), b"SETTLED").unwrap();
+    std::fs::write(root.join("sub/new"), b"2").unwrap();
+    assert_eq!(
+        synced_paths(&mut synced, root),
+        vec!["old", "sub", "sub/new"]
+    );
+    std::fs::remove_file(root.join("sub/new")).unwrap();
+    assert_eq!(synced_paths(&mut synced, root), vec!["old", "sub"]);
+    // What another user owns in the data dir is not the store's.
+    std::fs::create_dir(root.join("lost+found")).unwrap();
+    std::fs::set_permissions(
+        root.join("lost+found"),
+        std::fs::Permissions::from_mode(0o700),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(root.join("lost+found"), Some(54321), Some(54321)).unwrap();
+    let calls = synced_paths(&mut synced, root);
+    assert!(!calls.iter().any(|c| c.contains("lost+found")), "{calls:?}");
 }

@@ -203,7 +203,7 @@ pub async fn list(
     }
     let snapshot = state.service().snapshot();
     let (entries, next) = snapshot.page(after, size);
-    let records: Vec<Bytes> = entries.iter().map(|e| record_body(&e.record)).collect();
+    let records: Vec<Bytes> = entries.iter().map(|e| e.encoded(record_body)).collect();
     let offset = next.map(encode_offset);
     let next = offset
         .as_ref()
@@ -258,7 +258,7 @@ pub async fn show(
         .ok_or(ApiError::NotFound)?;
     let snapshot = state.service().snapshot();
     let entry = snapshot.get(id).ok_or(ApiError::NotFound)?;
-    Ok(json_response(record_body(&entry.record)))
+    Ok(json_response(entry.encoded(record_body)))
 }
 
 /// `PUT /licenses/{id}`: create with that id, or replace (keeping `created_at`).

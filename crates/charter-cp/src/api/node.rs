@@ -218,6 +218,7 @@ pub async fn data_planes(State(state): State<ApiState>) -> Result<Json<Value>, A
                 "license_revision": dp.license_revision,
                 "license_status": dp.license_status,
                 "last_error": dp.last_error,
+                "control_plane": dp.control_plane,
             })
         })
         .collect();

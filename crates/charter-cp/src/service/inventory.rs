@@ -101,6 +101,13 @@ impl Inventory {
         }
     }
 
+    /// Removes the rows of data planes last seen before `cutoff`, with no batch write in
+    /// between (which could bring back a row just refreshed); returns how many.
+    pub async fn purge(&self, store: &dyn Store, cutoff: i64) -> Result<usize, StoreError> {
+        let _writing = self.writing.lock().await;
+        store.purge_data_planes(cutoff).await
+    }
+
     /// Writes recorded rows at most every [`FLUSH_EVERY`] until `shutdown` fires; the
     /// caller flushes once more after the streams have ended.
     pub async fn run(&self, store: Arc<dyn Store>, mut shutdown: watch::Receiver<bool>) {
@@ -152,6 +159,7 @@ mod tests {
             license_status: "unlicensed".to_owned(),
             last_error: None,
             upstream: String::new(),
+            control_plane: "cp".to_owned(),
         }
     }
 

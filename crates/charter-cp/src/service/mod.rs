@@ -90,6 +90,8 @@ struct Inner {
     keys: TrustedKeys,
     clock: Arc<dyn Clock>,
     static_license: Option<StaticLicense>,
+    /// This control plane's name in the inventory (`control_plane`): its host name.
+    name: String,
     snapshots: watch::Sender<Arc<Snapshot>>,
     /// Serialises license writes (and reloads): a write decides, commits and publishes
     /// with it held. A Tokio mutex, held across the store's `.await`.
@@ -105,16 +107,21 @@ pub struct Tasks {
 }
 
 impl Service {
-    /// Loads the store into the first snapshot and makes the service.
+    /// Loads the store into the first snapshot and makes the service of the control plane
+    /// called `name`.
     pub async fn start(
         store: Arc<dyn Store>,
         keys: TrustedKeys,
         clock: Arc<dyn Clock>,
         static_license: Option<StaticLicense>,
+        name: String,
     ) -> Result<(Service, Tasks), StoreError> {
         let started = std::time::Instant::now();
         let loaded = store.load().await?;
         let read_ms = started.elapsed().as_millis() as u64;
+        for damage in &loaded.damaged {
+            tracing::error!(error = %damage, "a stored license cannot be read and is left out; restore the data dir from a backup or delete the license");
+        }
         let snapshot = tokio::task::spawn_blocking(move || Snapshot::build(loaded, None))
             .await
             .map_err(|e| StoreError::Backend {
@@ -133,6 +140,7 @@ impl Service {
             keys,
             clock,
             static_license,
+            name,
             snapshots: watch::Sender::new(Arc::new(snapshot)),
             writing: tokio::sync::Mutex::new(()),
             inventory: Inventory::default(),
@@ -158,6 +166,11 @@ impl Service {
     /// The current time from the injected clock.
     pub fn now(&self) -> UnixTime {
         self.0.clock.now()
+    }
+
+    /// This control plane's name in the inventory.
+    pub fn name(&self) -> &str {
+        &self.0.name
     }
 
     /// The static license, when configured.
@@ -189,6 +202,12 @@ impl Service {
             self.0.static_license.as_ref(),
             self.now(),
         );
+        if snapshot.damaged() > 0 {
+            view.warnings.push(format!(
+                "{} stored license(s) cannot be read and are left out (see the log); restore the data dir from a backup",
+                snapshot.damaged()
+            ));
+        }
         let connected = self.0.inventory.connected_count() as u64;
         let allowed = view
             .stored_in_force
@@ -512,7 +531,12 @@ async fn purge(service: Service, mut shutdown: watch::Receiver<bool>) {
             _ = shutdown.changed() => return,
         }
         let cutoff = service.now() - PURGE_AFTER.as_secs() as i64;
-        match service.0.store.purge_data_planes(cutoff).await {
+        match service
+            .0
+            .inventory
+            .purge(service.0.store.as_ref(), cutoff)
+            .await
+        {
             Ok(0) => {}
             Ok(n) => tracing::info!(purged = n, "purged data planes not seen for 14 days"),
             Err(e) => tracing::warn!(error = %e, "cannot purge old data planes"),

@@ -29,6 +29,10 @@ pub struct Entry {
     /// Its verification against the trusted keys (`None` inside: it does not verify),
     /// once known.
     verification: OnceLock<Option<Arc<VerifiedLicense>>>,
+    /// The record as a reader encodes it for its wire (the admin API's JSON), made once by
+    /// the first reader that asks: the snapshot keeps the bytes without knowing their
+    /// shape, so a page of records costs copies, not encodings.
+    encoded: OnceLock<bytes::Bytes>,
 }
 
 impl Entry {
@@ -37,6 +41,7 @@ impl Entry {
         Entry {
             record,
             verification: OnceLock::new(),
+            encoded: OnceLock::new(),
         }
     }
 
@@ -45,6 +50,7 @@ impl Entry {
         Entry {
             record,
             verification: OnceLock::from(Some(verified)),
+            encoded: OnceLock::new(),
         }
     }
 
@@ -53,6 +59,12 @@ impl Entry {
         self.verification
             .get_or_init(|| keys.verify_text(&self.record.payload).ok().map(Arc::new))
             .as_ref()
+    }
+
+    /// The record encoded by `encode`, the first caller's encoding being kept. Every caller
+    /// must pass the same encoding (there is one: the admin API's).
+    pub fn encoded(&self, encode: impl FnOnce(&LicenseRecord) -> bytes::Bytes) -> bytes::Bytes {
+        self.encoded.get_or_init(|| encode(&self.record)).clone()
     }
 
     /// Whether it is known not to verify (`None`: not verified yet).
@@ -98,6 +110,8 @@ pub struct Snapshot {
     by_recency: BTreeSet<RecencyKey>,
     /// How many licenses do not verify, once every entry's verification is known.
     unverified: Option<usize>,
+    /// How many stored records could not be read at the last load.
+    damaged: usize,
 }
 
 impl Snapshot {
@@ -105,6 +119,7 @@ impl Snapshot {
     /// payload keeps its verification; the others are verified when first needed.
     pub fn build(loaded: Loaded, previous: Option<&Snapshot>) -> Snapshot {
         let mut snapshot = Snapshot::empty(loaded.epoch, loaded.revision);
+        snapshot.damaged = loaded.damaged.len();
         for record in loaded.licenses {
             let known = previous
                 .and_then(|p| p.by_id.get(&record.id))
@@ -114,6 +129,7 @@ impl Snapshot {
                 Some(verification) => Entry {
                     record,
                     verification: OnceLock::from(verification),
+                    encoded: OnceLock::new(),
                 },
                 None => Entry::unverified(record),
             };
@@ -133,6 +149,7 @@ impl Snapshot {
             by_checksum: HashMap::new(),
             by_recency: BTreeSet::new(),
             unverified: None,
+            damaged: 0,
         }
     }
 
@@ -253,6 +270,11 @@ impl Snapshot {
     /// How many stored licenses do not verify, once every license has been verified.
     pub fn unverified(&self) -> Option<usize> {
         self.unverified
+    }
+
+    /// How many stored records could not be read at the last load.
+    pub fn damaged(&self) -> usize {
+        self.damaged
     }
 
     /// Whether every license's verification is known.

@@ -64,6 +64,7 @@ async fn fixture_with(tmp: tempfile::TempDir, store: Option<Arc<dyn Store>>) -> 
         TrustedKeys::new([vendor().trusted_key()]),
         clock.clone(),
         None,
+        "cp-test".to_owned(),
     )
     .await
     .expect("start");
@@ -339,7 +340,7 @@ struct Counting {
 
 #[async_trait::async_trait]
 impl Store for Counting {
-    fn backend_version(&self) -> &'static str {
+    fn backend_version(&self) -> &str {
         self.inner.backend_version()
     }
     async fn load(&self) -> Result<Loaded, StoreError> {

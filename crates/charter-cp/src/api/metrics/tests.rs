@@ -17,9 +17,15 @@ async fn every_route_is_labelled_by_its_template() {
     let tmp = tempfile::tempdir().unwrap();
     let store = Arc::new(SledStore::open(&tmp.path().join("data")).unwrap());
     let keys = TrustedKeys::new([LicenseSigner::from_seed([1; 32]).trusted_key()]);
-    let (service, _tasks) = Service::start(store, keys, Arc::new(FixedClock::new(0)), None)
-        .await
-        .unwrap();
+    let (service, _tasks) = Service::start(
+        store,
+        keys,
+        Arc::new(FixedClock::new(0)),
+        None,
+        "cp".to_owned(),
+    )
+    .await
+    .unwrap();
     let state = ApiState::new(service, None);
     let send = |method: &str, uri: String| {
         let request = Request::builder()
