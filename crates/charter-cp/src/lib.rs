@@ -9,7 +9,7 @@
 //! Its public surface is what the binary and the tests need: [`run`], [`Config`],
 //! [`Args`], [`Listeners`], and [`api::auth::Tokens`] (parsed by the configuration).
 
-pub mod api;
+mod api;
 mod cluster;
 pub mod config;
 mod expiry;
@@ -24,6 +24,7 @@ use charter_license::Clock;
 use charter_runtime::SystemClock;
 use charter_store::{SledStore, Store};
 
+pub use api::auth::{TokenFileError, Tokens};
 pub use config::{Args, Config};
 
 /// Listeners bound by the caller (so tests can bind `127.0.0.1:0`).

@@ -14,17 +14,17 @@
 /// This data plane's version, sent in `Hello` (the control plane checks it is compatible).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-pub mod api;
+mod api;
 pub mod cache;
-pub mod clock;
+mod clock;
 pub mod config;
-pub mod expiry;
+mod expiry;
 pub mod files;
-pub mod gate;
-pub mod metrics;
+mod gate;
+mod metrics;
 pub mod state;
 pub mod sync;
-pub mod usage;
+mod usage;
 
 use std::future::Future;
 use std::path::Path;

@@ -196,12 +196,20 @@ impl SledStore {
         &self.inner.faults
     }
 
-    /// Runs `f` on the blocking pool: sled's calls and the fsyncs wait for the disk.
+    /// Runs `f`, which waits for the disk (sled's calls and the syncs), without stalling
+    /// the runtime. On a multi-threaded runtime (the binary's) it runs on this thread in
+    /// `block_in_place`, which first hands this worker's other tasks to another thread, so
+    /// a write's own path has no thread hand-off and its answer leaves as soon as it is
+    /// durable. Elsewhere (a current-thread runtime in tests) it goes to the blocking pool.
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let inner = self.inner.clone();
+        let flavor = tokio::runtime::Handle::current().runtime_flavor();
+        if flavor == tokio::runtime::RuntimeFlavor::MultiThread {
+            return tokio::task::block_in_place(|| f(&inner));
+        }
         tokio::task::spawn_blocking(move || f(&inner))
             .await
             .map_err(|e| StoreError::Backend {

@@ -181,9 +181,6 @@ pub enum ApiError {
         /// What went wrong, for the log.
         error: String,
     },
-    /// 500 a bug.
-    #[error("internal error: {0}")]
-    Internal(String),
 }
 
 impl ApiError {
@@ -209,7 +206,6 @@ impl ApiError {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -268,18 +264,14 @@ impl ApiError {
             }),
             ApiError::BadRequest(message) => json!({"message": message}),
             ApiError::Unavailable { message, .. } => json!({"message": message}),
-            ApiError::Internal(_) => json!({"message": "An unexpected error occurred"}),
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        match &self {
-            ApiError::Unavailable { error, .. } | ApiError::Internal(error) => {
-                tracing::error!(error = %error, "admin API request failed");
-            }
-            _ => {}
+        if let ApiError::Unavailable { error, .. } = &self {
+            tracing::error!(error = %error, "admin API request failed");
         }
         (self.status(), Json(self.body())).into_response()
     }

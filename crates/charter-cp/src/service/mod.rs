@@ -158,11 +158,6 @@ impl Service {
         &self.0.store
     }
 
-    /// The trusted keys.
-    pub fn keys(&self) -> &TrustedKeys {
-        &self.0.keys
-    }
-
     /// The current time from the injected clock.
     pub fn now(&self) -> UnixTime {
         self.0.clock.now()
@@ -171,11 +166,6 @@ impl Service {
     /// This control plane's name in the inventory.
     pub fn name(&self) -> &str {
         &self.0.name
-    }
-
-    /// The static license, when configured.
-    pub fn static_license(&self) -> Option<&StaticLicense> {
-        self.0.static_license.as_ref()
     }
 
     /// The licenses now.

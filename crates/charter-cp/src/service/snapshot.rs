@@ -236,11 +236,6 @@ impl Snapshot {
         self.by_id.len()
     }
 
-    /// Whether no license is stored.
-    pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
-    }
-
     /// Up to `limit` licenses with ids above `after`, in id order, and the id to continue
     /// after when there are more.
     pub fn page(&self, after: Option<Uuid>, limit: usize) -> (Vec<&Arc<Entry>>, Option<Uuid>) {
