@@ -1,9 +1,10 @@
 //! The control plane's storage: the narrow, async [`Store`] trait and its sled backend.
 //!
-//! This is the only crate that knows sled. The control plane keeps every license in an
+//! This is the only crate that knows sled and PostgreSQL. The control plane keeps every license in an
 //! in-memory snapshot and asks the store for four things only: load everything, commit a
-//! change on top of a known revision, the data-plane inventory, and telemetry. A
-//! PostgreSQL backend (several control planes on one database) implements the same trait.
+//! change on top of a known revision, the data-plane inventory, and telemetry. The
+//! PostgreSQL backend ([`PgStore`], several control planes on one database) implements the
+//! same trait.
 //!
 //! **Architecture Invariant:** an acknowledged write is durable. No write method returns
 //! `Ok` before the engine has made the change durable (for sled: one batch, then sled's
@@ -26,12 +27,16 @@ use uuid::Uuid;
 
 mod error;
 mod legacy;
+mod postgres;
 mod sled;
 mod sync;
 
 #[cfg(test)]
+mod pg_tests;
+#[cfg(test)]
 mod tests;
 
+pub use crate::postgres::PgStore;
 #[cfg(feature = "fault-injection")]
 pub use crate::sled::Faults;
 pub use crate::sled::SledStore;
