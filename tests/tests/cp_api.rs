@@ -735,6 +735,34 @@ fn bad_configuration_exits_64_with_one_line() {
     );
     refused_config(
         &dir,
+        &[
+            "--trusted-key",
+            &key,
+            "--cluster-insecure",
+            "--database-url",
+            "postgres://u@h:notaport/db",
+        ],
+        &[],
+        "--database-url is not a PostgreSQL URL",
+    );
+    let url_file = dir.path().join("database-url");
+    std::fs::write(&url_file, "postgres://u@127.0.0.1:5432/db\n").expect("write");
+    refused_config(
+        &dir,
+        &[
+            "--trusted-key",
+            &key,
+            "--cluster-insecure",
+            "--database-url",
+            "postgres://u@127.0.0.1:5432/db",
+            "--database-url-file",
+            &url_file.to_string_lossy(),
+        ],
+        &[],
+        "not both",
+    );
+    refused_config(
+        &dir,
         &["--trusted-key", &key, "--admin-listen", "nowhere"],
         &[],
         "--admin-listen",

@@ -61,6 +61,32 @@ pub struct Args {
     /// Serve the cluster port as plaintext gRPC. For development only.
     #[arg(long, env = "CHARTER_CLUSTER_INSECURE")]
     pub cluster_insecure: bool,
+    /// Store licenses in PostgreSQL (`postgres://USER[:PASS]@HOST:PORT/DB`) instead of the
+    /// embedded store in --data-dir; control planes with the same URL are one cluster.
+    #[arg(long, env = "CHARTER_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// A file holding the PostgreSQL URL (so a password can stay in a Secret).
+    #[arg(long, env = "CHARTER_DATABASE_URL_FILE")]
+    pub database_url_file: Option<PathBuf>,
+}
+
+/// Where the licenses are stored.
+#[derive(Clone)]
+pub enum Storage {
+    /// The embedded sled store in this directory.
+    Embedded(PathBuf),
+    /// A PostgreSQL database shared by several control planes (the URL may hold a
+    /// password, so it is never printed).
+    Postgres(String),
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Storage::Embedded(dir) => write!(f, "Embedded({})", dir.display()),
+            Storage::Postgres(_) => write!(f, "Postgres(<url>)"),
+        }
+    }
 }
 
 /// Cluster transport settings.
@@ -77,6 +103,8 @@ pub struct ClusterConfig {
 pub struct Config {
     /// Store directory.
     pub data_dir: PathBuf,
+    /// Where the licenses are stored.
+    pub storage: Storage,
     /// Admin API address.
     pub admin_listen: SocketAddr,
     /// Cluster settings.
@@ -125,7 +153,23 @@ impl Config {
             args.cluster_cert_key.as_deref(),
             args.cluster_ca_cert.as_deref(),
         )?;
+        let storage = match (args.database_url, &args.database_url_file) {
+            (Some(_), Some(_)) => {
+                bail!("give --database-url or --database-url-file, not both")
+            }
+            (Some(url), None) => Storage::Postgres(url),
+            (None, Some(path)) => {
+                Storage::Postgres(read_file(path, "--database-url-file")?.trim().to_owned())
+            }
+            (None, None) => Storage::Embedded(args.data_dir.clone()),
+        };
+        if let Storage::Postgres(url) = &storage {
+            charter_store::PgStore::check_url(url).map_err(|e| {
+                anyhow::anyhow!("--database-url is not a PostgreSQL URL (postgres://USER[:PASS]@HOST:PORT/DB): {e}")
+            })?;
+        }
         Ok(Config {
+            storage,
             data_dir: args.data_dir,
             admin_listen,
             cluster: ClusterConfig {

@@ -51,13 +51,17 @@ pub async fn run_with_clock(
     clock: Arc<dyn Clock>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let data_dir = config.data_dir.clone();
-    let store = tokio::task::spawn_blocking(move || SledStore::open(&data_dir))
-        .await
-        .context("opening the license store")?
-        .with_context(|| format!("opening the license store in {}", config.data_dir.display()))?;
-    let epoch = store.epoch();
-    let store: Arc<dyn Store> = Arc::new(store);
+    let store: Arc<dyn Store> = match &config.storage {
+        config::Storage::Embedded(dir) => {
+            let data_dir = dir.clone();
+            let store = tokio::task::spawn_blocking(move || SledStore::open(&data_dir))
+                .await
+                .context("opening the license store")?
+                .with_context(|| format!("opening the license store in {}", dir.display()))?;
+            Arc::new(store)
+        }
+        config::Storage::Postgres(url) => Arc::new(open_postgres(url).await?),
+    };
     let key_ids: Vec<String> = config
         .trusted_keys
         .ids()
@@ -86,7 +90,7 @@ pub async fn run_with_clock(
         }
     };
     let snapshot = service.snapshot();
-    tracing::info!(data_dir = %config.data_dir.display(), %epoch, revision = snapshot.revision,
+    tracing::info!(storage = ?config.storage, epoch = %snapshot.epoch, revision = snapshot.revision,
         licenses = snapshot.len(), backend = store.backend_version(),
         load_ms = started.elapsed().as_millis() as u64, "license store open");
     // Every exit from here on, an error included, stops the tasks and closes the store
@@ -101,6 +105,24 @@ pub async fn run_with_clock(
     tracing::info!("control plane stopped");
     served?;
     closed.context("closing the license store")
+}
+
+/// Connects to PostgreSQL, retrying (1 s, doubling to 10 s) while the database cannot be
+/// reached: a control plane started during a database outage waits for it.
+async fn open_postgres(url: &str) -> Result<charter_store::PgStore> {
+    let mut wait = std::time::Duration::from_secs(1);
+    loop {
+        match charter_store::PgStore::open(url).await {
+            Ok(store) => return Ok(store),
+            Err(e @ charter_store::StoreError::Unavailable { .. }) => {
+                tracing::error!(error = %e, retry_in_s = wait.as_secs(),
+                    "cannot reach the database; the control plane waits for it");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(10));
+            }
+            Err(e) => return Err(e).context("opening the PostgreSQL store"),
+        }
+    }
 }
 
 /// Serves the admin API and the cluster port until `shutdown` (or a failure), then

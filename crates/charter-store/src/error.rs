@@ -27,6 +27,18 @@ pub enum StoreError {
     #[error("license store data is corrupt: {0}")]
     Corrupt(String),
 
+    /// The database server cannot be reached (PostgreSQL: no connection, or it was lost).
+    /// Nothing changed, unless the connection was lost while a write committed: then the
+    /// outcome is unknown until the next read.
+    #[error("{context}: the database is unavailable: {source}")]
+    Unavailable {
+        /// What was being done.
+        context: String,
+        /// The client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+
     /// The storage engine failed.
     #[error("{context}: {source}")]
     Backend {
@@ -52,6 +64,9 @@ impl StoreError {
     /// Whether the failed write may still have reached the disk (the engine failed while
     /// making it durable), as opposed to one that certainly changed nothing.
     pub fn is_unknown_outcome(&self) -> bool {
-        matches!(self, StoreError::Backend { .. } | StoreError::Io { .. })
+        matches!(
+            self,
+            StoreError::Backend { .. } | StoreError::Io { .. } | StoreError::Unavailable { .. }
+        )
     }
 }

@@ -33,6 +33,8 @@ mod sync;
 
 #[cfg(test)]
 mod pg_tests;
+#[cfg(feature = "test-postgres")]
+pub mod testing;
 #[cfg(test)]
 mod tests;
 

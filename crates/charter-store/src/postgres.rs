@@ -76,21 +76,43 @@ impl Drop for Inner {
     }
 }
 
+/// An error the server answered is the engine's; any other (no connection, a connection
+/// lost) means the database is unavailable.
 fn db_error(context: &str) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
-    move |e| StoreError::Backend {
-        context: context.to_owned(),
-        source: Box::new(e),
+    move |e| {
+        let context = context.to_owned();
+        if e.as_db_error().is_some() {
+            StoreError::Backend {
+                context,
+                source: Box::new(e),
+            }
+        } else {
+            StoreError::Unavailable {
+                context,
+                source: Box::new(e),
+            }
+        }
     }
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Backend {
+    StoreError::Unavailable {
         context: "connecting to the database".to_owned(),
         source: Box::new(e),
     }
 }
 
 impl PgStore {
+    /// Checks that `url` is a PostgreSQL URL this store can use, without connecting.
+    pub fn check_url(url: &str) -> Result<(), StoreError> {
+        url.parse::<tokio_postgres::Config>()
+            .map(|_| ())
+            .map_err(|e| StoreError::Backend {
+                context: "parsing the database URL".to_owned(),
+                source: Box::new(e),
+            })
+    }
+
     /// Connects to `url` (`postgres://USER[:PASS]@HOST:PORT/DB`), creates or migrates the
     /// schema, and starts following the revision.
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {

@@ -280,6 +280,7 @@ impl IntoResponse for ApiError {
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> ApiError {
         let message = match &e {
+            StoreError::Unavailable { .. } => "database unavailable",
             StoreError::Failed(_) => {
                 "License store refuses writes since a write failed to reach the disk; restart the control plane"
             }

@@ -1,0 +1,193 @@
+//! A private PostgreSQL server for tests (feature `test-postgres`): initdb in a temp dir,
+//! its own port and socket dir, run as `nobody` when the tests run as root (PostgreSQL
+//! refuses root), stopped and removed when dropped.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A private PostgreSQL server, stopped and removed when dropped.
+pub struct TestPostgres {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+    port: u16,
+    child: Option<Child>,
+    as_user: Option<&'static str>,
+}
+
+/// The directory of the installed PostgreSQL server binaries (Debian's layout, or `PATH`).
+fn server_bin() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("bin"))
+        .filter(|bin| bin.join("postgres").exists())
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!("no PostgreSQL server in /usr/lib/postgresql/*/bin: run scripts/install-deps")
+    })
+}
+
+fn running_as_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Uid:"))
+                .map(|l| l.split_whitespace().next() == Some("0"))
+        })
+        .unwrap_or(false)
+}
+
+impl TestPostgres {
+    /// Starts a fresh server with a database `charter` owned by user `charter`.
+    pub fn start() -> TestPostgres {
+        let bin = server_bin();
+        let dir = tempfile::Builder::new()
+            .prefix("charter-pg-")
+            .tempdir()
+            .expect("temp dir");
+        let as_user = running_as_root().then_some("nobody");
+        if as_user.is_some() {
+            let out = Command::new("chown")
+                .args(["nobody:nogroup"])
+                .arg(dir.path())
+                .output()
+                .expect("chown");
+            assert!(out.status.success(), "{out:?}");
+        }
+        let mut pg = TestPostgres {
+            dir,
+            bin,
+            port: 0,
+            child: None,
+            as_user,
+        };
+        let data = pg.data();
+        let out = pg
+            .command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args(["-U", "charter", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .output()
+            .expect("running initdb");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg.launch();
+        let out = pg
+            .command("createdb")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &pg.port.to_string(),
+                "-U",
+                "charter",
+                "charter",
+            ])
+            .output()
+            .expect("running createdb");
+        assert!(
+            out.status.success(),
+            "createdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        pg
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let path = self.bin.join(program);
+        match self.as_user {
+            Some(user) => {
+                let mut command = Command::new("runuser");
+                command.args(["-u", user, "--"]).arg(path);
+                command
+            }
+            None => Command::new(path),
+        }
+    }
+
+    /// Starts the server (again, on the same port) and waits until it takes connections.
+    pub fn launch(&mut self) {
+        if self.port == 0 {
+            self.port = std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("free port")
+                .port();
+        }
+        let child = self
+            .command("postgres")
+            .arg("-D")
+            .arg(self.data())
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-c",
+                "listen_addresses=127.0.0.1",
+            ])
+            .arg("-k")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting postgres");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = self
+                .command("pg_isready")
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "charter",
+                ])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL did not start within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the server at once (`pg_ctl stop -m immediate`: no shutdown checkpoint, as a
+    /// crash).
+    pub fn stop_immediately(&mut self) {
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.data())
+            .args(["stop", "-m", "immediate", "-w"])
+            .output();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+    }
+
+    /// The database's URL.
+    pub fn url(&self) -> String {
+        format!("postgres://charter@127.0.0.1:{}/charter", self.port)
+    }
+}
+
+impl Drop for TestPostgres {
+    fn drop(&mut self) {
+        self.stop_immediately();
+    }
+}
