@@ -449,14 +449,21 @@ impl Dp {
     /// port with shared-mode mTLS, trusting `trusted_key`, plus extra flags; waits until its
     /// status API answers (not until it is ready).
     pub fn start(dir: &Path, name: &str, cp: &Cp, trusted_key: &Path, extra: &[&str]) -> Dp {
+        Dp::start_on(dir, name, &[cp], trusted_key, extra)
+    }
+
+    /// [`Dp::start`] with several control planes (`--control-plane A,B`), which must share
+    /// the first one's cluster certificate.
+    pub fn start_on(dir: &Path, name: &str, cps: &[&Cp], trusted_key: &Path, extra: &[&str]) -> Dp {
+        let addresses: Vec<String> = cps.iter().map(|cp| cp.cluster_addr.to_string()).collect();
         let mut args = vec![
             "--control-plane".to_owned(),
-            cp.cluster_addr.to_string(),
+            addresses.join(","),
             "--trusted-key".to_owned(),
             trusted_key.to_string_lossy().into_owned(),
         ];
         if !extra.iter().any(|a| a.starts_with("--cluster-")) {
-            args.extend(shared_tls_args(&cp.certs));
+            args.extend(shared_tls_args(&cps[0].certs));
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut dp = Dp {

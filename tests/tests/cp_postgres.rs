@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use charter_store::testing::TestPostgres;
-use charter_tests::{eventually, Cp, Dp, Vendor};
+use charter_tests::{cluster_certs, eventually, shared_tls_args, Cp, Dp, Vendor};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -90,4 +90,64 @@ fn two_control_planes_on_one_database_are_one_cluster_through_an_outage() {
         l["id"] == second.as_str()
     });
     assert_eq!(b.get("/status").status, 200);
+}
+
+#[test]
+fn a_data_plane_moves_to_the_other_control_plane_when_its_own_is_killed() {
+    let tmp = TempDir::new().expect("temp dir");
+    let pg = TestPostgres::start();
+    let url = pg.url();
+    let vendor = Vendor::new(tmp.path(), 6);
+    let key = vendor.public_key.to_str().expect("utf-8 path").to_owned();
+    // One cluster certificate for both control planes, as one Secret would give them.
+    let certs = cluster_certs(tmp.path());
+    let mut args: Vec<String> = vec!["--trusted-key".into(), key, "--database-url".into(), url];
+    args.extend(shared_tls_args(&certs));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let mut a = Cp::start(&dir_a, &args);
+    let b = Cp::start(&dir_b, &args);
+    let written = a.send_json(
+        "POST",
+        "/licenses",
+        &json!({"payload": vendor.valid("FAILOVER")}),
+    );
+    assert_eq!(written.status, 201, "{}", written.body);
+    let id = written.json()["id"].as_str().unwrap().to_owned();
+    let dp_tls = shared_tls_args(&certs);
+    let dp_tls: Vec<&str> = dp_tls.iter().map(String::as_str).collect();
+    let dp = Dp::start_on(tmp.path(), "dp", &[&a, &b], &vendor.public_key, &dp_tls);
+    dp.wait_license("the license", |l| l["id"] == id.as_str());
+    let status = dp.get("/status").json();
+    assert_eq!(
+        status["control_plane"]["address"],
+        a.cluster_addr.to_string()
+    );
+
+    a.kill();
+    // The data plane stays licensed and ready, and syncs with B.
+    let b_addr = b.cluster_addr.to_string();
+    eventually(
+        "the data plane connected to B",
+        Duration::from_secs(30),
+        || {
+            let status = dp.get("/status").json();
+            (status["control_plane"]["address"] == b_addr.as_str()
+                && status["control_plane"]["connected"] == true)
+                .then_some(())
+        },
+    );
+    assert_eq!(dp.get("/status/ready").status, 200);
+    assert_eq!(dp.license()["id"], id.as_str());
+    // A write on B reaches it.
+    let renewed = b.send_json(
+        "POST",
+        "/licenses",
+        &json!({"payload": vendor.valid("FAILOVER-2")}),
+    );
+    assert_eq!(renewed.status, 201, "{}", renewed.body);
+    let renewed = renewed.json()["id"].as_str().unwrap().to_owned();
+    dp.wait_license("the license written on B", |l| l["id"] == renewed.as_str());
 }

@@ -21,7 +21,8 @@ pub const SHARED_SERVER_NAME: &str = "charter-cluster";
 #[derive(Debug, Parser)]
 #[command(name = "charter-dp", version, about = "Charter data plane")]
 pub struct Args {
-    /// The control plane's cluster address.
+    /// The control plane's cluster address (HOST:PORT), or several comma-separated: after a
+    /// lost connection the data plane tries the next one.
     #[arg(long, env = "CHARTER_CONTROL_PLANE", default_value = "127.0.0.1:8005")]
     pub control_plane: String,
     /// Directory of the node id, the clock mark and the verified license cache.
@@ -161,7 +162,9 @@ impl Config {
     /// Validates flags into a configuration. `now` judges a static license.
     pub fn from_args(args: Args, now: UnixTime) -> Result<Config> {
         let status_listen = resolve(&args.status_listen, "--status-listen")?;
-        check_host_port(&args.control_plane)?;
+        for address in args.control_plane.split(',') {
+            check_host_port(address.trim())?;
+        }
         if args.trusted_keys.is_empty() {
             bail!("no --trusted-key given: the data plane verifies every license itself and needs at least one vendor public key (the one the control plane trusts)");
         }

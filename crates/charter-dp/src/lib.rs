@@ -122,11 +122,20 @@ pub async fn run_with_clock(
     }
 
     let usage = Arc::new(usage::Usage::open(&dir).context("opening the usage counts")?);
-    let control_plane = Arc::new(sync::ControlPlaneStatus::new(&config.control_plane));
+    let addresses: Vec<String> = config
+        .control_plane
+        .split(',')
+        .map(|a| a.trim().to_owned())
+        .filter(|a| !a.is_empty())
+        .collect();
+    let control_plane = Arc::new(sync::ControlPlaneStatus::new(
+        addresses.first().map_or("", String::as_str),
+    ));
     let metrics = Arc::new(metrics::Metrics::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let client = sync::SyncClient {
-        address: config.control_plane.clone(),
+        addresses,
+        current: std::sync::atomic::AtomicUsize::new(0),
         transport: config.transport.clone(),
         hello: Hello {
             node_id: node_id.to_string(),

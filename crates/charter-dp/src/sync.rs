@@ -48,7 +48,8 @@ pub fn backoff(failures: u32, jitter: f64) -> Duration {
 /// The connection to the control plane as `GET /status` reports it.
 #[derive(Debug)]
 pub struct ControlPlaneStatus {
-    address: String,
+    /// The address connected to (or tried) last.
+    address: Mutex<String>,
     // A std mutex: it guards a few plain fields and is never held across an await.
     inner: Mutex<Connection>,
 }
@@ -64,7 +65,7 @@ impl ControlPlaneStatus {
     /// Not connected yet, to `address`.
     pub fn new(address: &str) -> ControlPlaneStatus {
         ControlPlaneStatus {
-            address: address.to_owned(),
+            address: Mutex::new(address.to_owned()),
             inner: Mutex::new(Connection::default()),
         }
     }
@@ -73,9 +74,16 @@ impl ControlPlaneStatus {
         f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// The control plane's address.
-    pub fn address(&self) -> &str {
-        &self.address
+    /// The control plane's address (the one connected to, or tried last).
+    pub fn address(&self) -> String {
+        self.address
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_address(&self, address: &str) {
+        *self.address.lock().unwrap_or_else(PoisonError::into_inner) = address.to_owned();
     }
 
     /// Whether the sync stream is open.
@@ -99,7 +107,7 @@ impl ControlPlaneStatus {
     pub fn to_json(&self) -> Value {
         self.with(|c| {
             json!({
-                "address": self.address,
+                "address": self.address(),
                 "connected": c.connected,
                 "last_sync": c.last_sync,
                 "last_error": c.last_error,
@@ -144,8 +152,11 @@ impl SyncError {
 
 /// Everything the sync client needs.
 pub struct SyncClient {
-    /// The control plane's `HOST:PORT`.
-    pub address: String,
+    /// The control planes' `HOST:PORT`s, tried in turn: after a failed or lost connection
+    /// the next one is tried (behind a Kubernetes Service one address is enough).
+    pub addresses: Vec<String>,
+    /// Which of `addresses` is used now.
+    pub current: std::sync::atomic::AtomicUsize,
     /// Plaintext or mutual TLS.
     pub transport: Transport,
     /// The Hello to send (its cached epoch and revision are filled in at each connect).
@@ -172,6 +183,23 @@ pub struct SyncClient {
 const FINAL_TELEMETRY_WAIT: Duration = Duration::from_secs(3);
 
 impl SyncClient {
+    /// The control plane address used now.
+    fn address(&self) -> &str {
+        let current = self.current.load(std::sync::atomic::Ordering::Relaxed);
+        self.addresses
+            .get(current % self.addresses.len().max(1))
+            .map_or("", String::as_str)
+    }
+
+    /// Moves to the next control plane of the list (after a failed or lost connection).
+    fn fail_over(&self) {
+        if self.addresses.len() > 1 {
+            self.current
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.control_plane.set_address(self.address());
+        }
+    }
+
     /// Syncs until `shutdown` fires, reconnecting for ever.
     pub async fn run(self, mut shutdown: watch::Receiver<bool>) {
         let mut failures: u32 = 0;
@@ -194,15 +222,18 @@ impl SyncClient {
             let retry = format!("{:.1}", delay.as_secs_f64());
             match &error {
                 SyncError::Refused(message) => {
-                    tracing::error!(address = %self.address, retry_in_s = %retry,
+                    tracing::error!(address = %self.address(), retry_in_s = %retry,
                     "the control plane refused this data plane: {message}; the license held stays in force")
                 }
-                SyncError::Tls(_) => tracing::error!(address = %self.address, retry_in_s = %retry,
-                    "cannot connect to the control plane: {error}; fix the cluster certificate files"),
-                _ => tracing::warn!(address = %self.address, retry_in_s = %retry,
+                SyncError::Tls(_) => {
+                    tracing::error!(address = %self.address(), retry_in_s = %retry,
+                    "cannot connect to the control plane: {error}; fix the cluster certificate files")
+                }
+                _ => tracing::warn!(address = %self.address(), retry_in_s = %retry,
                     "cannot sync with the control plane: {error}; the license held stays in force"),
             }
             self.control_plane.record_error(Some(error.to_string()));
+            self.fail_over();
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.changed() => return,
@@ -239,7 +270,7 @@ impl SyncClient {
         };
         self.control_plane.set_connected(true);
         self.control_plane.record_error(None);
-        tracing::info!(address = %self.address, node_id = %self.hello.node_id, "connected to the control plane");
+        tracing::info!(address = %self.address(), node_id = %self.hello.node_id, "connected to the control plane");
         let mut inbound = response.into_inner();
         let start = tokio::time::Instant::now() + PING_EVERY;
         let mut ping = tokio::time::interval_at(start, PING_EVERY);
@@ -354,7 +385,7 @@ impl SyncClient {
 
     async fn connect(&self) -> Result<Channel, SyncError> {
         match &self.transport {
-            Transport::Insecure => charter_tls::connect_insecure(&self.address)
+            Transport::Insecure => charter_tls::connect_insecure(self.address())
                 .await
                 .map_err(SyncError::Connect),
             Transport::Tls {
@@ -365,7 +396,7 @@ impl SyncClient {
                 // Loaded at every connection, so renewed certificate files are picked up
                 // without a restart.
                 let config = charter_tls::client_config(*mode, files).map_err(SyncError::Tls)?;
-                charter_tls::connect(&self.address, config, server_name)
+                charter_tls::connect(self.address(), config, server_name)
                     .await
                     .map_err(SyncError::Connect)
             }
