@@ -151,3 +151,175 @@ fn a_data_plane_moves_to_the_other_control_plane_when_its_own_is_killed() {
     let renewed = renewed.json()["id"].as_str().unwrap().to_owned();
     dp.wait_license("the license written on B", |l| l["id"] == renewed.as_str());
 }
+
+/// Every license id a control plane lists, page by page.
+fn stored_ids(cp: &Cp) -> std::collections::HashSet<String> {
+    let mut ids = std::collections::HashSet::new();
+    let mut path = "/licenses?size=1000".to_owned();
+    for _ in 0..1000 {
+        let page = cp.get(&path);
+        assert_eq!(page.status, 200, "{}", page.body);
+        let page = page.json();
+        for record in page["data"].as_array().expect("data") {
+            ids.insert(record["id"].as_str().expect("id").to_owned());
+        }
+        match page["next"].as_str() {
+            Some(next) => path = next.to_owned(),
+            None => return ids,
+        }
+    }
+    panic!("more than 1000 pages");
+}
+
+#[test]
+fn killing_control_planes_under_concurrent_writes_loses_nothing_acknowledged() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Mutex;
+    const CYCLES: usize = 25;
+    let tmp = TempDir::new().expect("temp dir");
+    let pg = TestPostgres::start();
+    let vendor = Vendor::new(tmp.path(), 7);
+    let certs = cluster_certs(tmp.path());
+    let mut args: Vec<String> = vec![
+        "--trusted-key".into(),
+        vendor.public_key.to_string_lossy().into_owned(),
+        "--database-url".into(),
+        pg.url(),
+    ];
+    args.extend(shared_tls_args(&certs));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let dirs = [tmp.path().join("a"), tmp.path().join("b")];
+    for dir in &dirs {
+        std::fs::create_dir_all(dir).unwrap();
+    }
+    let mut cps = [Cp::start(&dirs[0], &args), Cp::start(&dirs[1], &args)];
+    let dp_tls = shared_tls_args(&certs);
+    let dp_tls: Vec<&str> = dp_tls.iter().map(String::as_str).collect();
+    let dp = Dp::start_on(
+        tmp.path(),
+        "dp",
+        &[&cps[0], &cps[1]],
+        &vendor.public_key,
+        &dp_tls,
+    );
+    let mut acknowledged = std::collections::HashSet::new();
+    let (mut last_revision, mut last_dp_revision) = (0, 0);
+    for cycle in 0..CYCLES {
+        let urls = [cps[0].url("/licenses"), cps[1].url("/licenses")];
+        let stop = AtomicBool::new(false);
+        let acked = Mutex::new(Vec::new());
+        let victim = cycle % 2;
+        std::thread::scope(|scope| {
+            for writer in 0..4 {
+                let (url, stop, acked, vendor) = (&urls[writer % 2], &stop, &acked, &vendor);
+                scope.spawn(move || {
+                    for n in 0..10_000 {
+                        if stop.load(Ordering::SeqCst) {
+                            return;
+                        }
+                        let doc = vendor.valid(&format!("KILL-{cycle}-{writer}-{n}"));
+                        let body = charter_tests::Body::Json(json!({ "payload": doc }));
+                        match charter_tests::http("POST", url, Some(body)) {
+                            Ok(resp) if resp.status == 201 => {
+                                let id = resp.json()["id"].as_str().expect("id").to_owned();
+                                acked.lock().expect("lock").push(id);
+                            }
+                            Ok(resp) => panic!("unexpected answer {}: {}", resp.status, resp.body),
+                            // Its control plane was killed under it: not acknowledged.
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100 + 37 * (cycle as u64 % 7)));
+            cps[victim].kill();
+            stop.store(true, Ordering::SeqCst);
+        });
+        acknowledged.extend(acked.into_inner().expect("lock"));
+        cps[victim].restart();
+        for cp in &cps {
+            let revision = cp.get("/status").json()["database"]["revision"]
+                .as_u64()
+                .expect("revision");
+            assert!(
+                revision >= last_revision,
+                "cycle {cycle}: revision went down from {last_revision} to {revision}"
+            );
+            last_revision = revision;
+        }
+        let survivor = &cps[1 - victim];
+        let stored = stored_ids(survivor);
+        let lost: Vec<_> = acknowledged.difference(&stored).collect();
+        assert!(
+            lost.is_empty(),
+            "cycle {cycle}: acknowledged writes lost: {lost:?}"
+        );
+        // The data plane's revision never goes back, whichever control plane it syncs with.
+        let held = dp.license()["revision"].as_u64().unwrap_or(0);
+        assert!(
+            held >= last_dp_revision,
+            "cycle {cycle}: the data plane went from revision {last_dp_revision} to {held}"
+        );
+        last_dp_revision = held;
+    }
+    assert!(acknowledged.len() > CYCLES, "the writers hardly wrote");
+    // In the end every control plane and the data plane hold the same newest license.
+    let newest = eventually("both control planes agree", Duration::from_secs(10), || {
+        let a = cps[0].get("/license/status").json()["license"]["id"].clone();
+        let b = cps[1].get("/license/status").json()["license"]["id"].clone();
+        (a == b && a.is_string()).then_some(a)
+    });
+    dp.wait_license("the newest license", |l| l["id"] == newest);
+}
+
+#[test]
+fn concurrent_consul_deletes_on_two_control_planes_never_leave_the_cluster_unlicensed() {
+    let tmp = TempDir::new().expect("temp dir");
+    let pg = TestPostgres::start();
+    let vendor = Vendor::new(tmp.path(), 8);
+    let key = vendor.public_key.to_str().expect("utf-8 path");
+    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let url = pg.url();
+    let a = Cp::start(&dir_a, &["--trusted-key", key, "--database-url", &url]);
+    let b = Cp::start(&dir_b, &["--trusted-key", key, "--database-url", &url]);
+    for round in 0..10 {
+        for n in 0..2 {
+            let resp = a.send_json(
+                "POST",
+                "/licenses",
+                &json!({"payload": vendor.valid(&format!("CONSUL-{round}-{n}"))}),
+            );
+            assert_eq!(resp.status, 201, "{}", resp.body);
+            std::thread::sleep(Duration::from_millis(1100)); // a newer updated_at
+        }
+        eventually("B has both licenses", Duration::from_secs(10), || {
+            (stored_ids(&b).len() == 2).then_some(())
+        });
+        let (ra, rb) = std::thread::scope(|scope| {
+            let ra = scope.spawn(|| a.send("DELETE", "/v1/operator/license").status);
+            let rb = scope.spawn(|| b.send("DELETE", "/v1/operator/license").status);
+            (ra.join().unwrap(), rb.join().unwrap())
+        });
+        let mut statuses = [ra, rb];
+        statuses.sort();
+        assert_eq!(
+            statuses,
+            [200, 400],
+            "round {round}: one delete, one refusal"
+        );
+        for cp in [&a, &b] {
+            let ids = eventually("one license left", Duration::from_secs(10), || {
+                let ids = stored_ids(cp);
+                (ids.len() == 1).then_some(ids)
+            });
+            assert_eq!(ids.len(), 1);
+            assert_eq!(cp.get("/license/status").json()["status"], "valid");
+        }
+        // Start the next round empty.
+        for id in stored_ids(&a) {
+            assert_eq!(a.send("DELETE", &format!("/licenses/{id}")).status, 204);
+        }
+    }
+}

@@ -30,8 +30,10 @@ pub use inventory::Inventory;
 pub use snapshot::{Entry, Snapshot};
 pub use telemetry::TelemetryError;
 
-/// How many times a write is decided again after another writer of the store came first.
-const WRITE_ATTEMPTS: usize = 8;
+/// How long a write keeps being decided again while other control planes of the store
+/// come first (each time after a reload and a short random pause, so contending writers
+/// spread out).
+const WRITE_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Why a license write was refused. Nothing was written, except for
 /// [`WriteError::Store`] with an unknown outcome.
@@ -373,8 +375,9 @@ impl Service {
         decide: impl Fn(&Snapshot) -> Result<Option<(Change, Option<Entry>, T)>, WriteError>,
     ) -> Result<Option<T>, WriteError> {
         let _writing = self.0.writing.lock().await;
-        let mut last = None;
-        for _ in 0..WRITE_ATTEMPTS {
+        let deadline = tokio::time::Instant::now() + WRITE_PATIENCE;
+        let mut conflicts: u32 = 0;
+        loop {
             let snapshot = self.snapshot();
             let Some((change, entry, out)) = decide(&snapshot)? else {
                 return Ok(None);
@@ -393,16 +396,18 @@ impl Service {
                     return Ok(Some(out));
                 }
                 Err(e @ StoreError::Conflict { .. }) => {
-                    last = Some(e);
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(e.into());
+                    }
+                    conflicts = conflicts.saturating_add(1);
                     self.reload_locked().await?;
+                    let most = 1u64 << conflicts.min(6);
+                    let pause = rand::random::<u64>() % (most * 1000);
+                    tokio::time::sleep(Duration::from_micros(pause)).await;
                 }
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(last.map_or_else(
-            || WriteError::Refused("the write could not be decided".to_owned()),
-            WriteError::Store,
-        ))
     }
 
     /// Loads the store again when it is ahead of the snapshot (another process wrote).
