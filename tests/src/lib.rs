@@ -265,6 +265,25 @@ impl Cp {
         }
     }
 
+    /// Every license id this control plane lists, read page by page.
+    pub fn stored_ids(&self) -> std::collections::HashSet<String> {
+        let mut ids = std::collections::HashSet::new();
+        let mut path = "/licenses?size=1000".to_owned();
+        for _ in 0..1000 {
+            let page = self.get(&path);
+            assert_eq!(page.status, 200, "{}", page.body);
+            let page = page.json();
+            for record in page["data"].as_array().expect("data") {
+                ids.insert(record["id"].as_str().expect("id").to_owned());
+            }
+            match page["next"].as_str() {
+                Some(next) => path = next.to_owned(),
+                None => return ids,
+            }
+        }
+        panic!("more than 1000 pages");
+    }
+
     /// The URL of a path on the admin API.
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)

@@ -27,25 +27,6 @@ impl Rng {
     }
 }
 
-/// Every license id the store holds, read page by page.
-fn stored_ids(cp: &Cp) -> HashSet<String> {
-    let mut ids = HashSet::new();
-    let mut path = "/licenses?size=1000".to_owned();
-    for _ in 0..1000 {
-        let page = cp.get(&path);
-        assert_eq!(page.status, 200, "{}", page.body);
-        let page = page.json();
-        for record in page["data"].as_array().expect("data") {
-            ids.insert(record["id"].as_str().expect("id").to_owned());
-        }
-        match page["next"].as_str() {
-            Some(next) => path = next.to_owned(),
-            None => return ids,
-        }
-    }
-    panic!("more than 1000 pages");
-}
-
 #[test]
 fn acknowledged_writes_survive_sigkill() {
     let seed = std::env::var("CHARTER_CRASH_SEED")
@@ -117,7 +98,7 @@ fn acknowledged_writes_survive_sigkill() {
             acknowledged.len()
         );
         last_revision = revision;
-        let stored = stored_ids(&cp);
+        let stored = cp.stored_ids();
         let lost: Vec<_> = acknowledged.difference(&stored).collect();
         assert!(
             lost.is_empty(),

@@ -115,18 +115,7 @@ fn a_full_disk_answers_503_and_loses_no_acknowledged_write() {
     cp.kill();
     disk.resize("64m");
     cp.restart();
-    let mut stored = std::collections::HashSet::new();
-    let mut path = "/licenses?size=1000".to_owned();
-    loop {
-        let page = cp.get(&path).json();
-        for record in page["data"].as_array().expect("data") {
-            stored.insert(record["id"].as_str().expect("id").to_owned());
-        }
-        match page["next"].as_str() {
-            Some(next) => path = next.to_owned(),
-            None => break,
-        }
-    }
+    let stored = cp.stored_ids();
     let lost: Vec<_> = acknowledged
         .iter()
         .filter(|id| !stored.contains(*id))

@@ -152,25 +152,6 @@ fn a_data_plane_moves_to_the_other_control_plane_when_its_own_is_killed() {
     dp.wait_license("the license written on B", |l| l["id"] == renewed.as_str());
 }
 
-/// Every license id a control plane lists, page by page.
-fn stored_ids(cp: &Cp) -> std::collections::HashSet<String> {
-    let mut ids = std::collections::HashSet::new();
-    let mut path = "/licenses?size=1000".to_owned();
-    for _ in 0..1000 {
-        let page = cp.get(&path);
-        assert_eq!(page.status, 200, "{}", page.body);
-        let page = page.json();
-        for record in page["data"].as_array().expect("data") {
-            ids.insert(record["id"].as_str().expect("id").to_owned());
-        }
-        match page["next"].as_str() {
-            Some(next) => path = next.to_owned(),
-            None => return ids,
-        }
-    }
-    panic!("more than 1000 pages");
-}
-
 #[test]
 fn killing_control_planes_under_concurrent_writes_loses_nothing_acknowledged() {
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -248,7 +229,7 @@ fn killing_control_planes_under_concurrent_writes_loses_nothing_acknowledged() {
             last_revision = revision;
         }
         let survivor = &cps[1 - victim];
-        let stored = stored_ids(survivor);
+        let stored = survivor.stored_ids();
         let lost: Vec<_> = acknowledged.difference(&stored).collect();
         assert!(
             lost.is_empty(),
@@ -295,7 +276,7 @@ fn concurrent_consul_deletes_on_two_control_planes_never_leave_the_cluster_unlic
             std::thread::sleep(Duration::from_millis(1100)); // a newer updated_at
         }
         eventually("B has both licenses", Duration::from_secs(10), || {
-            (stored_ids(&b).len() == 2).then_some(())
+            (b.stored_ids().len() == 2).then_some(())
         });
         let (ra, rb) = std::thread::scope(|scope| {
             let ra = scope.spawn(|| a.send("DELETE", "/v1/operator/license").status);
@@ -311,14 +292,14 @@ fn concurrent_consul_deletes_on_two_control_planes_never_leave_the_cluster_unlic
         );
         for cp in [&a, &b] {
             let ids = eventually("one license left", Duration::from_secs(10), || {
-                let ids = stored_ids(cp);
+                let ids = cp.stored_ids();
                 (ids.len() == 1).then_some(ids)
             });
             assert_eq!(ids.len(), 1);
             assert_eq!(cp.get("/license/status").json()["status"], "valid");
         }
         // Start the next round empty.
-        for id in stored_ids(&a) {
+        for id in a.stored_ids() {
             assert_eq!(a.send("DELETE", &format!("/licenses/{id}")).status, 204);
         }
     }

@@ -437,3 +437,15 @@ pub fn device_bytes_written(device: &str) -> Option<u64> {
             .map(|sectors| sectors * 512)
     })
 }
+
+/// Resident memory of a process, in bytes (`VmRSS` of `/proc/PID/status`).
+pub fn rss(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/status");
+    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map(|kib| kib * 1024)
+        .with_context(|| format!("no VmRSS in {path}"))
+}

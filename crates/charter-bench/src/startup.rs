@@ -98,7 +98,7 @@ async fn run(args: &StartupArgs) -> Result<String> {
         )
         .await?;
         starts.push(started.elapsed());
-        rss.push(resident(cp.pid())?);
+        rss.push(procs::rss(cp.pid())?);
         // Then the background verification of every license, and the memory after it.
         let log_path = root.path().join("charter-cp.log");
         let deadline = Instant::now() + std::time::Duration::from_secs(120);
@@ -120,7 +120,7 @@ async fn run(args: &StartupArgs) -> Result<String> {
             )
         })?;
         sweeps.push(swept);
-        rss_swept.push(resident(cp.pid())?);
+        rss_swept.push(procs::rss(cp.pid())?);
         drop(cp);
     }
     // The control plane's own account of the load, from the last start's log.
@@ -201,15 +201,4 @@ fn copy_dir(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn resident(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .with_context(|| format!("no VmRSS in {path}"))
 }

@@ -345,7 +345,7 @@ impl Run<'_> {
         let mut measured = [Measured::default(), Measured::default()];
         for (slot, server) in [&cp, &baseline].into_iter().enumerate() {
             background(server.server.pid()).await?;
-            measured[slot].rss_idle = rss(server.server.pid())?;
+            measured[slot].rss_idle = procs::rss(server.server.pid())?;
         }
         for round in 0..self.settings.rounds {
             let order = if round % 2 == 0 {
@@ -463,7 +463,7 @@ impl Run<'_> {
             measured.verify.extend(handling.verify);
             measured.cache_write.extend(handling.cache_write);
             measured.refused += handling.refused;
-            measured.rss_connected = measured.rss_connected.max(rss(pid)?);
+            measured.rss_connected = measured.rss_connected.max(procs::rss(pid)?);
             measured.updates.push(Update {
                 deliveries,
                 last_from_request,
@@ -659,18 +659,6 @@ async fn wait_idle(pid: u32, background: f64) -> Result<()> {
         );
         last = now;
     }
-}
-
-/// Resident memory of a process, in bytes (`VmRSS` of `/proc/PID/status`).
-fn rss(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map(|kib| kib * 1024)
-        .with_context(|| format!("no VmRSS in {path}"))
 }
 
 fn now() -> UnixTime {
