@@ -27,6 +27,7 @@ use uuid::Uuid;
 
 mod error;
 mod legacy;
+mod pg_url;
 mod postgres;
 mod sled;
 mod sync;
@@ -79,6 +80,19 @@ pub struct Loaded {
     /// What is wrong with each stored record that does not decode (left out of
     /// `licenses`); restore the data from a backup.
     pub damaged: Vec<String>,
+}
+
+/// What changed in the store after a revision: see [`Store::changes_since`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changes {
+    /// The store's epoch.
+    pub epoch: Uuid,
+    /// The revision the changes lead to: the store's revision when they were read.
+    pub revision: u64,
+    /// Every record written after the base revision, as it is now, in ascending id order.
+    pub written: Vec<LicenseRecord>,
+    /// Every id deleted after the base revision and not written since.
+    pub deleted: Vec<Uuid>,
 }
 
 /// One license write: see [`Store::commit`].
@@ -165,6 +179,15 @@ pub trait Store: Send + Sync + 'static {
     /// state of the store.
     async fn load(&self) -> Result<Loaded, StoreError>;
 
+    /// What changed after revision `base`, read as one consistent state of the store, so
+    /// a reader at `base` can move to the store's revision without loading everything.
+    /// `None` when the store cannot tell (it no longer remembers deletions that old, or
+    /// does not keep them at all): load instead.
+    async fn changes_since(&self, base: u64) -> Result<Option<Changes>, StoreError> {
+        let _ = base;
+        Ok(None)
+    }
+
     /// Applies `change` on top of revision `base` and returns the new revision (`base + 1`)
     /// once durable. Fails with [`StoreError::Conflict`], changing nothing, when the
     /// store's revision is no longer `base` (another writer came first: load again and
@@ -193,6 +216,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// Removes data planes last seen before `last_seen_before`; returns how many.
     async fn purge_data_planes(&self, last_seen_before: i64) -> Result<usize, StoreError>;
+
+    /// Whether this process should run the chores of the whole store now (purging old
+    /// data planes, the daily expiry log): `true` in exactly one process sharing the store
+    /// at a time, as far as the store can tell, and always in a store of one process.
+    fn leads_chores(&self) -> bool {
+        true
+    }
 
     /// Whether the store can take writes now (for health checks).
     async fn check(&self) -> Result<(), StoreError>;

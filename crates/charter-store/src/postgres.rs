@@ -6,23 +6,37 @@
 //! ordered across every control plane, and `NOTIFY`s `charter_revision` in the same
 //! transaction. Each store `LISTEN`s on its own connection and also reads the revision
 //! once a second, so a lost notification or a lost listening connection only delays
-//! [`Store::subscribe`] by that second.
+//! [`Store::subscribe`] by that second. A license row carries the revision that last
+//! wrote it and a deletion leaves its id and revision in `charter_deletions` (the last
+//! [`KEEP_DELETIONS`] revisions' worth), so a control plane behind by a few revisions
+//! reads only what changed ([`Store::changes_since`]).
+//!
+//! The listening connection also tries, every few seconds, to take a session advisory lock
+//! ([`CHORES_LOCK`]): the control plane holding it runs the chores of the whole store, and
+//! when its connection goes, the server releases the lock and another takes it.
+//!
+//! TLS to the database follows libpq's `sslmode` (see `pg_url`).
 //!
 //! The schema is created and migrated at open, under an advisory lock, by the embedded
 //! [`MIGRATIONS`]; a database whose schema is newer than this binary knows is refused.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio::sync::watch;
-use tokio_postgres::NoTls;
+use tokio_postgres_rustls::MakeRustlsConnect;
 use uuid::Uuid;
 
-use crate::{Change, DataPlaneRecord, LicenseRecord, Loaded, NodeUsage, Report, Store, StoreError};
+use crate::pg_url::{self, Target};
+use crate::{
+    Change, Changes, DataPlaneRecord, LicenseRecord, Loaded, NodeUsage, Report, Store, StoreError,
+};
 
 /// The schema, one statement list per version; version N is `MIGRATIONS[N - 1]`.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE charter_meta (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
     epoch uuid NOT NULL,
@@ -47,26 +61,47 @@ CREATE TABLE charter_data_planes (
     last_seen bigint NOT NULL,
     record jsonb NOT NULL
 );
-"#];
+"#,
+    r#"
+CREATE TABLE charter_deletions (
+    id uuid PRIMARY KEY,
+    revision bigint NOT NULL
+);
+CREATE INDEX charter_deletions_by_revision ON charter_deletions (revision);
+CREATE INDEX charter_licenses_by_revision ON charter_licenses (revision);
+ALTER TABLE charter_meta ADD COLUMN forgotten bigint NOT NULL DEFAULT 0;
+"#,
+];
+
+/// How many revisions of deletions the store remembers for [`Store::changes_since`]; a
+/// reader further behind loads everything.
+const KEEP_DELETIONS: u64 = if cfg!(test) { 5 } else { 10_000 };
 
 /// The advisory lock key that serialises migrations across control planes.
 const MIGRATION_LOCK: i64 = 0x6368_6172_7465_7201;
+/// The advisory lock key held, on its listening connection, by the one control plane that
+/// runs the chores of the whole store ([`Store::leads_chores`]).
+const CHORES_LOCK: i64 = 0x6368_6172_7465_7202;
 /// The channel a license write notifies.
 const CHANNEL: &str = "charter_revision";
 /// How often the revision is read even without a notification.
 const POLL_EVERY: Duration = Duration::from_secs(1);
+/// How often a control plane that does not run the chores tries to take them over.
+const CHORES_TRY_EVERY: Duration = Duration::from_secs(5);
 
 /// A [`Store`] in a PostgreSQL database.
 #[derive(Clone)]
 pub struct PgStore {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
-struct Inner {
-    pool: Pool,
+pub(crate) struct Inner {
+    pub(crate) pool: Pool,
     version: String,
     epoch: Uuid,
     revisions: watch::Sender<u64>,
+    leading: Arc<AtomicBool>,
+    sslmode: &'static str,
     follower: tokio::task::JoinHandle<()>,
 }
 
@@ -76,12 +111,18 @@ impl Drop for Inner {
     }
 }
 
-/// An error the server answered is the engine's; any other (no connection, a connection
-/// lost) means the database is unavailable.
+/// An error the server answered is the engine's, unless it says the server cannot serve
+/// now (starting, shutting down, out of connections, a connection exception); any other
+/// error (no connection, a connection lost, a TLS handshake) means the database is
+/// unavailable.
 fn db_error(context: &str) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
     move |e| {
         let context = context.to_owned();
-        if e.as_db_error().is_some() {
+        let answered = e.as_db_error().map(|db| db.code().code());
+        let unavailable = answered.is_none_or(|code| {
+            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+        });
+        if !unavailable {
             StoreError::Backend {
                 context,
                 source: Box::new(e),
@@ -96,31 +137,35 @@ fn db_error(context: &str) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ 
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
-    StoreError::Unavailable {
-        context: "connecting to the database".to_owned(),
-        source: Box::new(e),
+    match e {
+        // The connection's own error says what went wrong (refused, a TLS certificate, a
+        // password); the pool's wrapping adds nothing.
+        deadpool_postgres::PoolError::Backend(e) => db_error("connecting to the database")(e),
+        e => StoreError::Unavailable {
+            context: "connecting to the database".to_owned(),
+            source: Box::new(e),
+        },
     }
 }
 
 impl PgStore {
     /// Checks that `url` is a PostgreSQL URL this store can use, without connecting.
+    /// Reads the TLS files it names, so a missing root certificate is found at start.
     pub fn check_url(url: &str) -> Result<(), StoreError> {
-        url.parse::<tokio_postgres::Config>()
-            .map(|_| ())
-            .map_err(|e| StoreError::Backend {
-                context: "parsing the database URL".to_owned(),
-                source: Box::new(e),
-            })
+        pg_url::parse(url).map(|_| ())
     }
 
     /// Connects to `url` (`postgres://USER[:PASS]@HOST:PORT/DB`), creates or migrates the
     /// schema, and starts following the revision.
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
-        let config: tokio_postgres::Config =
-            url.parse().map_err(db_error("parsing the database URL"))?;
+        let Target {
+            config,
+            tls,
+            sslmode,
+        } = pg_url::parse(url)?;
         let manager = Manager::from_config(
             config.clone(),
-            NoTls,
+            tls.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -150,7 +195,14 @@ impl PgStore {
         let revision: i64 = row.get(1);
         drop(client);
         let revisions = watch::Sender::new(revision as u64);
-        let follower = tokio::spawn(follow(config, pool.clone(), revisions.clone()));
+        let leading = Arc::new(AtomicBool::new(false));
+        let follower = tokio::spawn(follow(
+            config,
+            tls,
+            pool.clone(),
+            revisions.clone(),
+            leading.clone(),
+        ));
         Ok(PgStore {
             inner: Arc::new(Inner {
                 pool,
@@ -160,6 +212,8 @@ impl PgStore {
                 ),
                 epoch,
                 revisions,
+                leading,
+                sslmode,
                 follower,
             }),
         })
@@ -168,6 +222,12 @@ impl PgStore {
     /// The store's epoch.
     pub fn epoch(&self) -> Uuid {
         self.inner.epoch
+    }
+
+    /// The TLS mode of its connections, as libpq names it (`disable`, `prefer`,
+    /// `require`, `verify-ca`, `verify-full`).
+    pub fn sslmode(&self) -> &'static str {
+        self.inner.sslmode
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
@@ -216,12 +276,19 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreErro
 }
 
 /// Keeps `revisions` at the database's revision: from `NOTIFY` on a connection of its own
-/// (reconnected when lost), and from a read every [`POLL_EVERY`] whatever happens.
-async fn follow(config: tokio_postgres::Config, pool: Pool, revisions: watch::Sender<u64>) {
+/// (reconnected when lost), and from a read every [`POLL_EVERY`] whatever happens. On that
+/// same connection, takes the chores lock when it is free and sets `leading` while held.
+async fn follow(
+    config: tokio_postgres::Config,
+    tls: MakeRustlsConnect,
+    pool: Pool,
+    revisions: watch::Sender<u64>,
+    leading: Arc<AtomicBool>,
+) {
     let (notified_tx, mut notified) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let listener = async move {
         loop {
-            if let Ok((client, mut connection)) = config.connect(NoTls).await {
+            if let Ok((client, mut connection)) = config.connect(tls.clone()).await {
                 let notified_tx = notified_tx.clone();
                 let messages = async move {
                     loop {
@@ -240,15 +307,32 @@ async fn follow(config: tokio_postgres::Config, pool: Pool, revisions: watch::Se
                     if client
                         .batch_execute(&format!("LISTEN {CHANNEL}"))
                         .await
-                        .is_ok()
+                        .is_err()
                     {
-                        std::future::pending::<()>().await;
+                        return;
+                    }
+                    // The lock is the session's: once taken it is held until this
+                    // connection ends, so only a follower without it asks again.
+                    let mut every = tokio::time::interval(CHORES_TRY_EVERY);
+                    loop {
+                        every.tick().await;
+                        if leading.load(Ordering::Relaxed) {
+                            continue;
+                        }
+                        match client
+                            .query_one("SELECT pg_try_advisory_lock($1)", &[&CHORES_LOCK])
+                            .await
+                        {
+                            Ok(row) => leading.store(row.get(0), Ordering::Relaxed),
+                            Err(_) => return,
+                        }
                     }
                 };
                 tokio::select! {
                     () = messages => {}
                     () = listen => {}
                 }
+                leading.store(false, Ordering::Relaxed);
             }
             tokio::time::sleep(POLL_EVERY).await;
         }
@@ -272,6 +356,18 @@ async fn follow(config: tokio_postgres::Config, pool: Pool, revisions: watch::Se
         }
     };
     tokio::join!(listener, poller);
+}
+
+/// A license row of `SELECT id, payload, checksum, created_at, updated_at, revision`.
+fn record_of(row: &tokio_postgres::Row) -> LicenseRecord {
+    LicenseRecord {
+        id: row.get(0),
+        payload: row.get(1),
+        checksum: row.get(2),
+        created_at: row.get(3),
+        updated_at: row.get(4),
+        revision: row.get::<_, i64>(5) as u64,
+    }
 }
 
 fn raise(current: &mut u64, seen: u64) -> bool {
@@ -315,19 +411,54 @@ impl Store for PgStore {
         Ok(Loaded {
             epoch: meta.get(0),
             revision: revision as u64,
-            licenses: rows
-                .iter()
-                .map(|row| LicenseRecord {
-                    id: row.get(0),
-                    payload: row.get(1),
-                    checksum: row.get(2),
-                    created_at: row.get(3),
-                    updated_at: row.get(4),
-                    revision: row.get::<_, i64>(5) as u64,
-                })
-                .collect(),
+            licenses: rows.iter().map(record_of).collect(),
             damaged: Vec::new(),
         })
+    }
+
+    async fn changes_since(&self, base: u64) -> Result<Option<Changes>, StoreError> {
+        let mut client = self.client().await?;
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await
+            .map_err(db_error("starting a read"))?;
+        let meta = tx
+            .query_one("SELECT epoch, revision, forgotten FROM charter_meta", &[])
+            .await
+            .map_err(db_error("reading the revision"))?;
+        let revision = meta.get::<_, i64>(1) as u64;
+        let forgotten = meta.get::<_, i64>(2) as u64;
+        // Behind what the store remembers, or ahead of it (a database restored from an
+        // older backup): only a whole load tells.
+        if base < forgotten || base > revision {
+            tx.commit().await.map_err(db_error("ending a read"))?;
+            return Ok(None);
+        }
+        let rows = tx
+            .query(
+                "SELECT id, payload, checksum, created_at, updated_at, revision FROM charter_licenses
+                 WHERE revision > $1 ORDER BY id",
+                &[&(base as i64)],
+            )
+            .await
+            .map_err(db_error("reading licenses"))?;
+        let deleted = tx
+            .query(
+                "SELECT id FROM charter_deletions WHERE revision > $1 ORDER BY id",
+                &[&(base as i64)],
+            )
+            .await
+            .map_err(db_error("reading deletions"))?;
+        tx.commit().await.map_err(db_error("ending a read"))?;
+        Ok(Some(Changes {
+            epoch: meta.get(0),
+            revision,
+            written: rows.iter().map(record_of).collect(),
+            deleted: deleted.iter().map(|row| row.get(0)).collect(),
+        }))
     }
 
     async fn commit(&self, base: u64, change: Change) -> Result<u64, StoreError> {
@@ -336,10 +467,16 @@ impl Store for PgStore {
             .transaction()
             .await
             .map_err(db_error("starting a write"))?;
+        // A deletion is remembered for KEEP_DELETIONS revisions: older ones are dropped
+        // and `forgotten` says up to where, so `changes_since` knows when it cannot tell.
+        let horizon = (base + 1).saturating_sub(KEEP_DELETIONS) as i64;
+        let forget = matches!(change, Change::Delete(_));
         let bumped = tx
             .query_opt(
-                "UPDATE charter_meta SET revision = revision + 1 WHERE revision = $1 RETURNING revision",
-                &[&(base as i64)],
+                "UPDATE charter_meta SET revision = revision + 1,
+                   forgotten = CASE WHEN $2 THEN GREATEST(forgotten, $3) ELSE forgotten END
+                 WHERE revision = $1 RETURNING revision",
+                &[&(base as i64), &forget, &horizon],
             )
             .await
             .map_err(db_error("moving the revision"))?;
@@ -366,11 +503,27 @@ impl Store for PgStore {
                 )
                 .await
                 .map_err(db_error("writing a license"))?;
+                tx.execute("DELETE FROM charter_deletions WHERE id = $1", &[&record.id])
+                    .await
+                    .map_err(db_error("writing a license"))?;
             }
             Change::Delete(id) => {
                 tx.execute("DELETE FROM charter_licenses WHERE id = $1", &[id])
                     .await
                     .map_err(db_error("deleting a license"))?;
+                tx.execute(
+                    "INSERT INTO charter_deletions (id, revision) VALUES ($1, $2)
+                     ON CONFLICT (id) DO UPDATE SET revision = EXCLUDED.revision",
+                    &[id, &next],
+                )
+                .await
+                .map_err(db_error("deleting a license"))?;
+                tx.execute(
+                    "DELETE FROM charter_deletions WHERE revision <= $1",
+                    &[&horizon],
+                )
+                .await
+                .map_err(db_error("deleting a license"))?;
             }
         }
         tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &next.to_string()])
@@ -505,6 +658,10 @@ impl Store for PgStore {
             .await
             .map_err(db_error("purging data planes"))?;
         Ok(purged as usize)
+    }
+
+    fn leads_chores(&self) -> bool {
+        self.inner.leading.load(Ordering::Relaxed)
     }
 
     async fn check(&self) -> Result<(), StoreError> {

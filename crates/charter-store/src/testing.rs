@@ -13,6 +13,8 @@ pub struct TestPostgres {
     port: u16,
     child: Option<Child>,
     as_user: Option<&'static str>,
+    /// Whether the server offers TLS (see [`TestPostgres::start_with_tls`]).
+    tls: bool,
 }
 
 /// The directory of the installed PostgreSQL server binaries (Debian's layout, or `PATH`).
@@ -44,6 +46,16 @@ fn running_as_root() -> bool {
 impl TestPostgres {
     /// Starts a fresh server with a database `charter` owned by user `charter`.
     pub fn start() -> TestPostgres {
+        TestPostgres::start_with(None)
+    }
+
+    /// [`TestPostgres::start`] with TLS offered (`ssl=on`) with this PEM certificate chain
+    /// and key; clients may still connect without TLS.
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> TestPostgres {
+        TestPostgres::start_with(Some((cert_pem, key_pem)))
+    }
+
+    fn start_with(tls: Option<(&str, &str)>) -> TestPostgres {
         let bin = server_bin();
         let dir = tempfile::Builder::new()
             .prefix("charter-pg-")
@@ -64,7 +76,12 @@ impl TestPostgres {
             port: 0,
             child: None,
             as_user,
+            tls: tls.is_some(),
         };
+        if let Some((cert, key)) = tls {
+            pg.write_private("server.crt", cert);
+            pg.write_private("server.key", key);
+        }
         let data = pg.data();
         let out = pg
             .command("initdb")
@@ -104,6 +121,22 @@ impl TestPostgres {
         self.dir.path().join("data")
     }
 
+    /// Writes a file only the server's user may read (PostgreSQL insists for its key).
+    fn write_private(&self, name: &str, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("writing a server TLS file");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod 600");
+        if let Some(user) = self.as_user {
+            let out = Command::new("chown")
+                .arg(user)
+                .arg(&path)
+                .output()
+                .expect("chown");
+            assert!(out.status.success(), "{out:?}");
+        }
+    }
+
     fn command(&self, program: &str) -> Command {
         let path = self.bin.join(program);
         match self.as_user {
@@ -136,6 +169,24 @@ impl TestPostgres {
             ])
             .arg("-k")
             .arg(self.dir.path())
+            .args(if self.tls {
+                vec![
+                    "-c".to_owned(),
+                    "ssl=on".to_owned(),
+                    "-c".to_owned(),
+                    format!(
+                        "ssl_cert_file={}",
+                        self.dir.path().join("server.crt").display()
+                    ),
+                    "-c".to_owned(),
+                    format!(
+                        "ssl_key_file={}",
+                        self.dir.path().join("server.key").display()
+                    ),
+                ]
+            } else {
+                Vec::new()
+            })
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -10,10 +10,13 @@
 //! Every configuration names the ring provider explicitly, so nothing here depends on the
 //! process-wide default; [`install_default_provider`] is for other rustls users in the
 //! process.
+//!
+//! It also builds the control plane's TLS configuration for PostgreSQL ([`database_client_config`]).
 
 #![warn(missing_docs)]
 
 mod client;
+mod database;
 mod files;
 mod incoming;
 mod pinned;
@@ -27,6 +30,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 
 pub use client::{connect, connect_insecure};
+pub use database::{database_client_config, DatabaseTlsFiles, DatabaseVerify};
 pub use incoming::{incoming, HANDSHAKE_TIMEOUT};
 pub use reason::describe_error;
 
@@ -133,6 +137,9 @@ pub enum TlsError {
         /// What tonic said.
         source: tonic::transport::Error,
     },
+    /// A TLS setting cannot be used as given (the database's TLS parameters).
+    #[error("{0}")]
+    Config(String),
     /// Connecting (TCP, TLS handshake or HTTP/2 set-up) failed.
     #[error("cannot connect to the control plane at {addr}: {reason}")]
     Connect {
