@@ -1,5 +1,6 @@
 //! The daily expiry log: WARN from 90 days left, ERROR from 30, CRITICAL in grace and
-//! after, once per UTC day (and again whenever the severity or the license changes).
+//! after, once per UTC day (and again whenever the severity or the license changes). On a
+//! shared store only the control plane leading the chores logs.
 
 use std::time::Duration;
 
@@ -18,6 +19,11 @@ pub async fn run(service: Service, mut shutdown: tokio::sync::watch::Receiver<bo
         tokio::select! {
             _ = interval.tick() => {}
             _ = shutdown.changed() => return,
+        }
+        // A stored license is the whole cluster's: one control plane logs it. A static
+        // license is this node's own.
+        if !service.leads_chores() && !service.has_static_license() {
+            continue;
         }
         let view = service.view();
         let today = utc_date(service.now());

@@ -60,7 +60,11 @@ pub async fn run_with_clock(
                 .with_context(|| format!("opening the license store in {}", dir.display()))?;
             Arc::new(store)
         }
-        config::Storage::Postgres(url) => Arc::new(open_postgres(url).await?),
+        config::Storage::Postgres(url) => {
+            let store = open_postgres(url, &listeners.admin).await?;
+            tracing::info!(sslmode = store.sslmode(), "connected to PostgreSQL");
+            Arc::new(store)
+        }
     };
     let key_ids: Vec<String> = config
         .trusted_keys
@@ -108,15 +112,32 @@ pub async fn run_with_clock(
 }
 
 /// Connects to PostgreSQL, retrying (1 s, doubling to 10 s) while the database cannot be
-/// reached: a control plane started during a database outage waits for it.
-async fn open_postgres(url: &str) -> Result<charter_store::PgStore> {
+/// reached: a control plane started during a database outage waits for it, its admin
+/// listener answering 503 `{"message":"database unavailable"}` to everything meanwhile
+/// (so `/status` tells load balancers and probes).
+async fn open_postgres(
+    url: &str,
+    admin: &tokio::net::TcpListener,
+) -> Result<charter_store::PgStore> {
     let mut wait = std::time::Duration::from_secs(1);
+    let mut unavailable: Option<api::Unavailable> = None;
     loop {
         match charter_store::PgStore::open(url).await {
-            Ok(store) => return Ok(store),
+            Ok(store) => {
+                if let Some(server) = unavailable {
+                    server.stop().await;
+                }
+                return Ok(store);
+            }
             Err(e @ charter_store::StoreError::Unavailable { .. }) => {
                 tracing::error!(error = %e, retry_in_s = wait.as_secs(),
                     "cannot reach the database; the control plane waits for it");
+                if unavailable.is_none() {
+                    unavailable =
+                        Some(api::Unavailable::serve(admin).context(
+                            "answering on the admin listener while the database is down",
+                        )?);
+                }
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(std::time::Duration::from_secs(10));
             }

@@ -7,6 +7,7 @@ mod consul;
 mod licenses;
 mod metrics;
 mod node;
+mod unavailable;
 
 use std::sync::Arc;
 
@@ -24,6 +25,7 @@ use uuid::Uuid;
 use crate::service::{Service, WriteError};
 use auth::Tokens;
 use metrics::Metrics;
+pub use unavailable::Unavailable;
 
 /// What every handler shares; cheap to clone.
 #[derive(Clone)]

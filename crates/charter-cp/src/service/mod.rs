@@ -400,7 +400,7 @@ impl Service {
                         return Err(e.into());
                     }
                     conflicts = conflicts.saturating_add(1);
-                    self.reload_locked().await?;
+                    self.catch_up_locked().await?;
                     let most = 1u64 << conflicts.min(6);
                     let pause = rand::random::<u64>() % (most * 1000);
                     tokio::time::sleep(Duration::from_micros(pause)).await;
@@ -410,13 +410,30 @@ impl Service {
         }
     }
 
-    /// Loads the store again when it is ahead of the snapshot (another process wrote).
+    /// Moves the snapshot to the store's revision when the store is ahead (another
+    /// process wrote).
     pub async fn catch_up(&self) -> Result<(), StoreError> {
         let _writing = self.0.writing.lock().await;
         if *self.0.store.subscribe().borrow() > self.snapshot().revision {
-            self.reload_locked().await?;
+            self.catch_up_locked().await?;
         }
         Ok(())
+    }
+
+    /// Applies what changed in the store since the snapshot's revision, or loads
+    /// everything when the store cannot tell (or its epoch changed).
+    async fn catch_up_locked(&self) -> Result<(), StoreError> {
+        let snapshot = self.snapshot();
+        match self.0.store.changes_since(snapshot.revision).await? {
+            Some(changes) if changes.epoch == snapshot.epoch => {
+                if changes.revision > snapshot.revision {
+                    let next = snapshot.with_changes(changes);
+                    self.0.snapshots.send_replace(Arc::new(next));
+                }
+                Ok(())
+            }
+            _ => self.reload_locked().await,
+        }
     }
 
     async fn reload_locked(&self) -> Result<(), StoreError> {
@@ -475,6 +492,17 @@ impl Service {
         self.0.store.usage().await
     }
 
+    /// Whether this control plane runs the chores of the whole store now (see
+    /// [`Store::leads_chores`]).
+    pub fn leads_chores(&self) -> bool {
+        self.0.store.leads_chores()
+    }
+
+    /// Whether a static license is configured on this node.
+    pub fn has_static_license(&self) -> bool {
+        self.0.static_license.is_some()
+    }
+
     /// Whether the store can take writes.
     pub async fn health(&self) -> Result<(), StoreError> {
         self.0.store.check().await
@@ -525,6 +553,10 @@ async fn purge(service: Service, mut shutdown: watch::Receiver<bool>) {
             _ = every.tick() => {}
             _ = shutdown.changed() => return,
         }
+        // One control plane of a shared store purges for all.
+        if !service.leads_chores() {
+            continue;
+        }
         let cutoff = service.now() - PURGE_AFTER.as_secs() as i64;
         match service
             .0
@@ -565,8 +597,12 @@ async fn sweep(service: Service, mut shutdown: watch::Receiver<bool>) {
     }
 }
 
-/// Loads the store again whenever it moves past the snapshot without this process
-/// writing (another control plane on the same store).
+/// How long [`follow`] waits at most between two attempts to catch up.
+const CATCH_UP_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Catches the snapshot up whenever the store moves past it without this process writing
+/// (another control plane on the same store); a failed attempt is retried (0.1 s,
+/// doubling to 5 s) until it succeeds, so a change is never left behind.
 async fn follow(service: Service, mut shutdown: watch::Receiver<bool>) {
     let mut revisions = service.0.store.subscribe();
     loop {
@@ -574,8 +610,32 @@ async fn follow(service: Service, mut shutdown: watch::Receiver<bool>) {
             changed = revisions.changed() => if changed.is_err() { return },
             _ = shutdown.changed() => return,
         }
-        if let Err(e) = service.catch_up().await {
-            tracing::error!(error = %e, "cannot load licenses written by another control plane; will retry on the next change");
+        let mut wait = Duration::from_millis(100);
+        let mut failures = 0u32;
+        loop {
+            match service.catch_up().await {
+                Ok(()) => {
+                    if failures > 0 {
+                        tracing::info!(
+                            attempts = failures + 1,
+                            revision = service.snapshot().revision,
+                            "caught up with the licenses written by another control plane"
+                        );
+                    }
+                    break;
+                }
+                Err(e) => {
+                    if failures == 0 {
+                        tracing::error!(error = %e, "cannot read licenses written by another control plane; retrying until it works");
+                    }
+                    failures = failures.saturating_add(1);
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = shutdown.changed() => return,
+            }
+            wait = (wait * 2).min(CATCH_UP_RETRY_MAX);
         }
     }
 }

@@ -18,7 +18,7 @@ use std::ops::Bound;
 use std::sync::{Arc, OnceLock};
 
 use charter_license::{TrustedKeys, VerifiedLicense};
-use charter_store::{LicenseRecord, Loaded};
+use charter_store::{Changes, LicenseRecord, Loaded};
 use uuid::Uuid;
 
 /// One stored license.
@@ -167,6 +167,47 @@ impl Snapshot {
         let mut next = self.clone();
         next.revision = revision;
         next.remove(id);
+        next
+    }
+
+    /// This snapshot moved to `changes.revision` by another writer's changes: the records
+    /// written replace or join those held, the ids deleted go. An entry whose payload did
+    /// not change keeps its verification.
+    pub fn with_changes(&self, changes: Changes) -> Snapshot {
+        let mut next = self.clone();
+        next.revision = changes.revision;
+        for id in &changes.deleted {
+            next.remove(*id);
+        }
+        // Remove every written id first, so a checksum that moved between two records in
+        // these changes ends up with its new holder.
+        let known: Vec<Option<Option<Arc<VerifiedLicense>>>> = changes
+            .written
+            .iter()
+            .map(|record| {
+                let old = next.by_id.get(&record.id)?;
+                (old.record.payload == record.payload)
+                    .then(|| old.verification.get().cloned())
+                    .flatten()
+            })
+            .collect();
+        for record in &changes.written {
+            next.remove(record.id);
+        }
+        for (record, known) in changes.written.into_iter().zip(known) {
+            let entry = match known {
+                Some(verification) => Entry {
+                    record,
+                    verification: OnceLock::from(verification),
+                    encoded: OnceLock::new(),
+                },
+                None => Entry::unverified(record),
+            };
+            next.insert(Arc::new(entry));
+        }
+        if next.by_id.is_empty() {
+            next.unverified = Some(0);
+        }
         next
     }
 

@@ -505,3 +505,88 @@ async fn a_store_that_failed_to_reach_the_disk_answers_503_and_loses_nothing_ack
     );
     assert!(!loaded.licenses.iter().any(|r| r.payload.contains("LATER")));
 }
+
+/// The snapshot's licenses as (id, payload, updated_at, revision), in id order.
+fn contents(service: &Service) -> (u64, Vec<(Uuid, String, i64, u64)>) {
+    let snapshot = service.snapshot();
+    let (entries, _) = snapshot.page(None, usize::MAX);
+    (
+        snapshot.revision,
+        entries
+            .iter()
+            .map(|e| {
+                let r = &e.record;
+                (r.id, r.payload.clone(), r.updated_at, r.revision)
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_follows_another_by_what_changed() {
+    let pg = charter_store::testing::TestPostgres::start();
+    let start = || async {
+        let store: Arc<dyn Store> = Arc::new(
+            charter_store::PgStore::open(&pg.url())
+                .await
+                .expect("open the database"),
+        );
+        let clock = Arc::new(FixedClock::new(JUNE_2026));
+        let (service, tasks) = Service::start(
+            store,
+            TrustedKeys::new([vendor().trusted_key()]),
+            clock.clone(),
+            None,
+            "cp".to_owned(),
+        )
+        .await
+        .expect("start");
+        let (stop, stopped) = watch::channel(false);
+        (service, stop, tokio::spawn(tasks.run(stopped)), clock)
+    };
+    let (a, stop_a, tasks_a, clock) = start().await;
+    let (b, stop_b, tasks_b, _) = start().await;
+
+    // Creates, replaces, touches and deletes on A; B catches up after each, to the same
+    // licenses, the same revisions, and the same license in force.
+    let mut ids = Vec::new();
+    for step in 0..24u32 {
+        clock.set(JUNE_2026 + i64::from(step) + 1);
+        let text = license(&format!("key-{step}"), "2026-01-01", "2027-12-31");
+        match step % 4 {
+            0 | 1 => ids.push(
+                a.create(None, a.validate(&text).unwrap())
+                    .await
+                    .unwrap()
+                    .record
+                    .id,
+            ),
+            2 => {
+                let id = ids[ids.len() / 2];
+                a.put(id, a.validate(&text).unwrap()).await.unwrap();
+            }
+            _ => {
+                let id = ids.remove(0);
+                a.delete(id).await.unwrap().expect("deleted");
+                a.patch(ids[0], None).await.unwrap();
+            }
+        }
+        let mut snapshots = b.subscribe();
+        let target = a.snapshot().revision;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            snapshots.wait_for(|s| s.revision >= target),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("B did not reach revision {target} within 5 s"))
+        .unwrap();
+        assert_eq!(contents(&b), contents(&a), "after step {step}");
+        let in_force = |s: &Service| s.view().in_force.and_then(|f| f.record).map(|r| r.id);
+        assert_eq!(in_force(&b), in_force(&a), "after step {step}");
+    }
+    for (stop, tasks, service) in [(stop_a, tasks_a, a), (stop_b, tasks_b, b)] {
+        stop.send(true).unwrap();
+        tasks.await.unwrap();
+        service.close().await.unwrap();
+    }
+}

@@ -1,0 +1,59 @@
+//! The admin listener's answer while the control plane waits for its database at start:
+//! 503 `{"message":"database unavailable"}` to every request, `/status` included, so a load
+//! balancer or readiness probe sees a control plane that is up but not ready.
+
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use axum::{Json, Router};
+use serde_json::json;
+
+/// How long stopping waits for requests in flight before dropping their connections.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A server answering 503 on a second handle of the admin listener; [`Unavailable::stop`]
+/// it before the real API serves on the listener itself.
+pub struct Unavailable {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Unavailable {
+    /// Starts answering on `listener` (which stays the caller's: the server accepts on a
+    /// duplicate of its socket).
+    pub fn serve(listener: &tokio::net::TcpListener) -> std::io::Result<Unavailable> {
+        let socket = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
+        socket.set_nonblocking(true)?;
+        let socket = tokio::net::TcpListener::from_std(socket)?;
+        let app = Router::new().fallback(|| async {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"message": "database unavailable"})),
+            )
+        });
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let served = axum::serve(socket, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+            if let Err(e) = served {
+                tracing::warn!(error = %e, "answering 503 on the admin listener");
+            }
+        });
+        Ok(Unavailable { stop, task })
+    }
+
+    /// Stops accepting and waits (bounded) for requests in flight; the duplicate socket is
+    /// closed when this returns.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        let mut task = self.task;
+        if tokio::time::timeout(STOP_GRACE, &mut task).await.is_err() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
