@@ -10,7 +10,9 @@
 //!   the same filesystem (and, to show where the time goes, `SledStore::insert` called
 //!   in-process), interleaved in blocks so all three see the same disk conditions;
 //!
-//! and prints a table with the verdict on each goal.
+//! and prints a table with the verdict on each goal. With `--postgres` the CP stores in a
+//! private PostgreSQL server the bench starts, and its POSTs are compared with a bare
+//! autocommit `INSERT` into that server (and `PgStore::commit` in-process) instead.
 
 use std::ffi::OsString;
 use std::fmt::Write as _;
@@ -26,17 +28,20 @@ use hyper::{Method, StatusCode, Uri};
 use serde_json::{json, Map, Value};
 
 use crate::load::{self, ClientKind, Conn, LoadShape, Throughput, OTHER_LOAD_LIMIT, STEAL_LIMIT};
+use crate::pg::Postgres;
 use crate::procs::{self, Pinning, Server};
 use crate::stats::{self, Latency};
-use crate::writes::{InProcessStore, RawFsync};
+use crate::writes::Durable;
 
 /// GET req/s must be at least this fraction of the hello-world's.
 const GET_GOAL: f64 = 0.7;
 /// Where the two hello-world baselines sit among the GET targets.
 const RECORD_HELLO: usize = 0;
 const PAGE_HELLO: usize = 4;
-/// The POST p50 must be at most this multiple of the raw write+fsync p50.
+/// The POST p50 must be at most this multiple of the raw write+fsync p50…
 const POST_GOAL: f64 = 2.0;
+/// …and on PostgreSQL, at most this multiple of a bare `INSERT`'s.
+const POST_GOAL_PG: f64 = 1.5;
 /// Bytes the disk may write per durable write (data, journal and metadata blocks) before a
 /// write block counts as disturbed by other processes' I/O: a fsync's journal commit
 /// carries every other file's pending data too, so others' writes slow ours.
@@ -81,9 +86,15 @@ pub struct AdminArgs {
     /// Concurrent keep-alive connections of the GET load, one request in flight on each.
     #[arg(long, default_value_t = 32)]
     pub connections: usize,
-    /// Which measurements to make (the goals are judged on `all`).
-    #[arg(long, value_enum, default_value_t = Phase::All)]
-    pub phase: Phase,
+    /// Which measurements to make (the goals are judged on `all`). Default: `all`, or
+    /// `write` with `--postgres` (reads are served from the same in-memory snapshot
+    /// whatever the store).
+    #[arg(long, value_enum)]
+    pub phase: Option<Phase>,
+    /// Store the CP's licenses in a private PostgreSQL server (started by the bench, as
+    /// `nobody` when run as root) and compare its POSTs with a bare `INSERT` there.
+    #[arg(long)]
+    pub postgres: bool,
     /// The load generator's HTTP client.
     #[arg(long, value_enum, default_value_t = ClientKind::Lean)]
     pub client: ClientKind,
@@ -121,6 +132,7 @@ pub struct AdminArgs {
 /// The validated settings of a run.
 struct Settings {
     phase: Phase,
+    postgres: bool,
     cp_bin: PathBuf,
     self_bin: PathBuf,
     shape: LoadShape,
@@ -157,8 +169,14 @@ impl Settings {
         let self_bin = std::env::current_exe().context("locating this executable")?;
         let cp_bin = procs::binary(args.cp_bin.as_deref(), "charter-cp", "--cp-bin")?;
         let work_dir = procs::work_dir(args.work_dir.as_deref())?;
+        let default_phase = if args.postgres {
+            Phase::Write
+        } else {
+            Phase::All
+        };
         Ok(Settings {
-            phase: args.phase,
+            phase: args.phase.unwrap_or(default_phase),
+            postgres: args.postgres,
             cp_bin,
             self_bin,
             shape: LoadShape {
@@ -217,17 +235,27 @@ async fn run(settings: &Settings, pinning: &Pinning) -> Result<String> {
         .with_context(|| format!("writing {}", key_path.display()))?;
     let data_dir = dir.join("cp-data");
 
+    let pg = if settings.postgres {
+        progress(format_args!("starting PostgreSQL"));
+        Some(Postgres::start(pinning).await?)
+    } else {
+        None
+    };
     let mut report = String::new();
-    write_header(&mut report, settings, pinning, dir)?;
+    write_header(&mut report, settings, pinning, dir, pg.as_ref())?;
 
     progress(format_args!("starting {}", settings.cp_bin.display()));
     let cp = {
         let data_dir = data_dir.clone();
+        let database: Vec<OsString> = match &pg {
+            Some(pg) => vec!["--database-url".into(), pg.url().into()],
+            None => Vec::new(),
+        };
         Server::start(
             "charter-cp",
             &settings.cp_bin,
             move |addr| {
-                vec![
+                let mut args: Vec<OsString> = vec![
                     "--data-dir".into(),
                     data_dir.clone().into(),
                     "--admin-listen".into(),
@@ -239,7 +267,9 @@ async fn run(settings: &Settings, pinning: &Pinning) -> Result<String> {
                     "--cluster-listen".into(),
                     "127.0.0.1:0".into(),
                     "--cluster-insecure".into(),
-                ]
+                ];
+                args.extend(database.iter().cloned());
+                args
             },
             pinning,
             dir.join("charter-cp.log"),
@@ -272,8 +302,9 @@ async fn run(settings: &Settings, pinning: &Pinning) -> Result<String> {
         Vec::new()
     };
     let writes = if settings.phase.writes() {
-        let writes = measure_writes(settings, pinning, &signer, &cp, dir, &data_dir, nonce).await?;
-        write_writes(&mut report, settings, &writes)?;
+        let writes =
+            measure_writes(settings, pinning, &signer, &cp, dir, pg.as_ref(), nonce).await?;
+        write_writes(&mut report, &writes)?;
         Some(writes)
     } else {
         None
@@ -420,7 +451,11 @@ async fn measure_gets(
 
 /// The latencies of the three kinds of durable write.
 struct Writes {
-    /// The raw write+fsync on the servers' core: the baseline.
+    /// The labels of the baseline's row and of the in-process store's.
+    labels: (String, &'static str),
+    /// Whether the CP stored in PostgreSQL (the baseline is then a bare `INSERT`).
+    postgres: bool,
+    /// The raw write+fsync (or the bare `INSERT`) on the servers' core: the baseline.
     raw: Latency,
     /// The same on the load generator's core, for comparison.
     raw_client_core: Latency,
@@ -438,6 +473,9 @@ struct Writes {
     /// The CP's CPU time per POST (median over the blocks kept), which includes work a
     /// write triggers in the background.
     cp_cpu_per_post: Duration,
+    /// PostgreSQL's CPU time per POST, from the first POST of a block to the 201 of its
+    /// last (median over the blocks kept).
+    pg_cpu_per_post: Option<Duration>,
 }
 
 /// One block's samples of each kind.
@@ -455,17 +493,29 @@ async fn measure_writes(
     signer: &LicenseSigner,
     cp: &Server,
     dir: &Path,
-    data_dir: &Path,
+    pg: Option<&Postgres>,
     nonce: u32,
 ) -> Result<Writes> {
-    let raw_dir = dir.join("raw-fsync");
-    let mut raw = RawFsync::create(&raw_dir, settings.fsync_bytes)?;
-    let store = InProcessStore::open(&dir.join("store-inproc"))?;
-    let same_fs = std::fs::metadata(data_dir)?.dev() == std::fs::metadata(&raw_dir)?.dev();
-    ensure!(
-        same_fs,
-        "the raw fsync file and the CP's data dir are on different filesystems"
-    );
+    let mut durable = match pg {
+        Some(pg) => {
+            let text = signer
+                .sign(payload(&format!("BARE-{nonce:08x}-000000")))
+                .context("signing a bench license")?
+                .to_json();
+            Durable::postgres(pg, pinning, text).await?
+        }
+        None => {
+            let durable = Durable::sled(dir, settings.fsync_bytes)?;
+            let same_fs = std::fs::metadata(dir.join("cp-data"))?.dev()
+                == std::fs::metadata(dir.join("raw-fsync"))?.dev();
+            ensure!(
+                same_fs,
+                "the raw fsync file and the CP's data dir are on different filesystems"
+            );
+            durable
+        }
+    };
+    let pg_cpu = || pg.map(Postgres::cpu_time).transpose();
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -476,7 +526,7 @@ async fn measure_writes(
         settings.writes
     ));
 
-    let device = procs::device_of(dir);
+    let device = procs::device_of(pg.map_or(dir, Postgres::data_dir));
     let disk_written = || device.as_deref().and_then(procs::device_bytes_written);
     let blocks = settings.writes.div_ceil(WRITE_BLOCK);
     let mut kept = Block::default();
@@ -485,6 +535,7 @@ async fn measure_writes(
     let (mut other_cores, mut steal) = (0.0, 0.0);
     let mut disk_bytes = None;
     let mut cp_cpu_per_post = Vec::new();
+    let mut pg_cpu_per_post = Vec::new();
     // The first block is a warm-up; each block may be measured again up to `retries` times.
     let mut kept_blocks = 0;
     let mut warmed_up = false;
@@ -514,21 +565,22 @@ async fn measure_writes(
 
         let started = std::time::Instant::now();
         let cpus_before = procs::cpu_counters()?;
-        let ours_before = procs::cpu_time(cp.pid())? + procs::cpu_time(std::process::id())?;
+        let ours_before = procs::cpu_time(cp.pid())?
+            + procs::cpu_time(std::process::id())?
+            + pg_cpu()?.unwrap_or_default();
         let disk_before = disk_written();
         // The raw loop and the in-process store run on the CP's core, like the POSTs they
         // are compared with, while this thread waits; nothing else of the bench is in
         // flight meanwhile, so no request waits on them. The raw loop also runs here, on
         // the load generator's core, for the report.
+        let [raw, raw_client_core] = durable.floor(pinning, size).await?;
         let mut block = Block {
-            raw: pinning
-                .on_server_core(|| (0..size).map(|_| raw.once()).collect::<Result<Vec<_>>>())??,
+            raw,
+            raw_client_core,
             ..Block::default()
         };
-        for _ in 0..size {
-            block.raw_client_core.push(raw.once()?);
-        }
         let cp_cpu_before = procs::cpu_time_precise(cp.pid())?;
+        let pg_cpu_before = pg_cpu()?;
         let mut created = Vec::with_capacity(size);
         for body in bodies {
             let started = std::time::Instant::now();
@@ -538,17 +590,22 @@ async fn measure_writes(
             block.post.push(elapsed);
             created.push(record_id(&answer)?);
         }
+        let block_pg_cpu = pg_cpu()?
+            .zip(pg_cpu_before)
+            .map(|(after, before)| after.saturating_sub(before) / size as u32);
         // Sampled after the store block, so background work the POSTs started has had its
         // time to finish.
         let cp_cpu = |before| -> Result<Duration> {
             Ok(procs::cpu_time_precise(cp.pid())?.saturating_sub(before))
         };
-        block.store = pinning.on_server_core(|| store.insert_all(&texts, now))??;
+        block.store = durable.store(pinning, texts, now).await?;
         let block_cp_cpu = cp_cpu(cp_cpu_before)? / u32::try_from(size).unwrap_or(u32::MAX);
         let seconds = started.elapsed().as_secs_f64();
         let cpus_after = procs::cpu_counters()?;
-        let ours = (procs::cpu_time(cp.pid())? + procs::cpu_time(std::process::id())?)
-            .saturating_sub(ours_before);
+        let ours = (procs::cpu_time(cp.pid())?
+            + procs::cpu_time(std::process::id())?
+            + pg_cpu()?.unwrap_or_default())
+        .saturating_sub(ours_before);
         let block_other = (procs::charged_cores(&cpus_before, &cpus_after, seconds)
             - ours.as_secs_f64() / seconds)
             .max(0.0);
@@ -592,6 +649,7 @@ async fn measure_writes(
         steal = f64::max(steal, block_steal);
         disk_bytes = disk_bytes.max(block_disk);
         cp_cpu_per_post.push(block_cp_cpu.as_secs_f64());
+        pg_cpu_per_post.extend(block_pg_cpu.map(|d| d.as_secs_f64()));
         kept.raw.extend(block.raw);
         kept.raw_client_core.extend(block.raw_client_core);
         kept.post.extend(block.post);
@@ -600,6 +658,8 @@ async fn measure_writes(
     }
     let summary = |samples: &[Duration]| Latency::of(samples).context("no write samples");
     Ok(Writes {
+        labels: durable.labels(),
+        postgres: pg.is_some(),
         raw: summary(&kept.raw)?,
         raw_client_core: summary(&kept.raw_client_core)?,
         post: summary(&kept.post)?,
@@ -610,6 +670,7 @@ async fn measure_writes(
         steal,
         disk_bytes,
         cp_cpu_per_post: Duration::from_secs_f64(stats::median(&cp_cpu_per_post).unwrap_or(0.0)),
+        pg_cpu_per_post: stats::median(&pg_cpu_per_post).map(Duration::from_secs_f64),
     })
 }
 
@@ -664,7 +725,13 @@ fn progress(message: std::fmt::Arguments<'_>) {
     eprintln!("charter-bench: {message}");
 }
 
-fn write_header(out: &mut String, s: &Settings, pinning: &Pinning, dir: &Path) -> Result<()> {
+fn write_header(
+    out: &mut String,
+    s: &Settings,
+    pinning: &Pinning,
+    dir: &Path,
+    pg: Option<&Postgres>,
+) -> Result<()> {
     let command: Vec<String> = std::env::args().collect();
     writeln!(out, "charter-bench admin")?;
     writeln!(out, "  command:     {}", command.join(" "))?;
@@ -679,6 +746,13 @@ fn write_header(out: &mut String, s: &Settings, pinning: &Pinning, dir: &Path) -
             .trim()
     )?;
     writeln!(out, "  placement:   {}", pinning.describe())?;
+    if let Some(pg) = pg {
+        writeln!(
+            out,
+            "  store:       {} (pinned with the servers)",
+            pg.describe()
+        )?;
+    }
     writeln!(
         out,
         "  work dir:    {} ({})",
@@ -779,7 +853,7 @@ fn write_throughput(out: &mut String, s: &Settings, targets: &[Target]) -> Resul
     Ok(())
 }
 
-fn write_writes(out: &mut String, s: &Settings, w: &Writes) -> Result<()> {
+fn write_writes(out: &mut String, w: &Writes) -> Result<()> {
     writeln!(out)?;
     writeln!(
         out,
@@ -792,13 +866,13 @@ fn write_writes(out: &mut String, s: &Settings, w: &Writes) -> Result<()> {
         "write", "p50", "p99", "mean", "max", "p50 vs raw"
     )?;
     let rows = [
-        (format!("raw write({} B) + fsync", s.fsync_bytes), w.raw),
+        (w.labels.0.clone(), w.raw),
         (
             "  the same on the load generator's CPU".to_owned(),
             w.raw_client_core,
         ),
         ("POST /licenses (201, durable)".to_owned(), w.post),
-        ("  of which SledStore::insert alone".to_owned(), w.store),
+        (format!("  of which {} alone", w.labels.1), w.store),
     ];
     for (label, latency) in rows {
         writeln!(
@@ -814,7 +888,8 @@ fn write_writes(out: &mut String, s: &Settings, w: &Writes) -> Result<()> {
     }
     writeln!(
         out,
-        "  (SledStore::insert alone: the CP's store called in this process, no HTTP and no signature check)"
+        "  ({} alone: the CP's store called in this process, no HTTP and no signature check)",
+        w.labels.1
     )?;
     writeln!(
         out,
@@ -823,6 +898,13 @@ fn write_writes(out: &mut String, s: &Settings, w: &Writes) -> Result<()> {
         w.stored,
         format_duration(w.cp_cpu_per_post)
     )?;
+    if let Some(pg) = w.pg_cpu_per_post {
+        writeln!(
+            out,
+            "  PostgreSQL used {} of CPU per POST (its processes, from a block's first POST to its last 201)",
+            format_duration(pg)
+        )?;
+    }
     writeln!(
         out,
         "  outside the bench, in the blocks kept: other processes up to {:.2} cores, steal up to {:.0}% of a CPU, \
@@ -864,12 +946,17 @@ fn write_verdicts(out: &mut String, targets: &[Target], writes: Option<&Writes>)
     }
     if let Some(w) = writes {
         let post = ratio(w.post.p50, w.raw.p50);
+        let (baseline, goal) = if w.postgres {
+            ("bare INSERT", POST_GOAL_PG)
+        } else {
+            ("raw fsync  ", POST_GOAL)
+        };
         writeln!(
             out,
-            "  {:<40} {:>6.2}x raw fsync   (goal <= {POST_GOAL}x): {}",
+            "  {:<40} {:>6.2}x {baseline} (goal <= {goal}x): {}",
             "POST /licenses p50",
             post,
-            verdict(post <= POST_GOAL)
+            verdict(post <= goal)
         )?;
     }
     Ok(())

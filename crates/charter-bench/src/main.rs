@@ -5,7 +5,8 @@
 //!
 //! `admin` measures the control plane's admin API (the real `charter-cp` release binary,
 //! as a separate process) against an axum hello-world served the same way, and its durable
-//! `POST /licenses` latency against a raw write+fsync loop on the same disk. See
+//! `POST /licenses` latency against a raw write+fsync loop on the same disk (with
+//! `--postgres`: against a bare `INSERT` into the PostgreSQL it stores in). See
 //! BENCHMARKS.md at the repository root for what the figures mean.
 
 mod admin;
@@ -14,6 +15,7 @@ mod gate;
 mod hello;
 mod ingest;
 mod load;
+mod pg;
 mod procs;
 mod relay;
 mod startup;

@@ -91,6 +91,48 @@ impl Pinning {
         })
     }
 
+    /// Moves a running process (every thread of it) to [`SERVER_CORE`] when the servers
+    /// are pinned there; the processes it forks afterwards inherit the placement.
+    pub fn pin_process(&self, pid: u32) -> Result<()> {
+        if matches!(self, Pinning::Unpinned(_)) {
+            return Ok(());
+        }
+        let out = Command::new("taskset")
+            .args(["--all-tasks", "--cpu-list", "--pid"])
+            .arg(SERVER_CORE.to_string())
+            .arg(pid.to_string())
+            .stdout(Stdio::null())
+            .output()
+            .context("running taskset")?;
+        anyhow::ensure!(
+            out.status.success(),
+            "taskset could not pin process {pid}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        Ok(())
+    }
+
+    /// A runtime of one worker thread placed like the servers (its blocking threads too),
+    /// for baselines that keep connections open across measurements: they run where the
+    /// server they are compared with runs, as with [`Pinning::on_server_core`].
+    pub fn server_runtime(&self) -> Result<ServerRuntime> {
+        let pinned = matches!(self, Pinning::Pinned);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .on_thread_start(move || {
+                if pinned {
+                    let mut cpus = rustix::thread::CpuSet::new();
+                    cpus.set(SERVER_CORE);
+                    // Cannot fail for a CPU that exists; [`Pinning::apply`] checked it does.
+                    let _ = rustix::thread::sched_setaffinity(None, &cpus);
+                }
+            })
+            .build()
+            .context("starting the baselines' runtime")?;
+        Ok(ServerRuntime(Some(runtime)))
+    }
+
     /// The command that runs `program` with this pinning.
     fn command(&self, program: &Path) -> Command {
         match self {
@@ -103,6 +145,32 @@ impl Pinning {
                 command
             }
             Pinning::Unpinned(_) => Command::new(program),
+        }
+    }
+}
+
+/// See [`Pinning::server_runtime`]. Shut down without waiting when dropped, so it may be
+/// dropped inside another runtime.
+pub struct ServerRuntime(Option<tokio::runtime::Runtime>);
+
+impl ServerRuntime {
+    /// Runs `task` on the runtime and waits for its result.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        task: impl std::future::Future<Output = T> + Send + 'static,
+    ) -> Result<T> {
+        let runtime = self.0.as_ref().context("the baselines' runtime is gone")?;
+        runtime
+            .spawn(task)
+            .await
+            .context("a task on the baselines' runtime failed")
+    }
+}
+
+impl Drop for ServerRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
         }
     }
 }
@@ -249,25 +317,84 @@ fn free_loopback_port() -> Result<SocketAddr> {
 /// CPU time (user + system, all threads, living and exited) a process has used so far,
 /// from `/proc/PID/stat`, in clock ticks of `getconf CLK_TCK` (10 ms on Linux).
 pub fn cpu_time(pid: u32) -> Result<Duration> {
+    let fields = stat_fields(pid)?;
+    // `utime` and `stime` are fields 14 and 15 of the line.
+    let ticks: u64 = fields[11..13]
+        .iter()
+        .map(|f| f.parse::<u64>())
+        .sum::<Result<u64, _>>()
+        .with_context(|| format!("parsing /proc/{pid}/stat"))?;
+    Ok(Duration::from_secs_f64(
+        ticks as f64 / clock_ticks_per_second(),
+    ))
+}
+
+/// CPU time a process and all its descendants have used so far: that of the living ones
+/// (as [`cpu_time_precise`]) and that of the children it has waited for (`cutime`,
+/// `cstime`, in clock ticks). For a PostgreSQL server: the postmaster reaps every backend.
+pub fn tree_cpu_time(pid: u32) -> Result<Duration> {
+    let tree = descendants(pid)?;
+    // Children waited for: `cutime` and `cstime`, fields 16 and 17 of the root's line.
+    let reaped: u64 = stat_fields(pid)?[13..15]
+        .iter()
+        .filter_map(|f| f.parse::<u64>().ok())
+        .sum();
+    let mut total = Duration::from_secs_f64(reaped as f64 / clock_ticks_per_second());
+    for member in tree {
+        // A process that exits meanwhile is simply not counted.
+        total += cpu_time_precise(member).unwrap_or_default();
+    }
+    Ok(total)
+}
+
+/// `pid` and every living process descended from it.
+pub fn descendants(pid: u32) -> Result<Vec<u32>> {
+    let mut parents = Vec::new();
+    for entry in std::fs::read_dir("/proc")
+        .context("listing /proc")?
+        .flatten()
+    {
+        let Some(child) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        // A process that exits meanwhile is simply left out.
+        if let Some(parent) = stat_fields(child)
+            .ok()
+            .and_then(|f| f[1].parse::<u32>().ok())
+        {
+            parents.push((child, parent));
+        }
+    }
+    let mut tree = vec![pid];
+    let mut next = 0;
+    while let Some(&parent) = tree.get(next) {
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        next += 1;
+    }
+    Ok(tree)
+}
+
+/// The fields of `/proc/PID/stat` after the command name (which is in parentheses and may
+/// hold spaces), so that index 0 is field 3 of the line.
+fn stat_fields(pid: u32) -> Result<Vec<String>> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // Fields after the command name, which is in parentheses and may hold spaces.
     let rest = stat
         .rsplit_once(')')
         .map(|(_, rest)| rest)
         .with_context(|| format!("parsing {path}"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `utime` and `stime` are fields 14 and 15 of the line; `rest` starts at field 3.
-    let ticks = |index: usize| -> Result<u64> {
-        fields
-            .get(index)
-            .and_then(|f| f.parse().ok())
-            .with_context(|| format!("parsing field {} of {path}", index + 3))
-    };
-    let total = ticks(11)? + ticks(12)?;
-    Ok(Duration::from_secs_f64(
-        total as f64 / clock_ticks_per_second(),
-    ))
+    let fields: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
+    anyhow::ensure!(fields.len() > 15, "parsing {path}: too few fields");
+    Ok(fields)
 }
 
 /// CPU time a process's living threads have used so far, to the nanosecond, from
