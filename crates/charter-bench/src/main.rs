@@ -1,7 +1,9 @@
 //! `charter-bench`: benchmarks of Charter against baselines on the same machine.
 //!
 //! `fanout` measures how fast a license change reaches N simulated data planes (real
-//! protocol, real mTLS) against a minimal tonic server, and the CP's memory per data plane.
+//! protocol, real mTLS) against a minimal tonic server, and the CP's memory per data plane;
+//! `fanout-ha`, how fast a license written on one control plane reaches the data planes of
+//! another on the same PostgreSQL, against a write on that one itself.
 //!
 //! `admin` measures the control plane's admin API (the real `charter-cp` release binary,
 //! as a separate process) against an axum hello-world served the same way, and its durable
@@ -47,6 +49,9 @@ enum Command {
     /// Cluster fan-out: how fast a license change reaches N data planes over mTLS, and
     /// what each costs the control plane, against a minimal tonic server.
     Fanout(fanout::FanoutArgs),
+    /// Cluster fan-out across control planes on one PostgreSQL database: a license written
+    /// on one reaching the data planes of another, against a write on that one itself.
+    FanoutHa(fanout::FanoutHaArgs),
     /// Telemetry ingest: reports per second durably applied from N simulated data planes
     /// sending at once.
     Telemetry(ingest::IngestArgs),
@@ -69,6 +74,7 @@ fn main() -> ExitCode {
         Command::Admin(args) => admin::main(args),
         Command::Gate(args) => gate::main(args),
         Command::Fanout(args) => fanout::main(args),
+        Command::FanoutHa(args) => fanout::ha_main(args),
         Command::Telemetry(args) => ingest::main(args),
         Command::Startup(args) => startup::main(args),
         Command::FanoutBaseline(args) => fanout::baseline_main(args),

@@ -11,8 +11,12 @@
 //! decoded the snapshot; then the data planes verify, cache and acknowledge it, and the
 //! server's CPU time for the whole update is read once it is idle again. Rounds alternate
 //! which server goes first.
+//!
+//! `fanout-ha` ([`ha`]) uses the same fleet and updates on control planes sharing one
+//! PostgreSQL database.
 
 mod baseline;
+mod ha;
 pub mod sim;
 
 use std::cell::Cell;
@@ -33,6 +37,7 @@ use serde_json::{json, Value};
 use tokio::time::Instant;
 
 pub use baseline::{main as baseline_main, BaselineArgs};
+pub use ha::{main as ha_main, FanoutHaArgs};
 
 use crate::load::Conn;
 use crate::procs::{self, Pinning, Server};
@@ -75,6 +80,13 @@ pub struct FanoutArgs {
     /// Updates timed per round and server.
     #[arg(long, default_value_t = 3)]
     pub updates: usize,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+}
+
+/// Flags of the fan-out benchmarks about the simulated data planes and the processes.
+#[derive(Debug, clap::Args)]
+pub struct FleetArgs {
     /// Data planes that connect at once.
     #[arg(long, default_value_t = 500)]
     pub batch: usize,
@@ -105,6 +117,10 @@ pub struct FanoutArgs {
 }
 
 struct Settings {
+    /// `fanout-ha`: control planes on PostgreSQL ([`ha`]).
+    ha: bool,
+    /// Licenses stored before anything connects (`fanout-ha`; `fanout` stores one).
+    licenses: usize,
     sizes: Vec<usize>,
     rounds: usize,
     updates: usize,
@@ -118,14 +134,14 @@ struct Settings {
 }
 
 impl Settings {
-    fn from_args(args: FanoutArgs) -> Result<Settings> {
-        ensure!(!args.sizes.is_empty(), "--sizes needs at least one number");
+    fn new(sizes: Vec<usize>, rounds: usize, updates: usize, args: FleetArgs) -> Result<Settings> {
+        ensure!(!sizes.is_empty(), "--sizes needs at least one number");
         ensure!(
-            args.sizes.iter().all(|&n| (1..=100_000).contains(&n)),
+            sizes.iter().all(|&n| (1..=100_000).contains(&n)),
             "--sizes must be between 1 and 100000 each"
         );
-        ensure!(args.rounds >= 1, "--rounds must be at least 1");
-        ensure!(args.updates >= 1, "--updates must be at least 1");
+        ensure!(rounds >= 1, "--rounds must be at least 1");
+        ensure!(updates >= 1, "--updates must be at least 1");
         ensure!(args.batch >= 1, "--batch must be at least 1");
         ensure!(args.timeout_secs >= 1, "--timeout-secs must be at least 1");
         ensure!(
@@ -139,9 +155,11 @@ impl Settings {
             ctl_bin: procs::binary(args.ctl_bin.as_deref(), "charterctl", "--ctl-bin")?,
             work_dir: procs::work_dir(args.work_dir.as_deref())?,
             self_bin,
-            sizes: args.sizes,
-            rounds: args.rounds,
-            updates: args.updates,
+            ha: false,
+            licenses: 1,
+            sizes,
+            rounds,
+            updates,
             batch: args.batch,
             cache_sample: args.cache_sample,
             timeout: Duration::from_secs(args.timeout_secs),
@@ -151,8 +169,14 @@ impl Settings {
 
 /// Runs the fan-out benchmark and prints its report on standard output.
 pub fn main(args: FanoutArgs) -> Result<()> {
-    let no_pin = args.no_pin;
-    let settings = Settings::from_args(args)?;
+    let no_pin = args.fleet.no_pin;
+    let settings = Settings::new(args.sizes, args.rounds, args.updates, args.fleet)?;
+    execute(&settings, no_pin)
+}
+
+/// Sets the process up for a fan-out run (open files, TLS, pinning, a runtime), runs it
+/// and prints its report.
+fn execute(settings: &Settings, no_pin: bool) -> Result<()> {
     let largest = settings.sizes.iter().copied().max().unwrap_or(0) as u64;
     let fds = raise_fd_limit(largest + FD_MARGIN)?;
     charter_tls::install_default_provider();
@@ -162,7 +186,7 @@ pub fn main(args: FanoutArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let report = runtime.block_on(run(&settings, &pinning, fds))?;
+    let report = runtime.block_on(run(settings, &pinning, fds))?;
     print!("{report}");
     Ok(())
 }
@@ -183,11 +207,19 @@ fn raise_fd_limit(needed: u64) -> Result<u64> {
     Ok(hard)
 }
 
-/// Which server a phase measures.
+/// What an update is made on, and so what it measures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
+    /// `POST /licenses` on the CP the data planes are connected to.
     Cp,
+    /// `POST /push` on the baseline.
     Baseline,
+    /// `fanout-ha`: `POST /licenses` on CP A, the data planes on CP B, one database.
+    CrossCp,
+    /// `fanout-ha`: `POST /licenses` on CP B itself.
+    PgCp,
+    /// `fanout-ha`: a CP on sled, for comparison.
+    SledCp,
 }
 
 impl Target {
@@ -195,8 +227,19 @@ impl Target {
         match self {
             Target::Cp => "charter-cp",
             Target::Baseline => "baseline (tonic)",
+            Target::CrossCp => "written on CP A, DPs on CP B",
+            Target::PgCp => "written on CP B, DPs on CP B",
+            Target::SledCp => "one CP on sled",
         }
     }
+}
+
+/// One kind of update a phase makes: the target, the connection its trigger goes on, and
+/// where its figures go.
+struct Writer<'a> {
+    target: Target,
+    conn: &'a mut Conn,
+    measured: &'a mut Measured,
 }
 
 /// One timed update.
@@ -213,6 +256,9 @@ struct Update {
     server_cpu: Duration,
     /// The largest share of a CPU the hypervisor took (steal) during the update.
     steal: f64,
+    /// The CPU time, in cores, that processes outside this one and its descendants (the
+    /// servers, PostgreSQL) used during the update.
+    others: f64,
     /// How busy the server and the simulator were (CPU time over wall time, in cores)
     /// from the trigger until the last data plane had the snapshot: whichever is near 1
     /// bounds the fan-out.
@@ -321,6 +367,13 @@ async fn run(settings: &Settings, pinning: &Pinning, fds: u64) -> Result<String>
         settings.rounds,
         settings.updates,
     )?;
+    if settings.ha {
+        for &n in &settings.sizes {
+            let measured = run.measure_ha(n).await?;
+            ha::write(&mut report, n, &measured)?;
+        }
+        return Ok(report);
+    }
     let mut results = Vec::new();
     for &n in &settings.sizes {
         let (cp, base) = run.measure(n).await?;
@@ -335,7 +388,7 @@ impl Run<'_> {
     /// Both servers at N data planes, in alternating rounds.
     async fn measure(&self, n: usize) -> Result<(Measured, Measured)> {
         let data_dir = self.dir.join(format!("cp-data-{n}"));
-        let cp = self.start_cp(&data_dir).await?;
+        let cp = self.start_cp(&data_dir, None).await?;
         let baseline = self.start_baseline().await?;
         let mut cp_conn = Conn::connect(cp.server.addr()).await?;
         let mut base_conn = Conn::connect(baseline.server.addr()).await?;
@@ -348,15 +401,12 @@ impl Run<'_> {
             measured[slot].rss_idle = procs::rss(server.server.pid())?;
         }
         for round in 0..self.settings.rounds {
-            let order = if round % 2 == 0 {
-                [Target::Cp, Target::Baseline]
-            } else {
-                [Target::Baseline, Target::Cp]
-            };
-            for target in order {
-                let (server, conn, slot) = match target {
-                    Target::Cp => (&cp, &mut cp_conn, 0),
-                    Target::Baseline => (&baseline, &mut base_conn, 1),
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for slot in order {
+                let (target, server, conn) = if slot == 0 {
+                    (Target::Cp, &cp, &mut cp_conn)
+                } else {
+                    (Target::Baseline, &baseline, &mut base_conn)
                 };
                 progress(format_args!(
                     "N={n} round {}/{}: {}",
@@ -364,7 +414,12 @@ impl Run<'_> {
                     self.settings.rounds,
                     target.label()
                 ));
-                self.phase(n, target, server, conn, &mut measured[slot])
+                let writer = Writer {
+                    target,
+                    conn,
+                    measured: &mut measured[slot],
+                };
+                self.phase(n, server, &mut [writer])
                     .await
                     .with_context(|| format!("{} with {n} data planes", target.label()))?;
             }
@@ -373,15 +428,9 @@ impl Run<'_> {
         Ok((cp_measured, base_measured))
     }
 
-    /// One fleet against one server: connect, first snapshot, the timed updates, close.
-    async fn phase(
-        &self,
-        n: usize,
-        target: Target,
-        server: &Started,
-        conn: &mut Conn,
-        measured: &mut Measured,
-    ) -> Result<()> {
+    /// One fleet against one server: connect, first snapshot, the timed updates (`updates`
+    /// of each writer's, taking turns), close.
+    async fn phase(&self, n: usize, server: &Started, writers: &mut [Writer<'_>]) -> Result<()> {
         let pid = server.server.pid();
         let fleet_no = self.fleets.get();
         self.fleets.set(fleet_no + 1);
@@ -403,18 +452,30 @@ impl Run<'_> {
         )
         .await?;
         let first = fleet.receive(|_| true, self.settings.timeout).await?;
-        measured.connect_secs.push(started.elapsed().as_secs_f64());
+        for writer in writers.iter_mut() {
+            writer
+                .measured
+                .connect_secs
+                .push(started.elapsed().as_secs_f64());
+        }
         let cache_root = self.dir.join("dp-caches");
         fleet
             .handle(first, &self.keys, now(), 0, &cache_root)
             .await?;
-        for _ in 0..self.settings.updates {
+        let kinds = writers.len();
+        for turn in (0..self.settings.updates).flat_map(|_| 0..kinds) {
+            let Writer {
+                target,
+                conn,
+                measured,
+            } = &mut writers[turn];
             let background = background(pid).await?;
             let cpu_before = procs::cpu_time_precise(pid)?;
             let sim_before = procs::cpu_time_precise(std::process::id())?;
             let counters_before = procs::cpu_counters()?;
+            let ours_before = procs::tree_cpu_time(std::process::id())?;
             let triggered = Instant::now();
-            let (id, sent, answered) = self.trigger(target, conn).await?;
+            let (id, sent, answered) = self.trigger(*target, conn).await?;
             let received = fleet
                 .receive(
                     |s| s.license.as_ref().is_some_and(|l| l.id == id),
@@ -459,7 +520,13 @@ impl Run<'_> {
                 .saturating_sub(Duration::from_secs_f64(
                     background * triggered.elapsed().as_secs_f64(),
                 ));
-            let steal = procs::max_steal_between(&counters_before, &procs::cpu_counters()?);
+            let counters_after = procs::cpu_counters()?;
+            let steal = procs::max_steal_between(&counters_before, &counters_after);
+            let seconds = triggered.elapsed().as_secs_f64();
+            let ours = procs::tree_cpu_time(std::process::id())?.saturating_sub(ours_before);
+            let others = (procs::charged_cores(&counters_before, &counters_after, seconds)
+                - ours.as_secs_f64() / seconds)
+                .max(0.0);
             measured.verify.extend(handling.verify);
             measured.cache_write.extend(handling.cache_write);
             measured.refused += handling.refused;
@@ -470,6 +537,7 @@ impl Run<'_> {
                 before_201,
                 server_cpu,
                 steal,
+                others,
                 busy,
             });
         }
@@ -489,7 +557,9 @@ impl Run<'_> {
             .context("signing a bench license")?;
         let payload = document.to_json();
         let (uri, body) = match target {
-            Target::Cp => (Uri::from_static("/licenses"), json!({ "payload": payload })),
+            Target::Cp | Target::CrossCp | Target::PgCp | Target::SledCp => {
+                (Uri::from_static("/licenses"), json!({ "payload": payload }))
+            }
             Target::Baseline => {
                 let at = now();
                 (
@@ -511,28 +581,37 @@ impl Run<'_> {
             );
         }
         let id = match target {
-            Target::Cp => json_id(&answer),
             Target::Baseline => sent,
+            _ => json_id(&answer),
         }
         .context("no license id in the trigger")?;
         Ok((id, sent_at, answered))
     }
 
-    async fn start_cp(&self, data_dir: &Path) -> Result<Started> {
+    /// A CP storing in `data_dir`, or in the PostgreSQL database at `database_url`.
+    async fn start_cp(&self, data_dir: &Path, database_url: Option<&str>) -> Result<Started> {
+        let log = format!(
+            "{}.log",
+            data_dir.file_name().unwrap_or_default().to_string_lossy()
+        );
         self.start_server(
             "charter-cp",
             &self.settings.cp_bin,
-            "charter-cp.log",
+            &log,
             "/status",
             |addr| {
-                vec![
+                let mut args: Vec<OsString> = vec![
                     "--data-dir".into(),
                     data_dir.into(),
                     "--admin-listen".into(),
                     addr.to_string().into(),
                     "--trusted-key".into(),
                     self.key_path.clone().into(),
-                ]
+                ];
+                if let Some(url) = database_url {
+                    args.extend(["--database-url".into(), url.into()]);
+                }
+                args
             },
         )
         .await
@@ -813,16 +892,25 @@ fn write_size(out: &mut String, n: usize, cp: &Measured, base: &Measured) -> Res
             cp.refused, base.refused
         )?;
     }
-    let steal = cp
-        .updates
-        .iter()
-        .chain(&base.updates)
-        .map(|u| u.steal)
-        .fold(0.0, f64::max);
+    write_disturbance(out, [cp, base])?;
+    Ok(())
+}
+
+/// How much the machine's other work (the hypervisor's steal, other processes) took from
+/// the updates of `measured`.
+fn write_disturbance<'a>(
+    out: &mut String,
+    measured: impl IntoIterator<Item = &'a Measured>,
+) -> Result<()> {
+    let updates: Vec<&Update> = measured.into_iter().flat_map(|m| &m.updates).collect();
+    let steal = updates.iter().map(|u| u.steal).fold(0.0, f64::max);
+    let others: Vec<f64> = updates.iter().map(|u| u.others).collect();
     writeln!(
         out,
-        "  steal during the updates: up to {:.0}% of a CPU",
-        steal * 100.0
+        "  outside the bench during the updates: steal up to {:.0}% of a CPU; other processes {:.2} cores at the median, up to {:.2}",
+        steal * 100.0,
+        stats::median(&others).unwrap_or(0.0),
+        others.iter().copied().fold(0.0, f64::max),
     )?;
     Ok(())
 }
