@@ -4,7 +4,8 @@
 //! one of them must receive, verify and acknowledge each update. The admin one starts
 //! `charter-cp` and the hello-world and runs every GET target and every kind of write. The
 //! gate one starts `charter-cp`, the hello-world upstream, the bare relay and `charter-dp` in
-//! gate mode, and loads all three paths.
+//! gate mode, and loads all three paths. The PostgreSQL ones (`fanout-ha`, `admin
+//! --postgres`) start their own private PostgreSQL server, as the PostgreSQL tests do.
 
 use charter_tests::run;
 
@@ -49,6 +50,86 @@ fn fanout_benchmark_runs_end_to_end_with_a_few_data_planes() {
         report.matches("over 2 updates").count() == 2,
         "not every update was timed:\n{report}"
     );
+}
+
+#[test]
+fn fanout_ha_benchmark_times_writes_on_either_control_plane() {
+    let out = run(
+        "charter-bench",
+        &[
+            "fanout-ha",
+            "--sizes",
+            "3",
+            "--rounds",
+            "2",
+            "--updates",
+            "1",
+            "--licenses",
+            "5",
+            "--cache-sample",
+            "1",
+            "--no-pin",
+            "--idle-window-ms",
+            "300",
+        ],
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "fanout-ha failed:\n{report}\n{log}");
+    for expected in [
+        "N = 3 data planes, 5 licenses stored; PostgreSQL",
+        // Two rounds of one update of each kind, all timed.
+        "median (min–max) over 2 updates of each kind",
+        "written on CP A, DPs on CP B",
+        "written on CP B, DPs on CP B",
+        "one CP on sled",
+        "written on A against on B:",
+        "on B against the sled CP:",
+        "steal up to",
+        "Goal (N = 3): written on another CP at most 50.0 ms later",
+    ] {
+        assert!(report.contains(expected), "no `{expected}` in:\n{report}");
+    }
+    assert!(
+        !report.contains("REFUSED"),
+        "a simulated data plane refused a snapshot:\n{report}"
+    );
+}
+
+#[test]
+fn admin_benchmark_on_postgres_compares_posts_with_bare_inserts() {
+    let out = run(
+        "charter-bench",
+        &[
+            "admin",
+            "--postgres",
+            "--licenses",
+            "10",
+            "--retries",
+            "0",
+            "--writes",
+            "20",
+        ],
+    );
+    let report = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "admin --postgres failed:\n{report}\n{log}"
+    );
+    for expected in [
+        "store:       PostgreSQL",
+        "bare INSERT (",
+        "the same on the load generator's CPU",
+        "POST /licenses (201, durable)",
+        "of which PgStore::commit alone",
+        "PostgreSQL used",
+        "x bare INSERT (goal <= 1.5x)",
+    ] {
+        assert!(report.contains(expected), "no `{expected}` in:\n{report}");
+    }
+    // Only the writes: reads are served from the same snapshot whatever the store.
+    assert!(!report.contains("GET throughput"), "{report}");
 }
 
 #[test]
