@@ -164,8 +164,9 @@ impl Config {
             (None, None) => Storage::Embedded(args.data_dir.clone()),
         };
         if let Storage::Postgres(url) = &storage {
-            charter_store::PgStore::check_url(url).map_err(|e| {
-                anyhow::anyhow!("--database-url is not a PostgreSQL URL (postgres://USER[:PASS]@HOST:PORT/DB): {e}")
+            charter_store::PgStore::check_url(url).map_err(|e| match e {
+                charter_store::StoreError::Config(reason) => anyhow::anyhow!("--database-url: {reason}"),
+                e => anyhow::anyhow!("--database-url is not a PostgreSQL URL (postgres://USER[:PASS]@HOST:PORT/DB): {e}"),
             })?;
         }
         Ok(Config {

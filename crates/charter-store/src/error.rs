@@ -39,6 +39,11 @@ pub enum StoreError {
         source: Box<dyn std::error::Error + Send + Sync>,
     },
 
+    /// A setting of the store cannot be used as given (say, a database URL's TLS
+    /// parameters); the message says which and why.
+    #[error("{0}")]
+    Config(String),
+
     /// The storage engine failed.
     #[error("{context}: {source}")]
     Backend {

@@ -20,10 +20,7 @@ pub(crate) struct Target {
 }
 
 fn invalid(reason: String) -> StoreError {
-    StoreError::Backend {
-        context: "parsing the database URL".to_owned(),
-        source: reason.into(),
-    }
+    StoreError::Config(reason)
 }
 
 /// Parses `url` (`postgres://USER[:PASS]@HOST:PORT/DB[?PARAMS]`, or tokio-postgres'

@@ -122,18 +122,29 @@ fn db_error(context: &str) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ 
         let unavailable = answered.is_none_or(|code| {
             code.starts_with("08") || code.starts_with("57P") || code == "53300"
         });
+        // tokio-postgres prints only its own part ("error performing TLS handshake"): keep
+        // the causes in the message, where an operator reads it.
+        let source = chain(&e).into();
         if !unavailable {
-            StoreError::Backend {
-                context,
-                source: Box::new(e),
-            }
+            StoreError::Backend { context, source }
         } else {
-            StoreError::Unavailable {
-                context,
-                source: Box::new(e),
-            }
+            StoreError::Unavailable { context, source }
         }
     }
+}
+
+/// An error and its causes on one line, each cause once.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            text = format!("{text}: {part}");
+        }
+        next = cause.source();
+    }
+    text
 }
 
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
