@@ -303,7 +303,10 @@ async fn tls_to_the_database_follows_libpq_sslmode() {
     .err()
     .expect("an untrusted server certificate is refused");
     let text = format!("{err}: {:?}", std::error::Error::source(&err));
-    assert!(text.contains("invalid peer certificate: UnknownIssuer"), "{text}");
+    assert!(
+        text.contains("invalid peer certificate: UnknownIssuer"),
+        "{text}"
+    );
     // `require` with a root certificate verifies the chain too, as libpq does.
     assert!(PgStore::open(&url(&format!(
         "sslmode=require&sslrootcert={}",
