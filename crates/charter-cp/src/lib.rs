@@ -16,8 +16,10 @@ mod expiry;
 mod service;
 
 use std::future::Future;
-use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use charter_license::Clock;
@@ -210,7 +212,10 @@ async fn serve(
             None => {
                 tracing::warn!(addr = %cluster_addr,
                     "--cluster-insecure: the cluster port speaks plaintext gRPC with no authentication; use only for development");
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listeners.cluster);
+                let incoming = PlainIncoming {
+                    listener: listeners.cluster,
+                    pause: None,
+                };
                 tokio::spawn(grpc.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
             }
             Some((mode, files)) => {
@@ -226,20 +231,55 @@ async fn serve(
             .context("reading the admin listener address")?;
         tracing::info!(%addr, "admin API listening");
         let api = api::ApiState::new(service.clone(), config.tokens.clone());
-        let app = api::router(api).into_make_service_with_connect_info::<SocketAddr>();
-        let served = axum::serve(listeners.admin, app)
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .await
-            .context("serving the admin API");
-        // The admin API ended (shut down, or failed): the cluster server stops too.
+        // A quarter of the file handles at most: a flood of admin connections leaves the
+        // cluster port and the store theirs.
+        charter_runtime::http::serve_router(
+            "admin",
+            listeners.admin,
+            charter_runtime::http::Limits::share_of_file_limit(0.25),
+            api::router(api),
+            stop_rx.clone(),
+        )
+        .await;
+        // The admin API ended: the cluster server stops too.
         drop(_stop_on_return);
-        let cluster_served = cluster_server.await;
-        served?;
-        cluster_served
+        cluster_server
+            .await
             .context("cluster server task")?
             .context("serving the cluster port")
     };
     let served: Result<()> = served.await;
     tasks.await;
     served
+}
+
+/// The plaintext cluster port's connections (`--cluster-insecure`): an accept error (out of
+/// file handles) is logged and accepting resumes after a pause, never ending the stream
+/// nor spinning.
+struct PlainIncoming {
+    listener: tokio::net::TcpListener,
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl tokio_stream::Stream for PlainIncoming {
+    type Item = std::io::Result<tokio::net::TcpStream>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<Option<Self::Item>> {
+        loop {
+            if let Some(pause) = &mut self.pause {
+                std::task::ready!(pause.as_mut().poll(cx));
+                self.pause = None;
+            }
+            match std::task::ready!(self.listener.poll_accept(cx)) {
+                Ok((stream, _)) => return Poll::Ready(Some(Ok(stream))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot accept a cluster connection; retrying");
+                    self.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(50))));
+                }
+            }
+        }
+    }
 }

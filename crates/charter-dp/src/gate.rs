@@ -28,7 +28,7 @@ use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
@@ -542,46 +542,36 @@ fn json(status: StatusCode, message: &str) -> Response<ProxyBody> {
     response
 }
 
-/// Serves the gate on `listener` (HTTP/1.1 and HTTP/2 cleartext) until `shutdown`.
-pub async fn serve(listener: TcpListener, gate: Arc<Gate>, mut shutdown: watch::Receiver<bool>) {
-    let mut sweep = tokio::time::interval(IDLE_TIMEOUT / 4);
-    loop {
-        let (stream, peer) = tokio::select! {
-            _ = sweep.tick() => {
-                gate.idle.sweep();
-                continue;
-            }
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: wait a moment rather than spin.
-                    tracing::warn!(error = %e, "gate cannot accept a connection");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.changed() => return,
-        };
-        let _ = stream.set_nodelay(true);
-        let (gate, lane, idle_timeout) = (gate.clone(), gate.lane(), gate.client_idle_timeout);
+/// Serves the gate on `listener` (HTTP/1.1 and HTTP/2 cleartext) until `shutdown`, with
+/// the accept loop every HTTP listener uses (`charter_runtime::http`): connections capped
+/// at a third of the file handles (each may hold an upstream connection too), idle ones
+/// closed after the client idle timeout, accept errors retried.
+pub async fn serve(listener: TcpListener, gate: Arc<Gate>, shutdown: watch::Receiver<bool>) {
+    let sweeper = {
+        let (gate, mut shutdown) = (gate.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                let (gate, lane) = (gate.clone(), lane.clone());
-                async move { gate.handle(request, peer, &lane).await }
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(idle_timeout);
-            if let Err(e) = builder
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "gate connection ended with an error");
+            let mut sweep = tokio::time::interval(IDLE_TIMEOUT / 4);
+            loop {
+                tokio::select! {
+                    _ = sweep.tick() => gate.idle.sweep(),
+                    _ = shutdown.changed() => return,
+                }
             }
-        });
-    }
+        })
+    };
+    let limits = charter_runtime::http::Limits {
+        idle: gate.client_idle_timeout,
+        ..charter_runtime::http::Limits::share_of_file_limit(1.0 / 3.0)
+    };
+    let make = move |peer: SocketAddr| {
+        let (gate, lane) = (gate.clone(), gate.lane());
+        hyper::service::service_fn(move |request| {
+            let (gate, lane) = (gate.clone(), lane.clone());
+            async move { gate.handle(request, peer, &lane).await }
+        })
+    };
+    charter_runtime::http::serve("gate", listener, limits, make, shutdown).await;
+    let _ = sweeper.await;
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
 //! Process plumbing shared by Charter's binaries: the wall clock, one-line flag errors
-//! with the exit code for a bad configuration, log set-up, and the shutdown signal.
+//! with the exit code for a bad configuration, log set-up, the shutdown signal, and the
+//! guarded HTTP accept loop every HTTP listener uses ([`http`]).
 //!
 //! This is the one place a Charter process reads the wall clock; everything downstream
 //! takes a [`charter_license::Clock`].
 
 pub mod flags;
+pub mod http;
 
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};

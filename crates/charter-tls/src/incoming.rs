@@ -30,6 +30,10 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Finished handshakes waiting for the server to pick them up.
 const QUEUE: usize = 64;
 
+/// Handshakes in progress at once; beyond, new connections wait in the kernel's backlog,
+/// so peers that connect and stall cannot take every file handle.
+const MAX_HANDSHAKES: usize = 256;
+
 /// How long a refused client gets to read the alert and close its side.
 const LINGER: Duration = Duration::from_secs(1);
 
@@ -77,7 +81,15 @@ impl futures_core::Stream for Incoming {
 }
 
 async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, tx: mpsc::Sender<Item>) {
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
+        let slot = tokio::select! {
+            () = tx.closed() => return,
+            slot = handshakes.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+        };
         let accepted = tokio::select! {
             // The server dropped the stream: stop, and release the port.
             () = tx.closed() => return,
@@ -85,7 +97,11 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, tx: mpsc::Sen
         };
         match accepted {
             Ok((tcp, peer)) => {
-                tokio::spawn(handshake(acceptor.clone(), tcp, peer, tx.clone()));
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    handshake(acceptor, tcp, peer, tx).await;
+                    drop(slot);
+                });
             }
             Err(err) => {
                 warn!(error = %err, "cannot accept a cluster connection; retrying");

@@ -15,7 +15,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 /// A server answering 503 on a second handle of the admin listener; [`Unavailable::stop`]
 /// it before the real API serves on the listener itself.
 pub struct Unavailable {
-    stop: tokio::sync::oneshot::Sender<()>,
+    stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -32,24 +32,21 @@ impl Unavailable {
                 Json(json!({"message": "database unavailable"})),
             )
         });
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            let served = axum::serve(socket, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await;
-            if let Err(e) = served {
-                tracing::warn!(error = %e, "answering 503 on the admin listener");
-            }
-        });
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(charter_runtime::http::serve_router(
+            "admin",
+            socket,
+            charter_runtime::http::Limits::share_of_file_limit(0.25),
+            app,
+            stopped,
+        ));
         Ok(Unavailable { stop, task })
     }
 
     /// Stops accepting and waits (bounded) for requests in flight; the duplicate socket is
     /// closed when this returns.
     pub async fn stop(self) {
-        let _ = self.stop.send(());
+        let _ = self.stop.send(true);
         let mut task = self.task;
         if tokio::time::timeout(STOP_GRACE, &mut task).await.is_err() {
             task.abort();

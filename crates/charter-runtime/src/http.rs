@@ -1,0 +1,390 @@
+//! Serving HTTP on a listener without letting clients hold the process: the accept loop and
+//! connection driver every HTTP listener of Charter uses (the control plane's admin API,
+//! the data plane's status API and gate).
+//!
+//! - **Connections are capped** ([`Limits::max_connections`], a share of the process's
+//!   file limit): at the cap the loop stops accepting, and new connections wait in the
+//!   kernel's backlog until one closes, so a flood of connections on one listener cannot
+//!   take the file handles another listener (the cluster port) needs.
+//! - **Idle connections are closed** after [`Limits::idle`]: an HTTP/1 connection that has
+//!   not sent a complete request head by then (a new one, or one between requests) is
+//!   closed by hyper's header timer; any connection (HTTP/2 too) with no request in flight
+//!   for that long is shut down gracefully, and closed outright when still open
+//!   [`Limits::idle`] later.
+//! - **An accept error never ends the loop**: it is logged and retried after a pause (out
+//!   of file handles, the usual one, passes as connections close).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::{Body, Incoming};
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+/// How long a connection may stay without a request in flight (or an HTTP/1 connection
+/// without a complete request head) before it is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long to wait after an accept error before accepting again.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// File handles kept out of every listener's share, for the store, logs, the cluster
+/// port's handshakes and the data plane's cache.
+const RESERVED_FILES: usize = 64;
+
+/// What one listener allows its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Close a connection idle this long.
+    pub idle: Duration,
+    /// Accept at most this many connections at once.
+    pub max_connections: usize,
+}
+
+impl Limits {
+    /// The idle timeout of [`IDLE_TIMEOUT`] and `share` of the process's open-file limit
+    /// (less a reserve) as the connection cap, at least 4.
+    pub fn share_of_file_limit(share: f64) -> Limits {
+        let usable = file_limit().saturating_sub(RESERVED_FILES) as f64;
+        Limits {
+            idle: IDLE_TIMEOUT,
+            max_connections: ((usable * share) as usize).max(4),
+        }
+    }
+}
+
+/// The process's soft limit on open files (`RLIMIT_NOFILE`), from `/proc/self/limits`;
+/// 1024 when it cannot be read.
+pub fn file_limit() -> usize {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|l| l.starts_with("Max open files"))
+                .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned))
+        })
+        .and_then(|soft| soft.parse().ok())
+        .unwrap_or(1024)
+}
+
+/// Accepts connections on `listener` under `limits` and serves each with the service
+/// `make` returns for its peer, until `shutdown` turns true; then stops accepting, lets
+/// every connection finish what it is doing (each is told to close) and returns.
+/// `name` names the listener in the log.
+///
+/// At the cap, the connection idle the longest (no request in flight) is closed to make
+/// room, as nginx reuses idle keep-alive connections; when none is idle, new connections
+/// wait in the backlog until one ends.
+pub async fn serve<M, S, B>(
+    name: &'static str,
+    listener: TcpListener,
+    limits: Limits,
+    make: M,
+    mut shutdown: watch::Receiver<bool>,
+) where
+    M: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let live = Arc::new(Live::default());
+    let mut warned_full = false;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        if slots.available_permits() == 0 {
+            let evicted = live.evict_longest_idle();
+            if !warned_full {
+                tracing::warn!(listener = name, max = limits.max_connections, evicted,
+                    "connection limit reached: closing the longest-idle connections to make room");
+                warned_full = true;
+            }
+        } else {
+            warned_full = false;
+        }
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            _ = shutdown.changed() => continue,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, "cannot accept a connection; retrying");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            _ = shutdown.changed() => continue,
+        };
+        // Small answers matter more than packet counts; failing only costs latency.
+        let _ = stream.set_nodelay(true);
+        let service = make(peer);
+        let (id, activity, evict) = live.register();
+        let (live, shutdown) = (live.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            drive(stream, service, limits.idle, shutdown, activity, evict).await;
+            live.unregister(id);
+            drop(slot);
+        });
+    }
+    // Every connection returns its slot when it ends.
+    let _ = slots.acquire_many(limits.max_connections as u32).await;
+}
+
+/// The connections of one listener, to find the longest-idle one at the cap.
+#[derive(Default)]
+struct Live {
+    connections: std::sync::Mutex<(u64, std::collections::HashMap<u64, Connection>)>,
+}
+
+struct Connection {
+    activity: Arc<Activity>,
+    evict: Arc<tokio::sync::Notify>,
+}
+
+impl Live {
+    fn register(&self) -> (u64, Arc<Activity>, Arc<tokio::sync::Notify>) {
+        let mut guard = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let (next, connections) = &mut *guard;
+        *next += 1;
+        let activity = Arc::new(Activity::default());
+        let evict = Arc::new(tokio::sync::Notify::new());
+        connections.insert(
+            *next,
+            Connection {
+                activity: activity.clone(),
+                evict: evict.clone(),
+            },
+        );
+        (*next, activity, evict)
+    }
+
+    fn unregister(&self, id: u64) {
+        let mut guard = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        guard.1.remove(&id);
+    }
+
+    /// Tells the connection idle the longest to close; whether there was one.
+    fn evict_longest_idle(&self) -> bool {
+        let mut guard = self.connections.lock().unwrap_or_else(|p| p.into_inner());
+        let longest = guard
+            .1
+            .iter()
+            .map(|(id, c)| (c.activity.idle_for(), *id))
+            .filter(|(idle, _)| !idle.is_zero())
+            .max();
+        match longest.and_then(|(_, id)| guard.1.remove(&id)) {
+            Some(connection) => {
+                connection.evict.notify_one();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Serves one connection (HTTP/1.1 or HTTP/2 cleartext) until it ends, it is idle for
+/// `idle`, `evict` is notified, or `shutdown` turns true.
+async fn drive<S, B>(
+    stream: TcpStream,
+    service: S,
+    idle: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    activity: Arc<Activity>,
+    evict: Arc<tokio::sync::Notify>,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    B: Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let counted = Counted {
+        inner: Arc::new(service),
+        activity: activity.clone(),
+    };
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(idle);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(idle / 2))
+        .keep_alive_timeout(idle / 2);
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), counted);
+    tokio::pin!(connection);
+    let mut closing: Option<tokio::time::Instant> = None;
+    let mut check = tokio::time::interval(idle / 4);
+    loop {
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            () = evict.notified() => return,
+            _ = shutdown.changed(), if closing.is_none() => {
+                connection.as_mut().graceful_shutdown();
+                closing = Some(tokio::time::Instant::now());
+            }
+            _ = check.tick() => {
+                match closing {
+                    // Told to close and still open a whole period later: drop it.
+                    Some(since) if since.elapsed() >= idle => return,
+                    Some(_) => {}
+                    None if activity.idle_for() >= idle => {
+                        connection.as_mut().graceful_shutdown();
+                        closing = Some(tokio::time::Instant::now());
+                    }
+                    None => {}
+                }
+            }
+        }
+    }
+}
+
+/// When a connection last had a request in flight.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    /// When the last request started or ended (`None`: none yet; the connection's idle
+    /// time then counts from the first look).
+    last: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+impl Activity {
+    fn touch(&self) {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(tokio::time::Instant::now());
+    }
+
+    /// How long the connection has had no request in flight (zero while one is).
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.get_or_insert_with(tokio::time::Instant::now).elapsed()
+    }
+}
+
+/// Counts a request in flight from its call until its response body has been sent (or
+/// dropped).
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> InFlight {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.touch();
+        InFlight(activity.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+struct Counted<S> {
+    inner: Arc<S>,
+    activity: Arc<Activity>,
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for Counted<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+    S::Future: Send + 'static,
+    B: Body + Unpin,
+{
+    type Response = Response<Tracked<B>>;
+    type Error = Infallible;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Response<Tracked<B>>, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<Incoming>) -> Self::Future {
+        let in_flight = InFlight::start(&self.activity);
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let Ok(response) = response.await;
+            Ok(response.map(|body| Tracked {
+                inner: body,
+                in_flight: Some(in_flight),
+            }))
+        })
+    }
+}
+
+/// A response body that keeps its request counted in flight until it ends.
+pub struct Tracked<B> {
+    inner: B,
+    in_flight: Option<InFlight>,
+}
+
+impl<B: Body + Unpin> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if let std::task::Poll::Ready(None | Some(Err(_))) = &polled {
+            self.in_flight = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// [`serve`] for an axum `Router`: each request carries its peer as
+/// `axum::extract::ConnectInfo<SocketAddr>`, as `into_make_service_with_connect_info` gives.
+pub async fn serve_router(
+    name: &'static str,
+    listener: TcpListener,
+    limits: Limits,
+    router: axum::Router,
+    shutdown: watch::Receiver<bool>,
+) {
+    let make = move |peer: SocketAddr| {
+        let router = router.clone();
+        hyper::service::service_fn(move |mut request: Request<Incoming>| {
+            request
+                .extensions_mut()
+                .insert(axum::extract::ConnectInfo(peer));
+            let router = router.clone();
+            async move {
+                use tower::ServiceExt;
+                router.oneshot(request.map(axum::body::Body::new)).await
+            }
+        })
+    };
+    serve(name, listener, limits, make, shutdown).await;
+}
