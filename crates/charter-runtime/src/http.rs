@@ -109,8 +109,12 @@ pub async fn serve<M, S, B>(
         if slots.available_permits() == 0 {
             let evicted = live.evict_longest_idle();
             if !warned_full {
-                tracing::warn!(listener = name, max = limits.max_connections, evicted,
-                    "connection limit reached: closing the longest-idle connections to make room");
+                tracing::warn!(
+                    listener = name,
+                    max = limits.max_connections,
+                    evicted,
+                    "connection limit reached: closing the longest-idle connections to make room"
+                );
                 warned_full = true;
             }
         } else {
