@@ -1,6 +1,7 @@
 //! Shared helpers for the end-to-end tests in `tests/`: finding the built binaries,
-//! starting a real control plane on a free loopback port with a temp data dir, signing
-//! licenses with a test vendor key, speaking HTTP, and waiting with a bound.
+//! starting a real control plane on a free loopback port with a temp data dir (or a
+//! private PostgreSQL), signing licenses with a test vendor key, speaking HTTP, and
+//! waiting with a bound.
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
@@ -9,6 +10,7 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use charter_license::LicenseSigner;
+use charter_store::testing::TestPostgres;
 use serde_json::{json, Map, Value};
 
 /// The path of a workspace binary built by `cargo build --workspace --bins` (the test
@@ -153,10 +155,34 @@ pub fn shared_tls_args(certs: &Path) -> Vec<String> {
     ]
 }
 
+/// Where a control plane keeps its licenses: the two storage backends of DESIGN.md, so
+/// one test body can run against each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// sled in `--data-dir` (the default).
+    Sled,
+    /// A private PostgreSQL server started for the control plane (`--database-url`).
+    Postgres,
+}
+
+impl Backend {
+    /// How `db_version` in `/license/report` starts on this backend.
+    pub fn db_version_prefix(self) -> &'static str {
+        match self {
+            Backend::Sled => "sled 0.34",
+            Backend::Postgres => "PostgreSQL",
+        }
+    }
+}
+
 /// A running `charter-cp` process, killed when dropped. Its cluster port speaks shared-mode
 /// mTLS with the certificates of [`cluster_certs`] unless the flags say otherwise.
 pub struct Cp {
     child: Option<Child>,
+    /// The PostgreSQL server of a control plane started on [`Backend::Postgres`]. It is
+    /// dropped after the process is killed (`Drop` runs before the fields are dropped), and
+    /// lives across [`Cp::restart`], so what was stored survives a restart.
+    _database: Option<TestPostgres>,
     /// The admin API address.
     pub addr: SocketAddr,
     /// The cluster (gRPC) address.
@@ -180,15 +206,38 @@ impl Cp {
 
     /// [`Cp::start`] with extra environment variables.
     pub fn start_with_env(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Cp {
+        Cp::start_on_with_env(Backend::Sled, dir, args, envs)
+    }
+
+    /// [`Cp::start`] on a storage backend: with [`Backend::Postgres`] a private PostgreSQL
+    /// server is started for this control plane (and stopped with it), and its URL passed
+    /// as `--database-url`.
+    pub fn start_on(backend: Backend, dir: &Path, args: &[&str]) -> Cp {
+        Cp::start_on_with_env(backend, dir, args, &[])
+    }
+
+    /// [`Cp::start_on`] with extra environment variables.
+    pub fn start_on_with_env(
+        backend: Backend,
+        dir: &Path,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Cp {
         let certs = cluster_certs(dir);
+        let database = (backend == Backend::Postgres).then(TestPostgres::start);
+        let mut args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        if let Some(database) = &database {
+            args.extend(["--database-url".to_owned(), database.url()]);
+        }
         let mut cp = Cp {
             child: None,
+            _database: database,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             cluster_addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
             certs,
             data_dir: dir.join("cp-data"),
             log: dir.join("cp.log"),
-            args: args.iter().map(|s| s.to_string()).collect(),
+            args,
             envs: envs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
