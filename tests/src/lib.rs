@@ -523,7 +523,21 @@ impl Dp {
     /// [`Dp::start`] with several control planes (`--control-plane A,B`), which must share
     /// the first one's cluster certificate.
     pub fn start_on(dir: &Path, name: &str, cps: &[&Cp], trusted_key: &Path, extra: &[&str]) -> Dp {
-        let addresses: Vec<String> = cps.iter().map(|cp| cp.cluster_addr.to_string()).collect();
+        let addresses: Vec<SocketAddr> = cps.iter().map(|cp| cp.cluster_addr).collect();
+        Dp::start_at(dir, name, &addresses, &cps[0].certs, trusted_key, extra)
+    }
+
+    /// [`Dp::start_on`] with the control plane addresses given (say, a proxy in front of
+    /// one) and the shared cluster certificate in `certs`.
+    pub fn start_at(
+        dir: &Path,
+        name: &str,
+        addresses: &[SocketAddr],
+        certs: &Path,
+        trusted_key: &Path,
+        extra: &[&str],
+    ) -> Dp {
+        let addresses: Vec<String> = addresses.iter().map(ToString::to_string).collect();
         let mut args = vec![
             "--control-plane".to_owned(),
             addresses.join(","),
@@ -531,7 +545,7 @@ impl Dp {
             trusted_key.to_string_lossy().into_owned(),
         ];
         if !extra.iter().any(|a| a.starts_with("--cluster-")) {
-            args.extend(shared_tls_args(&cps[0].certs));
+            args.extend(shared_tls_args(certs));
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut dp = Dp {

@@ -2,12 +2,17 @@
 //! unprivileged user): one cluster. A write on one control plane reaches the data planes
 //! of another; a database outage refuses writes with 503 while data planes keep
 //! enforcing, and the next write after the database returns reaches them, with no
-//! control plane restarted.
+//! control plane restarted; a data plane's usage reports are counted exactly once while
+//! its connection moves from a killed control plane to another.
 
-use std::time::Duration;
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use charter_store::testing::TestPostgres;
-use charter_tests::{cluster_certs, eventually, shared_tls_args, Cp, Dp, Vendor};
+use charter_tests::{cluster_certs, eventually, free_port, http, shared_tls_args, Cp, Dp, Vendor};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -303,4 +308,278 @@ fn concurrent_consul_deletes_on_two_control_planes_never_leave_the_cluster_unlic
             assert_eq!(a.send("DELETE", &format!("/licenses/{id}")).status, 204);
         }
     }
+}
+
+/// A TCP proxy in front of a control plane's cluster port. While `swallow` is set it keeps
+/// passing what the data plane sends but drops everything the control plane answers, its
+/// telemetry acknowledgements included: the control plane applies a usage report whose
+/// acknowledgement never arrives. When either side closes, both are closed.
+struct AckSwallower {
+    addr: SocketAddr,
+    swallow: Arc<AtomicBool>,
+}
+
+impl AckSwallower {
+    fn start(target: SocketAddr) -> AckSwallower {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("binding the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let swallow = Arc::new(AtomicBool::new(false));
+        let swallowing = swallow.clone();
+        std::thread::spawn(move || {
+            // Enough connections for the data plane's reconnections during one test.
+            for client in listener.incoming().take(100) {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(target) else {
+                    continue; // The control plane is gone: the data plane moves on.
+                };
+                let (Ok(client_tx), Ok(server_tx)) = (client.try_clone(), server.try_clone())
+                else {
+                    continue;
+                };
+                pipe(client, server_tx, None);
+                pipe(server, client_tx, Some(swallowing.clone()));
+            }
+        });
+        AckSwallower { addr, swallow }
+    }
+}
+
+/// Copies `from` to `to` on a thread until either ends, dropping what is read while
+/// `swallow` is set.
+fn pipe(mut from: TcpStream, mut to: TcpStream, swallow: Option<Arc<AtomicBool>>) {
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from.read(&mut buf) {
+            if swallow.as_ref().is_some_and(|s| s.load(Ordering::SeqCst)) {
+                continue;
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
+
+/// An upstream on loopback that answers 200 `ok` to everything, for a gate.
+struct Upstream {
+    url: String,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Upstream {
+    fn start() -> Upstream {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("binding the upstream");
+        let url = format!("http://{}", listener.local_addr().expect("address"));
+        let app = axum::Router::new().fallback(|| async { "ok" });
+        runtime.spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Upstream {
+            url,
+            _runtime: runtime,
+        }
+    }
+}
+
+/// The requests counted in the usage report, over every month.
+fn report_total(cp: &Cp) -> u64 {
+    let report = cp.get("/license/report");
+    assert_eq!(report.status, 200, "{}", report.body);
+    report.json()["counters"]
+        .as_array()
+        .expect("counters")
+        .iter()
+        .map(|c| c["request_count"].as_u64().expect("request_count"))
+        .sum()
+}
+
+/// Requests sent through a gate from a thread until stopped: how many were answered 200,
+/// and what else came back (nothing else should).
+struct Traffic {
+    ok: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<Vec<String>>,
+}
+
+impl Traffic {
+    fn start(gate: SocketAddr) -> Traffic {
+        let ok = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (counted, stopping) = (ok.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut other = Vec::new();
+            // At most 60 s of requests, whatever the test does.
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !stopping.load(Ordering::SeqCst) && Instant::now() < deadline {
+                match http("GET", &format!("http://{gate}/counted"), None) {
+                    Ok(resp) if resp.status == 200 => {
+                        counted.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(resp) => other.push(format!("{} {}", resp.status, resp.body)),
+                    Err(e) => other.push(e),
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            other
+        });
+        Traffic { ok, stop, thread }
+    }
+
+    fn ok(&self) -> u64 {
+        self.ok.load(Ordering::SeqCst)
+    }
+
+    /// Stops, and returns the number of 200s.
+    fn finish(self) -> u64 {
+        self.stop.store(true, Ordering::SeqCst);
+        let other = self.thread.join().expect("the traffic thread");
+        assert!(
+            other.is_empty(),
+            "the gate answered something other than 200 while its control plane changed: {other:?}"
+        );
+        self.ok.load(Ordering::SeqCst)
+    }
+}
+
+/// Two control planes on one database, a gate listing both, reporting every second. Its
+/// control plane applies a report whose acknowledgement is lost, then is killed with
+/// traffic flowing: the gate moves to the other control plane and sends the report again
+/// under the same `seq`. The database's totals count every request answered 200 exactly
+/// once: not the resent report twice, and nothing counted meanwhile lost.
+#[test]
+fn usage_counts_exactly_once_while_a_gate_moves_to_another_control_plane() {
+    let tmp = TempDir::new().expect("temp dir");
+    let pg = TestPostgres::start();
+    let vendor = Vendor::new(tmp.path(), 9);
+    let certs = cluster_certs(tmp.path());
+    let mut args: Vec<String> = vec![
+        "--trusted-key".into(),
+        vendor.public_key.to_string_lossy().into_owned(),
+        "--database-url".into(),
+        pg.url(),
+    ];
+    args.extend(shared_tls_args(&certs));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (dir_a, dir_b) = (tmp.path().join("a"), tmp.path().join("b"));
+    std::fs::create_dir_all(&dir_a).unwrap();
+    std::fs::create_dir_all(&dir_b).unwrap();
+    let mut a = Cp::start(&dir_a, &args);
+    let b = Cp::start(&dir_b, &args);
+    a.add(&vendor.valid("USAGE"));
+    let upstream = Upstream::start();
+    let proxy = AckSwallower::start(a.cluster_addr);
+    let gate = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let gate_arg = gate.to_string();
+    let dp = Dp::start_at(
+        tmp.path(),
+        "gate",
+        &[proxy.addr, b.cluster_addr],
+        &certs,
+        &vendor.public_key,
+        &[
+            "--proxy-listen",
+            &gate_arg,
+            "--upstream",
+            &upstream.url,
+            "--telemetry-interval",
+            "1",
+        ],
+    );
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    let connected_to = |addr: SocketAddr| {
+        let status = dp.get("/status").json();
+        (status["control_plane"]["address"] == addr.to_string().as_str()
+            && status["control_plane"]["connected"] == true)
+            .then_some(())
+    };
+    eventually("the gate connected to A", Duration::from_secs(10), || {
+        connected_to(proxy.addr)
+    });
+
+    // Counted through A, acknowledged.
+    const FIRST: u64 = 30;
+    for _ in 0..FIRST {
+        let resp = http("GET", &format!("http://{gate}/first"), None).expect("the gate answers");
+        assert_eq!(resp.status, 200, "{}", resp.body);
+    }
+    eventually(
+        "the first 30 requests counted",
+        Duration::from_secs(15),
+        || (report_total(&b) == FIRST).then_some(()),
+    );
+
+    // A's answers are lost from now on. Requests keep flowing; the gate's report is
+    // applied by A but never acknowledged, so the gate holds it and sends it again every
+    // second (A applies it once), and counts the requests after it for later: the total
+    // stops moving while requests flow.
+    proxy.swallow.store(true, Ordering::SeqCst);
+    let traffic = Traffic::start(gate);
+    let swallowed_at = Instant::now();
+    let mut last = (report_total(&b), Instant::now());
+    let held = eventually(
+        "the total to stop moving while requests flow (a report held unacknowledged)",
+        Duration::from_secs(20),
+        || {
+            let total = report_total(&b);
+            if total != last.0 {
+                last = (total, Instant::now());
+            }
+            let still = last.1.elapsed() >= Duration::from_millis(2500);
+            let flowing = FIRST + traffic.ok() > total;
+            (still && flowing && swallowed_at.elapsed() >= Duration::from_secs(3)).then_some(total)
+        },
+    );
+    assert!(held >= FIRST, "counts went down: {held}");
+
+    // A is killed with requests flowing; the gate moves to B and sends the held report
+    // there, under the same seq.
+    a.kill();
+    eventually("the gate connected to B", Duration::from_secs(30), || {
+        connected_to(b.cluster_addr)
+    });
+    assert_eq!(dp.get("/status/ready").status, 200);
+    let moved = traffic.ok();
+    eventually(
+        "more requests through the gate on B",
+        Duration::from_secs(10),
+        || (traffic.ok() >= moved + 50).then_some(()),
+    );
+    let answered = FIRST + traffic.finish();
+    assert!(answered > held, "the traffic hardly flowed: {answered}");
+
+    let counted = eventually(
+        "every request answered 200 counted",
+        Duration::from_secs(30),
+        || {
+            let total = report_total(&b);
+            (total >= answered).then_some(total)
+        },
+    );
+    assert_eq!(
+        counted, answered,
+        "the report counts {counted} requests, the gate answered {answered} with 200 \
+         (more: a report resent after the move counted twice)"
+    );
+    // A few more telemetry rounds: the total stays put.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(report_total(&b), answered, "counted twice after settling");
+    let by_dp = b.get("/license/report?by=dataplane").json();
+    let planes = by_dp["dataplanes"].as_array().expect("dataplanes");
+    assert_eq!(planes.len(), 1, "{by_dp}");
+    let own: u64 = planes[0]["counters"]
+        .as_array()
+        .expect("counters")
+        .iter()
+        .map(|c| c["request_count"].as_u64().expect("request_count"))
+        .sum();
+    assert_eq!(own, answered, "{by_dp}");
 }
