@@ -157,26 +157,28 @@ pub(super) fn write(out: &mut String, n: usize, m: &HaMeasured) -> Result<()> {
     )?;
     writeln!(
         out,
-        "  from sending POST /licenses to the last data plane's decoded snapshot, and from its 201; median (min–max) over {} updates of each kind",
+        "  from sending POST /licenses to the last data plane's decoded snapshot, median (min–max) over {} updates of each kind; to its 201 and to the first data plane's, median",
         m.cross.updates.len()
     )?;
     writeln!(
         out,
-        "  {:<30} {:>26} {:>26} {:>14}",
-        "update", "last from request", "last from the 201", "CPU/update"
+        "  {:<30} {:>26} {:>9} {:>9} {:>11}",
+        "update", "last data plane", "201", "first", "CPU/update"
     )?;
     for (target, measured) in [
         (Target::CrossCp, &m.cross),
         (Target::PgCp, &m.single),
         (Target::SledCp, &m.sled),
     ] {
+        let median = |f: fn(&Update) -> Duration| ms(median_of(measured.updates.iter().map(f)));
         writeln!(
             out,
-            "  {:<30} {:>26} {:>26} {:>14}",
+            "  {:<30} {:>26} {:>9} {:>9} {:>11}",
             target.label(),
             spread(&measured.updates, |u| u.last_from_request),
-            spread(&measured.updates, Update::last),
-            ms(median_of(measured.updates.iter().map(|u| u.server_cpu))),
+            median(|u| u.answered_from_request),
+            median(|u| u.first_from_request),
+            median(|u| u.server_cpu),
         )?;
     }
     let (cross, single, sled) = (

@@ -249,6 +249,10 @@ struct Update {
     /// From sending the request to the last data plane's decoded snapshot: the whole
     /// propagation, whatever the server does first (answering, or sending snapshots).
     last_from_request: Duration,
+    /// From sending the request to its 201, and to the first data plane's decoded
+    /// snapshot: where the time before the last delivery goes.
+    answered_from_request: Duration,
+    first_from_request: Duration,
     /// Data planes that had it before the 201 reached the simulator (counted as 0).
     before_201: usize,
     /// The server's CPU time from the trigger until it was back to its background rate,
@@ -494,11 +498,11 @@ impl Run<'_> {
                     / window,
             );
             let before_201 = received.iter().filter(|(at, _)| *at < answered).count();
-            let last_from_request = received
+            let from_request = received
                 .iter()
-                .map(|(at, _)| at.saturating_duration_since(sent))
-                .max()
-                .unwrap_or_default();
+                .map(|(at, _)| at.saturating_duration_since(sent));
+            let last_from_request = from_request.clone().max().unwrap_or_default();
+            let first_from_request = from_request.min().unwrap_or_default();
             let mut deliveries: Vec<Duration> = received
                 .iter()
                 .map(|(at, _)| at.saturating_duration_since(answered))
@@ -534,6 +538,8 @@ impl Run<'_> {
             measured.updates.push(Update {
                 deliveries,
                 last_from_request,
+                answered_from_request: answered.saturating_duration_since(sent),
+                first_from_request,
                 before_201,
                 server_cpu,
                 steal,
