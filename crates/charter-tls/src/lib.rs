@@ -21,6 +21,7 @@ mod files;
 mod incoming;
 mod pinned;
 mod reason;
+mod usage;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -171,12 +172,14 @@ pub fn server_config(
             })?,
         MtlsMode::Pki => {
             let ca = files.ca.as_ref().ok_or(TlsError::MissingCa)?;
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider.clone())
-                .build()
-                .map_err(|source| TlsError::ClientVerifier {
-                    path: ca.clone(),
-                    source,
-                })?
+            let webpki =
+                WebPkiClientVerifier::builder_with_provider(Arc::new(roots(ca)?), provider.clone())
+                    .build()
+                    .map_err(|source| TlsError::ClientVerifier {
+                        path: ca.clone(),
+                        source,
+                    })?;
+            Arc::new(usage::RequireClientAuth(webpki))
         }
     };
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -227,7 +230,20 @@ pub fn client_config(
         }
         MtlsMode::Pki => {
             let ca = files.ca.as_ref().ok_or(TlsError::MissingCa)?;
-            builder.with_root_certificates(roots(ca)?)
+            let webpki = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots(ca)?),
+                provider,
+            )
+            .build()
+            .map_err(|source| {
+                TlsError::Config(format!(
+                    "cannot verify the control plane's certificate with the CA in {}: {source}",
+                    ca.display()
+                ))
+            })?;
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(usage::RequireServerAuth(webpki)))
         }
     };
     let mut config = builder

@@ -113,6 +113,18 @@ impl Certs {
         }
     }
 
+    /// A certificate signed by `ca` with no extended key usage extension at all.
+    fn issue_without_usage(&self, ca: &Ca, tag: &str, names: &[&str]) -> TlsFiles {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P384_SHA384).expect("key");
+        let params = leaf(names[0], names, Validity::Current);
+        let cert = params.signed_by(&key, &ca.cert, &ca.key).expect("signed");
+        TlsFiles {
+            cert: self.write(&format!("{tag}.crt"), &cert.pem()),
+            key: self.write(&format!("{tag}.key"), &key.serialize_pem()),
+            ca: Some(ca.path.clone()),
+        }
+    }
+
     /// The CP certificate, with `charterctl gen-cert --ca`'s default names.
     fn cp(&self, ca: &Ca, tag: &str) -> TlsFiles {
         self.issue(
@@ -571,6 +583,36 @@ async fn pki_mode_refuses_a_server_certificate_without_server_auth() {
         "charter-cp",
         "server certificate is not made for this role",
         "client refused our certificate (alert UnsupportedCertificate)",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn pki_mode_refuses_a_client_certificate_with_no_extended_key_usage() {
+    let certs = Certs::new();
+    let ca = certs.ca("ca");
+    let bare = certs.issue_without_usage(&ca, "bare-dp", &["charter-dp"]);
+    check_refused(
+        server_config(MtlsMode::Pki, &certs.cp(&ca, "cp")).unwrap(),
+        client_config(MtlsMode::Pki, &bare).unwrap(),
+        "charter-cp",
+        "server refused our certificate",
+        "client certificate is not made for this role",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn pki_mode_refuses_a_server_certificate_with_no_extended_key_usage() {
+    let certs = Certs::new();
+    let ca = certs.ca("ca");
+    let bare = certs.issue_without_usage(&ca, "bare-cp", &["charter-cp"]);
+    check_refused(
+        server_config(MtlsMode::Pki, &bare).unwrap(),
+        client_config(MtlsMode::Pki, &certs.dp(&ca, "dp")).unwrap(),
+        "charter-cp",
+        "server certificate is not made for this role",
+        "client refused our certificate",
     )
     .await;
 }
