@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
-use super::{parse_id, read_fields, ApiError, ApiState};
+use super::{canonical_uuid, parse_id, read_fields, ApiError, ApiState};
 use crate::service::Written;
 
 /// Default and largest page sizes, as Kong's.
@@ -133,12 +133,12 @@ impl Input {
                     errors.push((name, "required field missing".to_owned()))
                 }
                 ("payload", _) => errors.push((name, "expected a string".to_owned())),
-                ("id", Value::String(s)) => match Uuid::parse_str(&s) {
-                    Ok(id) if path_id.is_some_and(|p| p != id) => {
+                ("id", Value::String(s)) => match canonical_uuid(&s) {
+                    Some(id) if path_id.is_some_and(|p| p != id) => {
                         errors.push((name, "must match the id in the URL".to_owned()))
                     }
-                    Ok(id) => input.id = Some(id),
-                    Err(_) => errors.push((name, "expected a valid UUID".to_owned())),
+                    Some(id) => input.id = Some(id),
+                    None => errors.push((name, "expected a valid UUID".to_owned())),
                 },
                 ("id", _) => errors.push((name, "expected a valid UUID".to_owned())),
                 ("created_at" | "updated_at" | "checksum", _) => {}
@@ -248,14 +248,13 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(record_json(&written.record))))
 }
 
-/// `GET /licenses/{id}`: an id that is not a UUID names no license, so it is a 404.
+/// `GET /licenses/{id}`: an id that is not a canonical UUID is a schema violation, as on
+/// every other method.
 pub async fn show(
     State(state): State<ApiState>,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let id = path_segment(path)
-        .and_then(|id| Uuid::parse_str(&id).ok())
-        .ok_or(ApiError::NotFound)?;
+    let id = parse_id(&path_segment(path).unwrap_or_default())?;
     let snapshot = state.service().snapshot();
     let entry = snapshot.get(id).ok_or(ApiError::NotFound)?;
     Ok(json_response(entry.encoded(record_body)))

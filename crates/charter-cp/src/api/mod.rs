@@ -388,5 +388,21 @@ pub async fn read_body(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, 
 
 /// Parses a path id as a UUID, or answers Kong's schema violation.
 pub fn parse_id(id: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(id).map_err(|_| ApiError::field("id", "expected a valid UUID"))
+    canonical_uuid(id).ok_or_else(|| ApiError::field("id", "expected a valid UUID"))
 }
+
+/// A UUID in its canonical text form only: 8-4-4-4-12 hex digits with hyphens, in either
+/// case, as Kong's `is_valid_uuid` matches (a case-insensitive regex). The other forms the
+/// `uuid` crate reads (`urn:uuid:…`, braced, 32 bare hex digits) are refused, so one
+/// license has exactly one id a client can name.
+pub fn canonical_uuid(text: &str) -> Option<Uuid> {
+    // At 36 bytes `Uuid::try_parse` accepts nothing but the hyphenated form.
+    if text.len() == 36 {
+        Uuid::try_parse(text).ok()
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,239 @@
+//! The admin API's strictness, without a socket: only canonical UUIDs name a license.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use bytes::Bytes;
+use charter_license::{FixedClock, LicenseSigner, TrustedKeys};
+use charter_store::SledStore;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+use super::auth::Tokens;
+use super::{router, ApiState};
+use crate::service::Service;
+
+/// 2026-06-01T00:00:00Z.
+const JUNE_2026: i64 = 1_780_272_000;
+
+fn vendor() -> LicenseSigner {
+    LicenseSigner::from_seed([9; 32])
+}
+
+fn license(key: &str) -> String {
+    let Value::Object(payload) = json!({
+        "admin_seats": "1",
+        "customer": "Example Company, Inc",
+        "dataplanes": "1",
+        "license_creation_date": "2026-01-01",
+        "license_expiration_date": "2030-01-01",
+        "license_key": key,
+        "product_subscription": "Charter Enterprise",
+        "support_plan": "None",
+    }) else {
+        unreachable!("an object literal")
+    };
+    vendor().sign(payload).expect("a valid payload").to_json()
+}
+
+/// An admin API over a real sled store in a temp dir.
+struct Api {
+    _tmp: tempfile::TempDir,
+    state: ApiState,
+    stop: watch::Sender<bool>,
+    tasks: tokio::task::JoinHandle<()>,
+}
+
+/// An answer: status, content type and body.
+#[derive(Debug)]
+struct Answer {
+    status: StatusCode,
+    content_type: String,
+    body: Bytes,
+}
+
+impl Answer {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "{} body is not JSON ({e}): {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+}
+
+impl Api {
+    async fn start(tokens: Option<&str>) -> Api {
+        let tmp = tempfile::tempdir().expect("temp dir");
+        let store = Arc::new(SledStore::open(&tmp.path().join("data")).expect("open store"));
+        let (service, tasks) = Service::start(
+            store,
+            TrustedKeys::new([vendor().trusted_key()]),
+            Arc::new(FixedClock::new(JUNE_2026)),
+            None,
+            "cp-test".to_owned(),
+        )
+        .await
+        .expect("start");
+        let (stop, stopped) = watch::channel(false);
+        let tasks = tokio::spawn(tasks.run(stopped));
+        let tokens = tokens.map(|text| Tokens::parse(text).expect("token file"));
+        Api {
+            _tmp: tmp,
+            state: ApiState::new(service, tokens),
+            stop,
+            tasks,
+        }
+    }
+
+    async fn call(&self, request: Request<Body>) -> Answer {
+        let response = router(self.state.clone())
+            .oneshot(request)
+            .await
+            .expect("the router is infallible");
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().expect("ASCII").to_owned())
+            .unwrap_or_default();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .expect("body")
+            .to_bytes();
+        Answer {
+            status,
+            content_type,
+            body,
+        }
+    }
+
+    /// A request with a body of the given content type (none when empty).
+    async fn send(&self, method: &str, uri: &str, content_type: &str, body: &str) -> Answer {
+        let mut request = Request::builder().method(method).uri(uri);
+        if !content_type.is_empty() {
+            request = request.header(header::CONTENT_TYPE, content_type);
+        }
+        self.call(request.body(Body::from(body.to_owned())).expect("request"))
+            .await
+    }
+
+    async fn json(&self, method: &str, uri: &str, body: &Value) -> Answer {
+        self.send(method, uri, "application/json", &body.to_string())
+            .await
+    }
+
+    async fn get(&self, uri: &str) -> Answer {
+        self.send("GET", uri, "", "").await
+    }
+
+    /// `POST /licenses`, expecting 201; the new record's id.
+    async fn add(&self, key: &str) -> String {
+        let answer = self
+            .json("POST", "/licenses", &json!({"payload": license(key)}))
+            .await;
+        assert_eq!(answer.status, StatusCode::CREATED, "{:?}", answer.json());
+        answer.json()["id"].as_str().expect("an id").to_owned()
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.tasks.await;
+    }
+}
+
+fn schema_violation(field: &str, message: &str) -> Value {
+    json!({
+        "code": 2,
+        "name": "schema violation",
+        "message": format!("schema violation ({field}: {message})"),
+        "fields": {field: message},
+    })
+}
+
+#[tokio::test]
+async fn only_canonical_uuids_name_a_license_on_every_method() {
+    let api = Api::start(None).await;
+    let id = api.add("canonical").await;
+    let bare = id.replace('-', "");
+    let not_canonical = [
+        format!("urn:uuid:{id}"),
+        format!("URN:UUID:{id}"),
+        format!("{{{id}}}"),
+        format!("%7B{id}%7D"),
+        bare.clone(),
+        bare.to_uppercase(),
+        // Hyphens in the wrong places, but 36 characters.
+        format!("{}-{}", &bare[..31], &bare[31..]) + "---",
+        format!("{id}0"),
+        id[..35].to_owned(),
+        "not-a-uuid".to_owned(),
+        "%FF".to_owned(),
+        " ".repeat(36).replace(' ', "%20"),
+    ];
+    let expected = schema_violation("id", "expected a valid UUID");
+    let write = json!({"payload": license("canonical")});
+    for form in &not_canonical {
+        let uri = format!("/licenses/{form}");
+        for (method, answer) in [
+            ("GET", api.get(&uri).await),
+            ("PUT", api.json("PUT", &uri, &write).await),
+            ("PATCH", api.json("PATCH", &uri, &json!({})).await),
+            ("DELETE", api.send("DELETE", &uri, "", "").await),
+        ] {
+            assert_eq!(answer.content_type, "application/json", "{method} {uri}");
+            assert_eq!(
+                (answer.status, answer.json()),
+                (StatusCode::BAD_REQUEST, expected.clone()),
+                "{method} {uri}"
+            );
+        }
+        // The same forms in a body's `id`.
+        let answer = api
+            .json(
+                "POST",
+                "/licenses",
+                &json!({"payload": license("other"), "id": form}),
+            )
+            .await;
+        assert_eq!(
+            (answer.status, answer.json()),
+            (StatusCode::BAD_REQUEST, expected.clone()),
+            "POST with id {form}"
+        );
+    }
+    // Nothing was deleted, replaced or created.
+    let list = api.get("/licenses").await.json();
+    assert_eq!(list["data"].as_array().expect("data").len(), 1, "{list}");
+    assert_eq!(list["data"][0]["id"], json!(id));
+
+    // The canonical form in upper case is the same license (Kong's check ignores case).
+    let upper = id.to_uppercase();
+    let answer = api.get(&format!("/licenses/{upper}")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    assert_eq!(answer.json()["id"], json!(id));
+    let answer = api
+        .json(
+            "PATCH",
+            &format!("/licenses/{upper}"),
+            &json!({"id": upper}),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.json());
+    let answer = api
+        .send("DELETE", &format!("/licenses/{upper}"), "", "")
+        .await;
+    assert_eq!(answer.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        api.get(&format!("/licenses/{id}")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    api.stop().await;
+}
