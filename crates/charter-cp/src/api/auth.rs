@@ -101,6 +101,15 @@ impl Tokens {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` value. The scheme is matched without
+/// regard to case (RFC 9110 section 11.1, formerly RFC 7235: `bearer`, `BEARER` and
+/// `Bearer` are one scheme), and separated from the token by one or more spaces.
+pub fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
 /// Checks the admin token of a request, when tokens are configured.
 pub async fn require_token(
     State(state): State<ApiState>,
@@ -121,7 +130,7 @@ pub async fn require_token(
             headers
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
+                .and_then(bearer_token)
         });
     match presented.and_then(|token| tokens.access(token.trim())) {
         None => ApiError::Unauthorized.into_response(),

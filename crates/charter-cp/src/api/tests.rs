@@ -1,4 +1,5 @@
-//! The admin API's strictness, without a socket: only canonical UUIDs name a license.
+//! The admin API's strictness, without a socket: only canonical UUIDs name a license, and
+//! the `Bearer` scheme matches in any case.
 
 use std::sync::Arc;
 
@@ -12,7 +13,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-use super::auth::Tokens;
+use super::auth::{bearer_token, Tokens};
 use super::{router, ApiState};
 use crate::service::Service;
 
@@ -235,5 +236,62 @@ async fn only_canonical_uuids_name_a_license_on_every_method() {
         api.get(&format!("/licenses/{id}")).await.status,
         StatusCode::NOT_FOUND
     );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_matches_in_any_case() {
+    let api = Api::start(Some("writer-token write\nreader-token read\n")).await;
+    let cases = [
+        ("Bearer writer-token", StatusCode::CREATED),
+        ("bearer writer-token", StatusCode::CREATED),
+        ("BEARER writer-token", StatusCode::CREATED),
+        ("bEaReR writer-token", StatusCode::CREATED),
+        ("Bearer   writer-token", StatusCode::CREATED),
+        ("bearer reader-token", StatusCode::FORBIDDEN),
+        ("bearer writer-token-2", StatusCode::UNAUTHORIZED),
+        ("Bearerwriter-token", StatusCode::UNAUTHORIZED),
+        ("Basic writer-token", StatusCode::UNAUTHORIZED),
+        ("Bearers writer-token", StatusCode::UNAUTHORIZED),
+        ("bearer", StatusCode::UNAUTHORIZED),
+        ("bearer ", StatusCode::UNAUTHORIZED),
+        ("writer-token", StatusCode::UNAUTHORIZED),
+    ];
+    for (n, (authorization, expected)) in cases.into_iter().enumerate() {
+        let body = json!({"payload": license(&format!("key-{n}"))}).to_string();
+        let request = Request::builder()
+            .method("POST")
+            .uri("/licenses")
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::AUTHORIZATION, authorization)
+            .body(Body::from(body))
+            .expect("request");
+        let answer = api.call(request).await;
+        assert_eq!(
+            answer.status,
+            expected,
+            "{authorization:?}: {:?}",
+            answer.json()
+        );
+        let request = Request::builder()
+            .uri("/licenses")
+            .header(
+                header::AUTHORIZATION,
+                authorization.replace("writer", "reader"),
+            )
+            .body(Body::empty())
+            .expect("request");
+        let read = if expected == StatusCode::UNAUTHORIZED {
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::OK
+        };
+        assert_eq!(
+            api.call(request).await.status,
+            read,
+            "{authorization:?} read"
+        );
+    }
+    assert_eq!(bearer_token("  BeArEr  t0k3n "), Some("t0k3n"));
     api.stop().await;
 }
