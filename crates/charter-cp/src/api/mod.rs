@@ -19,6 +19,7 @@ use axum::{middleware, Json, Router};
 use charter_license::LicenseError;
 use charter_store::StoreError;
 use http_body_util::BodyExt;
+use serde::de::{Deserialize, Deserializer, MapAccess, Visitor};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
@@ -316,7 +317,9 @@ impl From<WriteError> for ApiError {
 
 /// Reads a request body as a JSON object, from `application/json` or
 /// `application/x-www-form-urlencoded` (Kong accepts both), within [`BODY_LIMIT`].
-/// An empty body is an empty object.
+/// An empty body is an empty object. A field given twice is a schema violation naming it:
+/// serde_json and serde_urlencoded would both keep one of the two silently, and which one a
+/// client meant is anyone's guess.
 pub async fn read_fields(headers: &HeaderMap, body: Body) -> Result<Map<String, Value>, ApiError> {
     let bytes = read_body(headers, body).await?;
     let content_type = headers
@@ -333,31 +336,93 @@ pub async fn read_fields(headers: &HeaderMap, body: Body) -> Result<Map<String, 
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
-    match media.as_str() {
+    let fields = match media.as_str() {
         "application/x-www-form-urlencoded" => {
             let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(&bytes)
                 .map_err(|e| ApiError::BadRequest(format!("Cannot parse form body: {e}")))?;
-            Ok(pairs
-                .into_iter()
-                .map(|(k, v)| (k, Value::String(v)))
-                .collect())
+            let mut fields = Fields::default();
+            for (name, value) in pairs {
+                fields.insert(name, Value::String(value));
+            }
+            fields
         }
-        "" | "application/json" => match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(map),
-            Ok(_) => Err(ApiError::BadJson(
-                "the body must be a JSON object".to_owned(),
-            )),
-            Err(e) => Err(ApiError::BadJson(e.to_string())),
-        },
-        other if other.ends_with("+json") => match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(map)) => Ok(map),
-            Ok(_) => Err(ApiError::BadJson(
-                "the body must be a JSON object".to_owned(),
-            )),
-            Err(e) => Err(ApiError::BadJson(e.to_string())),
-        },
-        other => Err(ApiError::UnsupportedMediaType(other.to_owned())),
+        "" | "application/json" => parse_json_object(&bytes)?,
+        other if other.ends_with("+json") => parse_json_object(&bytes)?,
+        other => return Err(ApiError::UnsupportedMediaType(other.to_owned())),
+    };
+    fields.into_map()
+}
+
+/// A body's top-level fields, and the names given more than once.
+#[derive(Default)]
+struct Fields {
+    map: Map<String, Value>,
+    repeated: Vec<String>,
+}
+
+impl Fields {
+    fn insert(&mut self, name: String, value: Value) {
+        if self.map.contains_key(&name) {
+            if !self.repeated.contains(&name) {
+                self.repeated.push(name);
+            }
+        } else {
+            self.map.insert(name, value);
+        }
     }
+
+    fn into_map(self) -> Result<Map<String, Value>, ApiError> {
+        if self.repeated.is_empty() {
+            Ok(self.map)
+        } else {
+            Err(ApiError::Schema(
+                self.repeated
+                    .into_iter()
+                    .map(|name| (name, "given more than once".to_owned()))
+                    .collect(),
+            ))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Fields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Fields, D::Error> {
+        struct ObjectVisitor;
+
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = Fields;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Fields, A::Error> {
+                let mut fields = Fields::default();
+                while let Some(name) = access.next_key::<String>()? {
+                    let value = access.next_value::<Value>()?;
+                    fields.insert(name, value);
+                }
+                Ok(fields)
+            }
+        }
+
+        deserializer.deserialize_map(ObjectVisitor)
+    }
+}
+
+/// Parses a JSON body that must be one object, keeping every name it repeats. Only the
+/// top level is checked: the fields of the admin API are strings, and the license
+/// document inside `payload` is the license parser's to judge.
+fn parse_json_object(bytes: &[u8]) -> Result<Fields, ApiError> {
+    serde_json::from_slice::<Fields>(bytes).map_err(|e| {
+        // A data error can only be the top level's type: every key of a JSON object is a
+        // string and every value fits a `Value`.
+        if e.is_data() {
+            ApiError::BadJson("the body must be a JSON object".to_owned())
+        } else {
+            ApiError::BadJson(e.to_string())
+        }
+    })
 }
 
 /// Reads a whole body, answering 413 past [`BODY_LIMIT`] without buffering more.

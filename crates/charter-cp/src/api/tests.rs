@@ -1,5 +1,5 @@
-//! The admin API's strictness, without a socket: only canonical UUIDs name a license, and
-//! the `Bearer` scheme matches in any case.
+//! The admin API's strictness, without a socket: only canonical UUIDs name a license, a
+//! body field given twice is refused, and the `Bearer` scheme matches in any case.
 
 use std::sync::Arc;
 
@@ -237,6 +237,120 @@ async fn only_canonical_uuids_name_a_license_on_every_method() {
         StatusCode::NOT_FOUND
     );
     api.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_field_given_twice_is_refused_naming_it() {
+    let api = Api::start(None).await;
+    let id = api.add("first").await;
+    let valid = serde_json::to_string(&license("second")).expect("a string");
+    let form_valid: String = url_encode(&license("second"));
+    let json_type = "application/json";
+    let form_type = "application/x-www-form-urlencoded";
+    let cases = [
+        (
+            json_type,
+            format!(r#"{{"payload":"bogus","payload":{valid}}}"#),
+            "payload",
+        ),
+        (
+            json_type,
+            format!(r#"{{"payload":{valid},"payload":"bogus"}}"#),
+            "payload",
+        ),
+        (
+            json_type,
+            format!(r#"{{"payload":{valid},"pay\u006coad":{valid}}}"#),
+            "payload",
+        ),
+        (
+            json_type,
+            format!(r#"{{"payload":{valid},"id":"{id}","id":"{id}"}}"#),
+            "id",
+        ),
+        (
+            "application/merge-patch+json",
+            format!(r#"{{"payload":"x","payload":{valid}}}"#),
+            "payload",
+        ),
+        (
+            form_type,
+            format!("payload=bogus&payload={form_valid}"),
+            "payload",
+        ),
+        (
+            form_type,
+            format!("payload={form_valid}&payload={form_valid}"),
+            "payload",
+        ),
+        (
+            form_type,
+            format!("id={id}&payload={form_valid}&id={id}"),
+            "id",
+        ),
+    ];
+    for (content_type, body, field) in &cases {
+        let expected = schema_violation(field, "given more than once");
+        for (method, uri) in [
+            ("POST", "/licenses".to_owned()),
+            ("PUT", format!("/licenses/{id}")),
+            ("PATCH", format!("/licenses/{id}")),
+        ] {
+            let answer = api.send(method, &uri, content_type, body).await;
+            assert_eq!(
+                (answer.status, answer.json()),
+                (StatusCode::BAD_REQUEST, expected.clone()),
+                "{method} {uri} {content_type} {body}"
+            );
+        }
+    }
+    // Two fields repeated: both named.
+    let answer = api
+        .send(
+            "POST",
+            "/licenses",
+            form_type,
+            &format!("id={id}&payload=a&id={id}&payload=b"),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        answer.json()["fields"],
+        json!({"id": "given more than once", "payload": "given more than once"})
+    );
+    // Nothing was stored or changed.
+    let list = api.get("/licenses").await.json();
+    assert_eq!(list["data"].as_array().expect("data").len(), 1, "{list}");
+    assert_eq!(list["data"][0]["payload"], json!(license("first")));
+
+    // Only the top level is checked, and the other body errors are as before.
+    let nested = format!(r#"{{"payload":{valid},"checksum":{{"a":1,"a":2}}}}"#);
+    let answer = api.send("POST", "/licenses", json_type, &nested).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "{:?}", answer.json());
+    for (body, detail) in [
+        ("[1,2]", "the body must be a JSON object"),
+        ("\"payload\"", "the body must be a JSON object"),
+        (
+            "{\"payload\":",
+            "EOF while parsing a value at line 1 column 11",
+        ),
+        ("{} {}", "trailing characters at line 1 column 4"),
+    ] {
+        let answer = api.send("POST", "/licenses", json_type, body).await;
+        assert_eq!(
+            (answer.status, answer.json()),
+            (
+                StatusCode::BAD_REQUEST,
+                json!({"message": "Cannot parse JSON body", "detail": detail})
+            ),
+            "{body}"
+        );
+    }
+    api.stop().await;
+}
+
+fn url_encode(text: &str) -> String {
+    serde_urlencoded::to_string([("x", text)]).expect("encodable")[2..].to_owned()
 }
 
 #[tokio::test]
