@@ -12,7 +12,9 @@ mod unavailable;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::Request;
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{middleware, Json, Router};
@@ -73,6 +75,20 @@ impl ApiState {
 /// Largest request body accepted.
 pub const BODY_LIMIT: usize = 1024 * 1024;
 
+/// Longest request target (path and query) answered normally; a longer one is a JSON 414.
+/// It sits well below hyper's own limit (65,534 bytes), whose 414 has no body, and matches
+/// the 8 KiB a Kong node (nginx) allows.
+pub const URI_LIMIT: usize = 8 * 1024;
+
+/// Largest header section (each line as `name: value` and its line end) answered normally;
+/// a larger one is a JSON 431, long before hyper's read buffer (about 400 KiB) fills and it
+/// answers 431 with no body.
+pub const HEADERS_LIMIT: usize = 32 * 1024;
+
+/// Most header lines answered normally; more is a JSON 431. hyper itself answers a bodiless
+/// 431 past 100.
+pub const HEADER_COUNT_LIMIT: usize = 64;
+
 /// Every route of the admin API, in the order [`router`] adds them. The metrics label
 /// requests with these `&'static str`s.
 pub const ROUTES: [&str; 9] = [
@@ -121,6 +137,7 @@ pub fn router(state: ApiState) -> Router {
         ));
     }
     router
+        .layer(middleware::from_fn(check_head))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             metrics::track,
@@ -163,6 +180,12 @@ pub enum ApiError {
     /// 413 body over the limit.
     #[error("body too large")]
     TooLarge,
+    /// 414 a request target over [`URI_LIMIT`].
+    #[error("request target too long")]
+    UriTooLong,
+    /// 431 a header section over [`HEADERS_LIMIT`] or [`HEADER_COUNT_LIMIT`].
+    #[error("request headers too large")]
+    HeadersTooLarge,
     /// 415 a body that is neither JSON nor a form.
     #[error("unsupported content type {0}")]
     UnsupportedMediaType(String),
@@ -205,6 +228,8 @@ impl ApiError {
             | ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::Conflict { .. } => StatusCode::CONFLICT,
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UriTooLong => StatusCode::URI_TOO_LONG,
+            ApiError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
@@ -255,6 +280,12 @@ impl ApiError {
             }),
             ApiError::TooLarge => json!({
                 "message": format!("Request body too large: the limit is {} bytes", BODY_LIMIT),
+            }),
+            ApiError::UriTooLong => json!({
+                "message": format!("URI too long: the limit is {URI_LIMIT} bytes"),
+            }),
+            ApiError::HeadersTooLarge => json!({
+                "message": format!("Request headers too large: the limit is {HEADER_COUNT_LIMIT} headers and {HEADERS_LIMIT} bytes"),
             }),
             ApiError::UnsupportedMediaType(kind) => json!({
                 "message": format!("Unsupported Content-Type '{kind}': send application/json or application/x-www-form-urlencoded"),
@@ -467,6 +498,32 @@ pub fn canonical_uuid(text: &str) -> Option<Uuid> {
     } else {
         None
     }
+}
+
+/// Answers a JSON 414 or 431 for a request line or header section over this API's limits,
+/// before any route (or the token check) runs. hyper answers the same statuses itself,
+/// without a body, only past its own far larger limits.
+async fn check_head(request: Request, next: Next) -> Response {
+    if target_len(request.uri()) > URI_LIMIT {
+        return ApiError::UriTooLong.into_response();
+    }
+    let headers = request.headers();
+    let size: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if headers.len() > HEADER_COUNT_LIMIT || size > HEADERS_LIMIT {
+        return ApiError::HeadersTooLarge.into_response();
+    }
+    next.run(request).await
+}
+
+/// The length of a request target as the client sent it (near enough: the scheme and
+/// authority of an absolute form, then path and query).
+fn target_len(uri: &Uri) -> usize {
+    uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |pq| pq.as_str().len())
 }
 
 #[cfg(test)]

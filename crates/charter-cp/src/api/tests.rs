@@ -1,5 +1,6 @@
 //! The admin API's strictness, without a socket: only canonical UUIDs name a license, a
-//! body field given twice is refused, and the `Bearer` scheme matches in any case.
+//! body field given twice is refused, the `Bearer` scheme matches in any case, and the
+//! errors answered before any route runs (404, 405, 413, 414, 431) are JSON.
 
 use std::sync::Arc;
 
@@ -14,7 +15,7 @@ use tokio::sync::watch;
 use tower::ServiceExt;
 
 use super::auth::{bearer_token, Tokens};
-use super::{router, ApiState};
+use super::{router, ApiState, BODY_LIMIT, HEADERS_LIMIT, HEADER_COUNT_LIMIT, URI_LIMIT};
 use crate::service::Service;
 
 /// 2026-06-01T00:00:00Z.
@@ -407,5 +408,122 @@ async fn the_bearer_scheme_matches_in_any_case() {
         );
     }
     assert_eq!(bearer_token("  BeArEr  t0k3n "), Some("t0k3n"));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn errors_answered_before_any_route_are_json() {
+    let api = Api::start(None).await;
+    let check = |answer: Answer, status: StatusCode, message: &str| {
+        assert_eq!(answer.status, status, "{answer:?}");
+        assert_eq!(answer.content_type, "application/json", "{status}");
+        let body = answer.json();
+        assert!(
+            body["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message)),
+            "{status}: {body}"
+        );
+    };
+    check(
+        api.get("/nowhere").await,
+        StatusCode::NOT_FOUND,
+        "Not found",
+    );
+    check(
+        api.send("BREW", "/licenses", "", "").await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method not allowed",
+    );
+    check(
+        api.send("PUT", "/licenses", "", "").await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "Method not allowed",
+    );
+
+    // 413, declared and streamed without a length.
+    let declared = Request::builder()
+        .method("POST")
+        .uri("/licenses")
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, (BODY_LIMIT + 1).to_string())
+        .body(Body::empty())
+        .expect("request");
+    check(
+        api.call(declared).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Request body too large",
+    );
+    let chunks =
+        (0..=BODY_LIMIT / 4096).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b' '; 4096])));
+    let streamed = Request::builder()
+        .method("PUT")
+        .uri("/v1/operator/license")
+        .body(Body::from_stream(tokio_stream::iter(chunks)))
+        .expect("request");
+    check(
+        api.call(streamed).await,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "Request body too large",
+    );
+
+    // 414 past our limit, and not at it.
+    let at_limit = format!("/licenses?pad={}", "a".repeat(URI_LIMIT - 14));
+    assert_eq!(at_limit.len(), URI_LIMIT);
+    assert_eq!(api.get(&at_limit).await.status, StatusCode::OK);
+    let over = format!("{at_limit}a");
+    check(
+        api.get(&over).await,
+        StatusCode::URI_TOO_LONG,
+        "URI too long",
+    );
+    check(
+        api.get(&format!("http://127.0.0.1:8001{at_limit}")).await,
+        StatusCode::URI_TOO_LONG,
+        "URI too long",
+    );
+    check(
+        api.send(
+            "DELETE",
+            &format!("/licenses/{}", "0".repeat(URI_LIMIT)),
+            "",
+            "",
+        )
+        .await,
+        StatusCode::URI_TOO_LONG,
+        "URI too long",
+    );
+
+    // 431 past our limits on bytes and on lines, and not at them.
+    let with_headers = |headers: Vec<(String, String)>| {
+        let mut request = Request::builder().uri("/licenses");
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        request.body(Body::empty()).expect("request")
+    };
+    let many = |n: usize| (0..n).map(|i| (format!("x-{i}"), "v".to_owned())).collect();
+    assert_eq!(
+        api.call(with_headers(many(HEADER_COUNT_LIMIT)))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    check(
+        api.call(with_headers(many(HEADER_COUNT_LIMIT + 1))).await,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "Request headers too large",
+    );
+    // `x-big: ` and the line end are 9 bytes.
+    let big = |n: usize| vec![("x-big".to_owned(), "b".repeat(n - 9))];
+    assert_eq!(
+        api.call(with_headers(big(HEADERS_LIMIT))).await.status,
+        StatusCode::OK
+    );
+    check(
+        api.call(with_headers(big(HEADERS_LIMIT + 1))).await,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "Request headers too large",
+    );
     api.stop().await;
 }
