@@ -19,8 +19,8 @@ pub use keys::{KeyError, KeyId, LicenseSigner, TrustedKey, TrustedKeys, Verified
 pub use schedule::DailyLog;
 pub use select::{select_effective, Candidate, Selection};
 pub use status::{
-    utc_date, Clock, Evaluation, FixedClock, HighWaterMark, MonotonicClock, Severity, Status,
-    UnixTime, EXPIRING_DAYS, GRACE_DAYS, URGENT_DAYS,
+    rfc3339, utc_date, Clock, Evaluation, FixedClock, HighWaterMark, MarkAhead, MonotonicClock,
+    Severity, Status, UnixTime, EXPIRING_DAYS, GRACE_DAYS, MARK_AHEAD_LIMIT, URGENT_DAYS,
 };
 
 /// Parses, verifies and judges a license text at `now` in one step: the path every

@@ -15,6 +15,9 @@ pub const EXPIRING_DAYS: i64 = 90;
 pub const URGENT_DAYS: i64 = 30;
 /// Days after expiry during which a license still allows use (`grace`).
 pub const GRACE_DAYS: i64 = 30;
+/// How far (in seconds) a high-water mark may be ahead of the clock before it is reported:
+/// more than a day, and the mark did not come from a clock that merely drifted.
+pub const MARK_AHEAD_LIMIT: i64 = 86_400;
 
 /// Seconds since the Unix epoch, UTC.
 pub type UnixTime = i64;
@@ -96,6 +99,56 @@ impl<C: Clock> MonotonicClock<C> {
     pub fn inner(&self) -> &C {
         &self.inner
     }
+
+    /// The mark and the inner clock's reading when the mark is more than
+    /// [`MARK_AHEAD_LIMIT`] ahead of it: every decision is then made at a time the clock
+    /// has not reached (a clock that was wrong and has been corrected, or a mark file that
+    /// was altered), so licenses may look expired.
+    pub fn mark_ahead(&self) -> Option<MarkAhead> {
+        let clock = self.inner.now();
+        let mark = self.mark.value();
+        (mark.saturating_sub(clock) > MARK_AHEAD_LIMIT).then_some(MarkAhead { mark, clock })
+    }
+}
+
+/// A high-water mark found more than [`MARK_AHEAD_LIMIT`] ahead of the clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkAhead {
+    /// The mark (Unix seconds).
+    pub mark: UnixTime,
+    /// The clock's reading (Unix seconds).
+    pub clock: UnixTime,
+}
+
+impl MarkAhead {
+    /// Whole days the mark is ahead of the clock.
+    pub fn days(&self) -> i64 {
+        self.mark.saturating_sub(self.clock) / 86_400
+    }
+}
+
+impl fmt::Display for MarkAhead {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "the clock mark ({}) is {} days ahead of this node's clock ({}): licenses are judged at the mark, not at the clock",
+            rfc3339(self.mark),
+            self.days(),
+            rfc3339(self.clock)
+        )
+    }
+}
+
+/// A Unix time as RFC 3339 in UTC (`2026-03-01T12:00:00Z`), or the raw seconds when it is
+/// outside the supported range.
+pub fn rfc3339(t: UnixTime) -> String {
+    OffsetDateTime::from_unix_timestamp(t)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{t} (Unix seconds)"))
 }
 
 impl<C: Clock> Clock for MonotonicClock<C> {

@@ -364,6 +364,39 @@ fn clock_set_backwards_never_revives_an_expired_license() {
     );
 }
 
+#[test]
+fn a_mark_more_than_a_day_ahead_of_the_clock_is_reported_with_both_dates() {
+    let noon_2026 = noon(date!(2026 - 03 - 01));
+    let check = |mark: UnixTime| MonotonicClock::new(FixedClock::new(noon_2026), mark).mark_ahead();
+    assert_eq!(check(0), None, "no mark");
+    assert_eq!(
+        check(noon_2026 - 10 * 86_400),
+        None,
+        "a mark behind the clock"
+    );
+    assert_eq!(check(noon_2026 + 3_600), None, "an hour ahead is drift");
+    assert_eq!(check(noon_2026 + MARK_AHEAD_LIMIT), None, "exactly a day");
+    let year_2100 = 4_102_444_800;
+    let ahead = check(year_2100).expect("a mark in 2100 is reported");
+    assert_eq!(
+        ahead,
+        MarkAhead {
+            mark: year_2100,
+            clock: noon_2026
+        }
+    );
+    let message = ahead.to_string();
+    for needle in ["2100-01-01T00:00:00Z", "2026-03-01T12:00:00Z", "days ahead"] {
+        assert!(message.contains(needle), "`{needle}` in: {message}");
+    }
+    assert_eq!(
+        check(i64::MAX).map(|a| a.clock),
+        Some(noon_2026),
+        "no overflow"
+    );
+    assert!(rfc3339(i64::MAX).contains("Unix seconds"));
+}
+
 // --- selection -------------------------------------------------------------------------
 
 fn candidate(
