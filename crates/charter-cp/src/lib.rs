@@ -80,7 +80,7 @@ pub async fn run_with_clock(
     let loaded = service::Service::start(
         store.clone(),
         config.trusted_keys.clone(),
-        clock,
+        clock.clone(),
         config.static_license.clone(),
         name,
     )
@@ -103,7 +103,10 @@ pub async fn run_with_clock(
     // explicitly (`serve` returns before anything is closed).
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let background = tokio::spawn(tasks.run(stop_rx.clone()));
-    let served = serve(&config, listeners, &service, stop_tx, stop_rx, shutdown).await;
+    let served = serve(
+        &config, listeners, &service, clock, stop_tx, stop_rx, shutdown,
+    )
+    .await;
     let _ = background.await;
     // The streams have ended and recorded their data planes as disconnected: write the
     // last inventory rows and close the store.
@@ -154,6 +157,7 @@ async fn serve(
     config: &Config,
     listeners: Listeners,
     service: &service::Service,
+    clock: Arc<dyn Clock>,
     stop_tx: tokio::sync::watch::Sender<bool>,
     stop_rx: tokio::sync::watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -230,7 +234,21 @@ async fn serve(
             .local_addr()
             .context("reading the admin listener address")?;
         tracing::info!(%addr, "admin API listening");
-        let api = api::ApiState::new(service.clone(), config.tokens.clone());
+        let cert_expiry = config.cluster.tls.as_ref().map(|(_, files)| {
+            let expiry = charter_runtime::cert_expiry::CertExpiry::default();
+            tokio::spawn(charter_runtime::cert_expiry::watch(
+                files.cert.clone(),
+                clock.clone(),
+                expiry.clone(),
+                stop_rx.clone(),
+            ));
+            expiry
+        });
+        let api = api::ApiState::with_cert_expiry(
+            service.clone(),
+            config.tokens.clone(),
+            cert_expiry,
+        );
         // A quarter of the file handles at most: a flood of admin connections leaves the
         // cluster port and the store theirs.
         charter_runtime::http::serve_router(
@@ -280,6 +298,49 @@ impl tokio_stream::Stream for PlainIncoming {
                     self.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(50))));
                 }
             }
+        }
+    }
+}
+
+/// Entry points for the fuzz targets in `fuzz/`, built only with the `fuzzing` feature:
+/// not an API. They reach the admin API's body reader and the checks the cluster server
+/// applies to a decoded `Hello` without making those modules public.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    use axum::body::Body;
+    use axum::http::{header, HeaderMap, HeaderValue};
+    use serde_json::{Map, Value};
+
+    pub use crate::api::{canonical_uuid, ApiError, BODY_LIMIT};
+    pub use crate::cluster::{compatible, valid_node_id};
+
+    /// This control plane's version, which a data plane's `Hello` is checked against.
+    pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+    /// The admin API's body reader (`read_fields`) on a whole in-memory body, with the
+    /// request's `Content-Type` when given. A value that cannot be a header value is left
+    /// out, as hyper refuses such a request before any handler sees it.
+    pub fn read_fields(
+        content_type: Option<&[u8]>,
+        body: &[u8],
+    ) -> Result<Map<String, Value>, ApiError> {
+        let mut headers = HeaderMap::new();
+        if let Some(value) = content_type.and_then(|v| HeaderValue::from_bytes(v).ok()) {
+            headers.insert(header::CONTENT_TYPE, value);
+        }
+        let reading = std::pin::pin!(crate::api::read_fields(
+            &headers,
+            Body::from(body.to_vec())
+        ));
+        match reading.poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(fields) => fields,
+            // A body already in memory is complete, so the reader has nothing to wait for:
+            // waiting here would be a bug worth a crash report.
+            Poll::Pending => panic!("reading an in-memory body waited"),
         }
     }
 }

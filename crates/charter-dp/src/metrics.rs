@@ -28,11 +28,20 @@ pub struct Metrics {
     pub snapshots_rejected: Counter,
     /// Reconnection attempts after a failed or ended stream.
     pub reconnects: Counter,
+    /// The cluster certificate's `notAfter`, when the cluster connection has one.
+    cert_expiry: Option<(charter_runtime::cert_expiry::CertExpiry, Gauge)>,
 }
 
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Metrics {
+        Metrics::with_cert_expiry(None)
+    }
+
+    /// Registers every metric, and the cluster certificate's expiry when there is one.
+    pub fn with_cert_expiry(
+        cert_expiry: Option<charter_runtime::cert_expiry::CertExpiry>,
+    ) -> Metrics {
         let mut registry = Registry::default();
         let license_status = Family::<StatusLabels, Gauge>::default();
         let days_left = Gauge::default();
@@ -76,7 +85,17 @@ impl Metrics {
             "Reconnections to the control plane after a failed or ended stream",
             reconnects.clone(),
         );
+        let cert_expiry = cert_expiry.map(|expiry| {
+            let gauge = Gauge::default();
+            registry.register(
+                "charter_cluster_cert_expiry_timestamp_seconds",
+                "When this node's cluster certificate expires (Unix seconds)",
+                gauge.clone(),
+            );
+            (expiry, gauge)
+        });
         Metrics {
+            cert_expiry,
             registry,
             license_status,
             days_left,
@@ -100,6 +119,9 @@ impl Metrics {
         self.days_left
             .set(in_force.evaluation.as_ref().map_or(0, |e| e.days_left));
         self.connected.set(i64::from(connected));
+        if let Some((expiry, gauge)) = &self.cert_expiry {
+            gauge.set(expiry.get());
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -5,6 +5,7 @@
 //! This is the one place a Charter process reads the wall clock; everything downstream
 //! takes a [`charter_license::Clock`].
 
+pub mod cert_expiry;
 pub mod flags;
 pub mod http;
 

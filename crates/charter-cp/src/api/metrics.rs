@@ -40,6 +40,8 @@ pub struct Metrics {
     store_revision: Gauge,
     days_left: Gauge,
     license_status: Family<StatusLabels, Gauge>,
+    /// The cluster certificate's `notAfter`, when the cluster port has one.
+    cert_expiry: Option<(charter_runtime::cert_expiry::CertExpiry, Gauge)>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -50,6 +52,13 @@ fn latency_histogram() -> Histogram {
 impl Metrics {
     /// Registers every metric.
     pub fn new() -> Metrics {
+        Metrics::with_cert_expiry(None)
+    }
+
+    /// Registers every metric, and the cluster certificate's expiry when there is one.
+    pub fn with_cert_expiry(
+        cert_expiry: Option<charter_runtime::cert_expiry::CertExpiry>,
+    ) -> Metrics {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let latency: HistogramFamily = Family::new_with_constructor(latency_histogram);
@@ -87,6 +96,15 @@ impl Metrics {
             "1 for the status of this node's license, 0 for the others",
             license_status.clone(),
         );
+        let cert_expiry = cert_expiry.map(|expiry| {
+            let gauge = Gauge::default();
+            registry.register(
+                "charter_cluster_cert_expiry_timestamp_seconds",
+                "When this node's cluster certificate expires (Unix seconds)",
+                gauge.clone(),
+            );
+            (expiry, gauge)
+        });
         Metrics {
             registry,
             requests,
@@ -95,6 +113,7 @@ impl Metrics {
             store_revision,
             days_left,
             license_status,
+            cert_expiry,
         }
     }
 
@@ -119,6 +138,9 @@ impl Metrics {
                     status: s.to_owned(),
                 })
                 .set(value);
+        }
+        if let Some((expiry, gauge)) = &self.cert_expiry {
+            gauge.set(expiry.get());
         }
         let mut out = String::new();
         // Writing into a String cannot fail.

@@ -42,12 +42,22 @@ struct ApiInner {
 }
 
 impl ApiState {
-    /// The admin API's state over the service.
+    /// The admin API's state over the service (tests: no cluster certificate).
+    #[cfg(test)]
     pub fn new(service: Service, tokens: Option<Tokens>) -> ApiState {
+        ApiState::with_cert_expiry(service, tokens, None)
+    }
+
+    /// [`ApiState::new`] exporting the cluster certificate's expiry in `/metrics`.
+    pub fn with_cert_expiry(
+        service: Service,
+        tokens: Option<Tokens>,
+        cert_expiry: Option<charter_runtime::cert_expiry::CertExpiry>,
+    ) -> ApiState {
         ApiState(Arc::new(ApiInner {
             service,
             tokens,
-            metrics: Metrics::new(),
+            metrics: Metrics::with_cert_expiry(cert_expiry),
             hostname: gethostname::gethostname().to_string_lossy().into_owned(),
         }))
     }
