@@ -98,7 +98,9 @@ mod tests {
         assert_eq!(not_after(&path), Ok(1_940_630_400));
 
         std::fs::write(&path, "not a certificate").unwrap();
-        assert!(not_after(&path).unwrap_err().contains("is not a PEM certificate"));
+        assert!(not_after(&path)
+            .unwrap_err()
+            .contains("is not a PEM certificate"));
         let missing = dir.path().join("missing.crt");
         assert!(not_after(&missing).unwrap_err().starts_with("cannot read"));
     }
