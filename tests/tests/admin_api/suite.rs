@@ -117,7 +117,8 @@ fn licenses_table_every_row() {
         (absent.status, absent.json()),
         (404, json!({"message": "Not found"}))
     );
-    assert_eq!(cp.get("/licenses/not-a-uuid").status, 404);
+    // An id that is not a canonical UUID is a schema violation, as in Kong.
+    assert_eq!(cp.get("/licenses/not-a-uuid").status, 400);
 
     // PUT /licenses/{id}: create with that id, then replace keeping created_at.
     let put_id = uuid::Uuid::new_v4().to_string();
