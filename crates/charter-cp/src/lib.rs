@@ -332,10 +332,8 @@ pub mod fuzzing {
         if let Some(value) = content_type.and_then(|v| HeaderValue::from_bytes(v).ok()) {
             headers.insert(header::CONTENT_TYPE, value);
         }
-        let reading = std::pin::pin!(crate::api::read_fields(
-            &headers,
-            Body::from(body.to_vec())
-        ));
+        let body = Body::from(body.to_vec());
+        let reading = std::pin::pin!(crate::api::read_fields(&headers, body));
         match reading.poll(&mut Context::from_waker(Waker::noop())) {
             Poll::Ready(fields) => fields,
             // A body already in memory is complete, so the reader has nothing to wait for:
