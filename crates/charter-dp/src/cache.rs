@@ -27,7 +27,8 @@ pub struct CacheFile {
     pub revision: u64,
     /// The cluster's license; `None` when the cluster was unlicensed.
     pub license: Option<CachedLicense>,
-    /// When the snapshot was accepted (Unix seconds, by this node's monotonic clock).
+    /// When the snapshot was accepted (Unix seconds, by this node's monotonic clock). For
+    /// people reading the file: it is not signed, so it moves no clock.
     pub received_at: UnixTime,
 }
 

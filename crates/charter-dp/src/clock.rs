@@ -1,10 +1,14 @@
 //! The node's clock: the wall clock passed through a high-water mark that is persisted in
 //! the data dir, so neither a clock set backwards nor a restart revives an expired license.
+//!
+//! The mark only ever comes from this node's own clock readings (and the file it persists
+//! them to), never from a cache's or a message's fields: an unsigned number that could be
+//! altered must not move the time every license is judged at.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 
-use charter_license::{Clock, MonotonicClock, UnixTime};
+use charter_license::{rfc3339, Clock, MarkAhead, MonotonicClock, UnixTime};
 
 use crate::files;
 
@@ -31,28 +35,64 @@ pub struct NodeClock {
     dir: PathBuf,
     // A std mutex: held only around a small synchronous file write, from blocking tasks.
     written: Mutex<Option<UnixTime>>,
+    // The wall-clock day (days since the Unix epoch) a mark ahead of the clock was last logged, so it is logged once a
+    // day while it lasts. A std mutex around a plain value, never held across an await.
+    reported: Mutex<Option<i64>>,
 }
 
 impl NodeClock {
-    /// Wraps `wall`, starting from the mark persisted in `dir` (or `floor`, whichever is
-    /// later: the time the cache was received is a mark too).
-    pub fn new(
-        wall: Arc<dyn Clock>,
-        dir: PathBuf,
-        persisted: Option<UnixTime>,
-        floor: Option<UnixTime>,
-    ) -> NodeClock {
-        let mark = persisted.into_iter().chain(floor).max().unwrap_or(0);
+    /// Wraps `wall`, starting from the mark persisted in `dir` (`persisted`, read by
+    /// [`files::read_clock_mark`]).
+    pub fn new(wall: Arc<dyn Clock>, dir: PathBuf, persisted: Option<UnixTime>) -> NodeClock {
         NodeClock {
-            clock: MonotonicClock::new(SharedClock(wall), mark),
+            clock: MonotonicClock::new(SharedClock(wall), persisted.unwrap_or(0)),
             dir,
             written: Mutex::new(persisted),
+            reported: Mutex::new(None),
         }
     }
 
     /// The latest time seen.
     pub fn mark(&self) -> UnixTime {
         self.clock.mark()
+    }
+
+    /// The mark and the wall clock when the mark is more than a day ahead of it.
+    pub fn mark_ahead(&self) -> Option<MarkAhead> {
+        self.clock.mark_ahead()
+    }
+
+    /// What `GET /license` says (in `warnings`) while the mark is more than a day ahead of
+    /// the wall clock.
+    pub fn warning(&self) -> Option<String> {
+        self.mark_ahead().map(|ahead| {
+            format!(
+                "{ahead}; if this node's clock is right, stop the data plane, delete {} and start it again",
+                self.dir.join(files::CLOCK_MARK_FILE).display()
+            )
+        })
+    }
+
+    /// Logs an ERROR, with both dates, when the mark is more than a day ahead of the wall
+    /// clock: at the first call that finds it so, then once a day while it lasts.
+    pub fn report_mark_ahead(&self) {
+        let mut reported = self.reported.lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(ahead) = self.mark_ahead() else {
+            if reported.take().is_some() {
+                tracing::info!(mark = %rfc3339(self.mark()),
+                    "the wall clock caught up with the clock mark; licenses are judged at the wall clock again");
+            }
+            return;
+        };
+        let today = ahead.clock.div_euclid(86_400);
+        if *reported == Some(today) {
+            return;
+        }
+        *reported = Some(today);
+        let path = self.dir.join(files::CLOCK_MARK_FILE);
+        tracing::error!(mark = %rfc3339(ahead.mark), clock = %rfc3339(ahead.clock), path = %path.display(),
+            "{ahead}, so licenses may show expired. The mark is the latest time this node has seen; a mark far ahead means the clock was once wrong, or the file was altered. If this node's clock is right, stop the data plane, delete {} and start it again",
+            path.display());
     }
 
     /// Writes the mark to the data dir if it moved since the last write. Blocking (fsync):

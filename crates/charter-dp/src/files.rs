@@ -121,7 +121,7 @@ pub fn node_id(dir: &Path) -> Result<Uuid, FileError> {
 }
 
 /// The persisted clock mark, or `None` when there is none. A mark that does not parse is
-/// reported and ignored (the cache's receive time still bounds the clock from below).
+/// reported and ignored (the node then starts from its wall clock).
 pub fn read_clock_mark(dir: &Path) -> Result<Option<UnixTime>, FileError> {
     let path = dir.join(CLOCK_MARK_FILE);
     let Some(text) = read_optional(&path)? else {

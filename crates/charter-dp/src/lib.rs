@@ -81,14 +81,12 @@ pub async fn run_with_clock(
             None
         }
     };
-    let clock = Arc::new(NodeClock::new(
-        clock,
-        dir.clone(),
-        persisted_mark,
-        cache_file.as_ref().map(|c| c.received_at),
-    ));
+    // The mark comes only from this node's clock readings: the cache's `received_at` is
+    // an unsigned number in a file and moves nothing.
+    let clock = Arc::new(NodeClock::new(clock, dir.clone(), persisted_mark));
     let now = clock.now();
     clock.persist();
+    clock.report_mark_ahead();
 
     let static_license = match &config.static_license {
         None => None,
@@ -108,11 +106,7 @@ pub async fn run_with_clock(
         .map(ToString::to_string)
         .collect();
     tracing::info!(trusted_keys = %key_ids.join(","), "trusted signing keys loaded");
-    let enforcement = Arc::new(Enforcement::new(
-        static_license,
-        cached,
-        clock.clone() as Arc<dyn Clock>,
-    ));
+    let enforcement = Arc::new(Enforcement::new(static_license, cached, clock.clone()));
     let in_force = enforcement.current();
     tracing::info!(%node_id, source = in_force.source.map_or("none", Source::as_str),
         status = %in_force.status, license = %in_force.name(), "data plane starting");
@@ -284,7 +278,8 @@ fn refused_cache(e: &cache::CacheError) {
     );
 }
 
-/// Persists the clock mark every [`MARK_EVERY`] until `shutdown` fires.
+/// Persists the clock mark every [`MARK_EVERY`] until `shutdown` fires, and reports a mark
+/// more than a day ahead of the wall clock (once a day while it lasts).
 async fn keep_mark(clock: Arc<NodeClock>, mut shutdown: watch::Receiver<bool>) {
     let mut interval = tokio::time::interval(MARK_EVERY);
     loop {
@@ -292,6 +287,7 @@ async fn keep_mark(clock: Arc<NodeClock>, mut shutdown: watch::Receiver<bool>) {
             _ = interval.tick() => {}
             _ = shutdown.changed() => return,
         }
+        clock.report_mark_ahead();
         let clock = clock.clone();
         let _ = tokio::task::spawn_blocking(move || clock.persist()).await;
     }

@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::cache::{CacheFile, CachedLicense, CACHE_FORMAT};
+use crate::clock::NodeClock;
 
 /// Where the license in force came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,15 +148,15 @@ impl InForce {
 pub struct Enforcement {
     static_license: Option<HeldLicense>,
     cluster: watch::Sender<Option<Arc<ClusterHeld>>>,
-    clock: Arc<dyn Clock>,
+    clock: Arc<NodeClock>,
 }
 
 impl Enforcement {
     /// The state at start: the static license if configured, the verified cache if any.
-    pub fn new(
+    pub(crate) fn new(
         static_license: Option<VerifiedLicense>,
         cluster: Option<ClusterHeld>,
-        clock: Arc<dyn Clock>,
+        clock: Arc<NodeClock>,
     ) -> Enforcement {
         let (cluster, _) = watch::channel(cluster.map(Arc::new));
         Enforcement {
@@ -229,7 +230,7 @@ impl Enforcement {
             ),
             (None, None) => (None, None, None, None),
         };
-        let (evaluation, status, warnings) = match &license {
+        let (evaluation, status, mut warnings) = match &license {
             None => (None, Status::Unlicensed, Vec::new()),
             Some(l) => match l.verified.evaluate(now) {
                 Ok(e) => {
@@ -241,6 +242,7 @@ impl Enforcement {
                 Err(e) => (None, Status::Unlicensed, vec![e.to_string()]),
             },
         };
+        warnings.extend(self.clock.warning());
         InForce {
             source,
             epoch,

@@ -425,33 +425,50 @@ fn the_clock_mark_round_trips_and_bounds_the_clock() {
     let dir = tempfile::TempDir::new().unwrap();
     assert_eq!(files::read_clock_mark(dir.path()).unwrap(), None);
     let wall = Arc::new(FixedClock::new(NOW));
-    let clock = crate::clock::NodeClock::new(wall.clone(), dir.path().to_path_buf(), None, None);
+    let clock = crate::clock::NodeClock::new(wall.clone(), dir.path().to_path_buf(), None);
     assert_eq!(clock.now(), NOW);
     clock.persist();
     assert_eq!(files::read_clock_mark(dir.path()).unwrap(), Some(NOW));
     wall.set(NOW - 1000);
     assert_eq!(clock.now(), NOW, "never backwards");
+    assert_eq!(clock.warning(), None, "a mark minutes ahead is no news");
 
     let restarted = crate::clock::NodeClock::new(
         wall.clone(),
         dir.path().to_path_buf(),
         files::read_clock_mark(dir.path()).unwrap(),
-        Some(NOW - 50),
     );
     assert_eq!(
         restarted.now(),
         NOW,
         "the persisted mark survives a restart"
     );
-    let floored =
-        crate::clock::NodeClock::new(wall, dir.path().to_path_buf(), None, Some(NOW + 50));
-    assert_eq!(
-        floored.now(),
-        NOW + 50,
-        "the cache's receive time is a mark too"
-    );
     fs::write(dir.path().join(files::CLOCK_MARK_FILE), "soon").unwrap();
     assert_eq!(files::read_clock_mark(dir.path()).unwrap(), None);
+}
+
+#[test]
+fn a_mark_more_than_a_day_ahead_is_a_warning_with_both_dates_and_the_reset() {
+    use charter_license::{Clock, FixedClock};
+    use std::sync::Arc;
+    let dir = tempfile::TempDir::new().unwrap();
+    let year_2100 = 4_102_444_800;
+    let wall = Arc::new(FixedClock::new(NOW));
+    let clock =
+        crate::clock::NodeClock::new(wall.clone(), dir.path().to_path_buf(), Some(year_2100));
+    assert_eq!(clock.now(), year_2100, "the mark still bounds the clock");
+    let warning = clock.warning().expect("a mark 74 years ahead is shown");
+    for needle in [
+        "2100-01-01T00:00:00Z",
+        "2026-03-01T12:00:00Z",
+        files::CLOCK_MARK_FILE,
+    ] {
+        assert!(warning.contains(needle), "`{needle}` in: {warning}");
+    }
+    clock.report_mark_ahead();
+    wall.set(year_2100 - 3600);
+    assert_eq!(clock.warning(), None, "the clock caught up");
+    clock.report_mark_ahead();
 }
 
 #[test]
@@ -571,7 +588,11 @@ fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed()
     let (verified, _) =
         charter_license::validate(&text, &TrustedKeys::new([signer.trusted_key()]), NOW)
             .expect("valid");
-    let clock = Arc::new(charter_license::FixedClock::new(NOW));
+    let clock = Arc::new(crate::clock::NodeClock::new(
+        Arc::new(charter_license::FixedClock::new(NOW)),
+        dir.path().to_path_buf(),
+        None,
+    ));
     let enforcement = Arc::new(Enforcement::new(Some(verified), None, clock));
     let usage = Arc::new(Usage::open(dir.path()).expect("usage"));
     let upstream = Upstream::parse(&format!("http://{}", counting_upstream())).expect("url");

@@ -524,6 +524,121 @@ async fn a_clock_set_backwards_does_not_revive_an_expired_license() {
     dp.stop().await.unwrap();
 }
 
+/// 2100-01-01T00:00:00Z.
+const YEAR_2100: i64 = 4_102_444_800;
+
+/// The persisted clock mark, if any.
+fn clock_mark(dir: &std::path::Path) -> Option<i64> {
+    fs::read_to_string(dir.join(CLOCK_MARK_FILE))
+        .ok()
+        .map(|text| text.trim().parse().unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_caches_unsigned_received_at_moves_no_clock() {
+    let dir = TempDir::new().unwrap();
+    let vendor = signer(1);
+    let cp = FakeCp::start().await;
+    let config = config(&cp.address(), dir.path(), keys(&vendor));
+    let dp = Dp::start(config.clone(), fixed(MARCH_2026)).await;
+    cp.connected().await;
+    let doc = license(&vendor, "key-1", "2026-01-01", "2027-12-31", &[]);
+    assert!(cp.push(snapshot(EPOCH, 1, "lic-1", &doc)).await.accepted);
+    dp.stop().await.unwrap();
+    cp.stop().await;
+
+    // The cache claims it was received in 2100; its license still verifies.
+    let mut file = cache::read(dir.path()).unwrap().unwrap();
+    file.received_at = YEAR_2100;
+    cache::store(dir.path(), &file).unwrap();
+    let dp = Dp::start(config.clone(), fixed(MARCH_2026)).await;
+    let l = dp.license().await;
+    assert_eq!(
+        (l["source"].as_str(), l["status"].as_str()),
+        (Some("cache"), Some("valid")),
+        "judged at the node's clock, not at the cache's word: {l}"
+    );
+    assert_eq!(l["warnings"], serde_json::json!([]));
+    dp.stop().await.unwrap();
+    assert_eq!(clock_mark(dir.path()), Some(MARCH_2026));
+
+    // The same claim in a cache that is refused (its license was altered) moves nothing
+    // either.
+    file.license.as_mut().unwrap().payload = doc.replace("key-1", "key-X");
+    cache::store(dir.path(), &file).unwrap();
+    let dp = Dp::start(config, fixed(MARCH_2026)).await;
+    assert_eq!(dp.license().await["status"], "unlicensed");
+    dp.stop().await.unwrap();
+    assert_eq!(clock_mark(dir.path()), Some(MARCH_2026));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mark_a_day_ahead_is_a_warning_and_deleting_it_is_the_reset() {
+    let dir = TempDir::new().unwrap();
+    let vendor = signer(1);
+    let cp = FakeCp::start().await;
+    let config = config(&cp.address(), dir.path(), keys(&vendor));
+    let dp = Dp::start(config.clone(), fixed(MARCH_2026)).await;
+    cp.connected().await;
+    let doc = license(&vendor, "key-1", "2026-01-01", "2027-12-31", &[]);
+    assert!(cp.push(snapshot(EPOCH, 1, "lic-1", &doc)).await.accepted);
+    dp.stop().await.unwrap();
+    cp.stop().await;
+
+    // A mark a day and a minute ahead is news; it still bounds the clock.
+    fs::write(
+        dir.path().join(CLOCK_MARK_FILE),
+        format!("{}\n", MARCH_2026 + DAY + 60),
+    )
+    .unwrap();
+    let dp = Dp::start(config.clone(), fixed(MARCH_2026)).await;
+    let l = dp.license().await;
+    assert_eq!(l["status"], "valid");
+    let warnings = l["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 1, "{l}");
+    let warning = warnings[0].as_str().unwrap();
+    for needle in [
+        "2026-03-02T12:01:00Z",
+        "2026-03-01T12:00:00Z",
+        CLOCK_MARK_FILE,
+    ] {
+        assert!(warning.contains(needle), "`{needle}` in: {warning}");
+    }
+    dp.stop().await.unwrap();
+
+    // A mark in 2100 makes the license expired, and says why.
+    fs::write(dir.path().join(CLOCK_MARK_FILE), format!("{YEAR_2100}\n")).unwrap();
+    let dp = Dp::start(config.clone(), fixed(MARCH_2026)).await;
+    let l = dp.license().await;
+    assert_eq!(l["status"], "expired");
+    assert!(
+        l["warnings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|w| w.as_str().unwrap().contains("2100-01-01T00:00:00Z")),
+        "{l}"
+    );
+    let (code, ready) = dp.get("/status/ready").await;
+    assert_eq!(code, 503);
+    assert!(
+        ready["reason"].as_str().unwrap().contains("clock mark"),
+        "{ready}"
+    );
+    dp.stop().await.unwrap();
+
+    // The documented reset.
+    fs::remove_file(dir.path().join(CLOCK_MARK_FILE)).unwrap();
+    let dp = Dp::start(config, fixed(MARCH_2026)).await;
+    let l = dp.license().await;
+    assert_eq!(
+        (l["status"].as_str(), &l["warnings"]),
+        (Some("valid"), &serde_json::json!([]))
+    );
+    dp.stop().await.unwrap();
+    assert_eq!(clock_mark(dir.path()), Some(MARCH_2026));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_data_plane_reconnects_when_the_control_plane_comes_back() {
     let dir = TempDir::new().unwrap();
