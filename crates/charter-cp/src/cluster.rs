@@ -335,6 +335,9 @@ impl Cluster for ClusterService {
                                     tracing::debug!(%node_id, revision = ack.revision, "snapshot accepted");
                                 } else {
                                     guard.peer.record.sync_status = "rejected".to_owned();
+                                    // What the data plane still enforces (say, its license
+                                    // kept from an empty control plane), not what was offered.
+                                    guard.peer.record.license_id = Some(ack.license_id.clone()).filter(|s| !s.is_empty());
                                     guard.peer.record.license_status = ack.license_status.clone();
                                     guard.peer.record.last_error = Some(format!("{}: {}", ack.error_code, ack.error));
                                     tracing::warn!(%node_id, revision = ack.revision, code = %ack.error_code,

@@ -138,6 +138,10 @@ pub struct Config {
     pub gate: Option<GateConfig>,
     /// How often usage is reported.
     pub telemetry_interval: std::time::Duration,
+    /// How long lower revisions from the connected control plane are ignored before its
+    /// snapshot is taken: [`crate::state::REGRESSION_WAIT`]. Not a flag (DESIGN fixes it);
+    /// tests that build a `Config` may shorten it.
+    pub regression_wait: std::time::Duration,
 }
 
 impl Config {
@@ -155,6 +159,7 @@ impl Config {
             labels: BTreeMap::new(),
             gate: None,
             telemetry_interval: std::time::Duration::from_secs(60),
+            regression_wait: crate::state::REGRESSION_WAIT,
             log_format: LogFormat::Text,
         }
     }
@@ -208,6 +213,7 @@ impl Config {
             log_format: args.log_format,
             gate,
             telemetry_interval: std::time::Duration::from_secs(args.telemetry_interval),
+            regression_wait: crate::state::REGRESSION_WAIT,
         })
     }
 }

@@ -152,6 +152,7 @@ pub async fn run_with_clock(
         metrics: metrics.clone(),
         usage: usage.clone(),
         telemetry_every: config.telemetry_interval,
+        regression_wait: config.regression_wait,
     };
     let mut tasks = vec![
         tokio::spawn(client.run(stop_rx.clone())),

@@ -3,10 +3,12 @@
 //! "what is in force, now" that every reader makes against the clock — a license
 //! expires with time, not only when a snapshot arrives.
 //!
-//! The snapshot rules (stale revisions, new epochs, verification) are the pure function
-//! [`decide`], so they are tested without a network.
+//! The snapshot rules (stale revisions, new epochs, an empty control plane, verification)
+//! are the pure functions [`judge`] and [`decide`], and the wait before a lower revision is
+//! taken is [`LowerRevisions`], so they are tested without a network.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use charter_license::{
     Clock, Evaluation, LicenseError, Status, TrustedKeys, UnixTime, VerifiedLicense,
@@ -14,6 +16,7 @@ use charter_license::{
 use charter_proto::v1::Snapshot;
 use serde_json::{json, Value};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::cache::{CacheFile, CachedLicense, CACHE_FORMAT};
 use crate::clock::NodeClock;
@@ -258,7 +261,8 @@ impl Enforcement {
 /// What to do with a snapshot.
 #[derive(Debug)]
 pub enum Decision {
-    /// Same epoch, lower revision: ignored, NACKed `stale_revision`.
+    /// Same epoch, lower revision: ignored, NACKed `stale_revision` (until
+    /// [`REGRESSION_WAIT`] passes with only lower revisions, see [`decide_regressed`]).
     Stale {
         /// The revision held.
         held: u64,
@@ -269,6 +273,101 @@ pub enum Decision {
     Reject(LicenseError),
     /// Accept: write the cache, then swap the state to this.
     Apply(Box<ClusterHeld>),
+}
+
+/// How long the data plane ignores the lower revisions of the control plane it is connected
+/// to before it takes that control plane's snapshot (DESIGN.md "Cluster protocol"): long
+/// enough for a lagging replica to catch up (PostgreSQL control planes read the revision
+/// every second), short enough that an altered cache or a store that went back does not
+/// leave the node on an old license.
+pub const REGRESSION_WAIT: Duration = Duration::from_secs(60);
+
+/// What the sync client does with a snapshot: [`decide`]'s answer, or the refusal of a
+/// control plane with a new, empty store.
+#[derive(Debug)]
+pub enum Verdict {
+    /// Decided by the snapshot rules of [`decide`].
+    Decided(Decision),
+    /// A new epoch with no license while this node holds one: kept, NACKed
+    /// `empty_control_plane`.
+    EmptyControlPlane {
+        /// The epoch of the license held.
+        held_epoch: String,
+    },
+}
+
+/// The rules the sync client applies to a snapshot: [`decide`]'s, and that a new epoch with
+/// no license (a control plane whose store is new and empty) never displaces a license this
+/// node holds. Deleting the last license within the same epoch still makes the node
+/// unlicensed.
+pub fn judge(
+    held: Option<&ClusterHeld>,
+    snapshot: &Snapshot,
+    keys: &TrustedKeys,
+    now: UnixTime,
+) -> Verdict {
+    if let Some(held) = held {
+        if held.epoch != snapshot.epoch && snapshot.license.is_none() && held.license.is_some() {
+            return Verdict::EmptyControlPlane {
+                held_epoch: held.epoch.clone(),
+            };
+        }
+    }
+    Verdict::Decided(decide(held, snapshot, keys, now))
+}
+
+/// A lower revision of the held epoch, taken after [`REGRESSION_WAIT`] of nothing else from
+/// the control plane: the revision rule is set aside, the license is still verified.
+pub fn decide_regressed(
+    held: Option<&ClusterHeld>,
+    snapshot: &Snapshot,
+    keys: &TrustedKeys,
+    now: UnixTime,
+) -> Decision {
+    match held {
+        Some(h) if h.epoch == snapshot.epoch && snapshot.revision < h.revision => {
+            match verify(snapshot, keys, now) {
+                Ok(new) => Decision::Apply(Box::new(new)),
+                Err(e) => Decision::Reject(e),
+            }
+        }
+        _ => decide(held, snapshot, keys, now),
+    }
+}
+
+/// The lower revisions the connected control plane offers: since when, and the latest.
+/// The sync client keeps one per stream, so a new connection starts the wait again.
+#[derive(Debug, Default)]
+pub struct LowerRevisions {
+    pending: Option<(Instant, Snapshot)>,
+}
+
+impl LowerRevisions {
+    /// The control plane offered `snapshot`, a lower revision of the held epoch, `at`. The
+    /// wait runs from the first lower revision; the latest one is what will be taken.
+    pub fn offered(&mut self, snapshot: Snapshot, at: Instant) {
+        let since = self.pending.as_ref().map_or(at, |(since, _)| *since);
+        self.pending = Some((since, snapshot));
+    }
+
+    /// The control plane offered something else (a revision not lower, another epoch):
+    /// it is not going back, so the wait ends.
+    pub fn clear(&mut self) {
+        self.pending = None;
+    }
+
+    /// When the latest lower revision is to be taken, if one waits.
+    pub fn deadline(&self, wait: Duration) -> Option<Instant> {
+        self.pending.as_ref().map(|(since, _)| *since + wait)
+    }
+
+    /// The lower revision to take now, if the wait is over (the wait then ends).
+    pub fn due(&mut self, now: Instant, wait: Duration) -> Option<Snapshot> {
+        if self.deadline(wait)? > now {
+            return None;
+        }
+        self.pending.take().map(|(_, snapshot)| snapshot)
+    }
 }
 
 /// Whether the snapshot carries the license `held` holds (the same record, or none).
@@ -284,7 +383,9 @@ fn holds_same_license(held: &ClusterHeld, snapshot: &Snapshot) -> bool {
 }
 
 /// The snapshot rules (DESIGN.md "Cluster protocol"): no going back in time within an
-/// epoch, a new epoch is accepted, and every license is verified here at `now`.
+/// epoch, a new epoch is accepted, and every license is verified here at `now`. The sync
+/// client applies them through [`judge`], which also keeps a license from an empty control
+/// plane.
 pub fn decide(
     held: Option<&ClusterHeld>,
     snapshot: &Snapshot,
@@ -304,6 +405,18 @@ pub fn decide(
         // plane's choice changed with time (a stored license's creation date arrived).
         // That is news, and is judged and applied like a new revision.
     }
+    match verify(snapshot, keys, now) {
+        Ok(new) => Decision::Apply(Box::new(new)),
+        Err(e) => Decision::Reject(e),
+    }
+}
+
+/// The snapshot's license verified here at `now`, as what the cluster gives this node.
+fn verify(
+    snapshot: &Snapshot,
+    keys: &TrustedKeys,
+    now: UnixTime,
+) -> Result<ClusterHeld, LicenseError> {
     let license = match &snapshot.license {
         None => None,
         Some(license) => match charter_license::validate(&license.payload, keys, now) {
@@ -316,14 +429,14 @@ pub fn decide(
                 }),
                 verified,
             }),
-            Err(e) => return Decision::Reject(e),
+            Err(e) => return Err(e),
         },
     };
-    Decision::Apply(Box::new(ClusterHeld {
+    Ok(ClusterHeld {
         epoch: snapshot.epoch.clone(),
         revision: snapshot.revision,
         license,
         source: Source::Cluster,
         received_at: now,
-    }))
+    })
 }

@@ -17,6 +17,7 @@ use charter_tls::TlsError;
 use rand::Rng;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
@@ -24,7 +25,9 @@ use crate::cache;
 use crate::clock::NodeClock;
 use crate::config::Transport;
 use crate::metrics::Metrics;
-use crate::state::{decide, Decision, Enforcement, Source};
+use crate::state::{
+    decide_regressed, judge, ClusterHeld, Decision, Enforcement, LowerRevisions, Source, Verdict,
+};
 use crate::usage::Usage;
 
 /// How often the data plane pings the control plane (which marks it gone after 45 s).
@@ -177,6 +180,19 @@ pub struct SyncClient {
     pub usage: Arc<Usage>,
     /// How often usage is reported.
     pub telemetry_every: Duration,
+    /// How long lower revisions from the connected control plane are ignored before its
+    /// snapshot is taken ([`crate::state::REGRESSION_WAIT`]).
+    pub regression_wait: Duration,
+}
+
+/// How a snapshot was answered.
+enum Answer {
+    /// Applied (or already held).
+    Accepted,
+    /// Applied, with a code and a note for the control plane (`revision_regressed`).
+    Noted(&'static str, String),
+    /// Refused with a code and why; what was held stays in force.
+    Refused(&'static str, String),
 }
 
 /// How long a stopping data plane waits for its last usage report to be acknowledged.
@@ -272,15 +288,18 @@ impl SyncClient {
         self.control_plane.record_error(None);
         tracing::info!(address = %self.address(), node_id = %self.hello.node_id, "connected to the control plane");
         let mut inbound = response.into_inner();
-        let start = tokio::time::Instant::now() + PING_EVERY;
+        let start = Instant::now() + PING_EVERY;
         let mut ping = tokio::time::interval_at(start, PING_EVERY);
         let mut telemetry = tokio::time::interval(self.telemetry_every);
+        // Per stream: only the control plane connected to now can outwait the revision rule.
+        let mut lower = LowerRevisions::default();
         loop {
+            let regression = lower.deadline(self.regression_wait);
             tokio::select! {
                 message = inbound.message() => match message {
                     Ok(Some(ControlPlaneMessage { msg: Some(control_plane_message::Msg::Snapshot(snapshot)) })) => {
                         *got_snapshot = true;
-                        let ack = self.handle_snapshot(snapshot).await;
+                        let ack = self.handle_snapshot(snapshot, &mut lower).await;
                         send(&tx, data_plane_message::Msg::Ack(ack)).await?;
                     }
                     Ok(Some(ControlPlaneMessage { msg: Some(control_plane_message::Msg::TelemetryAck(ack)) })) => {
@@ -292,6 +311,12 @@ impl SyncClient {
                     Ok(None) => return Err(SyncError::Closed),
                     Err(status) => return Err(SyncError::from_status(status)),
                 },
+                _ = tokio::time::sleep_until(regression.unwrap_or_else(Instant::now)), if regression.is_some() => {
+                    if let Some(snapshot) = lower.due(Instant::now(), self.regression_wait) {
+                        let ack = self.take_regressed(snapshot).await;
+                        send(&tx, data_plane_message::Msg::Ack(ack)).await?;
+                    }
+                }
                 _ = ping.tick() => send(&tx, data_plane_message::Msg::Ping(Ping {})).await?,
                 _ = telemetry.tick() => {
                     if let Some(report) = self.next_report().await {
@@ -413,60 +438,130 @@ impl SyncClient {
         }
     }
 
-    /// Applies or refuses a snapshot and says so in the Ack.
-    async fn handle_snapshot(&self, snapshot: Snapshot) -> Ack {
+    /// Applies or refuses a snapshot and says so in the Ack. A lower revision of the held
+    /// epoch is noted in `lower` (taken once the wait is over); anything else ends the wait.
+    async fn handle_snapshot(&self, snapshot: Snapshot, lower: &mut LowerRevisions) -> Ack {
         self.metrics.snapshots_received.inc();
         let now = self.enforcement.now();
         self.control_plane.record_sync(now);
         let held = self.enforcement.cluster();
         let (epoch, revision) = (snapshot.epoch.clone(), snapshot.revision);
-        let decision = decide(held.as_deref(), &snapshot, &self.trusted_keys, now);
-        let applied = matches!(decision, Decision::Apply(_));
-        let refusal = match decision {
-            Decision::Stale { held } => {
+        let verdict = judge(held.as_deref(), &snapshot, &self.trusted_keys, now);
+        let answer = match verdict {
+            Verdict::EmptyControlPlane { held_epoch } => {
+                lower.clear();
+                let kept = held
+                    .as_ref()
+                    .and_then(|h| h.license.as_ref())
+                    .and_then(|l| l.record.as_ref())
+                    .map_or_else(String::new, |r| r.id.clone());
                 let error = format!(
-                    "revision {revision} of epoch {epoch} is older than revision {held} this data plane holds; ignored (a control plane cannot go back in time within an epoch)"
+                    "epoch {epoch} has no license: this control plane's store is new and empty (rebuilt, or its data lost); this data plane keeps license {kept} of epoch {held_epoch} in force until the control plane has a license; add one there"
                 );
-                tracing::warn!(%epoch, revision, held, "stale snapshot ignored: {error}");
-                Some(("stale_revision", error))
+                tracing::warn!(%epoch, revision, %held_epoch, license = %kept,
+                    "a control plane with a new, empty store offers no license: {error}");
+                Answer::Refused("empty_control_plane", error)
             }
+            Verdict::Decided(Decision::Stale { held }) => {
+                let wait = self.regression_wait;
+                if lower.deadline(self.regression_wait).is_none() {
+                    tracing::warn!(%epoch, revision, held,
+                        "the control plane offers revision {revision} of epoch {epoch}, older than revision {held} this data plane holds; ignored while it may be lagging, taken if it offers nothing newer for {wait:?}");
+                } else {
+                    tracing::debug!(%epoch, revision, held, "another lower revision offered");
+                }
+                lower.offered(snapshot, Instant::now());
+                Answer::Refused("stale_revision", format!(
+                    "revision {revision} of epoch {epoch} is older than revision {held} this data plane holds; ignored (a control plane cannot go back in time within an epoch), unless the control plane offers nothing newer for {wait:?}"
+                ))
+            }
+            Verdict::Decided(decision) => {
+                lower.clear();
+                self.settle(decision, &snapshot, held).await
+            }
+        };
+        self.answer(epoch, revision, answer).await
+    }
+
+    /// The control plane this node is connected to offered only lower revisions of the held
+    /// epoch for [`SyncClient::regression_wait`]: its store went back, or this node's cache
+    /// was altered. Its latest snapshot is taken (still verified), and the Ack says
+    /// `revision_regressed`.
+    async fn take_regressed(&self, snapshot: Snapshot) -> Ack {
+        let now = self.enforcement.now();
+        let held = self.enforcement.cluster();
+        let held_revision = held.as_ref().map_or(0, |h| h.revision);
+        let (epoch, revision) = (snapshot.epoch.clone(), snapshot.revision);
+        let answer = match decide_regressed(held.as_deref(), &snapshot, &self.trusted_keys, now) {
+            Decision::Apply(new) => {
+                let note = format!(
+                    "the control plane offered only revision {revision} of epoch {epoch} for {:?} while this data plane held revision {held_revision}: its store went back, or this node's cache was altered; its snapshot is taken",
+                    self.regression_wait
+                );
+                tracing::warn!(%epoch, revision, held = held_revision, "revision regressed: {note}");
+                self.apply(*new).await;
+                Answer::Noted("revision_regressed", note)
+            }
+            decision => self.settle(decision, &snapshot, held).await,
+        };
+        self.answer(epoch, revision, answer).await
+    }
+
+    /// Carries out a decision on a snapshot (applies it, or says why not).
+    async fn settle(
+        &self,
+        decision: Decision,
+        snapshot: &Snapshot,
+        held: Option<Arc<ClusterHeld>>,
+    ) -> Answer {
+        let (epoch, revision) = (&snapshot.epoch, snapshot.revision);
+        match decision {
+            Decision::Stale { held } => Answer::Refused(
+                "stale_revision",
+                format!("revision {revision} of epoch {epoch} is older than revision {held} this data plane holds; ignored"),
+            ),
             Decision::AlreadyApplied => {
                 if let Some(held) = held.filter(|h| h.source == Source::Cache) {
                     // The control plane confirms what the cache held.
-                    self.enforcement.set_cluster(crate::state::ClusterHeld {
+                    self.enforcement.set_cluster(ClusterHeld {
                         source: Source::Cluster,
                         ..(*held).clone()
                     });
                 }
                 tracing::debug!(%epoch, revision, "snapshot already applied");
-                None
+                Answer::Accepted
             }
             Decision::Reject(e) => {
                 tracing::error!(%epoch, revision, code = %e.code,
                     license = %snapshot.license.as_ref().map_or("", |l| l.id.as_str()),
                     "license from the control plane refused: {}; the previous license stays in force", e.message);
-                Some((e.code.as_str(), e.message))
+                Answer::Refused(e.code.as_str(), e.message)
             }
             Decision::Apply(new) => {
                 // Persists the clock mark along with the cache.
                 self.apply(*new).await;
-                None
+                Answer::Accepted
             }
-        };
-        if !applied {
-            let clock = self.clock.clone();
-            let _ = tokio::task::spawn_blocking(move || clock.persist()).await;
+        }
+    }
+
+    /// The Ack of snapshot `epoch`/`revision`, with the license in force after it. The clock
+    /// mark is persisted here when no cache write did it (a write in the same second as the
+    /// cache's is skipped).
+    async fn answer(&self, epoch: String, revision: u64, answer: Answer) -> Ack {
+        let clock = self.clock.clone();
+        let _ = tokio::task::spawn_blocking(move || clock.persist()).await;
+        if matches!(answer, Answer::Refused(..)) {
+            self.metrics.snapshots_rejected.inc();
+        } else {
+            self.metrics.snapshots_accepted.inc();
         }
         let in_force = self.enforcement.current();
-        let accepted = refusal.is_none();
-        if accepted {
-            self.metrics.snapshots_accepted.inc();
-        } else {
-            self.metrics.snapshots_rejected.inc();
-        }
-        let (error_code, error) = refusal
-            .map(|(code, error)| (code.to_owned(), error))
-            .unwrap_or_default();
+        let (accepted, error_code, error) = match answer {
+            Answer::Accepted => (true, String::new(), String::new()),
+            Answer::Noted(code, note) => (true, code.to_owned(), note),
+            Answer::Refused(code, error) => (false, code.to_owned(), error),
+        };
         Ack {
             epoch,
             revision,
@@ -479,7 +574,7 @@ impl SyncClient {
     }
 
     /// Writes the cache (and the clock mark), then swaps the state.
-    async fn apply(&self, new: crate::state::ClusterHeld) {
+    async fn apply(&self, new: ClusterHeld) {
         let file = new.to_cache();
         let dir = self.data_dir.clone();
         let clock = self.clock.clone();

@@ -13,7 +13,10 @@ use serde_json::{json, Map, Value};
 use crate::cache::{self, CacheError, CacheFile, CachedLicense, CACHE_FORMAT};
 use crate::config::{Args, Config, Transport, SHARED_SERVER_NAME};
 use crate::files;
-use crate::state::{decide, ClusterHeld, Decision, HeldLicense, Source};
+use crate::state::{
+    decide, decide_regressed, judge, ClusterHeld, Decision, HeldLicense, LowerRevisions, Source,
+    Verdict,
+};
 use crate::sync::backoff;
 
 /// 2026-03-01T12:00:00Z.
@@ -278,20 +281,14 @@ fn snapshot_rules() {
         }
     };
     let outcome = |held: Option<&ClusterHeld>, s: Snapshot| -> String {
-        match decide(held, &s, &keys, NOW) {
-            Decision::Stale { held } => format!("stale {held}"),
-            Decision::AlreadyApplied => "applied".into(),
-            Decision::Reject(e) => format!("reject {}", e.code),
-            Decision::Apply(new) => format!(
-                "apply {}@{} {}",
-                new.epoch,
-                new.revision,
-                new.license
-                    .as_ref()
-                    .and_then(|l| l.record.as_ref())
-                    .map_or("none", |r| r.id.as_str())
-            ),
+        match judge(held, &s, &keys, NOW) {
+            Verdict::EmptyControlPlane { held_epoch } => format!("empty, keep {held_epoch}"),
+            Verdict::Decided(decision) => describe(decision),
         }
+    };
+    let unlicensed = ClusterHeld {
+        license: None,
+        ..held("e1", 5, &vendor)
     };
     let table: Vec<(Option<&ClusterHeld>, Snapshot, &str)> = vec![
         (None, snap("e1", 1, good.clone()), "apply e1@1 new"),
@@ -310,6 +307,12 @@ fn snapshot_rules() {
         (Some(&h), snap("e1", 6, good.clone()), "apply e1@6 new"),
         (Some(&h), snap("e1", 6, None), "apply e1@6 none"),
         (Some(&h), snap("e2", 1, good.clone()), "apply e2@1 new"),
+        // A new epoch with no license (a rebuilt, empty control plane) never displaces a
+        // license held; within the epoch, deleting the last license still unlicenses.
+        (Some(&h), snap("e2", 1, None), "empty, keep e1"),
+        (Some(&h), snap("e2", 9, None), "empty, keep e1"),
+        (Some(&unlicensed), snap("e2", 1, None), "apply e2@1 none"),
+        (Some(&unlicensed), snap("e1", 4, None), "stale 5"),
         (Some(&h), snap("e1", 6, forged), "reject validation_fail"),
         (
             Some(&h),
@@ -326,6 +329,79 @@ fn snapshot_rules() {
     for (i, (held, snapshot, expected)) in table.into_iter().enumerate() {
         assert_eq!(outcome(held, snapshot), expected, "case {i}");
     }
+}
+
+fn describe(decision: Decision) -> String {
+    match decision {
+        Decision::Stale { held } => format!("stale {held}"),
+        Decision::AlreadyApplied => "applied".into(),
+        Decision::Reject(e) => format!("reject {}", e.code),
+        Decision::Apply(new) => format!(
+            "apply {}@{} {}",
+            new.epoch,
+            new.revision,
+            new.license
+                .as_ref()
+                .and_then(|l| l.record.as_ref())
+                .map_or("none", |r| r.id.as_str())
+        ),
+    }
+}
+
+#[test]
+fn a_regressed_revision_is_taken_still_verified() {
+    let vendor = signer(1);
+    let keys = TrustedKeys::new([vendor.trusted_key()]);
+    let good = Some(document(&vendor, "2026-01-01", "2099-12-31"));
+    let forged = Some(document(&signer(2), "2026-01-01", "2099-12-31"));
+    // What an altered cache holds: the control plane's epoch and the largest revision.
+    let h = held("e1", u64::MAX, &vendor);
+    let table: Vec<(Snapshot, &str)> = vec![
+        (snap("e1", 7, good.clone()), "apply e1@7 new"),
+        (snap("e1", 7, None), "apply e1@7 none"),
+        (snap("e1", 7, forged), "reject validation_fail"),
+        // Not lower: the ordinary rules.
+        (snap("e2", 7, good.clone()), "apply e2@7 new"),
+    ];
+    for (i, (snapshot, expected)) in table.into_iter().enumerate() {
+        assert_eq!(
+            describe(decide_regressed(Some(&h), &snapshot, &keys, NOW)),
+            expected,
+            "case {i}"
+        );
+    }
+    assert_eq!(
+        describe(decide(Some(&h), &snap("e1", 7, good), &keys, NOW)),
+        format!("stale {}", u64::MAX),
+        "without the wait, a lower revision is stale"
+    );
+}
+
+#[test]
+fn lower_revisions_are_taken_after_the_wait_from_the_first() {
+    let wait = Duration::from_secs(60);
+    let t0 = tokio::time::Instant::now();
+    let at = |secs: u64| t0 + Duration::from_secs(secs);
+    let mut lower = LowerRevisions::default();
+    assert_eq!(lower.deadline(wait), None);
+    assert!(lower.due(at(1000), wait).is_none(), "nothing offered");
+
+    lower.offered(snap("e1", 3, None), at(0));
+    lower.offered(snap("e1", 4, None), at(30));
+    assert_eq!(lower.deadline(wait), Some(at(60)), "from the first");
+    assert!(lower.due(at(59), wait).is_none(), "the CP may be lagging");
+    let taken = lower.due(at(60), wait).expect("due after the wait");
+    assert_eq!(taken.revision, 4, "the latest offer is taken");
+    assert_eq!(lower.deadline(wait), None, "taken once");
+
+    lower.offered(snap("e1", 3, None), at(100));
+    lower.clear();
+    assert!(
+        lower.due(at(1000), wait).is_none(),
+        "something newer ends the wait"
+    );
+    lower.offered(snap("e1", 3, None), at(200));
+    assert_eq!(lower.deadline(wait), Some(at(260)), "a new wait");
 }
 
 #[test]

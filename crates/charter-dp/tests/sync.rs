@@ -640,6 +640,140 @@ async fn a_mark_a_day_ahead_is_a_warning_and_deleting_it_is_the_reset() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_new_empty_control_plane_never_displaces_the_license_held() {
+    let dir = TempDir::new().unwrap();
+    let vendor = signer(1);
+    let cp = FakeCp::start().await;
+    let addr = cp.addr;
+    let config = config(&cp.address(), dir.path(), keys(&vendor));
+    let dp = Dp::start(config.clone(), fixed(MARCH_2026)).await;
+    cp.connected().await;
+    let doc = license(&vendor, "key-1", "2026-01-01", "2099-12-31", &[]);
+    assert!(cp.push(snapshot(EPOCH, 4, "lic-1", &doc)).await.accepted);
+
+    let ack = cp.push(empty_snapshot(OTHER_EPOCH, 1)).await;
+    assert!(!ack.accepted, "{ack:?}");
+    assert_eq!(ack.error_code, "empty_control_plane");
+    assert!(
+        ack.error.contains(OTHER_EPOCH) && ack.error.contains("lic-1"),
+        "{}",
+        ack.error
+    );
+    assert_eq!(
+        (ack.license_id.as_str(), ack.license_status.as_str()),
+        ("lic-1", "valid"),
+        "the Ack says what stays in force"
+    );
+    let l = dp.license().await;
+    assert_eq!(
+        (
+            l["id"].as_str(),
+            l["epoch"].as_str(),
+            l["revision"].as_u64()
+        ),
+        (Some("lic-1"), Some(EPOCH), Some(4))
+    );
+    assert_eq!(dp.get("/status/ready").await.0, 200);
+    let cached = cache::read(dir.path()).unwrap().unwrap();
+    assert_eq!((cached.epoch.as_str(), cached.revision), (EPOCH, 4));
+    dp.stop().await.unwrap();
+    cp.stop().await;
+
+    // Restarted from its cache, against the rebuilt control plane: still licensed.
+    let cp = FakeCp::start_on(addr).await;
+    cp.on_connect(empty_snapshot(OTHER_EPOCH, 1));
+    let dp = Dp::start(config, fixed(MARCH_2026)).await;
+    let ack = cp.ack(1).await;
+    assert_eq!(
+        (
+            ack.accepted,
+            ack.error_code.as_str(),
+            ack.license_id.as_str()
+        ),
+        (false, "empty_control_plane", "lic-1")
+    );
+    assert_eq!(dp.license().await["id"], "lic-1");
+
+    // A license added on the rebuilt control plane is taken (a new epoch), and deleting
+    // the last license within that epoch unlicenses the node, as Kong does.
+    let other = license(&vendor, "key-2", "2026-01-01", "2099-12-31", &[]);
+    assert!(
+        cp.push(snapshot(OTHER_EPOCH, 2, "lic-2", &other))
+            .await
+            .accepted
+    );
+    assert_eq!(dp.license().await["id"], "lic-2");
+    let ack = cp.push(empty_snapshot(OTHER_EPOCH, 3)).await;
+    assert!(ack.accepted, "{ack:?}");
+    assert_eq!(dp.license().await["status"], "unlicensed");
+    dp.stop().await.unwrap();
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn only_lower_revisions_for_the_wait_are_taken_with_revision_regressed() {
+    let dir = TempDir::new().unwrap();
+    let vendor = signer(1);
+    let cp = FakeCp::start().await;
+    let wait = Duration::from_millis(500);
+    let mut config = config(&cp.address(), dir.path(), keys(&vendor));
+    config.regression_wait = wait;
+    let dp = Dp::start(config.clone(), fixed(MARCH_2026)).await;
+    cp.connected().await;
+    let doc = license(&vendor, "key-1", "2026-01-01", "2099-12-31", &[]);
+    assert!(cp.push(snapshot(EPOCH, 5, "lic-1", &doc)).await.accepted);
+
+    // A lower revision followed by a newer one within the wait: the newer one ends it.
+    assert_eq!(
+        cp.push(snapshot(EPOCH, 4, "lic-0", &doc)).await.error_code,
+        "stale_revision"
+    );
+    assert!(cp.push(snapshot(EPOCH, 6, "lic-1", &doc)).await.accepted);
+    // Absence can only be seen by waiting: twice the wait, and no Ack came.
+    tokio::time::sleep(wait * 2).await;
+    assert_eq!(cp.acks().len(), 3, "{:?}", cp.acks());
+    dp.stop().await.unwrap();
+
+    // What an altered cache says: the control plane's epoch and the largest revision.
+    let mut file = cache::read(dir.path()).unwrap().unwrap();
+    file.revision = u64::MAX;
+    cache::store(dir.path(), &file).unwrap();
+    let newer = license(&vendor, "key-2", "2026-01-01", "2099-12-31", &[]);
+    cp.on_connect(snapshot(EPOCH, 7, "lic-2", &newer));
+    let dp = Dp::start(config, fixed(MARCH_2026)).await;
+    let ack = cp.ack(4).await;
+    assert_eq!(
+        (ack.accepted, ack.error_code.as_str(), ack.revision),
+        (false, "stale_revision", 7),
+        "ignored while the control plane may be lagging"
+    );
+    assert_eq!(dp.license().await["id"], "lic-1");
+    let ack = cp.ack(5).await;
+    assert_eq!(
+        (ack.accepted, ack.error_code.as_str(), ack.revision),
+        (true, "revision_regressed", 7),
+        "taken after the wait: {ack:?}"
+    );
+    assert!(ack.error.contains("revision 7"), "{}", ack.error);
+    assert_eq!(ack.license_id, "lic-2");
+    let l = dp.license().await;
+    assert_eq!(
+        (
+            l["id"].as_str(),
+            l["revision"].as_u64(),
+            l["source"].as_str()
+        ),
+        (Some("lic-2"), Some(7), Some("cluster"))
+    );
+    assert_eq!(cache::read(dir.path()).unwrap().unwrap().revision, 7);
+    // From there on the ordinary rules hold again.
+    let ack = cp.push(snapshot(EPOCH, 8, "lic-1", &doc)).await;
+    assert_eq!((ack.accepted, ack.error_code.as_str()), (true, ""));
+    dp.stop().await.unwrap();
+    cp.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn the_data_plane_reconnects_when_the_control_plane_comes_back() {
     let dir = TempDir::new().unwrap();
     let vendor = signer(1);
