@@ -125,8 +125,21 @@ pub async fn run_with_clock(
     let control_plane = Arc::new(sync::ControlPlaneStatus::new(
         addresses.first().map_or("", String::as_str),
     ));
-    let metrics = Arc::new(metrics::Metrics::new());
     let (stop_tx, stop_rx) = watch::channel(false);
+    let cert_expiry = match &config.transport {
+        config::Transport::Tls { files, .. } => {
+            let expiry = charter_runtime::cert_expiry::CertExpiry::default();
+            tokio::spawn(charter_runtime::cert_expiry::watch(
+                files.cert.clone(),
+                clock.clone(),
+                expiry.clone(),
+                stop_rx.clone(),
+            ));
+            Some(expiry)
+        }
+        config::Transport::Insecure => None,
+    };
+    let metrics = Arc::new(metrics::Metrics::with_cert_expiry(cert_expiry));
     let client = sync::SyncClient {
         addresses,
         current: std::sync::atomic::AtomicUsize::new(0),
@@ -160,6 +173,7 @@ pub async fn run_with_clock(
         tokio::spawn(keep_mark(clock.clone(), stop_rx.clone())),
         tokio::spawn(keep_usage(usage.clone(), stop_rx.clone())),
     ];
+    let status_stop = stop_rx.clone();
     match (&config.gate, listeners.proxy) {
         (Some(gate_config), Some(listener)) => {
             let addr = listener
@@ -193,16 +207,20 @@ pub async fn run_with_clock(
         metrics,
         node_id: node_id.to_string(),
     });
-    let graceful = async move {
+    tokio::spawn(async move {
         shutdown.await;
         let _ = stop_tx.send(true);
-    };
-    // When serving ends for any reason, `stop_tx` is dropped with `graceful`, which stops
-    // the tasks too.
-    let served = axum::serve(listeners.status, app)
-        .with_graceful_shutdown(graceful)
-        .await
-        .context("serving the status API");
+    });
+    // An eighth of the file handles at most: the gate and the cluster connection keep
+    // theirs however many clients hold the status API.
+    charter_runtime::http::serve_router(
+        "status",
+        listeners.status,
+        charter_runtime::http::Limits::share_of_file_limit(0.125),
+        app,
+        status_stop,
+    )
+    .await;
     for task in tasks {
         let _ = task.await;
     }
@@ -213,7 +231,7 @@ pub async fn run_with_clock(
         Err(e) => tracing::error!(error = %e, "usage save task failed at shutdown"),
     }
     tracing::info!("data plane stopped");
-    served
+    Ok(())
 }
 
 /// How often gate usage counts are saved to the data dir (and at shutdown).
@@ -291,6 +309,30 @@ async fn keep_mark(clock: Arc<NodeClock>, mut shutdown: watch::Receiver<bool>) {
         clock.report_mark_ahead();
         let clock = clock.clone();
         let _ = tokio::task::spawn_blocking(move || clock.persist()).await;
+    }
+}
+
+/// Entry points for the fuzz targets in `fuzz/`, built only with the `fuzzing` feature:
+/// not an API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    use std::path::Path;
+
+    use charter_license::{TrustedKeys, UnixTime};
+
+    use crate::state::ClusterHeld;
+
+    /// The start-up load of the license cache in `dir`, as [`crate::run`] does it: read,
+    /// then verified with `keys` at `now`. `None` when there is no cache or it is refused.
+    pub fn load_cache(dir: &Path, keys: &TrustedKeys, now: UnixTime) -> Option<ClusterHeld> {
+        match crate::cache::read(dir) {
+            Ok(file) => file.and_then(|file| crate::load_cache(dir, file, keys, now)),
+            Err(e) => {
+                crate::refused_cache(&e);
+                None
+            }
+        }
     }
 }
 
