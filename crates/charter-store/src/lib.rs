@@ -50,9 +50,11 @@ pub use error::StoreError;
 pub struct LicenseRecord {
     /// The record id, chosen by the caller (`POST` makes one, `PUT` names one).
     pub id: Uuid,
-    /// The license document, as stored.
+    /// The license document, as the client sent it.
     pub payload: String,
-    /// SHA-256 of the payload bytes, lowercase hex. Unique across the store.
+    /// SHA-256 of the license's canonical text (the compact document with sorted keys,
+    /// which is what earlier releases stored as the payload), lowercase hex. Unique across
+    /// the store, so one license is stored once whatever its whitespace or key order.
     pub checksum: String,
     /// Unix seconds when the record was first created; kept on replace.
     pub created_at: i64,
@@ -62,7 +64,8 @@ pub struct LicenseRecord {
     pub revision: u64,
 }
 
-/// SHA-256 of a payload, lowercase hex: a record's [`checksum`](LicenseRecord::checksum).
+/// SHA-256 of a text, lowercase hex: a record's [`checksum`](LicenseRecord::checksum) is
+/// that of its license's canonical text.
 pub fn checksum_of(payload: &str) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(payload.as_bytes()))

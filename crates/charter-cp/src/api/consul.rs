@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use time::Date;
 
 use super::{read_body, ApiError, ApiState};
-use crate::service::{normalized, View};
+use crate::service::{canonical_text, View};
 
 fn rfc3339(date: Date, end_of_day: bool) -> String {
     if end_of_day {
@@ -56,23 +56,31 @@ fn consul_json(view: &View) -> Value {
     })
 }
 
+/// Whether a `GET /v1/operator/license` query asks for the signed document (`signed` with
+/// any value but empty, `0` or `false`).
+pub fn wants_signed(query: Option<&str>) -> Result<bool, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| ApiError::BadRequest(format!("Cannot parse query string: {e}")))?;
+    Ok(pairs
+        .iter()
+        .any(|(k, v)| k == "signed" && !matches!(v.as_str(), "" | "0" | "false")))
+}
+
 /// `GET /v1/operator/license[?signed=1]`.
 pub async fn show(
     State(state): State<ApiState>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let view = state.service().view();
-    let pairs: Vec<(String, String)> =
-        serde_urlencoded::from_str(query.as_deref().unwrap_or(""))
-            .map_err(|e| ApiError::BadRequest(format!("Cannot parse query string: {e}")))?;
-    let signed = pairs
-        .iter()
-        .any(|(k, v)| k == "signed" && !matches!(v.as_str(), "" | "0" | "false"));
-    if signed {
+    if wants_signed(query.as_deref())? {
         let Some(in_force) = &view.in_force else {
             return Err(ApiError::NotFound);
         };
-        let document = normalized(&in_force.verified.document);
+        // A stored license as it was sent; a static one has no record to keep its text.
+        let document = match &in_force.record {
+            Some(record) => record.payload.clone(),
+            None => canonical_text(&in_force.verified.document),
+        };
         return Ok(([(header::CONTENT_TYPE, "application/json")], document).into_response());
     }
     Ok(Json(consul_json(&view)).into_response())

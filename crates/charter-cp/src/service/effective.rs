@@ -5,9 +5,7 @@ use std::sync::Arc;
 
 #[cfg(doc)]
 use charter_license::select_effective;
-use charter_license::{
-    Evaluation, LicenseDocument, Status, TrustedKeys, UnixTime, VerifiedLicense,
-};
+use charter_license::{Evaluation, Status, TrustedKeys, UnixTime, VerifiedLicense};
 use charter_runtime::flags::StaticLicense;
 use charter_store::LicenseRecord;
 
@@ -154,10 +152,4 @@ fn static_in_force(
             None
         }
     }
-}
-
-/// The canonical text a license is stored as: the compact document with sorted keys, so
-/// the same license submitted with other whitespace or key order is the same payload.
-pub fn normalized(document: &LicenseDocument) -> String {
-    document.to_json()
 }

@@ -19,13 +19,15 @@ mod tests;
 use std::sync::Arc;
 use std::time::Duration;
 
-use charter_license::{Clock, Evaluation, LicenseError, TrustedKeys, UnixTime, VerifiedLicense};
+use charter_license::{
+    Clock, Evaluation, LicenseDocument, LicenseError, TrustedKeys, UnixTime, VerifiedLicense,
+};
 use charter_runtime::flags::StaticLicense;
 use charter_store::{Change, LicenseRecord, NodeUsage, Store, StoreError};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-pub use effective::{normalized, InForce, View};
+pub use effective::{InForce, View};
 pub use inventory::Inventory;
 pub use snapshot::{Entry, Snapshot};
 pub use telemetry::TelemetryError;
@@ -78,9 +80,34 @@ pub struct Written {
 
 /// A validated license text, ready to store.
 pub struct Valid {
+    /// The document as the client sent it: stored and served as is.
     text: String,
+    /// SHA-256 of the document's canonical text: how duplicates are found.
+    checksum: String,
     verified: Arc<VerifiedLicense>,
     evaluation: Evaluation,
+}
+
+/// The canonical text of a license: the compact document with sorted keys. The same
+/// license sent with other whitespace or key order has the same canonical text, and a
+/// record's `checksum` is its SHA-256, so duplicates are found on it. Earlier releases
+/// stored this text as the payload itself, checksummed as such: their records keep
+/// finding the same duplicates.
+pub fn canonical_text(document: &LicenseDocument) -> String {
+    document.to_json()
+}
+
+/// The license document as the client wrote it: `text` itself or, for an admin-API record
+/// (`{"payload":"…"}` as GET answers it, which the license parser also takes), the document
+/// text its `payload` holds, as written there.
+fn document_text(text: &str) -> String {
+    match serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(text) {
+        Ok(top) if !top.contains_key("license") => match top.get("payload") {
+            Some(serde_json::Value::String(inner)) => document_text(inner),
+            _ => text.to_owned(),
+        },
+        _ => text.to_owned(),
+    }
 }
 
 /// The control plane's service; cheap to clone.
@@ -218,12 +245,15 @@ impl Service {
         self.view_of(&self.snapshot())
     }
 
-    /// Validates a license text now; the text to store is the normalized document.
+    /// Validates a license text now. The text stored is the document exactly as sent (Kong
+    /// returns `payload` as it was given); its checksum is that of the canonical text, so
+    /// the same license with other whitespace or key order is still a duplicate.
     pub fn validate(&self, text: &str) -> Result<Valid, WriteError> {
         let (verified, evaluation) = charter_license::validate(text, &self.0.keys, self.now())
             .map_err(WriteError::Invalid)?;
         Ok(Valid {
-            text: normalized(&verified.document),
+            text: document_text(text),
+            checksum: charter_store::checksum_of(&canonical_text(&verified.document)),
             verified: Arc::new(verified),
             evaluation,
         })
@@ -281,9 +311,7 @@ impl Service {
     pub async fn install(&self, valid: Valid) -> Result<Written, WriteError> {
         let fresh = Uuid::new_v4();
         self.write(|snapshot| {
-            let id = snapshot
-                .holder_of(&charter_store::checksum_of(&valid.text))
-                .unwrap_or(fresh);
+            let id = snapshot.holder_of(&valid.checksum).unwrap_or(fresh);
             self.put_decision(snapshot, id, &valid)
         })
         .await
@@ -334,7 +362,7 @@ impl Service {
         id: Uuid,
         valid: &Valid,
     ) -> Result<(Change, Option<Entry>, Written), WriteError> {
-        let checksum = charter_store::checksum_of(&valid.text);
+        let checksum = valid.checksum.clone();
         if let Some(existing) = snapshot.holder_of(&checksum).filter(|holder| *holder != id) {
             return Err(WriteError::DuplicatePayload { existing });
         }

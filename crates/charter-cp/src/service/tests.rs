@@ -1,6 +1,7 @@
 //! The service over a real sled store: writes are decided on every earlier write whole,
-//! readers see a write once it is acknowledged, telemetry shares durable writes, and a
-//! store that failed to reach the disk answers 503 and loses nothing acknowledged.
+//! readers see a write once it is acknowledged, telemetry shares durable writes, a store
+//! that failed to reach the disk answers 503 and loses nothing acknowledged, and payloads
+//! are kept as sent while duplicates are found on the canonical text.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -589,4 +590,131 @@ async fn a_control_plane_follows_another_by_what_changed() {
         tasks.await.unwrap();
         service.close().await.unwrap();
     }
+}
+
+/// `text`'s license with every key in reverse order, indented over several lines.
+fn reordered(text: &str) -> String {
+    let document: Value = serde_json::from_str(text).unwrap();
+    let license = &document["license"];
+    let fields: Vec<String> = license["payload"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .rev()
+        .map(|(name, value)| format!("      {}: {value}", Value::from(name.as_str())))
+        .collect();
+    format!(
+        "{{\n  \"license\": {{\n    \"version\": {},\n    \"signature\": {},\n    \"payload\": {{\n{}\n    }}\n  }}\n}}\n",
+        license["version"],
+        license["signature"],
+        fields.join(",\n")
+    )
+}
+
+/// A payload is kept exactly as sent, while duplicates are found on the canonical text; a
+/// store written by an earlier release, which kept the canonical text as the payload, loads
+/// and its licenses keep finding their duplicates.
+#[tokio::test]
+async fn payloads_are_kept_as_sent_and_duplicates_found_on_the_canonical_text() {
+    let tmp = tempfile::tempdir().unwrap();
+    // As an earlier release stored it: the compact document with sorted keys.
+    let legacy = license("LEGACY", "2026-01-01", "2027-12-31");
+    let legacy_id = Uuid::new_v4();
+    {
+        let store = SledStore::open(&tmp.path().join("data")).unwrap();
+        let record = charter_store::LicenseRecord {
+            id: legacy_id,
+            payload: legacy.clone(),
+            checksum: charter_store::checksum_of(&legacy),
+            created_at: JUNE_2026 - DAY,
+            updated_at: JUNE_2026 - DAY,
+            revision: 1,
+        };
+        store.commit(0, Change::Put(record)).await.unwrap();
+        store.close().await.unwrap();
+    }
+    let f = fixture_with(tmp, None).await;
+    let (status, stored) = send(&f.service, "GET", &format!("/licenses/{legacy_id}"), None).await;
+    assert_eq!(
+        (status, &stored["payload"]),
+        (StatusCode::OK, &json!(legacy))
+    );
+    let in_force = f.service.view().in_force.and_then(|f| f.record);
+    assert_eq!(in_force.map(|r| r.id), Some(legacy_id));
+
+    // The same license with other whitespace and key order is a duplicate of it.
+    let spaced = reordered(&legacy);
+    assert_ne!(spaced, legacy);
+    let (status, body) = send(
+        &f.service,
+        "POST",
+        "/licenses",
+        Some(json!({"payload": spaced})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.to_string().contains(&legacy_id.to_string()), "{body}");
+    // Replaced on its own id by that text, it keeps the text and the checksum.
+    let path = format!("/licenses/{legacy_id}");
+    let (status, put) = send(&f.service, "PUT", &path, Some(json!({"payload": spaced}))).await;
+    assert_eq!(status, StatusCode::OK, "{put}");
+    assert_eq!(put["payload"], json!(spaced));
+    assert_eq!(put["checksum"], stored["checksum"]);
+    // Consul's PUT of the compact text finds the same record.
+    let installed = f
+        .service
+        .install(f.service.validate(&legacy).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        (installed.record.id, installed.record.payload.as_str()),
+        (legacy_id, legacy.as_str())
+    );
+    assert_eq!(f.service.snapshot().len(), 1);
+
+    // A new license comes back byte for byte, from the write, GET, the list and a PATCH
+    // without payload; its checksum is that of the canonical text.
+    let fresh = license("FRESH", "2026-01-01", "2027-12-31");
+    let sent = reordered(&fresh);
+    let (status, created) = send(
+        &f.service,
+        "POST",
+        "/licenses",
+        Some(json!({"payload": sent})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert_eq!(created["payload"], json!(sent));
+    assert_eq!(
+        created["checksum"],
+        json!(charter_store::checksum_of(&fresh))
+    );
+    let path = format!("/licenses/{}", created["id"].as_str().unwrap());
+    assert_eq!(send(&f.service, "GET", &path, None).await.1, created);
+    let (_, page) = send(&f.service, "GET", "/licenses", None).await;
+    assert!(
+        page["data"].as_array().unwrap().contains(&created),
+        "{page}"
+    );
+    let (status, patched) = send(&f.service, "PATCH", &path, Some(json!({}))).await;
+    assert_eq!(
+        (status, &patched["payload"]),
+        (StatusCode::OK, &json!(sent))
+    );
+    // An admin-API record sent as the payload stores the document it holds, as it was sent.
+    let other = reordered(&license("RECORD", "2026-01-01", "2027-12-31"));
+    let wrapped = json!({"payload": other, "id": Uuid::new_v4()}).to_string();
+    let (status, created) = send(
+        &f.service,
+        "POST",
+        "/licenses",
+        Some(json!({"payload": wrapped})),
+    )
+    .await;
+    assert_eq!(
+        (status, &created["payload"]),
+        (StatusCode::CREATED, &json!(other))
+    );
+    f.stop.send(true).unwrap();
+    f.tasks.await.unwrap();
 }
