@@ -60,12 +60,15 @@ pub fn record_body(record: &LicenseRecord) -> Bytes {
 }
 
 /// A page of `GET /licenses`, its fields in sorted order as a `Value` object has them.
-/// [`page_body`] writes the same bytes from records already encoded.
+/// [`page_body`] writes the same bytes from records already encoded. `offset` is there only
+/// when there is a next page, so the last page (and an empty store) is exactly Kong's
+/// `{"data":[...],"next":null}`.
 #[cfg(test)]
 #[derive(Serialize)]
 pub struct ApiPage<'a> {
     data: Vec<ApiRecord<'a>>,
     next: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     offset: Option<String>,
 }
 
@@ -84,8 +87,10 @@ fn page_body(records: &[Bytes], next: Option<&str>, offset: Option<&str>) -> Byt
     body.extend_from_slice(br#"],"next":"#);
     // Writing a string or null into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut body, &next);
-    body.extend_from_slice(br#","offset":"#);
-    let _ = serde_json::to_writer(&mut body, &offset);
+    if let Some(offset) = offset {
+        body.extend_from_slice(br#","offset":"#);
+        let _ = serde_json::to_writer(&mut body, offset);
+    }
     body.push(b'}');
     Bytes::from(body)
 }

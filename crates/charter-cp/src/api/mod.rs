@@ -113,8 +113,43 @@ pub const ROUTES: [&str; 9] = [
     "/openapi.json",
 ];
 
-/// The admin API router, with auth (when tokens are configured) and metrics.
+/// The admin API router, with auth (when tokens are configured) and metrics. A path with
+/// one trailing slash is the same route as without it (Kong's docs write `/licenses/`).
 pub fn router(state: ApiState) -> Router {
+    // The slash goes before routing: an outer router whose only route is the fallback hands
+    // every request, its path trimmed, to the routes; metrics, auth and every handler see
+    // the one path.
+    Router::new()
+        .fallback_service(routes(state))
+        .layer(middleware::map_request(trim_trailing_slash))
+}
+
+/// Drops one trailing slash from a request's path (`/licenses/` → `/licenses`, the query
+/// kept); `/` stays.
+async fn trim_trailing_slash(mut request: Request) -> Request {
+    let uri = request.uri();
+    let path = uri.path();
+    if path.len() > 1 && path.ends_with('/') {
+        let trimmed = &path[..path.len() - 1];
+        let path_and_query = match uri.query() {
+            Some(query) => format!("{trimmed}?{query}"),
+            None => trimmed.to_owned(),
+        };
+        let mut parts = uri.clone().into_parts();
+        // A valid path minus its last byte, a `/`, is still a valid path; were it not, the
+        // request keeps its path and answers 404.
+        if let Ok(pq) = path_and_query.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+    }
+    request
+}
+
+/// Every route, with auth (when tokens are configured) and metrics.
+fn routes(state: ApiState) -> Router {
     let [r_licenses, r_license, r_status, r_report, r_consul, r_data_planes, r_health, r_metrics, r_openapi] =
         ROUTES;
     let mut router = Router::new()

@@ -93,6 +93,9 @@ pub async fn report(
             *total = total.saturating_add(*count);
         }
     }
+    // The current UTC month is always listed, 0 until something is counted, as Kong's
+    // report shows it.
+    months.entry(month_bucket(service.now())).or_default();
     let counters: Vec<Value> = months
         .iter()
         .map(|(bucket, count)| json!({"bucket": bucket, "request_count": count}))
@@ -139,6 +142,12 @@ pub async fn report(
             .collect();
     }
     Ok(Json(report))
+}
+
+/// The report bucket (`YYYY-MM`, UTC) of a time, as the data planes count requests in.
+fn month_bucket(now: charter_license::UnixTime) -> String {
+    let date = charter_license::utc_date(now);
+    format!("{:04}-{:02}", date.year(), u8::from(date.month()))
 }
 
 /// `Linux x86_64`, as Kong's report shows it.

@@ -50,4 +50,9 @@ fn pages_and_records_are_serde_json_byte_for_byte() {
             String::from_utf8(expected).unwrap()
         );
     }
+    // Kong's empty list, byte for byte: `offset` only comes with a next page.
+    assert_eq!(
+        &page_body(&[], None, None)[..],
+        br#"{"data":[],"next":null}"#
+    );
 }
