@@ -1,5 +1,6 @@
 //! Admin API tokens: the `TOKEN read|write` file and the middleware that checks
-//! `Kong-Admin-Token` or `Authorization: Bearer` on every route but `/status`.
+//! `Kong-Admin-Token` or `Authorization: Bearer` on every route but `/status` and Consul's
+//! `GET /v1/operator/license` (which also takes `X-Consul-Token`).
 
 use axum::extract::{Request, State};
 use axum::http::Method;
@@ -110,7 +111,16 @@ pub fn bearer_token(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
 }
 
+/// The path of Consul's face.
+const CONSUL_PATH: &str = "/v1/operator/license";
+
 /// Checks the admin token of a request, when tokens are configured.
+///
+/// Two requests need none: `/status` (for probes and load balancers), and Consul's
+/// `GET /v1/operator/license`, whose ACL is "none" in Consul (seed 004): it shows the
+/// license's terms, never its key. Its `?signed=1`, the raw document with the license key
+/// in it, still needs a token (read or write). On Consul's path a token is also
+/// taken from `X-Consul-Token`, where Consul's tools send it.
 pub async fn require_token(
     State(state): State<ApiState>,
     request: Request,
@@ -119,19 +129,21 @@ pub async fn require_token(
     let Some(tokens) = state.tokens() else {
         return next.run(request).await;
     };
-    if request.uri().path() == "/status" {
+    let path = request.uri().path();
+    let consul = path == CONSUL_PATH;
+    let open = path == "/status"
+        || (consul
+            && matches!(*request.method(), Method::GET | Method::HEAD)
+            // A query that does not parse is the handler's 400, which shows nothing.
+            && !super::consul::wants_signed(request.uri().query()).unwrap_or(false));
+    if open {
         return next.run(request).await;
     }
     let headers = request.headers();
-    let presented = headers
-        .get("kong-admin-token")
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| {
-            headers
-                .get("authorization")
-                .and_then(|v| v.to_str().ok())
-                .and_then(bearer_token)
-        });
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let presented = header("kong-admin-token")
+        .or_else(|| header("authorization").and_then(bearer_token))
+        .or_else(|| header("x-consul-token").filter(|_| consul));
     match presented.and_then(|token| tokens.access(token.trim())) {
         None => ApiError::Unauthorized.into_response(),
         Some(Access::Read) if !matches!(*request.method(), Method::GET | Method::HEAD) => {

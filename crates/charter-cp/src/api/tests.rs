@@ -1,6 +1,7 @@
 //! The admin API's strictness, without a socket: only canonical UUIDs name a license, a
-//! body field given twice is refused, the `Bearer` scheme matches in any case, and the
-//! errors answered before any route runs (404, 405, 413, 414, 431) are JSON.
+//! body field given twice is refused, the `Bearer` scheme matches in any case, the errors
+//! answered before any route runs (404, 405, 413, 414, 431) are JSON, a trailing slash is
+//! the same route, and Consul's face takes its own token header.
 
 use std::sync::Arc;
 
@@ -525,5 +526,162 @@ async fn errors_answered_before_any_route_are_json() {
         StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         "Request headers too large",
     );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_trailing_slash_is_the_same_route_everywhere() {
+    let api = Api::start(None).await;
+    // Kong's docs list and add at `/licenses/`.
+    let added = api
+        .json("POST", "/licenses/", &json!({"payload": license("slash")}))
+        .await;
+    assert_eq!(added.status, StatusCode::CREATED, "{:?}", added.json());
+    let id = added.json()["id"].as_str().expect("an id").to_owned();
+    // Every route answers the same with and without one trailing slash.
+    for route in super::ROUTES {
+        let path = route.replace("{id}", &id);
+        let (plain, slashed) = (api.get(&path).await, api.get(&format!("{path}/")).await);
+        assert_eq!(
+            (plain.status, &plain.content_type),
+            (slashed.status, &slashed.content_type),
+            "{path}/"
+        );
+        if plain.content_type == "application/json" {
+            assert_eq!(plain.json(), slashed.json(), "{path}/");
+        }
+    }
+    let listed = api.get("/licenses/?size=1").await;
+    assert_eq!(listed.json()["data"][0]["id"], json!(id));
+    // `PUT /licenses/` is `PUT /licenses`: 405, as when the id is omitted in Kong.
+    let put = api
+        .json("PUT", "/licenses/", &json!({"payload": license("slash")}))
+        .await;
+    assert_eq!(
+        (put.status, put.json()),
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            json!({"message": "Method not allowed"})
+        )
+    );
+    // The writes on a license's own path, slashed.
+    let path = format!("/licenses/{id}/");
+    let patched = api.json("PATCH", &path, &json!({})).await;
+    assert_eq!(patched.status, StatusCode::OK, "{:?}", patched.json());
+    let replaced = api
+        .json("PUT", &path, &json!({"payload": license("slash-2")}))
+        .await;
+    assert_eq!(replaced.status, StatusCode::OK, "{:?}", replaced.json());
+    // Metrics count a slashed request under its route.
+    let metrics = String::from_utf8(api.get("/metrics/").await.body.to_vec()).expect("UTF-8");
+    assert!(
+        metrics.contains(r#"method="POST",route="/licenses",status="201""#),
+        "{metrics}"
+    );
+    assert_eq!(
+        api.send("DELETE", &path, "", "").await.status,
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(api.get(&path).await.status, StatusCode::NOT_FOUND);
+    // One slash only: an empty segment is no route.
+    assert_eq!(api.get("/licenses//").await.status, StatusCode::NOT_FOUND);
+    assert_eq!(api.get("/").await.status, StatusCode::NOT_FOUND);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn consul_get_needs_no_token_and_writes_take_x_consul_token() {
+    let api = Api::start(Some("writer-token write\nreader-token read\n")).await;
+    let call = |method: &str, uri: &str, token: Option<(&str, &str)>, body: String| {
+        let mut request = Request::builder().method(method).uri(uri);
+        if let Some((name, value)) = token {
+            request = request.header(name, value);
+        }
+        request.body(Body::from(body)).expect("request")
+    };
+    let consul = "/v1/operator/license";
+    // GET needs no token (Consul's ACL "none"), with or without a slash.
+    for uri in [consul, "/v1/operator/license/"] {
+        let answer = api.call(call("GET", uri, None, String::new())).await;
+        assert_eq!(answer.status, StatusCode::OK, "{uri}");
+        assert_eq!(answer.json()["Valid"], false);
+    }
+    // Writes need a write token, also as `X-Consul-Token`.
+    let text = license("consul");
+    let put = |token| call("PUT", consul, token, text.clone());
+    assert_eq!(api.call(put(None)).await.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        api.call(put(Some(("X-Consul-Token", "wrong"))))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        api.call(put(Some(("X-Consul-Token", "reader-token"))))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    let installed = api
+        .call(put(Some(("X-Consul-Token", "writer-token"))))
+        .await;
+    assert_eq!(installed.status, StatusCode::OK, "{:?}", installed.json());
+    assert_eq!(installed.json()["Valid"], true);
+    let delete = |token| call("DELETE", consul, token, String::new());
+    assert_eq!(
+        api.call(delete(None)).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // Past the token check: the last valid license is not deleted.
+    assert_eq!(
+        api.call(delete(Some(("X-Consul-Token", "writer-token"))))
+            .await
+            .status,
+        StatusCode::BAD_REQUEST
+    );
+    // The raw document carries the license key: `?signed=1` needs a token, read will do.
+    let signed = format!("{consul}?signed=1");
+    assert_eq!(
+        api.call(call("GET", &signed, None, String::new()))
+            .await
+            .status,
+        StatusCode::UNAUTHORIZED
+    );
+    let document = api
+        .call(call(
+            "GET",
+            &signed,
+            Some(("X-Consul-Token", "reader-token")),
+            String::new(),
+        ))
+        .await;
+    assert_eq!(document.status, StatusCode::OK);
+    assert_eq!(document.body, Bytes::from(text.clone()));
+    assert_eq!(
+        api.call(call(
+            "GET",
+            &format!("{consul}?signed=0"),
+            None,
+            String::new()
+        ))
+        .await
+        .status,
+        StatusCode::OK
+    );
+    // `X-Consul-Token` is Consul's face's header only; the other routes still need a token.
+    for uri in ["/licenses", "/license/status", "/license/report"] {
+        assert_eq!(
+            api.call(call(
+                "GET",
+                uri,
+                Some(("X-Consul-Token", "reader-token")),
+                String::new()
+            ))
+            .await
+            .status,
+            StatusCode::UNAUTHORIZED,
+            "{uri}"
+        );
+    }
     api.stop().await;
 }
