@@ -38,11 +38,10 @@ fn licenses_table_every_row() {
     let (dir, vendor) = setup();
     let cp = start(&dir, &vendor);
 
-    // GET /licenses: empty.
+    // GET /licenses: empty, exactly Kong's body (`offset` only comes with a next page).
     let list = cp.get("/licenses");
     assert_eq!(list.status, 200);
-    assert_eq!(list.json()["data"], json!([]));
-    assert_eq!(list.json()["next"], Value::Null);
+    assert_eq!(list.body, r#"{"data":[],"next":null}"#);
 
     // POST /licenses: 201 with a record.
     let doc = vendor.valid("KEY-A");
@@ -215,6 +214,70 @@ fn licenses_table_every_row() {
     assert_eq!(cp.send("DELETE", "/licenses").status, 405);
 }
 
+/// `payload` comes back exactly as it was sent (as in every example of Kong's docs), by
+/// every read and across a restart, while duplicates are still found on the canonical form.
+#[test]
+fn a_payload_comes_back_exactly_as_sent() {
+    let (dir, vendor) = setup();
+    let mut cp = start(&dir, &vendor);
+    let compact = vendor.valid("AS-SENT");
+    let pretty =
+        serde_json::to_string_pretty(&serde_json::from_str::<Value>(&compact).expect("JSON"))
+            .expect("pretty")
+            + "\n";
+    let created = cp.send_json("POST", "/licenses", &json!({"payload": pretty}));
+    assert_eq!(created.status, 201, "{}", created.body);
+    let record = created.json();
+    assert_eq!(record["payload"], json!(pretty));
+    let id = record["id"].as_str().expect("id").to_owned();
+    let path = format!("/licenses/{id}");
+    assert_eq!(cp.get(&path).json(), record);
+    assert_eq!(cp.get("/licenses").json()["data"], json!([record]));
+    // The same license, other whitespace: a duplicate, by JSON and by form, POST and PUT.
+    for text in [&compact, &pretty] {
+        let posted = cp.send_json("POST", "/licenses", &json!({"payload": text}));
+        assert_eq!(posted.status, 409, "{}", posted.body);
+        assert!(posted.body.contains(&id), "{}", posted.body);
+        assert_eq!(
+            cp.send_form("POST", "/licenses", &[("payload", text)])
+                .status,
+            409
+        );
+        let elsewhere = format!("/licenses/{}", uuid::Uuid::new_v4());
+        assert_eq!(
+            cp.send_json("PUT", &elsewhere, &json!({"payload": text}))
+                .status,
+            409
+        );
+    }
+    // Put on its own id in another form, it keeps that form and its checksum.
+    let put = cp.send_json("PUT", &path, &json!({"payload": compact}));
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(put.json()["payload"], json!(compact));
+    assert_eq!(put.json()["checksum"], record["checksum"]);
+    // Consul's PUT finds the same license, and keeps the text it was given.
+    let installed = request(
+        "PUT",
+        &cp.url("/v1/operator/license"),
+        Some(Body::Raw(
+            "application/json".into(),
+            pretty.clone().into_bytes(),
+        )),
+    );
+    assert_eq!(installed.status, 200, "{}", installed.body);
+    assert_eq!(installed.json()["License"]["license_id"], json!(id));
+    assert_eq!(cp.get(&path).json()["payload"], json!(pretty));
+    // A restart reads the text back as it was sent, and the duplicate check with it.
+    assert!(cp.terminate().success());
+    cp.restart();
+    assert_eq!(cp.get(&path).json()["payload"], json!(pretty));
+    assert_eq!(
+        cp.send_json("POST", "/licenses", &json!({"payload": compact}))
+            .status,
+        409
+    );
+}
+
 #[test]
 fn form_bodies_work_like_json() {
     let (dir, vendor) = setup();
@@ -278,10 +341,15 @@ fn pagination_over_260_licenses() {
                     next.starts_with("/licenses?offset=") && next.ends_with("&size=100"),
                     "{next}"
                 );
+                let offset = page["offset"].as_str().expect("an offset with a next page");
+                assert!(next.contains(&format!("offset={offset}&")), "{next}");
                 assert_eq!(page["data"].as_array().map(Vec::len), Some(100));
                 path = next.to_owned();
             }
-            None => break,
+            None => {
+                assert_eq!(page.get("offset"), None, "no offset on the last page");
+                break;
+            }
         }
         assert!(pages < 10, "pagination does not end");
     }
@@ -312,98 +380,502 @@ fn pagination_over_260_licenses() {
     assert_eq!(bad_offset.json()["name"], "invalid offset");
 }
 
-/// Kong's Licenses Examples (seed 003), replayed with HTTPie as the docs do.
-#[test]
-fn seed_003_flow_with_httpie() {
-    let http_bin = charter_tests::workspace_root().join(".venv/bin/http");
-    assert!(
-        http_bin.exists(),
-        "{} is missing: run scripts/install-deps",
-        http_bin.display()
+/// The seeds' license documents, as their examples write them: the first as listed, added
+/// and put, the second as patched in. Kong's vendor signed them; a test re-signs them.
+const SEED_DOCUMENT: &str = r#"{"license":{"payload":{"admin_seats":"1","customer":"Example Company, Inc","dataplanes":"1","license_creation_date":"2017-07-20","license_expiration_date":"2017-07-20","license_key":"00141000017ODj3AAG_a1V41000004wT0OEAU","product_subscription":"Konnect Enterprise","support_plan":"None"},"signature":"6985968131533a967fcc721244a979948b1066967f1e9cd65dbd8eeabe060fc32d894a2945f5e4a03c1cd2198c74e058ac63d28b045c2f1fcec95877bd790e1b","version":"1"}}"#;
+const SEED_DOCUMENT_PATCHED: &str = r#"{"license":{"payload":{"admin_seats":"1","customer":"Example Company, Inc","dataplanes":"1","license_creation_date":"2017-07-20","license_expiration_date":"2017-07-21","license_key":"00141000017ODj3AAG_a1V41000004wT0OEAU","product_subscription":"Konnect Enterprise","support_plan":"None"},"signature":"24cc21223633044c15c300be19cacc26ccc5aca0dd9a12df8a7324a1970fe304bc07b8dcd7fb08d7b92e04169313377ae3b550ead653b951bc44cd2eb59f6beb","version":"1"}}"#;
+
+/// The seeds' ids, as written.
+const SEED_ID: &str = "30b4edb7-0847-4f65-af90-efbed8b0161f";
+const SEED_PUT_ID: &str = "e8201120-4ee3-43ca-9e92-3fed08b1a15d";
+
+/// A seed document's signature, and the one `vendor` makes over the same payload.
+///
+/// This is the one thing of the seeds no test can keep as written: the signature is Kong's
+/// vendor's, over a payload whose private key only Kong holds. Everything else of the
+/// document stays byte for byte: the re-signed text is the seed's with the signature
+/// swapped, which this checks.
+fn resigned(vendor: &Vendor, seed: &str) -> (String, String) {
+    let document: Value = serde_json::from_str(seed).expect("a seed document is JSON");
+    let kong = document["license"]["signature"]
+        .as_str()
+        .expect("a signature")
+        .to_owned();
+    let payload = document["license"]["payload"]
+        .as_object()
+        .expect("a payload")
+        .clone();
+    let ours: Value = serde_json::from_str(&vendor.sign(payload)).expect("JSON");
+    let ours = ours["license"]["signature"]
+        .as_str()
+        .expect("a signature")
+        .to_owned();
+    assert_eq!(
+        vendor.sign(
+            document["license"]["payload"]
+                .as_object()
+                .expect("payload")
+                .clone()
+        ),
+        seed.replace(&kong, &ours),
+        "only the signature differs from the seed"
     );
+    (kong, ours)
+}
+
+/// A seed's command line as written, run by bash in `dir`: `http` is the HTTPie of
+/// `.venv`, and HTTPie's and curl's own configuration files (not the command) ask for the
+/// status line and headers before the body, without colours or a progress meter. Only
+/// `replacements` (host and port, signatures) change the text. Returns the status and the
+/// body.
+fn run_as_written(
+    dir: &std::path::Path,
+    command: &str,
+    replacements: &[(&str, &str)],
+) -> (u16, String) {
+    let venv = charter_tests::workspace_root().join(".venv/bin");
+    assert!(
+        venv.join("http").exists(),
+        "{} is missing: run scripts/install-deps",
+        venv.join("http").display()
+    );
+    let config = dir.join("client-config");
+    std::fs::create_dir_all(&config).expect("config dir");
+    std::fs::write(
+        config.join("config.json"),
+        r#"{"default_options": ["--ignore-stdin", "--print=hb", "--pretty=none"]}"#,
+    )
+    .expect("HTTPie config");
+    std::fs::write(config.join(".curlrc"), "include\nsilent\nshow-error\n").expect("curlrc");
+    let mut line = command.to_owned();
+    for (from, to) in replacements {
+        line = line.replace(from, to);
+    }
+    let path = format!(
+        "{}:{}",
+        venv.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new("bash")
+        .args(["-c", &line])
+        .current_dir(dir)
+        .env("PATH", path)
+        .env("HTTPIE_CONFIG_DIR", &config)
+        .env("CURL_HOME", &config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("running bash");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{line}: {}\n{text}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: u16 = text
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in: {text}"));
+    let body = text
+        .split_once("\r\n\r\n")
+        .or_else(|| text.split_once("\n\n"))
+        .map_or("", |(_, body)| body)
+        .trim()
+        .to_owned();
+    (status, body)
+}
+
+fn parse(body: &str) -> Value {
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// A record answered for a seed's example: the seed's fields, the same values but for the
+/// times (and `aside`), plus Charter's `checksum`.
+fn assert_record_like(actual: &Value, seed: &Value, aside: &[&str]) {
+    let actual = actual.as_object().unwrap_or_else(|| panic!("{actual}"));
+    let seed = seed.as_object().expect("a seed record");
+    let mut names: Vec<&String> = actual.keys().filter(|k| *k != "checksum").collect();
+    names.sort();
+    let mut expected: Vec<&String> = seed.keys().collect();
+    expected.sort();
+    assert_eq!(names, expected, "{actual:?}");
+    for (name, value) in seed {
+        if matches!(name.as_str(), "created_at" | "updated_at") {
+            assert!(actual[name].is_i64(), "{name}: {actual:?}");
+        } else if aside.contains(&name.as_str()) {
+            assert!(actual[name].is_string(), "{name}: {actual:?}");
+        } else {
+            assert_eq!(&actual[name], value, "{name}");
+        }
+    }
+    assert_eq!(actual["checksum"].as_str().map(str::len), Some(64));
+}
+
+/// The Kong reference (seeds 000, 001 and 002, one page in three renderings): every
+/// endpoint it lists, at the paths it writes (`/licenses/` to list and add), with the
+/// answers it shows: the empty list exactly, records with Kong's fields, PUT's and PATCH's
+/// rules, and the report with the current month at 0 and `UNLICENSED` when nothing is
+/// stored.
+#[test]
+fn seed_000_kong_reference_endpoints() {
+    let (dir, vendor) = setup();
+    let cp = start(&dir, &vendor);
+    let (kong, ours) = resigned(&vendor, SEED_DOCUMENT);
+    let first = SEED_DOCUMENT.replace(&kong, &ours);
+    let (kong, ours) = resigned(&vendor, SEED_DOCUMENT_PATCHED);
+    let second = SEED_DOCUMENT_PATCHED.replace(&kong, &ours);
+
+    // List licenses, none stored: `{"data": [], "next": null}`.
+    let list = cp.get("/licenses/");
+    assert_eq!(
+        (list.status, list.body.as_str()),
+        (200, r#"{"data":[],"next":null}"#)
+    );
+    // The report with nothing stored or counted.
+    let before = this_month();
+    let report = cp.get("/license/report");
+    assert_eq!(report.status, 200);
+    let report = report.json();
+    assert_current_month_only(&report["counters"], &before);
+    assert_eq!(report["license_key"], "UNLICENSED");
+    for (name, value) in [
+        ("rbac_users", 0),
+        ("services_count", 0),
+        ("workspaces_count", 1),
+    ] {
+        assert_eq!(report[name], value, "{name}");
+    }
+    for name in ["db_version", "kong_version"] {
+        assert!(report[name].is_string(), "{name}: {report}");
+    }
+    let info = report["system_info"].as_object().expect("system_info");
+    let mut fields: Vec<&str> = info.keys().map(String::as_str).collect();
+    fields.sort_unstable();
+    assert_eq!(fields, ["cores", "hostname", "uname"]);
+
+    // Add a license at `/licenses/`: 201, the record (an expired but validly signed
+    // license is accepted, as Kong does).
+    let added = cp.send_json("POST", "/licenses/", &json!({"payload": first}));
+    assert_eq!(added.status, 201, "{}", added.body);
+    let record = added.json();
+    let seed_record = json!({"created_at": 1500508800, "id": SEED_ID, "payload": first, "updated_at": 1500508800});
+    assert_record_like(&record, &seed_record, &["id"]);
+    let id = record["id"].as_str().expect("id").to_owned();
+    // List licenses: the one record, `next` null and nothing else.
+    let list = cp.get("/licenses/");
+    assert_eq!(list.status, 200);
+    assert_eq!(list.json(), json!({"data": [record], "next": null}));
+    // List a specific license.
+    let one = cp.get(&format!("/licenses/{id}"));
+    assert_eq!((one.status, one.json()), (200, record.clone()));
+
+    // Update a license (PATCH): replaced with the given payload; an unknown id is a 404,
+    // an invalid license a 400.
+    std::thread::sleep(Duration::from_millis(1100));
+    let patched = cp.send_json(
+        "PATCH",
+        &format!("/licenses/{id}"),
+        &json!({"payload": second}),
+    );
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    let patched = patched.json();
+    let seed_patched = json!({"created_at": 1500595200, "id": SEED_ID, "payload": second, "updated_at": 1500595200});
+    assert_record_like(&patched, &seed_patched, &["id"]);
+    assert_eq!(patched["created_at"], record["created_at"]);
+    assert!(patched["updated_at"].as_i64() > record["updated_at"].as_i64());
+    let unknown = format!("/licenses/{}", uuid::Uuid::new_v4());
+    assert_eq!(
+        cp.send_json("PATCH", &unknown, &json!({"payload": second}))
+            .status,
+        404
+    );
+    let invalid = cp.send_json(
+        "PATCH",
+        &format!("/licenses/{id}"),
+        &json!({"payload": "{}"}),
+    );
+    assert_eq!(invalid.status, 400);
+
+    // Update or add a license (PUT): added with the given id; 400 for an id that is not a
+    // UUID; 405 with the id omitted, with or without the slash.
+    let put = cp.send_json(
+        "PUT",
+        &format!("/licenses/{SEED_PUT_ID}"),
+        &json!({"payload": first}),
+    );
+    assert_eq!(put.status, 200, "{}", put.body);
+    let seed_put = json!({"created_at": 1500508800, "id": SEED_PUT_ID, "payload": first, "updated_at": 1500508800});
+    assert_record_like(&put.json(), &seed_put, &[]);
+    let not_uuid = cp.send_json("PUT", "/licenses/not-a-uuid", &json!({"payload": first}));
+    assert_eq!(not_uuid.status, 400);
+    for path in ["/licenses/", "/licenses"] {
+        let omitted = cp.send_json("PUT", path, &json!({"payload": first}));
+        assert_eq!(
+            (omitted.status, omitted.json()),
+            (405, json!({"message": "Method not allowed"})),
+            "{path}"
+        );
+    }
+
+    // Delete a license: 204.
+    let deleted = cp.send("DELETE", &format!("/licenses/{id}"));
+    assert_eq!((deleted.status, deleted.body.as_str()), (204, ""));
+    assert_eq!(cp.get(&format!("/licenses/{id}")).status, 404);
+
+    // The report with a license: its key as an identifier, never the key itself.
+    let report = cp.get("/license/report");
+    let key = report.json()["license_key"]
+        .as_str()
+        .expect("license_key")
+        .to_owned();
+    assert!(
+        key != "UNLICENSED" && !report.body.contains("00141000017ODj3AAG"),
+        "{}",
+        report.body
+    );
+    assert_current_month_only(&report.json()["counters"], &before);
+
+    // A trailing slash is the same route everywhere.
+    for path in [
+        format!("/licenses/{SEED_PUT_ID}"),
+        "/license/report".to_owned(),
+        "/license/status".to_owned(),
+        "/v1/operator/license".to_owned(),
+        "/clustering/data-planes".to_owned(),
+        "/openapi.json".to_owned(),
+    ] {
+        let (plain, slashed) = (cp.get(&path), cp.get(&format!("{path}/")));
+        assert_eq!(
+            (plain.status, plain.json()),
+            (slashed.status, slashed.json()),
+            "{path}/"
+        );
+    }
+    assert_eq!(cp.get("/status/").status, 200);
+    assert_eq!(
+        cp.send("DELETE", &format!("/licenses/{SEED_PUT_ID}/"))
+            .status,
+        204
+    );
+    assert_eq!(cp.get("/licenses/").body, r#"{"data":[],"next":null}"#);
+}
+
+/// Kong's Licenses Examples (seed 003): every HTTPie command as the page writes it, but for
+/// the port and the signatures (see [`resigned`]), and every answer as the page shows it,
+/// but for the times.
+#[test]
+fn seed_003_examples_with_httpie_as_written() {
+    const LIST: &str = r#"http GET :8001/licenses"#;
+    const GET: &str = r#"http GET :8001/licenses/30b4edb7-0847-4f65-af90-efbed8b0161f"#;
+    const POST: &str = r#"http POST :8001/licenses payload="{\"license\":{\"payload\":{\"admin_seats\":\"1\",\"customer\":\"Example Company, Inc\",\"dataplanes\":\"1\",\"license_creation_date\":\"2017-07-20\",\"license_expiration_date\":\"2017-07-20\",\"license_key\":\"00141000017ODj3AAG_a1V41000004wT0OEAU\",\"product_subscription\":\"Konnect Enterprise\",\"support_plan\":\"None\"},\"signature\":\"6985968131533a967fcc721244a979948b1066967f1e9cd65dbd8eeabe060fc32d894a2945f5e4a03c1cd2198c74e058ac63d28b045c2f1fcec95877bd790e1b\",\"version\":\"1\"}}""#;
+    const PUT: &str = r#"http PUT :8001/licenses/e8201120-4ee3-43ca-9e92-3fed08b1a15d payload="{\"license\":{\"payload\":{\"admin_seats\":\"1\",\"customer\":\"Example Company, Inc\",\"dataplanes\":\"1\",\"license_creation_date\":\"2017-07-20\",\"license_expiration_date\":\"2017-07-20\",\"license_key\":\"00141000017ODj3AAG_a1V41000004wT0OEAU\",\"product_subscription\":\"Konnect Enterprise\",\"support_plan\":\"None\"},\"signature\":\"6985968131533a967fcc721244a979948b1066967f1e9cd65dbd8eeabe060fc32d894a2945f5e4a03c1cd2198c74e058ac63d28b045c2f1fcec95877bd790e1b\",\"version\":\"1\"}}""#;
+    const PATCH: &str = r#"http PATCH :8001/licenses/30b4edb7-0847-4f65-af90-efbed8b0161f payload="{\"license\":{\"payload\":{\"admin_seats\":\"1\",\"customer\":\"Example Company, Inc\",\"dataplanes\":\"1\",\"license_creation_date\":\"2017-07-20\",\"license_expiration_date\":\"2017-07-21\",\"license_key\":\"00141000017ODj3AAG_a1V41000004wT0OEAU\",\"product_subscription\":\"Konnect Enterprise\",\"support_plan\":\"None\"},\"signature\":\"24cc21223633044c15c300be19cacc26ccc5aca0dd9a12df8a7324a1970fe304bc07b8dcd7fb08d7b92e04169313377ae3b550ead653b951bc44cd2eb59f6beb\",\"version\":\"1\"}}""#;
+
     let (dir, vendor) = setup();
     let cp = start(&dir, &vendor);
     let port = format!(":{}", cp.addr.port());
-    let http = |args: &[&str]| -> (u16, Value) {
-        let out = Command::new(&http_bin)
-            .args(["--ignore-stdin", "--print=hb", "--pretty=none"])
-            .args(args)
-            .output()
-            .expect("running httpie");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let status: u16 = text
-            .lines()
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| panic!("no status line in: {text}"));
-        let body = text
-            .split("\r\n\r\n")
-            .nth(1)
-            .or_else(|| text.split("\n\n").nth(1))
-            .unwrap_or("")
-            .trim();
-        let json = if body.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(body).unwrap_or_else(|e| panic!("{e}: {body}"))
-        };
-        (status, json)
-    };
-    let list = |base: &str| http(&["GET", &format!("{base}/licenses")]);
-    // List: does not contain any licenses.
-    let (status, body) = list(&port);
+    let (kong, ours) = resigned(&vendor, SEED_DOCUMENT);
+    let (kong_patched, ours_patched) = resigned(&vendor, SEED_DOCUMENT_PATCHED);
+    let replacements = [
+        (":8001", port.as_str()),
+        (kong.as_str(), ours.as_str()),
+        (kong_patched.as_str(), ours_patched.as_str()),
+    ];
+    let run = |command: &str| run_as_written(dir.path(), command, &replacements);
+    let first = SEED_DOCUMENT.replace(&kong, &ours);
+    let second = SEED_DOCUMENT_PATCHED.replace(&kong_patched, &ours_patched);
+
+    // List licenses: does not contain any licenses.
+    let (status, body) = run(LIST);
     assert_eq!(
-        (status, &body["data"], &body["next"]),
-        (200, &json!([]), &Value::Null)
+        (status, parse(&body)),
+        (200, json!({"data": [], "next": null}))
     );
-    // Add a license: auto-generated id.
-    let doc = vendor.license(
-        "00141000017ODj3AAG_a1V41000004wT0OEAU",
-        "2026-01-01",
-        "2099-12-31",
+    assert_eq!(body, r#"{"data":[],"next":null}"#);
+
+    // Add a license, auto-generated id: the payload comes back exactly as sent.
+    let (status, body) = run(POST);
+    assert_eq!(status, 201, "{body}");
+    let added = parse(&body);
+    let seed_record = json!({"created_at": 1500508800, "id": SEED_ID, "payload": first, "updated_at": 1500508800});
+    assert_record_like(&added, &seed_record, &["id"]);
+    assert_eq!(added["created_at"], added["updated_at"]);
+
+    // List licenses: contains licenses.
+    let (status, body) = run(LIST);
+    assert_eq!(
+        (status, parse(&body)),
+        (200, json!({"data": [added], "next": null}))
     );
-    let (status, added) = http(&[
-        "POST",
-        &format!("{port}/licenses"),
-        &format!("payload={doc}"),
-    ]);
-    assert_eq!(status, 201, "{added}");
-    let id = added["id"].as_str().expect("id").to_owned();
-    // Add a license: manual id, by PUT.
-    let manual = "e8201120-4ee3-4f3c-b1c9-3a1f43df1e0c";
-    let doc2 = vendor.valid("MANUAL-ID");
-    let (status, put) = http(&[
+
+    // The page's next examples name the license it added as 30b4edb7-…, an id POST made;
+    // ours made another, so the license moves to the page's id (by the API, not an example).
+    let moved = cp.send(
+        "DELETE",
+        &format!("/licenses/{}", added["id"].as_str().expect("id")),
+    );
+    assert_eq!(moved.status, 204);
+    let moved = cp.send_json(
         "PUT",
-        &format!("{port}/licenses/{manual}"),
-        &format!("payload={doc2}"),
-    ]);
-    assert_eq!((status, put["id"].as_str()), (200, Some(manual)), "{put}");
-    // Update a license.
-    let doc3 = vendor.valid("UPDATED");
-    let (status, patched) = http(&[
-        "PATCH",
-        &format!("{port}/licenses/{id}"),
-        &format!("payload={doc3}"),
-    ]);
-    assert_eq!((status, &patched["payload"]), (200, &json!(doc3)));
-    // List: contains both.
-    let (status, body) = list(&port);
-    assert_eq!(
-        (status, body["data"].as_array().map(Vec::len)),
-        (200, Some(2))
+        &format!("/licenses/{SEED_ID}"),
+        &json!({"payload": first}),
     );
-    // Get one.
-    let (status, one) = http(&["GET", &format!("{port}/licenses/{manual}")]);
-    assert_eq!((status, &one["payload"]), (200, &json!(doc2)));
-    // Delete.
-    let (status, _) = http(&["DELETE", &format!("{port}/licenses/{id}")]);
-    assert_eq!(status, 204);
-    let (status, body) = http(&["GET", &format!("{port}/licenses/{id}")]);
-    assert_eq!((status, body), (404, json!({"message": "Not found"})));
+    assert_eq!(moved.status, 200, "{}", moved.body);
+
+    // List a license.
+    let (status, body) = run(GET);
+    assert_eq!(status, 200, "{body}");
+    let listed = parse(&body);
+    assert_record_like(&listed, &seed_record, &[]);
+
+    // Update a license: replaced, `updated_at` moves, `created_at` stays.
+    std::thread::sleep(Duration::from_millis(1100));
+    let (status, body) = run(PATCH);
+    assert_eq!(status, 200, "{body}");
+    let patched = parse(&body);
+    let seed_patched = json!({"created_at": 1500595200, "id": SEED_ID, "payload": second, "updated_at": 1500595200});
+    assert_record_like(&patched, &seed_patched, &[]);
+    assert_eq!(patched["created_at"], listed["created_at"]);
+    assert!(patched["updated_at"].as_i64() > listed["updated_at"].as_i64());
+
+    // Add a license, manually provided id (the first document is free again).
+    let (status, body) = run(PUT);
+    assert_eq!(status, 200, "{body}");
+    let put = parse(&body);
+    let seed_put = json!({"created_at": 1500508800, "id": SEED_PUT_ID, "payload": first, "updated_at": 1500508800});
+    assert_record_like(&put, &seed_put, &[]);
+    assert_eq!(put["created_at"], put["updated_at"]);
+    // "If provided ID exists the license will not be added, but will perform an update."
+    std::thread::sleep(Duration::from_millis(1100));
+    let (status, body) = run(PUT);
+    assert_eq!(status, 200, "{body}");
+    let updated = parse(&body);
+    assert_record_like(&updated, &seed_put, &[]);
+    assert_eq!(updated["created_at"], put["created_at"]);
+    assert!(updated["updated_at"].as_i64() > put["updated_at"].as_i64());
+    let (status, body) = run(LIST);
+    assert_eq!(status, 200);
+    let ids: Vec<Value> = parse(&body)["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .map(|r| r["id"].clone())
+        .collect();
+    assert_eq!(ids, [json!(SEED_ID), json!(SEED_PUT_ID)]);
 }
 
-/// Consul's `/v1/operator/license` (seed 004): GET, PUT, DELETE.
+/// Consul's `/v1/operator/license` (seed 004): each curl command as the page writes it, but
+/// for the address, against a file `consul.license` holding a license over several lines
+/// (curl's `--data @file` drops the line ends), and the answers in the page's shape.
+#[test]
+fn seed_004_examples_with_curl_as_written() {
+    const GET: &str = "curl \\\n    http://127.0.0.1:8500/v1/operator/license";
+    const PUT: &str =
+        "curl \\\n    --request PUT \\\n    --data @consul.license \\\n    http://127.0.0.1:8500/v1/operator/license";
+    const DELETE: &str =
+        "curl \\\n    --request DELETE \\\n    http://127.0.0.1:8500/v1/operator/license";
+
+    let (dir, vendor) = setup();
+    let cp = start(&dir, &vendor);
+    let addr = cp.addr.to_string();
+    let replacements = [("127.0.0.1:8500", addr.as_str())];
+    let run = |command: &str| run_as_written(dir.path(), command, &replacements);
+    // A license file as a vendor might ship it: indented, over several lines.
+    let license_file = |key: &str| {
+        let mut payload = charter_tests::payload(key, "2026-01-01", "2099-12-31");
+        payload.insert(
+            "features".into(),
+            json!(["Automated Backups", "Network Segments"]),
+        );
+        let document: Value = serde_json::from_str(&vendor.sign(payload)).expect("JSON");
+        let text = serde_json::to_string_pretty(&document).expect("pretty");
+        std::fs::write(dir.path().join("consul.license"), &text).expect("write consul.license");
+        text.replace(['\r', '\n'], "")
+    };
+    let shape = |reply: &Value| {
+        let mut top: Vec<&String> = reply.as_object().expect("object").keys().collect();
+        top.sort();
+        assert_eq!(top, ["License", "Valid", "Warnings"], "{reply}");
+        let mut fields: Vec<&String> = reply["License"]
+            .as_object()
+            .expect("License")
+            .keys()
+            .collect();
+        fields.sort();
+        assert_eq!(
+            fields,
+            [
+                "customer_id",
+                "expiration_time",
+                "features",
+                "flags",
+                "installation_id",
+                "issue_time",
+                "license_id",
+                "product",
+                "start_time",
+                "temporary"
+            ],
+            "{reply}"
+        );
+        assert_eq!(reply["Valid"], true, "{reply}");
+        assert_eq!(reply["License"]["installation_id"], "*");
+        assert_eq!(reply["License"]["temporary"], false);
+        assert_eq!(
+            reply["License"]["features"],
+            json!(["Automated Backups", "Network Segments"])
+        );
+        assert_eq!(reply["Warnings"], json!([]), "{reply}");
+    };
+
+    // Updating the license: the raw blob in, Consul's reply out.
+    let sent = license_file("CONSUL-1");
+    let (status, body) = run(PUT);
+    assert_eq!(status, 200, "{body}");
+    let installed = parse(&body);
+    shape(&installed);
+    assert_eq!(
+        installed["License"]["expiration_time"],
+        "2099-12-31T23:59:59.999Z"
+    );
+    let first_id = installed["License"]["license_id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // Stored like any license, its text exactly as curl sent it.
+    let record = cp.get(&format!("/licenses/{first_id}"));
+    assert_eq!(record.json()["payload"], json!(sent));
+
+    // Getting the license: the same reply.
+    let (status, body) = run(GET);
+    assert_eq!((status, parse(&body)), (200, installed.clone()));
+    assert_eq!(
+        cp.get("/v1/operator/license?dc=dc1").json(),
+        installed,
+        "dc is accepted"
+    );
+
+    // A second license put the same way is in force...
+    std::thread::sleep(Duration::from_millis(1100));
+    license_file("CONSUL-2");
+    let (status, body) = run(PUT);
+    assert_eq!(status, 200, "{body}");
+    let second = parse(&body);
+    shape(&second);
+    assert_ne!(second["License"]["license_id"], json!(first_id));
+    // ...and resetting removes it: the first is in force again.
+    let (status, body) = run(DELETE);
+    assert_eq!(status, 200, "{body}");
+    let reset = parse(&body);
+    shape(&reset);
+    assert_eq!(reset, installed);
+    let (status, body) = run(GET);
+    assert_eq!((status, parse(&body)), (200, installed));
+}
+
+/// Consul's face beyond the examples of seed 004: no license in force, `features`, the
+/// times, `?signed=1`, a refused `DELETE` and a refused license.
 #[test]
 fn seed_004_consul_flow() {
     let (dir, vendor) = setup();
@@ -535,6 +1007,22 @@ fn effective_license_is_newest_verified_and_status_explains() {
     );
 }
 
+/// The current UTC month as a report bucket (`YYYY-MM`).
+fn this_month() -> String {
+    let today = time::OffsetDateTime::now_utc().date();
+    format!("{:04}-{:02}", today.year(), u8::from(today.month()))
+}
+
+/// `counters` lists one bucket, the current month (read before the request, or after it
+/// should the month have turned meanwhile), with 0 requests.
+fn assert_current_month_only(counters: &Value, before: &str) {
+    let expected = |month: &str| json!([{"bucket": month, "request_count": 0}]);
+    assert!(
+        *counters == expected(before) || *counters == expected(&this_month()),
+        "{counters}"
+    );
+}
+
 #[test]
 fn report_has_kong_fields_and_no_raw_secrets() {
     let (dir, vendor) = setup();
@@ -542,10 +1030,12 @@ fn report_has_kong_fields_and_no_raw_secrets() {
     let unlicensed = cp.get("/license/report").json();
     assert_eq!(unlicensed["license_key"], "UNLICENSED");
     cp.add(&vendor.valid("SECRET-LICENSE-KEY-123"));
+    let before = this_month();
     let resp = cp.get("/license/report");
     assert_eq!(resp.status, 200);
     let report = resp.json();
-    assert_eq!(report["counters"], json!([]));
+    // Nothing counted yet: the current month is listed with 0, as in Kong's report.
+    assert_current_month_only(&report["counters"], &before);
     assert!(report["db_version"]
         .as_str()
         .expect("db_version")
@@ -601,14 +1091,18 @@ fn admin_tokens() {
             json!({"payload": vendor.valid(&uuid::Uuid::new_v4().to_string())}),
         ))
     };
-    // /status is open; everything else needs a token.
-    assert_eq!(call("GET", "/status", &[], None).status, 200);
+    // /status and Consul's GET (ACL "none" in seed 004) are open; everything else needs a
+    // token, with or without a trailing slash.
+    for path in ["/status", "/v1/operator/license", "/v1/operator/license/"] {
+        assert_eq!(call("GET", path, &[], None).status, 200, "{path}");
+    }
     for path in [
         "/licenses",
+        "/licenses/",
         "/license/report",
         "/license/status",
         "/metrics",
-        "/v1/operator/license",
+        "/v1/operator/license?signed=1",
     ] {
         assert_eq!(call("GET", path, &[], None).status, 401, "{path}");
     }
@@ -673,6 +1167,49 @@ fn admin_tokens() {
         )
         .status,
         403
+    );
+    // Consul's writes take the token in `X-Consul-Token` too, as Consul's tools send it; a
+    // read token is still refused a write.
+    let consul_put = |headers: &[(&str, &str)]| {
+        let text = vendor.valid(&uuid::Uuid::new_v4().to_string());
+        call(
+            "PUT",
+            "/v1/operator/license",
+            headers,
+            Some(Body::Raw("text/plain".into(), text.into_bytes())),
+        )
+    };
+    assert_eq!(consul_put(&[]).status, 401);
+    assert_eq!(
+        consul_put(&[("X-Consul-Token", "reader-token")]).status,
+        403
+    );
+    let installed = consul_put(&[("X-Consul-Token", "writer-token")]);
+    assert_eq!(installed.status, 200, "{}", installed.body);
+    let deleted = call(
+        "DELETE",
+        "/v1/operator/license",
+        &[("X-Consul-Token", "writer-token")],
+        None,
+    );
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    // `?signed=1` returns the document, with its license key: it needs a token, any token.
+    let signed = "/v1/operator/license?signed=1";
+    assert_eq!(
+        call("GET", signed, &[("X-Consul-Token", "reader-token")], None).status,
+        200
+    );
+    assert_eq!(call("GET", signed, &[], None).status, 401);
+    // `X-Consul-Token` is for Consul's face only.
+    assert_eq!(
+        call(
+            "GET",
+            "/licenses",
+            &[("X-Consul-Token", "writer-token")],
+            None
+        )
+        .status,
+        401
     );
     assert_eq!(
         call(
