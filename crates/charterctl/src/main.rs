@@ -1,8 +1,10 @@
 //! `charterctl`: the operator and vendor tool — key pairs, signing, verifying and
-//! inspecting licenses, and cluster certificates.
+//! inspecting licenses, cluster certificates, and `charterctl license`, a client of a
+//! running control plane's admin API.
 
 mod cert;
 mod files;
+mod license;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -90,6 +92,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Manage the licenses of a running control plane through its admin API: list, get,
+    /// add, replace, delete, status, report.
+    License(license::Args),
 }
 
 /// How a command ended: success, or a refused license (its own exit code).
@@ -120,7 +125,8 @@ fn main() -> ExitCode {
         Ok(Outcome::Refused) => ExitCode::from(1),
         Err(e) => {
             eprintln!("charterctl: error: {e:#}");
-            ExitCode::from(2)
+            // 2, or a failed admin API request's own code (`charterctl license --help`).
+            ExitCode::from(license::exit_code(&e))
         }
     }
 }
@@ -159,6 +165,7 @@ fn run(args: Args) -> Result<Outcome> {
             );
             Ok(Outcome::Ok)
         }
+        Command::License(args) => license::run(args).map(|()| Outcome::Ok),
     }
 }
 
