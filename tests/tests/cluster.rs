@@ -442,3 +442,51 @@ fn an_older_stream_of_a_reconnected_data_plane_does_not_mark_it_disconnected() {
         },
     );
 }
+
+#[test]
+fn a_control_plane_with_a_static_license_sends_it_and_never_a_stored_one() {
+    let dir = TempDir::new().expect("temp dir");
+    let vendor = Vendor::new(dir.path(), 32);
+    let key = vendor.public_key.to_string_lossy().into_owned();
+    let static_path = dir.path().join("static.json");
+    std::fs::write(&static_path, vendor.valid("STATIC-CP")).expect("write");
+    let cp = Cp::start(
+        dir.path(),
+        &[
+            "--trusted-key",
+            &key,
+            "--license-path",
+            &static_path.to_string_lossy(),
+        ],
+    );
+    let dp = Dp::start(dir.path(), "dp", &cp, &vendor.public_key, &[]);
+    let first = dp.wait_license("the control plane's static license", |l| {
+        l["payload"]["license_key"] == "STATIC-CP"
+    });
+    assert_eq!(first["source"], "cluster", "{first}");
+
+    // A stored license is stored, and not sent: the data plane keeps the static one.
+    let stored = cp.add(&vendor.valid("STORED-ON-STATIC-CP"));
+    assert_eq!(cp.get("/licenses").json()["data"][0]["id"], stored["id"]);
+    let status = cp.get("/license/status").json();
+    assert!(
+        status["warnings"]
+            .to_string()
+            .contains("licenses stored through the admin API are not used here"),
+        "{status}"
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let license = dp.license();
+    assert_eq!(license["payload"]["license_key"], "STATIC-CP", "{license}");
+    assert_eq!(
+        license["id"], first["id"],
+        "the same static license, the same id"
+    );
+
+    // Consul's DELETE there is refused and changes nothing.
+    let delete = charter_tests::request("DELETE", &cp.url("/v1/operator/license"), None);
+    assert_eq!(delete.status, 400, "{}", delete.body);
+    assert!(delete.body.contains("static"), "{}", delete.body);
+    assert_eq!(cp.get(&format!("/licenses/{}", id_of(&stored))).status, 200);
+    assert_eq!(dp.license()["payload"]["license_key"], "STATIC-CP");
+}

@@ -66,9 +66,14 @@ impl Hub {
 }
 
 /// The frame of a snapshot: its license in force now, labelled with its revision (so a
-/// snapshot's revision is never ahead of its content).
+/// snapshot's revision is never ahead of its content). On a control plane with a static
+/// license, the static license, never a stored one (seed 003: static configuration "does
+/// not communicate license changes").
 fn compute_frame(service: &Service, snapshot: &Licenses) -> Frame {
     let view = service.view_of(snapshot);
+    if let Some(static_license) = service.static_license() {
+        return static_frame(snapshot, static_license, &view);
+    }
     let license = view.stored_in_force.as_ref().and_then(|f| f.record.clone());
     let epoch = snapshot.epoch.to_string();
     let message = ControlPlaneMessage {
@@ -91,6 +96,51 @@ fn compute_frame(service: &Service, snapshot: &Licenses) -> Frame {
             .as_ref()
             .and_then(|f| f.verified.terms.dataplanes),
         license: license.map(|r| (r.id, r.updated_at, r.checksum)),
+        encoded: EncodedControlPlaneMessage::new(&message),
+    }
+}
+
+/// The frame carrying a control plane's static license. It has no stored record, so its id
+/// is made from its text (the same license, the same id, across restarts) and its times
+/// are its creation date's midnight (UTC).
+fn static_frame(
+    snapshot: &Licenses,
+    static_license: &charter_runtime::flags::StaticLicense,
+    view: &crate::service::View,
+) -> Frame {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(static_license.text.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    let id = uuid::Builder::from_custom_bytes(bytes).into_uuid();
+    let checksum = charter_store::checksum_of(&static_license.text);
+    let in_force = view.in_force.as_ref();
+    let created = in_force.map_or(0, |f| {
+        f.verified
+            .terms
+            .creation_date
+            .midnight()
+            .assume_utc()
+            .unix_timestamp()
+    });
+    let epoch = snapshot.epoch.to_string();
+    let message = ControlPlaneMessage {
+        msg: Some(control_plane_message::Msg::Snapshot(Snapshot {
+            epoch: epoch.clone(),
+            revision: snapshot.revision,
+            license: Some(License {
+                id: id.to_string(),
+                payload: static_license.text.clone(),
+                created_at: created,
+                updated_at: created,
+            }),
+        })),
+    };
+    Frame {
+        epoch,
+        revision: snapshot.revision,
+        licensed_dataplanes: in_force.and_then(|f| f.verified.terms.dataplanes),
+        license: Some((id, created, checksum)),
         encoded: EncodedControlPlaneMessage::new(&message),
     }
 }

@@ -531,6 +531,11 @@ impl Service {
         self.0.static_license.is_some()
     }
 
+    /// The static license configured on this node, if any.
+    pub fn static_license(&self) -> Option<&StaticLicense> {
+        self.0.static_license.as_ref()
+    }
+
     /// Whether the store can take writes.
     pub async fn health(&self) -> Result<(), StoreError> {
         self.0.store.check().await
