@@ -244,11 +244,8 @@ async fn serve(
             ));
             expiry
         });
-        let api = api::ApiState::with_cert_expiry(
-            service.clone(),
-            config.tokens.clone(),
-            cert_expiry,
-        );
+        let api =
+            api::ApiState::with_cert_expiry(service.clone(), config.tokens.clone(), cert_expiry);
         // A quarter of the file handles at most: a flood of admin connections leaves the
         // cluster port and the store theirs.
         charter_runtime::http::serve_router(
