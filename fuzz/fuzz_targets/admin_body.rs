@@ -21,7 +21,7 @@ use serde_json::Value;
 
 fuzz_target!(|data: &[u8]| {
     let (content_type, body) = match data.iter().position(|&b| b == b'\n') {
-        Some(end) if end == 0 => (None, &data[1..]),
+        Some(0) => (None, &data[1..]),
         Some(end) => (Some(&data[..end]), &data[end + 1..]),
         None => (None, data),
     };
