@@ -3,14 +3,22 @@
 //! the data plane's status API and gate).
 //!
 //! - **Connections are capped** ([`Limits::max_connections`], a share of the process's
-//!   file limit): at the cap the loop stops accepting, and new connections wait in the
-//!   kernel's backlog until one closes, so a flood of connections on one listener cannot
-//!   take the file handles another listener (the cluster port) needs.
+//!   file limit), so a flood of connections on one listener cannot take the file handles
+//!   another listener (the cluster port) needs. A connection accepted at the cap waits for
+//!   a slot, and the loop accepts no other meanwhile (the rest wait in the kernel's
+//!   backlog); while it waits, the connection idle the longest (no request in flight for
+//!   at least [`EVICT_AFTER`]) is asked to close, as nginx reuses idle keep-alive
+//!   connections. A connection is never closed to make room for itself, nor before it
+//!   has had [`EVICT_AFTER`] to send its first request.
 //! - **Idle connections are closed** after [`Limits::idle`]: an HTTP/1 connection that has
 //!   not sent a complete request head by then (a new one, or one between requests) is
 //!   closed by hyper's header timer; any connection (HTTP/2 too) with no request in flight
 //!   for that long is shut down gracefully, and closed outright when still open
 //!   [`Limits::idle`] later.
+//! - **A request body that stops arriving fails**: a handler that waits [`Limits::idle`]
+//!   for the next piece of a request body gets an error instead ([`RequestBody`]), so a
+//!   client trickling a body cannot hold a connection (and its request "in flight") for
+//!   ever. A slow download is never cut: only the client's silence counts.
 //! - **An accept error never ends the loop**: it is logged and retried after a pause (out
 //!   of file handles, the usual one, passes as connections close).
 
@@ -30,6 +38,13 @@ use tokio::sync::{watch, Semaphore};
 /// How long a connection may stay without a request in flight (or an HTTP/1 connection
 /// without a complete request head) before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a connection must have been without a request in flight before it may be
+/// closed to make room for a new one at the cap.
+pub const EVICT_AFTER: Duration = Duration::from_secs(1);
+
+/// How often a connection waiting for a slot at the cap looks again for one to close.
+const EVICT_RETRY: Duration = Duration::from_millis(250);
 
 /// How long to wait after an accept error before accepting again.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
@@ -90,7 +105,7 @@ pub async fn serve<M, S, B>(
     mut shutdown: watch::Receiver<bool>,
 ) where
     M: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: hyper::service::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Send
         + Sync
         + 'static,
@@ -106,27 +121,6 @@ pub async fn serve<M, S, B>(
         if *shutdown.borrow() {
             break;
         }
-        if slots.available_permits() == 0 {
-            let evicted = live.evict_longest_idle();
-            if !warned_full {
-                tracing::warn!(
-                    listener = name,
-                    max = limits.max_connections,
-                    evicted,
-                    "connection limit reached: closing the longest-idle connections to make room"
-                );
-                warned_full = true;
-            }
-        } else {
-            warned_full = false;
-        }
-        let slot = tokio::select! {
-            slot = slots.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => break,
-            },
-            _ = shutdown.changed() => continue,
-        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -136,7 +130,32 @@ pub async fn serve<M, S, B>(
                     continue;
                 }
             },
-            _ = shutdown.changed() => continue,
+            changed = shutdown.changed() => match changed {
+                Ok(()) => continue,
+                // The sender is gone: nobody can tell this loop to stop any more, so stop.
+                Err(_) => break,
+            },
+        };
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => {
+                warned_full = false;
+                slot
+            }
+            Err(_) => {
+                if !warned_full {
+                    tracing::warn!(
+                        listener = name,
+                        max = limits.max_connections,
+                        "connection limit reached: closing the longest-idle connections to make room"
+                    );
+                    warned_full = true;
+                }
+                match wait_for_slot(&slots, &live, &mut shutdown).await {
+                    Some(slot) => slot,
+                    // Shutting down: the waiting connection is dropped unserved.
+                    None => break,
+                }
+            }
         };
         // Small answers matter more than packet counts; failing only costs latency.
         let _ = stream.set_nodelay(true);
@@ -153,6 +172,30 @@ pub async fn serve<M, S, B>(
     let _ = slots.acquire_many(limits.max_connections as u32).await;
 }
 
+/// Waits for a free slot for a connection accepted at the cap, asking the longest-idle
+/// connection to close now and every [`EVICT_RETRY`] while none is free (none may be idle
+/// long enough yet). `None` when `shutdown` turns true (or its sender is gone) first.
+async fn wait_for_slot(
+    slots: &Arc<Semaphore>,
+    live: &Live,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let mut retry = tokio::time::interval(EVICT_RETRY);
+    loop {
+        tokio::select! {
+            slot = slots.clone().acquire_owned() => return slot.ok(),
+            _ = retry.tick() => {
+                live.evict_longest_idle();
+            }
+            changed = shutdown.changed() => {
+                if changed.is_err() || *shutdown.borrow() {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// The connections of one listener, to find the longest-idle one at the cap.
 #[derive(Default)]
 struct Live {
@@ -162,6 +205,8 @@ struct Live {
 struct Connection {
     activity: Arc<Activity>,
     evict: Arc<tokio::sync::Notify>,
+    /// Told to close to make room (it stays listed until it has).
+    evicted: bool,
 }
 
 impl Live {
@@ -169,13 +214,14 @@ impl Live {
         let mut guard = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         let (next, connections) = &mut *guard;
         *next += 1;
-        let activity = Arc::new(Activity::default());
+        let activity = Arc::new(Activity::born_now());
         let evict = Arc::new(tokio::sync::Notify::new());
         connections.insert(
             *next,
             Connection {
                 activity: activity.clone(),
                 evict: evict.clone(),
+                evicted: false,
             },
         );
         (*next, activity, evict)
@@ -186,17 +232,20 @@ impl Live {
         guard.1.remove(&id);
     }
 
-    /// Tells the connection idle the longest to close; whether there was one.
+    /// Tells the connection idle the longest, if it has been for [`EVICT_AFTER`] at least,
+    /// to close; whether there was one. A connection told so is no longer a candidate.
     fn evict_longest_idle(&self) -> bool {
         let mut guard = self.connections.lock().unwrap_or_else(|p| p.into_inner());
         let longest = guard
             .1
             .iter()
+            .filter(|(_, c)| !c.evicted)
             .map(|(id, c)| (c.activity.idle_for(), *id))
-            .filter(|(idle, _)| !idle.is_zero())
+            .filter(|(idle, _)| *idle >= EVICT_AFTER)
             .max();
-        match longest.and_then(|(_, id)| guard.1.remove(&id)) {
+        match longest.and_then(|(_, id)| guard.1.get_mut(&id)) {
             Some(connection) => {
+                connection.evicted = true;
                 connection.evict.notify_one();
                 true
             }
@@ -215,7 +264,7 @@ async fn drive<S, B>(
     activity: Arc<Activity>,
     evict: Arc<tokio::sync::Notify>,
 ) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
+    S: hyper::service::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>
         + Send
         + Sync
         + 'static,
@@ -227,25 +276,41 @@ async fn drive<S, B>(
     let counted = Counted {
         inner: Arc::new(service),
         activity: activity.clone(),
+        idle,
     };
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(idle);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(idle / 2))
-        .keep_alive_timeout(idle / 2);
+    // No HTTP/2 keep-alive pings: a PING queued behind a slow download would not be
+    // answered in time and would cut the download; idleness is judged by requests.
+    builder.http2().timer(TokioTimer::new());
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), counted);
     tokio::pin!(connection);
+    // When the connection was told to close (graceful shutdown), if it was.
     let mut closing: Option<tokio::time::Instant> = None;
     let mut check = tokio::time::interval(idle / 4);
+    // Told to close to make room: closed outright after EVICT_AFTER unless a request has
+    // slipped in meanwhile (it then gets until the usual deadline).
+    let evicting = tokio::time::sleep(Duration::MAX / 4);
+    tokio::pin!(evicting);
+    let mut evicted = false;
     loop {
         tokio::select! {
             _ = connection.as_mut() => return,
-            () = evict.notified() => return,
+            () = evict.notified(), if closing.is_none() => {
+                connection.as_mut().graceful_shutdown();
+                closing = Some(tokio::time::Instant::now());
+                evicting.as_mut().reset(tokio::time::Instant::now() + EVICT_AFTER);
+                evicted = true;
+            }
+            () = evicting.as_mut(), if evicted => {
+                if activity.in_flight.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                evicted = false;
+            }
             _ = shutdown.changed(), if closing.is_none() => {
                 connection.as_mut().graceful_shutdown();
                 closing = Some(tokio::time::Instant::now());
@@ -270,12 +335,19 @@ async fn drive<S, B>(
 #[derive(Default)]
 struct Activity {
     in_flight: AtomicUsize,
-    /// When the last request started or ended (`None`: none yet; the connection's idle
-    /// time then counts from the first look).
+    /// When the connection was accepted or its last request started or ended.
     last: std::sync::Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Activity {
+    /// A connection just accepted: its idle time counts from now.
+    fn born_now() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            last: std::sync::Mutex::new(Some(tokio::time::Instant::now())),
+        }
+    }
+
     fn touch(&self) {
         *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some(tokio::time::Instant::now());
     }
@@ -285,8 +357,8 @@ impl Activity {
         if self.in_flight.load(Ordering::Acquire) > 0 {
             return Duration::ZERO;
         }
-        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        last.get_or_insert_with(tokio::time::Instant::now).elapsed()
+        let last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        last.map_or(Duration::ZERO, |last| last.elapsed())
     }
 }
 
@@ -312,11 +384,13 @@ impl Drop for InFlight {
 struct Counted<S> {
     inner: Arc<S>,
     activity: Arc<Activity>,
+    /// How long a request body may keep the handler waiting.
+    idle: Duration,
 }
 
 impl<S, B> hyper::service::Service<Request<Incoming>> for Counted<S>
 where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+    S: hyper::service::Service<Request<RequestBody>, Response = Response<B>, Error = Infallible>,
     S::Future: Send + 'static,
     B: Body + Unpin,
 {
@@ -327,7 +401,10 @@ where
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let in_flight = InFlight::start(&self.activity);
-        let response = self.inner.call(request);
+        let idle = self.idle;
+        let response = self
+            .inner
+            .call(request.map(|body| RequestBody::new(body, idle)));
         Box::pin(async move {
             let Ok(response) = response.await;
             Ok(response.map(|body| Tracked {
@@ -368,6 +445,91 @@ impl<B: Body + Unpin> Body for Tracked<B> {
     }
 }
 
+/// A request's body as [`serve`] hands it to the service: hyper's body, failing with
+/// [`BodyStalled`] when the handler has waited [`Limits::idle`] for its next piece (the
+/// client has sent nothing since). The wait counts only while the handler waits for the
+/// body, so a handler slow to read it is never blamed on the client.
+pub struct RequestBody {
+    inner: Incoming,
+    idle: Duration,
+    /// Armed while the last poll found nothing ready.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    waiting: bool,
+}
+
+impl RequestBody {
+    fn new(inner: Incoming, idle: Duration) -> RequestBody {
+        RequestBody {
+            inner,
+            idle,
+            stalled: None,
+            waiting: false,
+        }
+    }
+}
+
+/// The error of a [`RequestBody`] whose client stopped sending it.
+#[derive(Debug)]
+pub struct BodyStalled(pub Duration);
+
+impl std::fmt::Display for BodyStalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the client sent nothing of the request body for {} s",
+            self.0.as_secs()
+        )
+    }
+}
+
+impl std::error::Error for BodyStalled {}
+
+impl Body for RequestBody {
+    type Data = hyper::body::Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        match std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(frame) => {
+                this.waiting = false;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                let sleep = match &mut this.stalled {
+                    Some(sleep) => {
+                        if !this.waiting {
+                            sleep.as_mut().reset(deadline);
+                        }
+                        sleep
+                    }
+                    None => this
+                        .stalled
+                        .insert(Box::pin(tokio::time::sleep_until(deadline))),
+                };
+                this.waiting = true;
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyStalled(this.idle))))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// [`serve`] for an axum `Router`: each request carries its peer as
 /// `axum::extract::ConnectInfo<SocketAddr>`, as `into_make_service_with_connect_info` gives.
 pub async fn serve_router(
@@ -379,7 +541,7 @@ pub async fn serve_router(
 ) {
     let make = move |peer: SocketAddr| {
         let router = router.clone();
-        hyper::service::service_fn(move |mut request: Request<Incoming>| {
+        hyper::service::service_fn(move |mut request: Request<RequestBody>| {
             request
                 .extensions_mut()
                 .insert(axum::extract::ConnectInfo(peer));
