@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use charter_runtime::http::RequestBody;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Either, Empty, Full};
 use hyper::body::{Body as _, Incoming};
@@ -122,7 +123,7 @@ impl Upstream {
 
 /// The body sent upstream: the client's, or none (a request sent again, see
 /// [`Gate::forward`]).
-type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+type UpstreamBody = Either<RequestBody, Empty<Bytes>>;
 type Sender = http1::SendRequest<UpstreamBody>;
 
 /// Idle HTTP/1.1 connections to the upstream, the least recently used at the bottom.
@@ -307,7 +308,7 @@ impl Gate {
 
     async fn handle(
         &self,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         peer: SocketAddr,
         lane: &Lane,
     ) -> Result<Response<ProxyBody>, Infallible> {
@@ -334,6 +335,13 @@ impl Gate {
                 let (mut parts, body) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Ok(Response::from_parts(parts, body.boxed()))
+            }
+            Ok(Err(e)) if body_stalled(&*e).is_some() => {
+                let stalled = body_stalled(&*e)
+                    .map(ToString::to_string)
+                    .unwrap_or_default();
+                tracing::info!(%peer, "{stalled}: request dropped");
+                Ok(json(StatusCode::REQUEST_TIMEOUT, &stalled))
             }
             Ok(Err(e)) => {
                 tracing::warn!(upstream = %self.upstream.url(), error = %e, "upstream request failed");
@@ -436,7 +444,7 @@ impl Gate {
     /// origin form (`/path?query`) for a lane, in absolute form for the pooled client.
     fn upstream_request(
         &self,
-        request: Request<Incoming>,
+        request: Request<RequestBody>,
         peer: SocketAddr,
         absolute: bool,
     ) -> Result<Request<UpstreamBody>, String> {
@@ -529,6 +537,18 @@ fn describe(e: &BoxError) -> String {
         source = s.source();
     }
     text
+}
+
+/// The client's stalled body, when that is why a request to the upstream failed.
+fn body_stalled<'a>(
+    mut e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a charter_runtime::http::BodyStalled> {
+    loop {
+        if let Some(stalled) = e.downcast_ref() {
+            return Some(stalled);
+        }
+        e = e.source()?;
+    }
 }
 
 fn json(status: StatusCode, message: &str) -> Response<ProxyBody> {
