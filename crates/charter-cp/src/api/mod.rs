@@ -243,6 +243,9 @@ pub enum ApiError {
     /// 400 with a plain message (Consul face).
     #[error("{0}")]
     BadRequest(String),
+    /// 408 the client stopped sending the request body.
+    #[error("{0}")]
+    BodyTimeout(String),
     /// 503 the store cannot be read or written; the message is the client's, the error
     /// the log's.
     #[error("store unavailable: {error}")]
@@ -278,6 +281,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -341,7 +345,9 @@ impl ApiError {
             ApiError::Forbidden => json!({
                 "message": "Forbidden: this token is read-only; the request needs a write token",
             }),
-            ApiError::BadRequest(message) => json!({"message": message}),
+            ApiError::BadRequest(message) | ApiError::BodyTimeout(message) => {
+                json!({"message": message})
+            }
             ApiError::Unavailable { message, .. } => json!({"message": message}),
         }
     }
@@ -521,9 +527,25 @@ pub async fn read_body(headers: &HeaderMap, body: Body) -> Result<bytes::Bytes, 
         {
             Err(ApiError::TooLarge)
         }
+        Err(e) if stalled(&*e) => Err(ApiError::BodyTimeout(format!(
+            "Cannot read request body: {e}"
+        ))),
         Err(e) => Err(ApiError::BadRequest(format!(
             "Cannot read request body: {e}"
         ))),
+    }
+}
+
+/// Whether `e` is (or was caused by) a client that stopped sending its body.
+fn stalled(mut e: &(dyn std::error::Error + 'static)) -> bool {
+    loop {
+        if e.is::<charter_runtime::http::BodyStalled>() {
+            return true;
+        }
+        match e.source() {
+            Some(source) => e = source,
+            None => return false,
+        }
     }
 }
 
