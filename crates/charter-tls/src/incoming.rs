@@ -11,9 +11,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::collections::HashMap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, warn};
@@ -30,9 +32,18 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// Finished handshakes waiting for the server to pick them up.
 const QUEUE: usize = 64;
 
-/// Handshakes in progress at once; beyond, new connections wait in the kernel's backlog,
-/// so peers that connect and stall cannot take every file handle.
+/// Handshakes in progress at once, so peers that connect and stall cannot take every file
+/// handle. A connection accepted beyond waits for a slot (the rest wait in the kernel's
+/// backlog) while the oldest handshake in progress, once [`STALLED_AFTER`] old, is dropped
+/// to make room: a real peer's handshake takes milliseconds, so peers that connect and
+/// stall cannot keep the others out.
 const MAX_HANDSHAKES: usize = 256;
+
+/// How old a handshake in progress must be before it may be dropped to make room.
+const STALLED_AFTER: Duration = Duration::from_secs(1);
+
+/// How often a connection waiting for a handshake slot looks again for a stalled one.
+const STALLED_RETRY: Duration = Duration::from_millis(250);
 
 /// How long a refused client gets to read the alert and close its side.
 const LINGER: Duration = Duration::from_secs(1);
@@ -82,31 +93,99 @@ impl futures_core::Stream for Incoming {
 
 async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, tx: mpsc::Sender<Item>) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+    let pending = Arc::new(Pending::default());
+    let mut warned_full = false;
     loop {
-        let slot = tokio::select! {
-            () = tx.closed() => return,
-            slot = handshakes.clone().acquire_owned() => match slot {
-                Ok(slot) => slot,
-                Err(_) => return,
-            },
-        };
         let accepted = tokio::select! {
             // The server dropped the stream: stop, and release the port.
             () = tx.closed() => return,
             accepted = listener.accept() => accepted,
         };
-        match accepted {
-            Ok((tcp, peer)) => {
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    handshake(acceptor, tcp, peer, tx).await;
-                    drop(slot);
-                });
-            }
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(err) => {
                 warn!(error = %err, "cannot accept a cluster connection; retrying");
                 tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
             }
+        };
+        let slot = match handshakes.clone().try_acquire_owned() {
+            Ok(slot) => {
+                warned_full = false;
+                slot
+            }
+            Err(_) => {
+                if !warned_full {
+                    warn!(
+                        max = MAX_HANDSHAKES,
+                        "cluster TLS handshakes in progress at the limit: dropping the oldest ones that stall"
+                    );
+                    warned_full = true;
+                }
+                let mut retry = tokio::time::interval(STALLED_RETRY);
+                loop {
+                    tokio::select! {
+                        () = tx.closed() => return,
+                        slot = handshakes.clone().acquire_owned() => match slot {
+                            Ok(slot) => break slot,
+                            Err(_) => return,
+                        },
+                        _ = retry.tick() => pending.drop_oldest_stalled(),
+                    }
+                }
+            }
+        };
+        let (id, cancel) = pending.register();
+        let (acceptor, tx, pending) = (acceptor.clone(), tx.clone(), pending.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = handshake(acceptor, tcp, peer, tx) => {}
+                () = cancel.notified() => {
+                    warn!(%peer, reason = "no TLS handshake yet, and others waiting",
+                        "cluster TLS handshake failed; connection dropped");
+                }
+            }
+            pending.unregister(id);
+            drop(slot);
+        });
+    }
+}
+
+/// When a handshake began, and how to cancel it.
+type Began = (Instant, Arc<Notify>);
+
+/// The handshakes in progress, by when each began.
+#[derive(Default)]
+struct Pending {
+    handshakes: std::sync::Mutex<(u64, HashMap<u64, Began>)>,
+}
+
+impl Pending {
+    fn register(&self) -> (u64, Arc<Notify>) {
+        let mut guard = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        let (next, handshakes) = &mut *guard;
+        *next += 1;
+        let cancel = Arc::new(Notify::new());
+        handshakes.insert(*next, (Instant::now(), cancel.clone()));
+        (*next, cancel)
+    }
+
+    fn unregister(&self, id: u64) {
+        let mut guard = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        guard.1.remove(&id);
+    }
+
+    /// Cancels the oldest handshake in progress if it began [`STALLED_AFTER`] ago or more.
+    fn drop_oldest_stalled(&self) {
+        let mut guard = self.handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        let oldest = guard
+            .1
+            .iter()
+            .map(|(id, (began, _))| (*began, *id))
+            .filter(|(began, _)| began.elapsed() >= STALLED_AFTER)
+            .min();
+        if let Some((_, cancel)) = oldest.and_then(|(_, id)| guard.1.remove(&id)) {
+            cancel.notify_one();
         }
     }
 }

@@ -681,6 +681,31 @@ async fn incoming_keeps_serving_good_clients_around_bad_ones() {
     assert!(logs.warnings().is_empty(), "{}", logs.text());
 }
 
+#[tokio::test]
+async fn a_flood_of_stalled_handshakes_does_not_keep_a_good_client_out() {
+    let (logs, _guard) = Logs::capture();
+    let certs = Certs::new();
+    let cluster = certs.shared("cluster", Validity::Current);
+    let addr = start_server(server_config(MtlsMode::Shared, &cluster).unwrap()).await;
+    // More peers than handshakes are allowed at once, all connecting and saying nothing.
+    let mut stalled = Vec::new();
+    for _ in 0..300 {
+        stalled.push(TcpStream::connect(addr).await.unwrap());
+    }
+    // Before the fix the good client waited behind them for the whole handshake timeout
+    // (10 s); now the oldest stalled ones make room after a second.
+    let good = client_config(MtlsMode::Shared, &cluster).unwrap();
+    let call = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT - Duration::from_secs(2),
+        connect_and_call(addr, good, "charter-cluster"),
+    )
+    .await;
+    assert_eq!(call, Ok(Ok(cert_len(&cluster))));
+    logs.eventually_warns("no TLS handshake yet, and others waiting")
+        .await;
+    drop(stalled);
+}
+
 // ---------------------------------------------------------------------------------------
 // Configuration errors name what is wrong and where.
 
