@@ -42,6 +42,11 @@ impl LicenseDocument {
                 format!("license is not valid JSON: {e}"),
             )
         })?;
+        // Only what the signature pins down exactly: a name given twice, or an integer a
+        // double cannot hold, would let two texts share one signature and differ in what
+        // a reader takes from them.
+        serde_json::from_str::<Unambiguous>(text)
+            .map_err(|e| LicenseError::format(format!("license is ambiguous: {e}")))?;
         let Value::Object(top) = value else {
             return Err(LicenseError::format(format!(
                 "expected a JSON object with a `license` field, found {}",
@@ -128,6 +133,11 @@ impl LicenseDocument {
         signature: [u8; 64],
     ) -> Result<LicenseDocument, LicenseError> {
         check_payload_shape(&payload)?;
+        // What `parse` refuses must not be signed: a map cannot repeat a name, but it can
+        // hold an integer the canonical form rounds.
+        let text = serde_json::to_string(&payload).unwrap_or_default();
+        serde_json::from_str::<Unambiguous>(&text)
+            .map_err(|e| LicenseError::format(format!("license is ambiguous: {e}")))?;
         Ok(LicenseDocument { payload, signature })
     }
 
@@ -175,6 +185,82 @@ impl LicenseDocument {
     /// The typed terms of the payload, with its dates parsed and checked against each other.
     pub fn terms(&self) -> Result<Terms, LicenseError> {
         Terms::from_payload(&self.payload)
+    }
+}
+
+/// The largest integer every JSON reader holds exactly (2^53 - 1): RFC 8785 writes numbers
+/// as doubles, so beyond it two integers share a canonical form, and one signature.
+pub const MAX_EXACT_INTEGER: u64 = (1 << 53) - 1;
+
+/// A JSON text read only to refuse what the canonical form cannot tell apart: a name twice
+/// in one object, or an integer beyond [`MAX_EXACT_INTEGER`] in magnitude.
+struct Unambiguous;
+
+impl<'de> serde::Deserialize<'de> for Unambiguous {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(UnambiguousVisitor)
+    }
+}
+
+struct UnambiguousVisitor;
+
+impl<'de> serde::de::Visitor<'de> for UnambiguousVisitor {
+    type Value = Unambiguous;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Unambiguous, E> {
+        Ok(Unambiguous)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Unambiguous, E> {
+        if n > MAX_EXACT_INTEGER {
+            return Err(E::custom(format_args!(
+                "the integer {n} is beyond 2^53 - 1, where the signed (canonical) form rounds it; write it as a string"
+            )));
+        }
+        Ok(Unambiguous)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Unambiguous, E> {
+        if n.unsigned_abs() > MAX_EXACT_INTEGER {
+            return Err(E::custom(format_args!(
+                "the integer {n} is below -(2^53 - 1), where the signed (canonical) form rounds it; write it as a string"
+            )));
+        }
+        Ok(Unambiguous)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Unambiguous, E> {
+        Ok(Unambiguous)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Unambiguous, E> {
+        Ok(Unambiguous)
+    }
+
+    fn visit_unit<E>(self) -> Result<Unambiguous, E> {
+        Ok(Unambiguous)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Unambiguous, A::Error> {
+        while seq.next_element::<Unambiguous>()?.is_some() {}
+        Ok(Unambiguous)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Unambiguous, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(name) = map.next_key::<String>()? {
+            if !seen.insert(name.clone()) {
+                return Err(serde::de::Error::custom(format_args!(
+                    "the field `{name}` is given twice in one object"
+                )));
+            }
+            map.next_value::<Unambiguous>()?;
+        }
+        Ok(Unambiguous)
     }
 }
 

@@ -13,7 +13,9 @@ mod schedule;
 mod select;
 mod status;
 
-pub use document::{canonical_payload, LicenseDocument, Terms, DOCUMENT_VERSION};
+pub use document::{
+    canonical_payload, LicenseDocument, Terms, DOCUMENT_VERSION, MAX_EXACT_INTEGER,
+};
 pub use error::{ErrorCode, LicenseError};
 pub use keys::{KeyError, KeyId, LicenseSigner, TrustedKey, TrustedKeys, VerifiedLicense};
 pub use schedule::DailyLog;

@@ -648,3 +648,61 @@ proptest! {
         prop_assert_eq!(keys().verify(&tampered).expect_err("tampered").code, ErrorCode::ValidationFail);
     }
 }
+
+// --- what one signature must pin down --------------------------------------------------
+
+#[test]
+fn a_name_twice_or_an_integer_beyond_2_53_is_refused_even_when_signed() {
+    // Both integers have one canonical (double) form, so one signature covers both texts.
+    let mut big = payload("2026-01-01", "2027-01-01");
+    big.insert("seats_total".into(), json!(9_007_199_254_740_993u64));
+    let signed = sign_raw(&big);
+    let twin = signed.replace("9007199254740993", "9007199254740992");
+    assert_ne!(signed, twin);
+    for text in [&signed, &twin] {
+        check_refused(text, ErrorCode::InvalidLicenseFormat, "beyond 2^53 - 1");
+    }
+    let mut negative = payload("2026-01-01", "2027-01-01");
+    negative.insert("offset".into(), json!(-9_007_199_254_740_993i64));
+    check_refused(
+        &sign_raw(&negative),
+        ErrorCode::InvalidLicenseFormat,
+        "below -(2^53 - 1)",
+    );
+
+    // The largest exact integer, and a nested one, are fine.
+    let mut exact = payload("2026-01-01", "2027-01-01");
+    exact.insert("n".into(), json!(MAX_EXACT_INTEGER));
+    exact.insert("nested".into(), json!({"list": [1, -2, 3.5]}));
+    validate(&sign_raw(&exact), &keys(), noon(date!(2026 - 06 - 01))).expect("valid");
+
+    // A payload field given twice: serde would keep the last, a reader might take the
+    // first.
+    let text = sign_raw(&payload("2026-01-01", "2027-01-01"));
+    let twice = text.replacen(
+        "\"customer\":",
+        "\"customer\":\"Someone Else\",\"customer\":",
+        1,
+    );
+    check_refused(
+        &twice,
+        ErrorCode::InvalidLicenseFormat,
+        "`customer` is given twice",
+    );
+    // In an admin-API record holding the document, too.
+    let record = json!({ "payload": twice }).to_string();
+    check_refused(
+        &record,
+        ErrorCode::InvalidLicenseFormat,
+        "`customer` is given twice",
+    );
+}
+
+#[test]
+fn an_integer_beyond_2_53_is_never_signed() {
+    let mut big = payload("2026-01-01", "2027-01-01");
+    big.insert("seats_total".into(), json!(9_007_199_254_740_993u64));
+    let err = signer().sign(big).expect_err("refused");
+    assert_eq!(err.code, ErrorCode::InvalidLicenseFormat);
+    assert!(err.message.contains("beyond 2^53 - 1"), "{}", err.message);
+}
