@@ -583,3 +583,60 @@ fn usage_counts_exactly_once_while_a_gate_moves_to_another_control_plane() {
         .sum();
     assert_eq!(own, answered, "{by_dp}");
 }
+
+/// The daily expiry log of a stored license is the cluster's: one control plane writes it
+/// (the one leading the chores), and when that one dies another takes over within seconds.
+#[test]
+fn one_control_plane_logs_the_expiry_and_another_takes_over_when_it_dies() {
+    let tmp = TempDir::new().expect("temp dir");
+    let pg = TestPostgres::start();
+    let url = pg.url();
+    let vendor = Vendor::new(tmp.path(), 6);
+    let key = vendor.public_key.to_str().expect("utf-8 path");
+    let mut cps: Vec<Cp> = ["a", "b"]
+        .iter()
+        .map(|name| {
+            let dir = tmp.path().join(name);
+            std::fs::create_dir_all(&dir).unwrap();
+            Cp::start(&dir, &["--trusted-key", key, "--database-url", &url])
+        })
+        .collect();
+    // Twenty days left: an ERROR once a day.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let expires = charter_license::rfc3339(now + 20 * 86_400)[..10].to_owned();
+    let added = cps[0].send_json(
+        "POST",
+        "/licenses",
+        &json!({"payload": vendor.license("SOON", "2026-01-01", &expires)}),
+    );
+    assert_eq!(added.status, 201, "{}", added.body);
+    let logged = |cp: &Cp| {
+        cp.logs()
+            .lines()
+            .filter(|l| l.contains("ERROR") && l.contains("days left"))
+            .count()
+    };
+    let leader = eventually(
+        "one control plane logs the expiry",
+        Duration::from_secs(60),
+        || cps.iter().position(|cp| logged(cp) > 0),
+    );
+    let other = 1 - leader;
+    // Well past the other's next look at the license (every 10 s): still only one.
+    std::thread::sleep(Duration::from_secs(15));
+    assert_eq!(
+        (logged(&cps[leader]), logged(&cps[other])),
+        (1, 0),
+        "once, by one control plane"
+    );
+
+    cps[leader].kill();
+    eventually(
+        "the other control plane takes the chores over and logs",
+        Duration::from_secs(60),
+        || (logged(&cps[other]) == 1).then_some(()),
+    );
+}

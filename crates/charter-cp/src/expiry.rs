@@ -8,8 +8,10 @@ use charter_license::{utc_date, DailyLog, Severity};
 
 use crate::service::Service;
 
-/// How often the schedule looks at the license. Logging happens at most daily.
-const CHECK_EVERY: Duration = Duration::from_secs(600);
+/// How often the schedule looks at the license (and, on a shared store, whether this
+/// control plane now leads the chores, so a new leader logs within seconds of taking
+/// over). Logging happens at most daily.
+const CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// Logs the license situation once per day until `shutdown` fires.
 pub async fn run(service: Service, mut shutdown: tokio::sync::watch::Receiver<bool>) {
