@@ -719,3 +719,102 @@ fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed()
         "the closed client's upstream connection is reused"
     );
 }
+
+/// An upstream that reads each request's whole body (by its Content-Length) before it
+/// answers `200 <bytes read>`.
+fn body_reading_upstream() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(8) {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut length = 0usize;
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':') {
+                        if name.eq_ignore_ascii_case("content-length") {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                }
+                let mut body = vec![0; length];
+                if reader.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{length}",
+                    length.to_string().len()
+                );
+                let _ = reader.get_mut().write_all(answer.as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_client_that_stops_sending_its_body_gets_a_408() {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+
+    use crate::gate::{serve, Gate, Upstream};
+    use crate::state::Enforcement;
+    use crate::usage::Usage;
+
+    let dir = tempfile::TempDir::new().expect("temp dir");
+    let signer = signer(7);
+    let text = document(&signer, "2026-01-01", "2099-12-31");
+    let (verified, _) =
+        charter_license::validate(&text, &TrustedKeys::new([signer.trusted_key()]), NOW)
+            .expect("valid");
+    let clock = Arc::new(crate::clock::NodeClock::new(
+        Arc::new(charter_license::FixedClock::new(NOW)),
+        dir.path().to_path_buf(),
+        None,
+    ));
+    let enforcement = Arc::new(Enforcement::new(Some(verified), None, clock));
+    let usage = Arc::new(Usage::open(dir.path()).expect("usage"));
+    let upstream = Upstream::parse(&format!("http://{}", body_reading_upstream())).expect("url");
+    // Clients idle after a second; the upstream timeout well beyond it.
+    let gate = Arc::new(Gate::with_limits(
+        upstream,
+        enforcement,
+        usage,
+        Duration::from_secs(30),
+        4,
+        Duration::from_secs(1),
+    ));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let (_stop, stop) = tokio::sync::watch::channel(false);
+    runtime.spawn(serve(listener, gate, stop));
+
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    stream
+        .write_all(b"POST / HTTP/1.1\r\nhost: gate.test\r\ncontent-length: 10\r\n\r\nab")
+        .expect("send");
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("sent nothing of the request body for 1 s"),
+        "{answer}"
+    );
+}
