@@ -31,6 +31,27 @@ fn a_control_plane_started_while_the_database_is_down_waits_answering_503() {
         &json!({"payload": vendor.valid("WAIT-1")}),
     );
     assert_eq!(write.status, 503, "{}", write.body);
+    // Each 503 closes its connection, so the client's next one reaches the real API.
+    let raw = {
+        use std::io::{Read, Write};
+        let authority = cp
+            .url("/")
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let mut stream = std::net::TcpStream::connect(&authority).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream
+            .write_all(b"GET /licenses HTTP/1.1\r\nHost: cp\r\n\r\n")
+            .unwrap();
+        let mut raw = String::new();
+        stream.read_to_string(&mut raw).expect("the server closes");
+        raw.to_ascii_lowercase()
+    };
+    assert!(raw.starts_with("http/1.1 503"), "{raw}");
+    assert!(raw.contains("connection: close"), "{raw}");
     assert!(
         cp.logs().contains("cannot reach the database"),
         "{}",

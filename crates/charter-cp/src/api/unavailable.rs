@@ -26,9 +26,12 @@ impl Unavailable {
         let socket = std::net::TcpListener::from(listener.as_fd().try_clone_to_owned()?);
         socket.set_nonblocking(true)?;
         let socket = tokio::net::TcpListener::from_std(socket)?;
+        // `Connection: close`, so a client's next request opens a new connection, which
+        // the real API answers once it serves.
         let app = Router::new().fallback(|| async {
             (
                 StatusCode::SERVICE_UNAVAILABLE,
+                [(axum::http::header::CONNECTION, "close")],
                 Json(json!({"message": "database unavailable"})),
             )
         });
