@@ -661,3 +661,56 @@ impl Drop for Dp {
         self.kill();
     }
 }
+
+/// A directory laid out like a Kubernetes Secret volume: each file is a symlink through
+/// `..data`, itself a symlink to a timestamped directory, and an update writes a new
+/// directory and swaps `..data` in one rename (the kubelet's atomic writer).
+pub struct SecretMount {
+    /// The mount point; the files are `dir/NAME`.
+    pub dir: PathBuf,
+    version: u32,
+}
+
+impl SecretMount {
+    /// A mount at `dir` holding `files` (name, contents).
+    pub fn new(dir: &Path, files: &[(&str, &[u8])]) -> SecretMount {
+        fs::create_dir_all(dir).expect("creating the mount");
+        let mut mount = SecretMount {
+            dir: dir.to_path_buf(),
+            version: 0,
+        };
+        mount.update(files);
+        for (name, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{name}"), dir.join(name))
+                .expect("linking a mounted file");
+        }
+        mount
+    }
+
+    /// The path of a mounted file.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Replaces every file at once, as a Secret update does.
+    pub fn update(&mut self, files: &[(&str, &[u8])]) {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        fs::create_dir(self.dir.join(&version)).expect("creating a mount version");
+        for (name, contents) in files {
+            fs::write(self.dir.join(&version).join(name), contents).expect("writing a file");
+        }
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).expect("linking the new version");
+        fs::rename(&tmp, self.dir.join("..data")).expect("swapping ..data");
+    }
+}
+
+/// Sends `SIGHUP` to a process.
+pub fn hangup(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .expect("running kill");
+    assert!(status.success(), "kill -HUP {pid} failed");
+}

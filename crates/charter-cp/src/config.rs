@@ -111,8 +111,13 @@ pub struct Config {
     pub cluster: ClusterConfig,
     /// Keys trusted to sign licenses.
     pub trusted_keys: TrustedKeys,
+    /// The `--trusted-key` files, re-read on `SIGHUP` or when they change (none: the keys
+    /// stay as given).
+    pub trusted_key_files: Vec<PathBuf>,
     /// Admin tokens; `None` means the admin API is open (loopback only).
     pub tokens: Option<Tokens>,
+    /// The `--admin-token-file`, re-read on `SIGHUP` or when it changes.
+    pub admin_token_file: Option<PathBuf>,
     /// A static license, when configured.
     pub static_license: Option<StaticLicense>,
     /// Log format.
@@ -129,10 +134,7 @@ impl Config {
         }
         let trusted_keys = load_trusted_keys(&args.trusted_keys)?;
         let tokens = match &args.admin_token_file {
-            Some(path) => Some(
-                Tokens::parse(&read_file(path, "--admin-token-file")?)
-                    .with_context(|| format!("--admin-token-file {}", path.display()))?,
-            ),
+            Some(path) => Some(load_tokens(path)?),
             None => None,
         };
         if tokens.is_none() && !admin_listen.ip().is_loopback() {
@@ -178,11 +180,19 @@ impl Config {
                 tls,
             },
             trusted_keys,
+            trusted_key_files: args.trusted_keys,
             tokens,
+            admin_token_file: args.admin_token_file,
             static_license,
             log_format: args.log_format,
         })
     }
+}
+
+/// Reads and parses the `--admin-token-file`.
+pub fn load_tokens(path: &Path) -> Result<Tokens> {
+    Tokens::parse(&read_file(path, "--admin-token-file")?)
+        .with_context(|| format!("--admin-token-file {}", path.display()))
 }
 
 /// Checks the cluster transport flags: plaintext only when asked for, otherwise a

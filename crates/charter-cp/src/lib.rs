@@ -190,6 +190,7 @@ async fn serve(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let keys = reload_keys(config, service, stop_rx.clone());
     let expiry = tokio::spawn(expiry::run(service.clone(), stop_rx.clone()));
     let publisher = tokio::spawn(cluster::publish(
         service.clone(),
@@ -197,6 +198,7 @@ async fn serve(
         stop_rx.clone(),
     ));
     let tasks = async {
+        let _ = keys.await;
         let _ = expiry.await;
         let _ = publisher.await;
     };
@@ -225,7 +227,22 @@ async fn serve(
             Some((mode, files)) => {
                 let tls = charter_tls::server_config(*mode, files).context("cluster TLS")?;
                 tracing::info!(addr = %cluster_addr, mode = ?mode, "cluster server listening (mTLS)");
-                let incoming = charter_tls::incoming(listeners.cluster, tls);
+                let (mode, reloaded) = (*mode, files.clone());
+                let paths = [Some(&files.cert), Some(&files.key), files.ca.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .cloned()
+                    .collect();
+                // New handshakes take the certificate loaded last; streams already up
+                // keep theirs.
+                let tls = charter_runtime::reload::watch(
+                    "cluster certificate",
+                    paths,
+                    tls,
+                    move || charter_tls::server_config(mode, &reloaded).context("cluster TLS"),
+                    stop_rx.clone(),
+                );
+                let incoming = charter_tls::incoming_reloadable(listeners.cluster, tls);
                 tokio::spawn(grpc.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
             }
         };
@@ -244,8 +261,21 @@ async fn serve(
             ));
             expiry
         });
-        let api =
-            api::ApiState::with_cert_expiry(service.clone(), config.tokens.clone(), cert_expiry);
+        let tokens = match (&config.tokens, &config.admin_token_file) {
+            (Some(tokens), Some(path)) => {
+                let path = path.clone();
+                Some(charter_runtime::reload::watch(
+                    "admin tokens",
+                    vec![path.clone()],
+                    Arc::new(tokens.clone()),
+                    move || config::load_tokens(&path).map(Arc::new),
+                    stop_rx.clone(),
+                ))
+            }
+            (Some(tokens), None) => Some(tokio::sync::watch::channel(Arc::new(tokens.clone())).1),
+            (None, _) => None,
+        };
+        let api = api::ApiState::with_cert_expiry(service.clone(), tokens, cert_expiry);
         // A quarter of the file handles at most: a flood of admin connections leaves the
         // cluster port and the store theirs.
         charter_runtime::http::serve_router(
@@ -266,6 +296,39 @@ async fn serve(
     let served: Result<()> = served.await;
     tasks.await;
     served
+}
+
+/// Re-reads the `--trusted-key` files on `SIGHUP` or when they change, and hands a set
+/// that loads to the service, which verifies every stored license again with it. Ends
+/// when `stop` turns true.
+fn reload_keys(
+    config: &Config,
+    service: &service::Service,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let files = config.trusted_key_files.clone();
+    if files.is_empty() {
+        // Keys given in the configuration, not by files: nothing to re-read.
+        return tokio::spawn(async {});
+    }
+    let mut keys = charter_runtime::reload::watch(
+        "trusted keys",
+        files.clone(),
+        config.trusted_keys.clone(),
+        move || charter_runtime::flags::load_trusted_keys(&files),
+        stop,
+    );
+    let service = service.clone();
+    tokio::spawn(async move {
+        // The watcher ends at shutdown, and this loop with it.
+        while keys.changed().await.is_ok() {
+            let next = keys.borrow_and_update().clone();
+            let ids: Vec<String> = next.ids().iter().map(ToString::to_string).collect();
+            tracing::info!(trusted_keys = %ids.join(","),
+                "trusted signing keys reloaded; verifying every stored license again");
+            service.set_keys(next).await;
+        }
+    })
 }
 
 /// The plaintext cluster port's connections (`--cluster-insecure`): an accept error (out of

@@ -126,6 +126,9 @@ pub struct Config {
     pub status_listen: SocketAddr,
     /// Keys trusted to sign licenses.
     pub trusted_keys: TrustedKeys,
+    /// The `--trusted-key` files, re-read on `SIGHUP` or when they change (none: the keys
+    /// stay as given).
+    pub trusted_key_files: Vec<PathBuf>,
     /// Cluster transport.
     pub transport: Transport,
     /// A static license, when configured.
@@ -154,6 +157,7 @@ impl Config {
             data_dir: data_dir.to_path_buf(),
             status_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             trusted_keys,
+            trusted_key_files: Vec::new(),
             transport: Transport::Insecure,
             static_license: None,
             labels: BTreeMap::new(),
@@ -207,6 +211,7 @@ impl Config {
             data_dir: args.data_dir,
             status_listen,
             trusted_keys,
+            trusted_key_files: args.trusted_keys.clone(),
             transport,
             static_license,
             labels,

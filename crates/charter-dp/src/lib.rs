@@ -140,6 +140,7 @@ pub async fn run_with_clock(
         config::Transport::Insecure => None,
     };
     let metrics = Arc::new(metrics::Metrics::with_cert_expiry(cert_expiry));
+    let (trusted_keys, tls) = reloaded(&config, stop_rx.clone())?;
     let client = sync::SyncClient {
         addresses,
         current: std::sync::atomic::AtomicUsize::new(0),
@@ -158,7 +159,8 @@ pub async fn run_with_clock(
                 .unwrap_or_default(),
         },
         data_dir: dir.clone(),
-        trusted_keys: config.trusted_keys.clone(),
+        trusted_keys,
+        tls,
         enforcement: enforcement.clone(),
         clock: clock.clone(),
         control_plane: control_plane.clone(),
@@ -255,6 +257,65 @@ async fn keep_usage(usage: Arc<usage::Usage>, mut shutdown: watch::Receiver<bool
 }
 
 /// Verifies the cache read at start into what the cluster gave this node, or refuses it.
+/// What the data plane re-reads on `SIGHUP` or when the files change: the trusted keys
+/// (every snapshot is verified with the set loaded last) and, with TLS, the cluster
+/// certificate (each new connection takes the configuration loaded last; the stream up
+/// stays as it is). A new set that does not load leaves the one in use.
+#[allow(clippy::type_complexity)]
+fn reloaded(
+    config: &Config,
+    stop: watch::Receiver<bool>,
+) -> Result<(
+    watch::Receiver<TrustedKeys>,
+    Option<watch::Receiver<Arc<charter_tls::rustls::ClientConfig>>>,
+)> {
+    let keys = if config.trusted_key_files.is_empty() {
+        watch::channel(config.trusted_keys.clone()).1
+    } else {
+        let files = config.trusted_key_files.clone();
+        let keys = charter_runtime::reload::watch(
+            "trusted keys",
+            files.clone(),
+            config.trusted_keys.clone(),
+            move || charter_runtime::flags::load_trusted_keys(&files),
+            stop.clone(),
+        );
+        let mut log = keys.clone();
+        tokio::spawn(async move {
+            while log.changed().await.is_ok() {
+                let ids: Vec<String> = log
+                    .borrow_and_update()
+                    .ids()
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect();
+                tracing::info!(trusted_keys = %ids.join(","), "trusted signing keys reloaded");
+            }
+        });
+        keys
+    };
+    let tls = match &config.transport {
+        Transport::Tls { mode, files, .. } => {
+            let (mode, files) = (*mode, files.clone());
+            let first = charter_tls::client_config(mode, &files).context("cluster TLS")?;
+            let paths = [Some(&files.cert), Some(&files.key), files.ca.as_ref()]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            Some(charter_runtime::reload::watch(
+                "cluster certificate",
+                paths,
+                first,
+                move || charter_tls::client_config(mode, &files).context("cluster TLS"),
+                stop,
+            ))
+        }
+        Transport::Insecure => None,
+    };
+    Ok((keys, tls))
+}
+
 fn load_cache(
     dir: &Path,
     file: cache::CacheFile,

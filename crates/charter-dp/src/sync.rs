@@ -166,8 +166,11 @@ pub struct SyncClient {
     pub hello: Hello,
     /// Where the cache is written.
     pub data_dir: PathBuf,
-    /// Keys trusted to sign licenses.
-    pub trusted_keys: TrustedKeys,
+    /// Keys trusted to sign licenses, as last loaded (the files are reloaded when they
+    /// change).
+    pub trusted_keys: watch::Receiver<TrustedKeys>,
+    /// The cluster TLS configuration as last loaded, with [`Transport::Tls`].
+    pub tls: Option<watch::Receiver<Arc<charter_tls::rustls::ClientConfig>>>,
     /// The enforcement state.
     pub enforcement: Arc<Enforcement>,
     /// The node's clock, whose mark is persisted with every snapshot.
@@ -408,6 +411,11 @@ impl SyncClient {
         }
     }
 
+    /// The keys trusted now.
+    fn keys(&self) -> TrustedKeys {
+        self.trusted_keys.borrow().clone()
+    }
+
     async fn connect(&self) -> Result<Channel, SyncError> {
         match &self.transport {
             Transport::Insecure => charter_tls::connect_insecure(self.address())
@@ -418,9 +426,12 @@ impl SyncClient {
                 files,
                 server_name,
             } => {
-                // Loaded at every connection, so renewed certificate files are picked up
-                // without a restart.
-                let config = charter_tls::client_config(*mode, files).map_err(SyncError::Tls)?;
+                // Each connection takes the configuration loaded last, so renewed
+                // certificate files are picked up without a restart.
+                let config = match &self.tls {
+                    Some(tls) => tls.borrow().clone(),
+                    None => charter_tls::client_config(*mode, files).map_err(SyncError::Tls)?,
+                };
                 charter_tls::connect(self.address(), config, server_name)
                     .await
                     .map_err(SyncError::Connect)
@@ -446,7 +457,7 @@ impl SyncClient {
         self.control_plane.record_sync(now);
         let held = self.enforcement.cluster();
         let (epoch, revision) = (snapshot.epoch.clone(), snapshot.revision);
-        let verdict = judge(held.as_deref(), &snapshot, &self.trusted_keys, now);
+        let verdict = judge(held.as_deref(), &snapshot, &self.keys(), now);
         let answer = match verdict {
             Verdict::EmptyControlPlane { held_epoch } => {
                 lower.clear();
@@ -492,7 +503,7 @@ impl SyncClient {
         let held = self.enforcement.cluster();
         let held_revision = held.as_ref().map_or(0, |h| h.revision);
         let (epoch, revision) = (snapshot.epoch.clone(), snapshot.revision);
-        let answer = match decide_regressed(held.as_deref(), &snapshot, &self.trusted_keys, now) {
+        let answer = match decide_regressed(held.as_deref(), &snapshot, &self.keys(), now) {
             Decision::Apply(new) => {
                 let note = format!(
                     "the control plane offered only revision {revision} of epoch {epoch} for {:?} while this data plane held revision {held_revision}: its store went back, or this node's cache was altered; its snapshot is taken",

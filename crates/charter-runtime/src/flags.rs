@@ -34,16 +34,45 @@ pub fn resolve(addr: &str, flag: &str) -> Result<SocketAddr> {
         .with_context(|| format!("{flag} `{addr}` is not an address like 127.0.0.1:8001"))
 }
 
-/// Reads every `--trusted-key`; a file that is not an Ed25519 SPKI PEM key is refused.
+/// Reads every `--trusted-key`. A file holds one or more Ed25519 SPKI PEM keys (one
+/// Kubernetes Secret key can carry the old and the new key during a rotation); a file
+/// without a key, or with a block that is not such a key, is refused.
 pub fn load_trusted_keys(paths: &[PathBuf]) -> Result<TrustedKeys> {
     let mut keys = Vec::new();
     for path in paths {
         let pem = read_file(path, "--trusted-key")?;
-        let key = TrustedKey::from_pem(&pem)
-            .with_context(|| format!("--trusted-key {}", path.display()))?;
-        keys.push(key);
+        let mut blocks = pem_blocks(&pem);
+        if blocks.is_empty() {
+            // No block at all: the parser says what a key should look like.
+            blocks.push(&pem);
+        }
+        for block in blocks {
+            let key = TrustedKey::from_pem(block)
+                .with_context(|| format!("--trusted-key {}", path.display()))?;
+            keys.push(key);
+        }
     }
     Ok(TrustedKeys::new(keys))
+}
+
+/// The PEM blocks of a text, each from its `-----BEGIN` line to its `-----END` line.
+fn pem_blocks(text: &str) -> Vec<&str> {
+    let mut blocks = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("-----BEGIN") {
+        let after = &rest[start..];
+        let Some(end) = after.find("-----END") else {
+            // An unterminated block: hand it over whole, so the parser says what is wrong.
+            blocks.push(after);
+            break;
+        };
+        let close = after[end + 8..]
+            .find("-----")
+            .map_or(after.len(), |i| end + 8 + i + 5);
+        blocks.push(&after[..close]);
+        rest = &after[close..];
+    }
+    blocks
 }
 
 /// The static license from `--license-path` or `CHARTER_LICENSE_DATA` (not both), checked
@@ -72,4 +101,38 @@ pub fn static_license(
     charter_license::validate(&license.text, keys, now)
         .map_err(|e| anyhow!("static license from {} is refused: {e}", license.origin))?;
     Ok(Some(license))
+}
+
+#[cfg(test)]
+mod tests {
+    use charter_license::LicenseSigner;
+
+    use super::*;
+
+    #[test]
+    fn a_trusted_key_file_may_hold_several_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (
+            LicenseSigner::from_seed([1; 32]),
+            LicenseSigner::from_seed([2; 32]),
+        );
+        let both = dir.path().join("both.pub");
+        let pem = format!(
+            "{}\n{}",
+            old.trusted_key().to_pem(),
+            new.trusted_key().to_pem()
+        );
+        std::fs::write(&both, pem).unwrap();
+        let keys = load_trusted_keys(&[both.clone()]).unwrap();
+        assert_eq!(keys.ids(), vec![old.key_id(), new.key_id()]);
+
+        let broken = format!(
+            "{}-----BEGIN PUBLIC KEY-----\nbroken\n-----END PUBLIC KEY-----\n",
+            old.trusted_key().to_pem()
+        );
+        std::fs::write(&both, broken).unwrap();
+        assert!(load_trusted_keys(&[both.clone()]).is_err());
+        std::fs::write(&both, "nothing here").unwrap();
+        assert!(load_trusted_keys(&[both]).is_err());
+    }
 }

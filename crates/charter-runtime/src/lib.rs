@@ -1,6 +1,7 @@
 //! Process plumbing shared by Charter's binaries: the wall clock, one-line flag errors
 //! with the exit code for a bad configuration, log set-up, the shutdown signal, and the
-//! guarded HTTP accept loop every HTTP listener uses ([`http`]).
+//! guarded HTTP accept loop every HTTP listener uses ([`http`]), and re-reading rotated
+//! files on `SIGHUP` or when they change ([`reload`]).
 //!
 //! This is the one place a Charter process reads the wall clock; everything downstream
 //! takes a [`charter_license::Clock`].
@@ -8,6 +9,7 @@
 pub mod cert_expiry;
 pub mod flags;
 pub mod http;
+pub mod reload;
 
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};

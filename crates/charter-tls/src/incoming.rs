@@ -67,16 +67,28 @@ pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
 ) -> impl futures_core::Stream<Item = Item> + Send + 'static {
+    incoming_reloadable(listener, tokio::sync::watch::channel(config).1)
+}
+
+/// [`incoming`] whose configuration can change while it runs: each accepted connection
+/// is handshaken with the configuration `config` holds at that moment, so a rotated
+/// certificate is used by new handshakes while the connections already up stay as they are.
+pub fn incoming_reloadable(
+    listener: TcpListener,
+    config: tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>,
+) -> impl futures_core::Stream<Item = Item> + Send + 'static {
     let (tx, rx) = mpsc::channel(QUEUE);
     Incoming {
-        start: Some((listener, TlsAcceptor::from(config), tx)),
+        start: Some((listener, config, tx)),
         rx,
     }
 }
 
+type Config = tokio::sync::watch::Receiver<Arc<rustls::ServerConfig>>;
+
 struct Incoming {
     /// What the accept loop needs, until the first poll spawns it.
-    start: Option<(TcpListener, TlsAcceptor, mpsc::Sender<Item>)>,
+    start: Option<(TcpListener, Config, mpsc::Sender<Item>)>,
     rx: mpsc::Receiver<Item>,
 }
 
@@ -84,14 +96,14 @@ impl futures_core::Stream for Incoming {
     type Item = Item;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Item>> {
-        if let Some((listener, acceptor, tx)) = self.start.take() {
-            tokio::spawn(accept_loop(listener, acceptor, tx));
+        if let Some((listener, config, tx)) = self.start.take() {
+            tokio::spawn(accept_loop(listener, config, tx));
         }
         self.rx.poll_recv(cx)
     }
 }
 
-async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, tx: mpsc::Sender<Item>) {
+async fn accept_loop(listener: TcpListener, config: Config, tx: mpsc::Sender<Item>) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let pending = Arc::new(Pending::default());
     let mut warned_full = false;
@@ -136,7 +148,9 @@ async fn accept_loop(listener: TcpListener, acceptor: TlsAcceptor, tx: mpsc::Sen
             }
         };
         let (id, cancel) = pending.register();
-        let (acceptor, tx, pending) = (acceptor.clone(), tx.clone(), pending.clone());
+        // The configuration loaded last: a rotated certificate from the next handshake on.
+        let acceptor = TlsAcceptor::from(config.borrow().clone());
+        let (tx, pending) = (tx.clone(), pending.clone());
         tokio::spawn(async move {
             tokio::select! {
                 () = handshake(acceptor, tcp, peer, tx) => {}

@@ -32,8 +32,10 @@ use rustls::RootCertStore;
 
 pub use client::{connect, connect_insecure};
 pub use database::{database_client_config, DatabaseTlsFiles, DatabaseVerify};
-pub use incoming::{incoming, HANDSHAKE_TIMEOUT};
+pub use incoming::{incoming, incoming_reloadable, HANDSHAKE_TIMEOUT};
 pub use reason::describe_error;
+/// The rustls version whose configurations this crate builds.
+pub use rustls;
 
 /// The ALPN protocol both sides offer: gRPC runs over HTTP/2 only.
 const ALPN_H2: &[u8] = b"h2";

@@ -36,7 +36,8 @@ pub struct ApiState(Arc<ApiInner>);
 
 struct ApiInner {
     service: Service,
-    tokens: Option<Tokens>,
+    /// The admin tokens as last loaded (the token file is reloaded when it changes).
+    tokens: Option<tokio::sync::watch::Receiver<Arc<Tokens>>>,
     metrics: Metrics,
     hostname: String,
 }
@@ -45,13 +46,14 @@ impl ApiState {
     /// The admin API's state over the service (tests: no cluster certificate).
     #[cfg(test)]
     pub fn new(service: Service, tokens: Option<Tokens>) -> ApiState {
+        let tokens = tokens.map(|t| tokio::sync::watch::channel(Arc::new(t)).1);
         ApiState::with_cert_expiry(service, tokens, None)
     }
 
     /// [`ApiState::new`] exporting the cluster certificate's expiry in `/metrics`.
     pub fn with_cert_expiry(
         service: Service,
-        tokens: Option<Tokens>,
+        tokens: Option<tokio::sync::watch::Receiver<Arc<Tokens>>>,
         cert_expiry: Option<charter_runtime::cert_expiry::CertExpiry>,
     ) -> ApiState {
         ApiState(Arc::new(ApiInner {
@@ -67,9 +69,9 @@ impl ApiState {
         &self.0.service
     }
 
-    /// Admin tokens, when configured.
-    pub fn tokens(&self) -> Option<&Tokens> {
-        self.0.tokens.as_ref()
+    /// Admin tokens, when configured: those loaded last.
+    pub fn tokens(&self) -> Option<Arc<Tokens>> {
+        self.0.tokens.as_ref().map(|t| t.borrow().clone())
     }
 
     fn metrics(&self) -> &Metrics {
@@ -174,7 +176,8 @@ fn routes(state: ApiState) -> Router {
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
     // Without a token file every request passes, so the check is left out altogether
-    // rather than run to do nothing (tokens are fixed for the life of the process).
+    // rather than run to do nothing (whether there is a token file is fixed for the life of
+    // the process; only its tokens are reloaded).
     if state.tokens().is_some() {
         router = router.layer(middleware::from_fn_with_state(
             state.clone(),

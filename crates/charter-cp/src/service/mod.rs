@@ -116,7 +116,9 @@ pub struct Service(Arc<Inner>);
 
 struct Inner {
     store: Arc<dyn Store>,
-    keys: TrustedKeys,
+    /// The trusted keys, replaced whole when they are reloaded ([`Service::set_keys`]).
+    /// A std mutex: it is only held to clone or swap the `Arc`.
+    keys: std::sync::Mutex<Arc<TrustedKeys>>,
     clock: Arc<dyn Clock>,
     static_license: Option<StaticLicense>,
     /// This control plane's name in the inventory (`control_plane`): its host name.
@@ -166,7 +168,7 @@ impl Service {
         let (telemetry, receiver) = telemetry::channel();
         let service = Service(Arc::new(Inner {
             store,
-            keys,
+            keys: std::sync::Mutex::new(Arc::new(keys)),
             clock,
             static_license,
             name,
@@ -207,6 +209,30 @@ impl Service {
         self.0.snapshots.subscribe()
     }
 
+    /// The keys trusted now.
+    pub fn keys(&self) -> Arc<TrustedKeys> {
+        // A poisoned lock still holds a whole `Arc`: the swap cannot be left half done.
+        self.0
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Trusts `keys` from now on (they were reloaded). Every stored license is verified
+    /// again: the snapshot is republished with no verification known, so readers verify
+    /// what they need with the new keys at once and the sweep does the rest.
+    pub async fn set_keys(&self, keys: TrustedKeys) {
+        let _writing = self.0.writing.lock().await;
+        *self
+            .0
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(keys);
+        let unverified = self.snapshot().unverified_copy();
+        self.0.snapshots.send_replace(Arc::new(unverified));
+    }
+
     /// The data-plane inventory.
     pub fn inventory(&self) -> &Inventory {
         &self.0.inventory
@@ -214,10 +240,11 @@ impl Service {
 
     /// The license situation of `snapshot` now.
     pub fn view_of(&self, snapshot: &Snapshot) -> View {
+        let keys = self.keys();
         let mut view = effective::select(
-            snapshot.newest_first(&self.0.keys),
+            snapshot.newest_first(&keys),
             snapshot.unverified().unwrap_or(0),
-            &self.0.keys,
+            &keys,
             self.0.static_license.as_ref(),
             self.now(),
         );
@@ -249,7 +276,7 @@ impl Service {
     /// returns `payload` as it was given); its checksum is that of the canonical text, so
     /// the same license with other whitespace or key order is still a duplicate.
     pub fn validate(&self, text: &str) -> Result<Valid, WriteError> {
-        let (verified, evaluation) = charter_license::validate(text, &self.0.keys, self.now())
+        let (verified, evaluation) = charter_license::validate(text, &self.keys(), self.now())
             .map_err(WriteError::Invalid)?;
         Ok(Valid {
             text: document_text(text),
@@ -337,8 +364,9 @@ impl Service {
                     ));
                 };
                 let now = self.now();
+                let keys = self.keys();
                 let remains_valid = snapshot
-                    .newest_first(&self.0.keys)
+                    .newest_first(&keys)
                     .filter(|(record, _)| record.id != target.id)
                     .find_map(|(_, verified)| verified.evaluate(now).ok())
                     .is_some_and(|e| e.status.allows());
@@ -485,9 +513,11 @@ impl Service {
         if snapshot.fully_verified() {
             return;
         }
-        let keys = self.0.keys.clone();
+        let keys = self.keys();
         let started = std::time::Instant::now();
-        let swept = match tokio::task::spawn_blocking(move || snapshot.verify_all(&keys)).await {
+        let sweeping = keys.clone();
+        let swept = match tokio::task::spawn_blocking(move || snapshot.verify_all(&sweeping)).await
+        {
             Ok(swept) => swept,
             Err(e) => {
                 tracing::error!(error = %e, "verifying the stored licenses failed");
@@ -495,7 +525,13 @@ impl Service {
             }
         };
         let _writing = self.0.writing.lock().await;
-        if self.snapshot().revision == swept.revision && !self.snapshot().fully_verified() {
+        // Keys reloaded meanwhile republished the snapshot to be verified again with the
+        // new keys: this sweep's work is stale then.
+        let same_keys = Arc::ptr_eq(&self.keys(), &keys);
+        if same_keys
+            && self.snapshot().revision == swept.revision
+            && !self.snapshot().fully_verified()
+        {
             tracing::info!(
                 licenses = swept.len(),
                 unverified = swept.unverified().unwrap_or(0),

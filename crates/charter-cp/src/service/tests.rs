@@ -718,3 +718,39 @@ async fn payloads_are_kept_as_sent_and_duplicates_found_on_the_canonical_text() 
     f.stop.send(true).unwrap();
     f.tasks.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_trusted_keys_judge_every_stored_license_again() {
+    let f = fixture().await;
+    let (status, created) = send(
+        &f.service,
+        "POST",
+        "/licenses",
+        Some(json!({ "payload": license("ROTATED", "2026-01-01", "2030-12-31") })),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    assert!(f.service.view().stored_in_force.is_some());
+
+    // The vendor's key is no longer trusted: the stored license no longer counts.
+    let other = LicenseSigner::from_seed([8; 32]);
+    f.service
+        .set_keys(TrustedKeys::new([other.trusted_key()]))
+        .await;
+    assert!(f.service.view().stored_in_force.is_none());
+    // Trusted again: it is in force again.
+    f.service
+        .set_keys(TrustedKeys::new([
+            other.trusted_key(),
+            vendor().trusted_key(),
+        ]))
+        .await;
+    let view = f.service.view();
+    let in_force = view.stored_in_force.expect("in force again");
+    assert_eq!(
+        in_force.record.map(|r| r.id.to_string()),
+        created["id"].as_str().map(str::to_owned)
+    );
+    let _ = f.stop.send(true);
+    let _ = f.tasks.await;
+}
