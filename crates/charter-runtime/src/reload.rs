@@ -41,13 +41,15 @@ where
             None
         }
     };
+    // Read now, not when the task first runs: a change made right after this call is a
+    // change.
+    let mut seen = contents(&paths);
     tokio::spawn(async move {
         let files = paths
             .iter()
             .map(|p| p.display().to_string())
             .collect::<Vec<_>>()
             .join(",");
-        let mut seen = contents(&paths);
         let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
