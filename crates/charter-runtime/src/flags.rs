@@ -123,7 +123,7 @@ mod tests {
             new.trusted_key().to_pem()
         );
         std::fs::write(&both, pem).unwrap();
-        let keys = load_trusted_keys(&[both.clone()]).unwrap();
+        let keys = load_trusted_keys(std::slice::from_ref(&both)).unwrap();
         assert_eq!(keys.ids(), vec![old.key_id(), new.key_id()]);
 
         let broken = format!(
@@ -131,7 +131,7 @@ mod tests {
             old.trusted_key().to_pem()
         );
         std::fs::write(&both, broken).unwrap();
-        assert!(load_trusted_keys(&[both.clone()]).is_err());
+        assert!(load_trusted_keys(std::slice::from_ref(&both)).is_err());
         std::fs::write(&both, "nothing here").unwrap();
         assert!(load_trusted_keys(&[both]).is_err());
     }
