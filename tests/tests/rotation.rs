@@ -354,3 +354,194 @@ fn sighup_reloads_and_a_broken_file_keeps_the_old_set() {
         l["id"] == json!(id)
     });
 }
+
+/// The value of `charter_cluster_cert_expiry_timestamp_seconds` in a `/metrics` body.
+fn cert_expiry(metrics: &str) -> Option<i64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("charter_cluster_cert_expiry_timestamp_seconds "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// A shared-mode cluster certificate and key (PEM) valid until `not_after` (Unix seconds).
+fn expiring_cert(not_after: i64) -> (Vec<u8>, Vec<u8>) {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair};
+    let at = |unix: i64| time::OffsetDateTime::from_unix_timestamp(unix).expect("a time");
+    let key = KeyPair::generate().expect("key");
+    let mut params = CertificateParams::new(vec!["charter-cluster".to_owned()]).expect("params");
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    params.not_before = at(not_after - 60 * 86_400);
+    params.not_after = at(not_after);
+    let cert = params.self_signed(&key).expect("self-signed");
+    (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+}
+
+#[test]
+fn the_certificate_expiry_watch_follows_a_rotated_certificate() {
+    let dir = TempDir::new().expect("temp dir");
+    let vendor = Vendor::new(dir.path(), 55);
+    let certs = dir.path().join("certs-3y");
+    let made = run(
+        "charterctl",
+        &["gen-cert", "--out-dir", &certs.to_string_lossy()],
+    );
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let read = |name: &str| fs::read(certs.join(name)).expect("reading a cert file");
+    let mut tls = SecretMount::new(
+        &dir.path().join("tls"),
+        &[
+            ("cluster.crt", &read("cluster.crt")),
+            ("cluster.key", &read("cluster.key")),
+        ],
+    );
+    let (crt, key) = (tls.path("cluster.crt"), tls.path("cluster.key"));
+    let tls_args = [
+        "--cluster-cert",
+        &*crt.to_string_lossy(),
+        "--cluster-cert-key",
+        &*key.to_string_lossy(),
+    ]
+    .map(str::to_owned);
+    let tls_args: Vec<&str> = tls_args.iter().map(String::as_str).collect();
+    let mut cp_args = vec!["--trusted-key", vendor.public_key.to_str().expect("utf-8")];
+    cp_args.extend(&tls_args);
+    let cp = Cp::start(dir.path(), &cp_args);
+    let dp = Dp::start_at(
+        dir.path(),
+        "dp",
+        &[cp.cluster_addr],
+        &certs,
+        &vendor.public_key,
+        &tls_args,
+    );
+    let first = id_of(&cp.add(&vendor.valid("CERT-ROTATION")));
+    dp.wait_license("the license", |l| l["id"] == json!(first));
+    let before = cert_expiry(&cp.get("/metrics").body).expect("the CP exports the expiry");
+    assert_eq!(cert_expiry(&dp.get("/metrics").body), Some(before));
+    for log in [cp.logs(), dp.logs()] {
+        assert_eq!(
+            lines_with(&log, &["the cluster certificate expires soon"]),
+            0
+        );
+    }
+
+    // Rotate to a certificate that expires in 10 days (whole seconds).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    let not_after = now + 10 * 86_400;
+    assert_ne!(not_after, before);
+    let (new_crt, new_key) = expiring_cert(not_after);
+    tls.update(&[("cluster.crt", &new_crt), ("cluster.key", &new_key)]);
+    for (side, metrics) in [
+        (
+            "CP",
+            Box::new(|| cp.get("/metrics").body) as Box<dyn Fn() -> String>,
+        ),
+        ("DP", Box::new(|| dp.get("/metrics").body)),
+    ] {
+        eventually(&format!("the {side}'s metric to follow"), RELOAD, || {
+            (cert_expiry(&metrics()) == Some(not_after)).then_some(())
+        });
+    }
+    // And the warnings: the new certificate expires within 30 days.
+    for (side, log) in [
+        ("CP", Box::new(|| cp.logs()) as Box<dyn Fn() -> String>),
+        ("DP", Box::new(|| dp.logs())),
+    ] {
+        wait_log(
+            &format!("the {side} to warn of the new certificate"),
+            log,
+            &[
+                "WARN",
+                "the cluster certificate expires soon",
+                "days_left=9",
+            ],
+            1,
+        );
+    }
+    // The cluster still works over the new certificate.
+    let second = id_of(&cp.add(&vendor.valid("CERT-ROTATION-2")));
+    dp.wait_license("the second license", |l| l["id"] == json!(second));
+}
+
+/// This data plane's row in the control plane's inventory.
+fn inventory_row(cp: &Cp) -> Value {
+    let rows = cp.get("/clustering/data-planes").json();
+    rows["data"][0].clone()
+}
+
+#[test]
+fn a_data_plane_judges_its_license_again_when_its_keys_change() {
+    let dir = TempDir::new().expect("temp dir");
+    let old = Vendor::new(dir.path(), 56);
+    let new = Vendor::new(dir.path(), 57);
+    let newest = Vendor::new(dir.path(), 58);
+    // The control plane trusts all three keys from the start; only the data plane's keys
+    // change.
+    let cp_keys = dir.path().join("cp-trusted.pem");
+    fs::write(&cp_keys, [pem(&old), pem(&new), pem(&newest)].concat()).expect("cp keys");
+    let cp = Cp::start(dir.path(), &["--trusted-key", &cp_keys.to_string_lossy()]);
+    let mut keys = SecretMount::new(&dir.path().join("dp-keys"), &[("trusted.pem", &pem(&old))]);
+    let dp = Dp::start(dir.path(), "dp", &cp, &keys.path("trusted.pem"), &[]);
+    let first = id_of(&cp.add(&old.valid("OLD-KEY")));
+    dp.wait_license("the license signed with the old key", |l| {
+        l["id"] == json!(first) && l["status"] == "valid"
+    });
+
+    // 1. The old key is removed from the data plane: the license it holds no longer
+    // verifies, so it is no longer in force, as at start-up with these keys.
+    keys.update(&[("trusted.pem", &pem(&new))]);
+    let license = dp.wait_license("the license to be refused", |l| l["status"] == "unlicensed");
+    assert!(license["id"].is_null(), "{license}");
+    assert_eq!(dp.get("/status/ready").status, 503);
+    wait_log(
+        "the DP to say why",
+        || dp.logs(),
+        &[
+            "ERROR",
+            "the license held is refused by the trusted keys now loaded",
+        ],
+        1,
+    );
+    // Its Ack tells the control plane.
+    eventually("the inventory to show the refusal", RELOAD, || {
+        let row = inventory_row(&cp);
+        (row["license_status"] == "unlicensed" && row["sync_status"] == "rejected").then_some(())
+    });
+
+    // 2. A license signed with a key the data plane does not trust yet is refused...
+    let third = id_of(&cp.add(&newest.valid("NEWEST-KEY")));
+    wait_log(
+        "the DP to refuse the license of the untrusted key",
+        || dp.logs(),
+        &["license from the control plane refused", "validation_fail"],
+        2,
+    );
+    assert_eq!(dp.license()["status"], "unlicensed");
+    // ... and taken once the key is added, with no new snapshot and no reconnection.
+    keys.update(&[("trusted.pem", &[pem(&new), pem(&newest)].concat())]);
+    let license = dp.wait_license("the license of the newly trusted key", |l| {
+        l["id"] == json!(third) && l["status"] == "valid"
+    });
+    assert_eq!(license["key_id"], json!(newest.key_id()), "{license}");
+    assert_eq!(dp.get("/status/ready").status, 200);
+    eventually("the inventory to show it in force", RELOAD, || {
+        let row = inventory_row(&cp);
+        (row["license_id"] == json!(third) && row["sync_status"] == "in_sync").then_some(())
+    });
+    assert_eq!(
+        lines_with(&dp.logs(), &["connected to the control plane"]),
+        1,
+        "the data plane never reconnected:\n{}",
+        dp.logs()
+    );
+}

@@ -214,6 +214,8 @@ async fn serve(
         let grpc = tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
             .add_service(cluster_service);
+        // With TLS, the certificate in use as last (re)loaded: the expiry watch follows it.
+        let mut cluster_tls = None;
         let cluster_server = match &config.cluster.tls {
             None => {
                 tracing::warn!(addr = %cluster_addr,
@@ -242,6 +244,7 @@ async fn serve(
                     move || charter_tls::server_config(mode, &reloaded).context("cluster TLS"),
                     stop_rx.clone(),
                 );
+                cluster_tls = Some(tls.clone());
                 let incoming = charter_tls::incoming_reloadable(listeners.cluster, tls);
                 tokio::spawn(grpc.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone())))
             }
@@ -257,6 +260,7 @@ async fn serve(
                 files.cert.clone(),
                 clock.clone(),
                 expiry.clone(),
+                cluster_tls.clone(),
                 stop_rx.clone(),
             ));
             expiry

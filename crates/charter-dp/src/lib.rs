@@ -4,7 +4,8 @@
 //! caller has already bound.
 //!
 //! **Invariant:** every license this crate enforces was verified here with the trusted
-//! keys — from the control plane, the cache or the configuration alike.
+//! keys — from the control plane, the cache or the configuration alike — and is judged
+//! again when they are reloaded (`rekey`).
 //!
 //! **Invariant:** what is in force is on disk first: the cache is written (atomically)
 //! before the in-memory state is swapped, so a restart enforces what was enforced.
@@ -22,6 +23,7 @@ mod expiry;
 pub mod files;
 mod gate;
 mod metrics;
+mod rekey;
 pub mod state;
 pub mod sync;
 mod usage;
@@ -126,13 +128,17 @@ pub async fn run_with_clock(
         addresses.first().map_or("", String::as_str),
     ));
     let (stop_tx, stop_rx) = watch::channel(false);
+    let (trusted_keys, tls) = reloaded(&config, stop_rx.clone())?;
     let cert_expiry = match &config.transport {
         config::Transport::Tls { files, .. } => {
             let expiry = charter_runtime::cert_expiry::CertExpiry::default();
+            // Follows the certificate as reloaded, so the metric and the warnings are of
+            // the certificate in use.
             tokio::spawn(charter_runtime::cert_expiry::watch(
                 files.cert.clone(),
                 clock.clone(),
                 expiry.clone(),
+                tls.clone(),
                 stop_rx.clone(),
             ));
             Some(expiry)
@@ -140,7 +146,12 @@ pub async fn run_with_clock(
         config::Transport::Insecure => None,
     };
     let metrics = Arc::new(metrics::Metrics::with_cert_expiry(cert_expiry));
-    let (trusted_keys, tls) = reloaded(&config, stop_rx.clone())?;
+    let rejudged = rejudge_on_reload(
+        trusted_keys.clone(),
+        enforcement.clone(),
+        dir.clone(),
+        config.static_license.clone(),
+    );
     let client = sync::SyncClient {
         addresses,
         current: std::sync::atomic::AtomicUsize::new(0),
@@ -160,6 +171,7 @@ pub async fn run_with_clock(
         },
         data_dir: dir.clone(),
         trusted_keys,
+        rejudged,
         tls,
         enforcement: enforcement.clone(),
         clock: clock.clone(),
@@ -256,7 +268,6 @@ async fn keep_usage(usage: Arc<usage::Usage>, mut shutdown: watch::Receiver<bool
     }
 }
 
-/// Verifies the cache read at start into what the cluster gave this node, or refuses it.
 /// What the data plane re-reads on `SIGHUP` or when the files change: the trusted keys
 /// (every snapshot is verified with the set loaded last) and, with TLS, the cluster
 /// certificate (each new connection takes the configuration loaded last; the stream up
@@ -273,26 +284,13 @@ fn reloaded(
         watch::channel(config.trusted_keys.clone()).1
     } else {
         let files = config.trusted_key_files.clone();
-        let keys = charter_runtime::reload::watch(
+        charter_runtime::reload::watch(
             "trusted keys",
             files.clone(),
             config.trusted_keys.clone(),
             move || charter_runtime::flags::load_trusted_keys(&files),
             stop.clone(),
-        );
-        let mut log = keys.clone();
-        tokio::spawn(async move {
-            while log.changed().await.is_ok() {
-                let ids: Vec<String> = log
-                    .borrow_and_update()
-                    .ids()
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect();
-                tracing::info!(trusted_keys = %ids.join(","), "trusted signing keys reloaded");
-            }
-        });
-        keys
+        )
     };
     let tls = match &config.transport {
         Transport::Tls { mode, files, .. } => {
@@ -316,6 +314,36 @@ fn reloaded(
     Ok((keys, tls))
 }
 
+/// Judges every license this node holds again each time the trusted keys are reloaded
+/// ([`rekey`]), then counts one up in the returned channel, so the sync client judges the
+/// control plane's last snapshot again with the same keys. The count ends (its sender is
+/// dropped) when the keys' watch ends, at shutdown.
+fn rejudge_on_reload(
+    mut keys: watch::Receiver<TrustedKeys>,
+    enforcement: Arc<Enforcement>,
+    dir: std::path::PathBuf,
+    static_license: Option<StaticLicense>,
+) -> watch::Receiver<u64> {
+    let (tx, rx) = watch::channel(0u64);
+    tokio::spawn(async move {
+        while keys.changed().await.is_ok() {
+            let next = keys.borrow_and_update().clone();
+            let ids: Vec<String> = next.ids().iter().map(ToString::to_string).collect();
+            tracing::info!(trusted_keys = %ids.join(","), "trusted signing keys reloaded");
+            let rejudged = rekey::rejudge(&enforcement, &dir, static_license.as_ref(), &next).await;
+            if rejudged != rekey::Rejudged::default() {
+                let in_force = enforcement.current();
+                tracing::info!(source = in_force.source.map_or("none", state::Source::as_str),
+                    status = %in_force.status, license = %in_force.name(),
+                    "licenses judged again with the reloaded keys");
+            }
+            tx.send_modify(|count| *count += 1);
+        }
+    });
+    rx
+}
+
+/// Verifies the cache read at start into what the cluster gave this node, or refuses it.
 fn load_cache(
     dir: &Path,
     file: cache::CacheFile,

@@ -146,12 +146,19 @@ impl InForce {
 
 /// The shared enforcement state.
 ///
-/// The cluster part sits in a `watch` channel: the sync client is its only writer and
-/// swaps it whole, readers clone an `Arc` and never wait for a writer.
+/// The cluster part sits in a `watch` channel: the sync client, and the judgement again
+/// after the trusted keys were reloaded (`rekey`), swap it whole, each holding
+/// [`Enforcement::judging`]; readers clone an `Arc` and never wait for a writer.
 pub struct Enforcement {
-    static_license: Option<HeldLicense>,
+    /// The static license as judged with the keys trusted now: `None` when none is
+    /// configured, an error when the trusted keys (reloaded) no longer verify it.
+    static_license: watch::Sender<Option<Result<HeldLicense, String>>>,
     cluster: watch::Sender<Option<Arc<ClusterHeld>>>,
     clock: Arc<NodeClock>,
+    /// Held by whoever judges a license with the trusted keys and then swaps the state
+    /// (the sync client with a snapshot, the re-judgement after the keys were reloaded), so
+    /// no license verified with a set of keys is swapped in after that set was replaced.
+    judging: tokio::sync::Mutex<()>,
 }
 
 impl Enforcement {
@@ -162,14 +169,24 @@ impl Enforcement {
         clock: Arc<NodeClock>,
     ) -> Enforcement {
         let (cluster, _) = watch::channel(cluster.map(Arc::new));
-        Enforcement {
-            static_license: static_license.map(|verified| HeldLicense {
+        let (static_license, _) = watch::channel(static_license.map(|verified| {
+            Ok(HeldLicense {
                 record: None,
                 verified,
-            }),
+            })
+        }));
+        Enforcement {
+            static_license,
             cluster,
             clock,
+            judging: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Taken while a license is judged with the trusted keys and the state swapped to the
+    /// outcome (see the field `judging`).
+    pub async fn judging(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.judging.lock().await
     }
 
     /// The time decisions are made with (never earlier than any time seen before).
@@ -179,7 +196,25 @@ impl Enforcement {
 
     /// Whether a static license is configured (it wins over the cluster's).
     pub fn has_static(&self) -> bool {
-        self.static_license.is_some()
+        self.static_license.borrow().is_some()
+    }
+
+    /// Whether a static license is configured and verifies with the keys trusted now.
+    pub fn static_in_force(&self) -> bool {
+        matches!(*self.static_license.borrow(), Some(Ok(_)))
+    }
+
+    /// Sets what the static license is now that the trusted keys changed: verified, or
+    /// refused (why). Only for a node with a static license.
+    pub fn set_static(&self, judged: Result<VerifiedLicense, String>) {
+        self.static_license.send_modify(|current| {
+            if current.is_some() {
+                *current = Some(judged.map(|verified| HeldLicense {
+                    record: None,
+                    verified,
+                }));
+            }
+        });
     }
 
     /// What the cluster last gave this node.
@@ -208,8 +243,9 @@ impl Enforcement {
                 .evaluate(now)
                 .is_ok_and(|e| e.status.allows())
         };
-        match &self.static_license {
-            Some(license) => judge(license),
+        match &*self.static_license.borrow() {
+            Some(Ok(license)) => judge(license),
+            Some(Err(_)) => false,
             None => self
                 .cluster
                 .borrow()
@@ -223,8 +259,15 @@ impl Enforcement {
     pub fn current(&self) -> InForce {
         let now = self.now();
         let cluster = self.cluster();
-        let (source, epoch, revision, license) = match (&self.static_license, &cluster) {
-            (Some(license), _) => (Some(Source::Static), None, None, Some(license.clone())),
+        let static_license = self.static_license.borrow().clone();
+        let mut refused = None;
+        let (source, epoch, revision, license) = match (static_license, &cluster) {
+            (Some(Ok(license)), _) => (Some(Source::Static), None, None, Some(license)),
+            // Static configuration still wins: the cluster's license is not used here.
+            (Some(Err(reason)), _) => {
+                refused = Some(reason);
+                (None, None, None, None)
+            }
             (None, Some(held)) => (
                 held.license.as_ref().map(|_| held.source),
                 Some(held.epoch.clone()),
@@ -245,6 +288,7 @@ impl Enforcement {
                 Err(e) => (None, Status::Unlicensed, vec![e.to_string()]),
             },
         };
+        warnings.extend(refused);
         warnings.extend(self.clock.warning());
         InForce {
             source,

@@ -169,6 +169,9 @@ pub struct SyncClient {
     /// Keys trusted to sign licenses, as last loaded (the files are reloaded when they
     /// change).
     pub trusted_keys: watch::Receiver<TrustedKeys>,
+    /// Counts up each time the licenses held were judged again with reloaded keys; the
+    /// control plane's last snapshot is then judged again too.
+    pub rejudged: watch::Receiver<u64>,
     /// The cluster TLS configuration as last loaded, with [`Transport::Tls`].
     pub tls: Option<watch::Receiver<Arc<charter_tls::rustls::ClientConfig>>>,
     /// The enforcement state.
@@ -296,12 +299,22 @@ impl SyncClient {
         let mut telemetry = tokio::time::interval(self.telemetry_every);
         // Per stream: only the control plane connected to now can outwait the revision rule.
         let mut lower = LowerRevisions::default();
+        // The control plane's latest snapshot on this stream, judged again when the keys
+        // are reloaded (a license refused before may verify now, and the Ack says what this
+        // node enforces after the reload).
+        let mut last: Option<Snapshot> = None;
+        let mut rejudged = self.rejudged.clone();
+        rejudged.mark_unchanged();
+        let mut reloading = true;
         loop {
             let regression = lower.deadline(self.regression_wait);
             tokio::select! {
                 message = inbound.message() => match message {
                     Ok(Some(ControlPlaneMessage { msg: Some(control_plane_message::Msg::Snapshot(snapshot)) })) => {
                         *got_snapshot = true;
+                        self.metrics.snapshots_received.inc();
+                        self.control_plane.record_sync(self.enforcement.now());
+                        last = Some(snapshot.clone());
                         let ack = self.handle_snapshot(snapshot, &mut lower).await;
                         send(&tx, data_plane_message::Msg::Ack(ack)).await?;
                     }
@@ -317,6 +330,16 @@ impl SyncClient {
                 _ = tokio::time::sleep_until(regression.unwrap_or_else(Instant::now)), if regression.is_some() => {
                     if let Some(snapshot) = lower.due(Instant::now(), self.regression_wait) {
                         let ack = self.take_regressed(snapshot).await;
+                        send(&tx, data_plane_message::Msg::Ack(ack)).await?;
+                    }
+                }
+                changed = rejudged.changed(), if reloading => {
+                    // The count ends at shutdown (or never runs without key files).
+                    reloading = changed.is_ok();
+                    if let Some(snapshot) = last.clone().filter(|_| reloading) {
+                        tracing::debug!(epoch = %snapshot.epoch, revision = snapshot.revision,
+                            "judging the control plane's last snapshot again with the reloaded keys");
+                        let ack = self.handle_snapshot(snapshot, &mut lower).await;
                         send(&tx, data_plane_message::Msg::Ack(ack)).await?;
                     }
                 }
@@ -452,9 +475,10 @@ impl SyncClient {
     /// Applies or refuses a snapshot and says so in the Ack. A lower revision of the held
     /// epoch is noted in `lower` (taken once the wait is over); anything else ends the wait.
     async fn handle_snapshot(&self, snapshot: Snapshot, lower: &mut LowerRevisions) -> Ack {
-        self.metrics.snapshots_received.inc();
+        // Judged and applied with one set of keys: a reload waits for the swap, then
+        // judges what was swapped in.
+        let judging = self.enforcement.judging().await;
         let now = self.enforcement.now();
-        self.control_plane.record_sync(now);
         let held = self.enforcement.cluster();
         let (epoch, revision) = (snapshot.epoch.clone(), snapshot.revision);
         let verdict = judge(held.as_deref(), &snapshot, &self.keys(), now);
@@ -491,6 +515,7 @@ impl SyncClient {
                 self.settle(decision, &snapshot, held).await
             }
         };
+        drop(judging);
         self.answer(epoch, revision, answer).await
     }
 
@@ -499,6 +524,7 @@ impl SyncClient {
     /// was altered. Its latest snapshot is taken (still verified), and the Ack says
     /// `revision_regressed`.
     async fn take_regressed(&self, snapshot: Snapshot) -> Ack {
+        let judging = self.enforcement.judging().await;
         let now = self.enforcement.now();
         let held = self.enforcement.cluster();
         let held_revision = held.as_ref().map_or(0, |h| h.revision);
@@ -515,6 +541,7 @@ impl SyncClient {
             }
             decision => self.settle(decision, &snapshot, held).await,
         };
+        drop(judging);
         self.answer(epoch, revision, answer).await
     }
 

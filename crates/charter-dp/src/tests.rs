@@ -818,3 +818,132 @@ fn a_client_that_stops_sending_its_body_gets_a_408() {
         "{answer}"
     );
 }
+
+// ---- trusted keys reloaded ----
+
+fn enforcement(
+    dir: &Path,
+    static_license: Option<charter_license::VerifiedLicense>,
+    cluster: Option<ClusterHeld>,
+) -> std::sync::Arc<crate::state::Enforcement> {
+    let clock = std::sync::Arc::new(crate::clock::NodeClock::new(
+        std::sync::Arc::new(charter_license::FixedClock::new(NOW)),
+        dir.to_path_buf(),
+        None,
+    ));
+    std::sync::Arc::new(crate::state::Enforcement::new(
+        static_license,
+        cluster,
+        clock,
+    ))
+}
+
+#[tokio::test]
+async fn reloaded_keys_judge_the_static_license_again() {
+    use charter_license::Status;
+
+    let dir = tempfile::TempDir::new().unwrap();
+    let (vendor, other) = (signer(1), signer(2));
+    let text = document(&vendor, "2026-01-01", "2099-12-31");
+    let (verified, _) =
+        charter_license::validate(&text, &TrustedKeys::new([vendor.trusted_key()]), NOW).unwrap();
+    // A cluster license signed by the other key: static configuration still wins.
+    let state = enforcement(dir.path(), Some(verified), Some(held("e1", 1, &other)));
+    let static_license = crate::StaticLicense {
+        origin: "--license-path static.json".to_owned(),
+        text,
+    };
+    assert!(state.allows_now());
+
+    // The vendor's key is removed: refused, as start-up would refuse it; the node is
+    // unlicensed and says why.
+    let only_other = TrustedKeys::new([other.trusted_key()]);
+    let outcome =
+        crate::rekey::rejudge(&state, dir.path(), Some(&static_license), &only_other).await;
+    assert!(outcome.static_changed);
+    assert!(!state.allows_now());
+    let now = state.current();
+    assert_eq!(now.status, Status::Unlicensed);
+    assert_eq!(now.source, None);
+    assert!(
+        now.warnings.iter().any(|w| w
+            .contains("static license from --license-path static.json is refused")
+            && w.contains("validation_fail")),
+        "{:?}",
+        now.warnings
+    );
+
+    // Trusted again: in force again. Judging with the same keys changes nothing.
+    let both = TrustedKeys::new([other.trusted_key(), vendor.trusted_key()]);
+    let outcome = crate::rekey::rejudge(&state, dir.path(), Some(&static_license), &both).await;
+    assert!(outcome.static_changed);
+    assert!(state.allows_now());
+    let now = state.current();
+    assert_eq!(now.source, Some(Source::Static));
+    assert_eq!(now.status, Status::Valid);
+    let again = crate::rekey::rejudge(&state, dir.path(), Some(&static_license), &both).await;
+    assert_eq!(again, crate::rekey::Rejudged::default());
+}
+
+#[tokio::test]
+async fn reloaded_keys_judge_the_cluster_license_and_the_cache_again() {
+    use charter_license::Status;
+
+    let dir = tempfile::TempDir::new().unwrap();
+    let (old, new) = (signer(1), signer(2));
+    let held_old = held("e1", 7, &old);
+    cache::store(dir.path(), &held_old.to_cache()).unwrap();
+    let state = enforcement(dir.path(), None, Some(held_old.clone()));
+    assert!(state.allows_now());
+
+    // The old key is removed: the license held no longer counts, as a cache signed with
+    // it is refused at start-up. The position in the cluster stays; the cache on disk too.
+    let only_new = TrustedKeys::new([new.trusted_key()]);
+    let outcome = crate::rekey::rejudge(&state, dir.path(), None, &only_new).await;
+    assert!(outcome.cluster_changed);
+    assert!(!state.allows_now());
+    assert_eq!(state.current().status, Status::Unlicensed);
+    let cluster = state.cluster().unwrap();
+    assert!(cluster.license.is_none());
+    assert_eq!((cluster.epoch.as_str(), cluster.revision), ("e1", 7));
+    let on_disk = cache::read(dir.path()).unwrap().unwrap();
+    assert!(on_disk.license.is_some(), "the cache is left as it was");
+    // Nothing more to refuse with the same keys.
+    let again = crate::rekey::rejudge(&state, dir.path(), None, &only_new).await;
+    assert_eq!(again, crate::rekey::Rejudged::default());
+
+    // The old key is trusted again: the cache's license is taken back, as start-up would.
+    let both = TrustedKeys::new([new.trusted_key(), old.trusted_key()]);
+    let outcome = crate::rekey::rejudge(&state, dir.path(), None, &both).await;
+    assert!(outcome.cluster_changed);
+    assert!(state.allows_now());
+    assert_eq!(state.current().license_id(), "held");
+
+    // A cache refused at start (its key was not trusted then) is taken once its key is.
+    let fresh = tempfile::TempDir::new().unwrap();
+    cache::store(fresh.path(), &held("e2", 3, &new).to_cache()).unwrap();
+    let state = enforcement(fresh.path(), None, None);
+    assert!(!state.allows_now());
+    let only_old = TrustedKeys::new([old.trusted_key()]);
+    let outcome = crate::rekey::rejudge(&state, fresh.path(), None, &only_old).await;
+    assert_eq!(outcome, crate::rekey::Rejudged::default());
+    assert!(!state.allows_now());
+    let outcome = crate::rekey::rejudge(&state, fresh.path(), None, &both).await;
+    assert!(outcome.cluster_changed);
+    let now = state.current();
+    assert_eq!(now.source, Some(Source::Cache));
+    assert_eq!((now.epoch.as_deref(), now.revision), (Some("e2"), Some(3)));
+    assert!(state.allows_now());
+
+    // A cluster that said "unlicensed" stays so: the cache holds no license to take.
+    let unlicensed_dir = tempfile::TempDir::new().unwrap();
+    let unlicensed = ClusterHeld {
+        license: None,
+        ..held("e3", 4, &old)
+    };
+    cache::store(unlicensed_dir.path(), &unlicensed.to_cache()).unwrap();
+    let state = enforcement(unlicensed_dir.path(), None, Some(unlicensed));
+    let outcome = crate::rekey::rejudge(&state, unlicensed_dir.path(), None, &both).await;
+    assert_eq!(outcome, crate::rekey::Rejudged::default());
+    assert!(!state.allows_now());
+}

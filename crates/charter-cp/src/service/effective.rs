@@ -144,7 +144,8 @@ fn static_in_force(
             evaluation,
         }),
         Err(e) => {
-            // Checked at start-up; this only happens if a date check fails later.
+            // Checked at start-up; this happens when reloaded trusted keys no longer
+            // verify it (or a date check fails later): the node is unlicensed.
             warnings.push(format!(
                 "static license from {} is refused: {e}",
                 license.origin
