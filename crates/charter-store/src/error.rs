@@ -27,7 +27,8 @@ pub enum StoreError {
     #[error("license store data is corrupt: {0}")]
     Corrupt(String),
 
-    /// The database server cannot be reached (PostgreSQL: no connection, or it was lost).
+    /// The database server cannot serve now (PostgreSQL: no connection, it was lost, no
+    /// answer within the store's timeout, or the database takes no writes: a standby).
     /// Nothing changed, unless the connection was lost while a write committed: then the
     /// outcome is unknown until the next read.
     #[error("{context}: the database is unavailable: {source}")]

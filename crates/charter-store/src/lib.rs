@@ -198,8 +198,16 @@ pub trait Store: Send + Sync + 'static {
     async fn commit(&self, base: u64, change: Change) -> Result<u64, StoreError>;
 
     /// A receiver of the newest revision committed to the store, by this process or by
-    /// another sharing the store; a reader that holds an older one loads again.
+    /// another sharing the store; a reader that holds another one catches up. It may go
+    /// down: a shared database restored from an older backup.
     fn subscribe(&self) -> tokio::sync::watch::Receiver<u64>;
+
+    /// The store's epoch as last seen, for a store that can be replaced under a running
+    /// process (a shared database recreated): a reader holding another epoch loads again,
+    /// whatever the revision. `None` when the store cannot change epoch (the default).
+    fn seen_epoch(&self) -> Option<Uuid> {
+        None
+    }
 
     /// Applies telemetry reports exactly once each, all in one durable write: a report
     /// whose `seq` is above its node's last applied `seq` adds its counters to the node's

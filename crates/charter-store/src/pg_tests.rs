@@ -351,3 +351,314 @@ async fn verify_full_checks_the_name_and_verify_ca_does_not() {
         .expect("require against a server without TLS");
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
 }
+
+/// A connection of the test's own to the database, as an operator's `psql`.
+async fn admin(pg: &TestPostgres) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&pg.url(), tokio_postgres::NoTls)
+        .await
+        .expect("an admin connection");
+    tokio::spawn(connection);
+    client
+}
+
+/// A release that predates `charter_deletions` (and one that writes it) delete a license
+/// their own way; the database records the deletion, so `changes_since` still reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deletion_by_an_older_release_reaches_changes_since() {
+    let pg = TestPostgres::start();
+    let store = PgStore::open(&pg.url()).await.expect("open");
+    let id = |n: u8| Uuid::from_bytes([n; 16]);
+    for n in 1..=3u8 {
+        let mut r = record(n, &format!("license {n}"));
+        r.revision = u64::from(n);
+        store
+            .commit(u64::from(n) - 1, Change::Put(r))
+            .await
+            .unwrap();
+    }
+    let sql = admin(&pg).await;
+    // As version 1 deleted: the revision moved first, then the row; no charter_deletions.
+    sql.batch_execute(&format!(
+        "BEGIN;
+         UPDATE charter_meta SET revision = revision + 1 WHERE revision = 3;
+         DELETE FROM charter_licenses WHERE id = '{}';
+         COMMIT;",
+        id(1)
+    ))
+    .await
+    .unwrap();
+    let changes = store.changes_since(3).await.unwrap().expect("changes");
+    assert_eq!(changes.revision, 4);
+    assert_eq!(changes.deleted, vec![id(1)], "{changes:?}");
+    assert!(changes.written.is_empty());
+
+    // As version 2 deleted: its own row in charter_deletions as well (no second row).
+    sql.batch_execute(&format!(
+        "BEGIN;
+         UPDATE charter_meta SET revision = revision + 1 WHERE revision = 4;
+         DELETE FROM charter_licenses WHERE id = '{0}';
+         INSERT INTO charter_deletions (id, revision) VALUES ('{0}', 5)
+           ON CONFLICT (id) DO UPDATE SET revision = EXCLUDED.revision;
+         COMMIT;",
+        id(2)
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        store.changes_since(4).await.unwrap().unwrap().deleted,
+        vec![id(2)]
+    );
+
+    // This release's own delete: recorded once, by the database, at its revision.
+    assert_eq!(store.commit(5, Change::Delete(id(3))).await.unwrap(), 6);
+    let rows = sql
+        .query(
+            "SELECT id, revision FROM charter_deletions ORDER BY revision",
+            &[],
+        )
+        .await
+        .unwrap();
+    let rows: Vec<(Uuid, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert_eq!(rows, vec![(id(1), 4), (id(2), 5), (id(3), 6)]);
+
+    // Version 1 stores a deleted id again and leaves its deletion behind: it is written,
+    // not deleted.
+    sql.batch_execute(&format!(
+        "BEGIN;
+         UPDATE charter_meta SET revision = revision + 1 WHERE revision = 6;
+         INSERT INTO charter_licenses (id, payload, checksum, created_at, updated_at, revision)
+           VALUES ('{}', 'again', 'x', 1, 2, 7);
+         COMMIT;",
+        id(1)
+    ))
+    .await
+    .unwrap();
+    let changes = store.changes_since(3).await.unwrap().unwrap();
+    assert_eq!(changes.deleted, vec![id(2), id(3)]);
+    let written: Vec<Uuid> = changes.written.iter().map(|r| r.id).collect();
+    assert_eq!(written, vec![id(1)]);
+    store.close().await.unwrap();
+}
+
+/// Deletions made before migration 3 may not be recorded: a catch-up from before it loads
+/// everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_catch_up_from_before_migration_3_loads_everything() {
+    let pg = TestPostgres::start();
+    let sql = admin(&pg).await;
+    // A database at schema version 2, at revision 2.
+    sql.batch_execute(&format!(
+        "CREATE TABLE charter_schema (version integer NOT NULL);
+         {}
+         {}
+         INSERT INTO charter_schema (version) VALUES (1), (2);
+         INSERT INTO charter_licenses (id, payload, checksum, created_at, updated_at, revision)
+           VALUES ('{}', 'two', 'c2', 1, 2, 2);
+         UPDATE charter_meta SET revision = 2;",
+        crate::postgres::MIGRATIONS[0],
+        crate::postgres::MIGRATIONS[1],
+        Uuid::from_bytes([2; 16])
+    ))
+    .await
+    .unwrap();
+    let store = PgStore::open(&pg.url()).await.expect("open and migrate");
+    assert!(store.changes_since(0).await.unwrap().is_none());
+    assert!(store.changes_since(1).await.unwrap().is_none());
+    let changes = store.changes_since(2).await.unwrap().expect("from now on");
+    assert!(changes.written.is_empty() && changes.deleted.is_empty());
+    assert_eq!(store.load().await.unwrap().licenses.len(), 1);
+    store.close().await.unwrap();
+}
+
+/// A server that stops answering (every process stopped, connections left open): writes,
+/// reads and the health check fail `Unavailable` after the store's timeout rather than
+/// hanging, and the store works again once the server does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_answering_is_unavailable_then_works_again() {
+    let pg = TestPostgres::start();
+    let timeout = Duration::from_secs(1);
+    let store = PgStore::open_with_timeout(&pg.url(), timeout)
+        .await
+        .expect("open");
+    assert_eq!(
+        store
+            .commit(0, Change::Put(record(1, "one")))
+            .await
+            .unwrap(),
+        1
+    );
+    {
+        let _frozen = pg.freeze();
+        // Generous: only that it answers at all, not how fast.
+        let bound = Duration::from_secs(60);
+        let mut r = record(2, "two");
+        r.revision = 2;
+        let err = tokio::time::timeout(bound, store.commit(1, Change::Put(r)))
+            .await
+            .expect("a write answers while the database does not")
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+        assert!(err.to_string().contains("timeout of 1s"), "{err}");
+        let err = tokio::time::timeout(bound, store.check())
+            .await
+            .expect("the check answers")
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+        let err = tokio::time::timeout(bound, store.load())
+            .await
+            .expect("a read answers")
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = async {
+            let base = store.load().await?.revision;
+            let mut r = record(3, "three");
+            r.revision = base + 1;
+            store.commit(base, Change::Put(r)).await
+        };
+        match attempt.await {
+            Ok(_) => break,
+            Err(e) => assert!(
+                Instant::now() < deadline,
+                "no write after the server continued: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    store.check().await.expect("ready again");
+    store.close().await.unwrap();
+}
+
+/// The control plane that runs the chores probes its connection: when the server stops
+/// answering, it gives them up, and takes them again once the server answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chores_leader_whose_database_stops_answering_gives_them_up() {
+    let pg = TestPostgres::start();
+    let store = PgStore::open_with_timeout(&pg.url(), Duration::from_secs(1))
+        .await
+        .expect("open");
+    let wait_for = |leads: bool, what: &str| {
+        let store = store.clone();
+        let what = what.to_owned();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while store.leads_chores() != leads {
+                assert!(Instant::now() < deadline, "{what} within 30 s");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    wait_for(true, "the only store takes the chores").await;
+    {
+        let _frozen = pg.freeze();
+        wait_for(false, "the leader gives up the chores").await;
+    }
+    wait_for(true, "the store takes the chores again").await;
+    store.close().await.unwrap();
+}
+
+/// A database that takes no writes (here `default_transaction_read_only`, as a standby
+/// after a failover answers): a write is `Unavailable` (503), not an internal error, and
+/// the health check fails; both work again once it takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_is_unavailable_and_not_ready() {
+    let pg = TestPostgres::start();
+    let store = PgStore::open(&pg.url()).await.expect("open");
+    assert_eq!(
+        store
+            .commit(0, Change::Put(record(1, "one")))
+            .await
+            .unwrap(),
+        1
+    );
+    let sql = admin(&pg).await;
+    // New sessions are read-only; end the store's, so it opens new ones.
+    let reconnect_all = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                         WHERE datname = 'charter' AND pid <> pg_backend_pid()";
+    sql.batch_execute("ALTER DATABASE charter SET default_transaction_read_only = on")
+        .await
+        .unwrap();
+    sql.batch_execute(reconnect_all).await.unwrap();
+
+    // A terminated pooled connection may answer first: wait for the read-only answer.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let err = loop {
+        match store.check().await {
+            Err(e) if e.to_string().contains("read-only") => break e,
+            other => assert!(
+                Instant::now() < deadline,
+                "the check never saw the read-only database: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    let mut r = record(2, "two");
+    r.revision = 2;
+    let err = loop {
+        match store.commit(1, Change::Put(r.clone())).await {
+            Err(e) if e.to_string().contains("read-only transaction") => break e,
+            other => assert!(
+                Instant::now() < deadline,
+                "the write never saw the read-only database: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    // A control plane starting on it waits (503) rather than failing.
+    let err = PgStore::open(&pg.url()).await.err().expect("read-only");
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+
+    sql.batch_execute("ALTER DATABASE charter RESET default_transaction_read_only")
+        .await
+        .unwrap();
+    sql.batch_execute(reconnect_all).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while store.check().await.is_err() {
+        assert!(Instant::now() < deadline, "not ready again within 15 s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let base = store.load().await.unwrap().revision;
+    r.revision = base + 1;
+    store
+        .commit(base, Change::Put(r))
+        .await
+        .expect("writable again");
+    store.close().await.unwrap();
+}
+
+/// A database restored to an older revision: the store's revision follows it down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_revision_follows_a_database_restored_to_an_older_one() {
+    let pg = TestPostgres::start();
+    let store = PgStore::open(&pg.url()).await.expect("open");
+    for n in 1..=3u8 {
+        let mut r = record(n, &format!("license {n}"));
+        r.revision = u64::from(n);
+        store
+            .commit(u64::from(n) - 1, Change::Put(r))
+            .await
+            .unwrap();
+    }
+    let mut revisions = store.subscribe();
+    assert_eq!(*revisions.borrow_and_update(), 3);
+    admin(&pg)
+        .await
+        .batch_execute(
+            "BEGIN;
+             DELETE FROM charter_licenses WHERE revision > 1;
+             DELETE FROM charter_deletions;
+             UPDATE charter_meta SET revision = 1;
+             COMMIT;",
+        )
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), revisions.wait_for(|r| *r == 1))
+        .await
+        .expect("the store's revision follows the database down within 10 s")
+        .unwrap();
+    store.close().await.unwrap();
+}

@@ -9,11 +9,21 @@
 //! [`Store::subscribe`] by that second. A license row carries the revision that last
 //! wrote it and a deletion leaves its id and revision in `charter_deletions` (the last
 //! [`KEEP_DELETIONS`] revisions' worth), so a control plane behind by a few revisions
-//! reads only what changed ([`Store::changes_since`]).
+//! reads only what changed ([`Store::changes_since`]). The database records each deletion
+//! itself (a trigger on `charter_licenses`), so a delete by any writer, even a release that
+//! predates `charter_deletions`, reaches the other control planes.
+//!
+//! No operation waits for the database forever: each has a timeout ([`TIMEOUT`]) and then
+//! answers [`StoreError::Unavailable`], so a server that stops answering (packets dropped,
+//! a frozen host) costs a request 503 rather than a hung request holding the write lock.
+//! A connection whose operation timed out leaves the pool; TCP keepalives and a TCP user
+//! timeout (see `pg_url`) close connections the network has silently lost.
 //!
 //! The listening connection also tries, every few seconds, to take a session advisory lock
 //! ([`CHORES_LOCK`]): the control plane holding it runs the chores of the whole store, and
-//! when its connection goes, the server releases the lock and another takes it.
+//! when its connection goes, the server releases the lock and another takes it. While it
+//! holds the lock it probes that connection (`SELECT 1`) every few seconds, and gives up
+//! the chores and reconnects when the probe fails or times out.
 //!
 //! TLS to the database follows libpq's `sslmode` (see `pg_url`).
 //!
@@ -35,7 +45,7 @@ use crate::{
 };
 
 /// The schema, one statement list per version; version N is `MIGRATIONS[N - 1]`.
-const MIGRATIONS: &[&str] = &[
+pub(crate) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE charter_meta (
     singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -71,6 +81,23 @@ CREATE INDEX charter_deletions_by_revision ON charter_deletions (revision);
 CREATE INDEX charter_licenses_by_revision ON charter_licenses (revision);
 ALTER TABLE charter_meta ADD COLUMN forgotten bigint NOT NULL DEFAULT 0;
 "#,
+    // The database records every deletion itself, whoever deletes (a release before
+    // version 2 did not write `charter_deletions`), at the revision the deleting
+    // transaction moved `charter_meta` to (every writer moves it before deleting). Deletions
+    // before this migration may be missing, so a catch-up from before it loads everything.
+    r#"
+CREATE FUNCTION charter_record_deletion() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO charter_deletions (id, revision)
+    SELECT OLD.id, revision FROM charter_meta
+    ON CONFLICT (id) DO UPDATE SET revision = EXCLUDED.revision;
+    RETURN NULL;
+END
+$$;
+CREATE TRIGGER charter_licenses_deleted AFTER DELETE ON charter_licenses
+    FOR EACH ROW EXECUTE FUNCTION charter_record_deletion();
+UPDATE charter_meta SET forgotten = revision;
+"#,
 ];
 
 /// How many revisions of deletions the store remembers for [`Store::changes_since`]; a
@@ -86,8 +113,13 @@ const CHORES_LOCK: i64 = 0x6368_6172_7465_7202;
 const CHANNEL: &str = "charter_revision";
 /// How often the revision is read even without a notification.
 const POLL_EVERY: Duration = Duration::from_secs(1);
-/// How often a control plane that does not run the chores tries to take them over.
+/// How often a control plane that does not run the chores tries to take them over, and
+/// how often the one that runs them probes its connection.
 const CHORES_TRY_EVERY: Duration = Duration::from_secs(5);
+/// How long one store operation (taking a connection included) may wait for the database
+/// before it fails with [`StoreError::Unavailable`]; also bounds each step of following the
+/// revision and of holding the chores lock.
+pub const TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A [`Store`] in a PostgreSQL database.
 #[derive(Clone)]
@@ -98,7 +130,9 @@ pub struct PgStore {
 pub(crate) struct Inner {
     pub(crate) pool: Pool,
     version: String,
-    epoch: Uuid,
+    /// The epoch as last read (at open, then by the follower).
+    epoch: Arc<std::sync::Mutex<Uuid>>,
+    timeout: Duration,
     revisions: watch::Sender<u64>,
     leading: Arc<AtomicBool>,
     sslmode: &'static str,
@@ -112,15 +146,15 @@ impl Drop for Inner {
 }
 
 /// An error the server answered is the engine's, unless it says the server cannot serve
-/// now (starting, shutting down, out of connections, a connection exception); any other
-/// error (no connection, a connection lost, a TLS handshake) means the database is
-/// unavailable.
+/// now (starting, shutting down, out of connections, a connection exception, a read-only
+/// transaction: a standby after a failover); any other error (no connection, a connection
+/// lost, a TLS handshake) means the database is unavailable.
 fn db_error(context: &str) -> impl Fn(tokio_postgres::Error) -> StoreError + '_ {
     move |e| {
         let context = context.to_owned();
         let answered = e.as_db_error().map(|db| db.code().code());
         let unavailable = answered.is_none_or(|code| {
-            code.starts_with("08") || code.starts_with("57P") || code == "53300"
+            code.starts_with("08") || code.starts_with("57P") || code == "53300" || code == "25006"
         });
         // tokio-postgres prints only its own part ("error performing TLS handshake"): keep
         // the causes in the message, where an operator reads it.
@@ -159,6 +193,55 @@ fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     }
 }
 
+/// The error of an operation the database did not answer within `timeout`.
+fn timed_out(context: &str, timeout: Duration) -> StoreError {
+    StoreError::Unavailable {
+        context: context.to_owned(),
+        source: format!("no answer within the store's timeout of {timeout:?}").into(),
+    }
+}
+
+/// A pooled connection in use. Dropped without [`Held::release`] (its operation was
+/// cancelled by the timeout), it leaves the pool rather than going back: it may be stuck
+/// behind a request the server never answered.
+struct Held(Option<deadpool_postgres::Object>);
+
+impl Held {
+    /// Gives the connection back to the pool.
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some(object) = self.0.take() {
+            drop(deadpool_postgres::Object::take(object));
+        }
+    }
+}
+
+/// Runs `work` on a connection of `pool`, taking the connection included, within
+/// `timeout`; past it, fails with [`StoreError::Unavailable`] saying `context`.
+async fn with_connection<T>(
+    pool: &Pool,
+    timeout: Duration,
+    context: &str,
+    work: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let attempt = async {
+        let mut held = Held(Some(pool.get().await.map_err(pool_error)?));
+        let object = held.0.as_mut().expect("held until released");
+        let result = work(object).await;
+        held.release();
+        result
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(timed_out(context, timeout)),
+    }
+}
+
 impl PgStore {
     /// Checks that `url` is a PostgreSQL URL this store can use, without connecting.
     /// Reads the TLS files it names, so a missing root certificate is found at start.
@@ -167,8 +250,15 @@ impl PgStore {
     }
 
     /// Connects to `url` (`postgres://USER[:PASS]@HOST:PORT/DB`), creates or migrates the
-    /// schema, and starts following the revision.
+    /// schema, and starts following the revision. Each operation waits at most
+    /// [`TIMEOUT`] for the database.
     pub async fn open(url: &str) -> Result<PgStore, StoreError> {
+        PgStore::open_with_timeout(url, TIMEOUT).await
+    }
+
+    /// [`PgStore::open`] with another operation timeout than [`TIMEOUT`] (tests use a
+    /// short one).
+    pub async fn open_with_timeout(url: &str, timeout: Duration) -> Result<PgStore, StoreError> {
         let Target {
             config,
             tls,
@@ -191,28 +281,36 @@ impl PgStore {
                 context: "building the database pool".to_owned(),
                 source: Box::new(e),
             })?;
-        let mut client = pool.get().await.map_err(pool_error)?;
-        migrate(&mut client).await?;
-        let version: String = client
-            .query_one("SHOW server_version", &[])
-            .await
-            .map_err(db_error("reading the server version"))?
-            .get(0);
-        let row = client
-            .query_one("SELECT epoch, revision FROM charter_meta", &[])
-            .await
-            .map_err(db_error("reading the store epoch"))?;
-        let epoch: Uuid = row.get(0);
-        let revision: i64 = row.get(1);
-        drop(client);
-        let revisions = watch::Sender::new(revision as u64);
+        let (version, epoch, revision) =
+            with_connection(&pool, timeout, "opening the database", async |client| {
+                migrate(client).await?;
+                let version: String = client
+                    .query_one("SHOW server_version", &[])
+                    .await
+                    .map_err(db_error("reading the server version"))?
+                    .get(0);
+                let row = client
+                    .query_one("SELECT epoch, revision FROM charter_meta", &[])
+                    .await
+                    .map_err(db_error("reading the store epoch"))?;
+                let epoch: Uuid = row.get(0);
+                let revision: i64 = row.get(1);
+                Ok((version, epoch, revision as u64))
+            })
+            .await?;
+        let revisions = watch::Sender::new(revision);
         let leading = Arc::new(AtomicBool::new(false));
+        let epoch = Arc::new(std::sync::Mutex::new(epoch));
         let follower = tokio::spawn(follow(
             config,
             tls,
             pool.clone(),
-            revisions.clone(),
-            leading.clone(),
+            Following {
+                revisions: revisions.clone(),
+                epoch: epoch.clone(),
+                leading: leading.clone(),
+                timeout,
+            },
         ));
         Ok(PgStore {
             inner: Arc::new(Inner {
@@ -222,6 +320,7 @@ impl PgStore {
                     version.split_whitespace().next().unwrap_or("")
                 ),
                 epoch,
+                timeout,
                 revisions,
                 leading,
                 sslmode,
@@ -230,9 +329,9 @@ impl PgStore {
         })
     }
 
-    /// The store's epoch.
+    /// The store's epoch, as last read.
     pub fn epoch(&self) -> Uuid {
-        self.inner.epoch
+        *self.inner.epoch.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The TLS mode of its connections, as libpq names it (`disable`, `prefer`,
@@ -241,8 +340,13 @@ impl PgStore {
         self.inner.sslmode
     }
 
-    async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.inner.pool.get().await.map_err(pool_error)
+    /// Runs `work` on a pooled connection within the store's timeout.
+    async fn run<T>(
+        &self,
+        context: &str,
+        work: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        with_connection(&self.inner.pool, self.inner.timeout, context, work).await
     }
 }
 
@@ -286,20 +390,38 @@ async fn migrate(client: &mut deadpool_postgres::Object) -> Result<(), StoreErro
         .map_err(db_error("committing the migration"))
 }
 
-/// Keeps `revisions` at the database's revision: from `NOTIFY` on a connection of its own
-/// (reconnected when lost), and from a read every [`POLL_EVERY`] whatever happens. On that
-/// same connection, takes the chores lock when it is free and sets `leading` while held.
+/// What [`follow`] keeps up to date.
+struct Following {
+    revisions: watch::Sender<u64>,
+    epoch: Arc<std::sync::Mutex<Uuid>>,
+    leading: Arc<AtomicBool>,
+    timeout: Duration,
+}
+
+/// Keeps `revisions` at the database's revision: raised by `NOTIFY` on a connection of its
+/// own (reconnected when lost), and set to what a read every [`POLL_EVERY`] finds whatever
+/// happens, lower ones too (a database restored from a backup), with the epoch. On the
+/// listening connection, takes the chores lock when it is free and sets `leading` while
+/// held; while leading, probes that connection every [`CHORES_TRY_EVERY`], and gives up
+/// the chores and reconnects when the probe fails or outlasts the timeout (a connection
+/// lost without a word would otherwise keep claiming them).
 async fn follow(
     config: tokio_postgres::Config,
     tls: MakeRustlsConnect,
     pool: Pool,
-    revisions: watch::Sender<u64>,
-    leading: Arc<AtomicBool>,
+    following: Following,
 ) {
+    let Following {
+        revisions,
+        epoch,
+        leading,
+        timeout,
+    } = following;
     let (notified_tx, mut notified) = tokio::sync::mpsc::unbounded_channel::<u64>();
     let listener = async move {
         loop {
-            if let Ok((client, mut connection)) = config.connect(tls.clone()).await {
+            let connected = tokio::time::timeout(timeout, config.connect(tls.clone())).await;
+            if let Ok(Ok((client, mut connection))) = connected {
                 let notified_tx = notified_tx.clone();
                 let messages = async move {
                     loop {
@@ -315,27 +437,36 @@ async fn follow(
                     }
                 };
                 let listen = async {
-                    if client
-                        .batch_execute(&format!("LISTEN {CHANNEL}"))
-                        .await
-                        .is_err()
-                    {
+                    let listening = tokio::time::timeout(
+                        timeout,
+                        client.batch_execute(&format!("LISTEN {CHANNEL}")),
+                    )
+                    .await;
+                    if !matches!(listening, Ok(Ok(()))) {
                         return;
                     }
-                    // The lock is the session's: once taken it is held until this
-                    // connection ends, so only a follower without it asks again.
                     let mut every = tokio::time::interval(CHORES_TRY_EVERY);
                     loop {
                         every.tick().await;
                         if leading.load(Ordering::Relaxed) {
+                            // The lock is the session's: once taken it is held until this
+                            // connection ends, so the leader only checks the connection.
+                            let probe =
+                                tokio::time::timeout(timeout, client.simple_query("SELECT 1"))
+                                    .await;
+                            if !matches!(probe, Ok(Ok(_))) {
+                                return;
+                            }
                             continue;
                         }
-                        match client
-                            .query_one("SELECT pg_try_advisory_lock($1)", &[&CHORES_LOCK])
-                            .await
-                        {
-                            Ok(row) => leading.store(row.get(0), Ordering::Relaxed),
-                            Err(_) => return,
+                        let tried = tokio::time::timeout(
+                            timeout,
+                            client.query_one("SELECT pg_try_advisory_lock($1)", &[&CHORES_LOCK]),
+                        )
+                        .await;
+                        match tried {
+                            Ok(Ok(row)) => leading.store(row.get(0), Ordering::Relaxed),
+                            _ => return,
                         }
                     }
                 };
@@ -353,10 +484,24 @@ async fn follow(
         loop {
             tokio::select! {
                 _ = every.tick() => {
-                    if let Ok(client) = pool.get().await {
-                        if let Ok(row) = client.query_one("SELECT revision FROM charter_meta", &[]).await {
-                            let revision: i64 = row.get(0);
-                            revisions.send_if_modified(|r| raise(r, revision as u64));
+                    let read = with_connection(&pool, timeout, "reading the revision", async |client| {
+                        client
+                            .query_one("SELECT epoch, revision FROM charter_meta", &[])
+                            .await
+                            .map_err(db_error("reading the revision"))
+                    })
+                    .await;
+                    if let Ok(row) = read {
+                        let (seen, revision): (Uuid, i64) = (row.get(0), row.get(1));
+                        let new_epoch = {
+                            let mut epoch = epoch.lock().unwrap_or_else(|e| e.into_inner());
+                            std::mem::replace(&mut *epoch, seen) != seen
+                        };
+                        if new_epoch {
+                            // Another store under the same URL: news even at the same revision.
+                            revisions.send_replace(revision as u64);
+                        } else {
+                            revisions.send_if_modified(|r| set(r, revision as u64));
                         }
                     }
                 }
@@ -381,8 +526,20 @@ fn record_of(row: &tokio_postgres::Row) -> LicenseRecord {
     }
 }
 
+/// Moves `current` up to `seen` (a notification or this process's own commit: the store
+/// is at least there).
 fn raise(current: &mut u64, seen: u64) -> bool {
     if seen > *current {
+        *current = seen;
+        true
+    } else {
+        false
+    }
+}
+
+/// Moves `current` to `seen`, down too (a read of the database: the store is there).
+fn set(current: &mut u64, seen: u64) -> bool {
+    if seen != *current {
         *current = seen;
         true
     } else {
@@ -397,151 +554,156 @@ impl Store for PgStore {
     }
 
     async fn load(&self) -> Result<Loaded, StoreError> {
-        let mut client = self.client().await?;
-        // One snapshot of the database: a repeatable-read transaction.
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(db_error("starting a read"))?;
-        let meta = tx
-            .query_one("SELECT epoch, revision FROM charter_meta", &[])
-            .await
-            .map_err(db_error("reading the revision"))?;
-        let rows = tx
-            .query(
-                "SELECT id, payload, checksum, created_at, updated_at, revision FROM charter_licenses ORDER BY id",
-                &[],
-            )
-            .await
-            .map_err(db_error("reading licenses"))?;
-        tx.commit().await.map_err(db_error("ending a read"))?;
-        let revision: i64 = meta.get(1);
-        Ok(Loaded {
-            epoch: meta.get(0),
-            revision: revision as u64,
-            licenses: rows.iter().map(record_of).collect(),
-            damaged: Vec::new(),
+        self.run("reading licenses", async |client| {
+            // One snapshot of the database: a repeatable-read transaction.
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(db_error("starting a read"))?;
+            let meta = tx
+                .query_one("SELECT epoch, revision FROM charter_meta", &[])
+                .await
+                .map_err(db_error("reading the revision"))?;
+            let rows = tx
+                .query(
+                    "SELECT id, payload, checksum, created_at, updated_at, revision FROM charter_licenses ORDER BY id",
+                    &[],
+                )
+                .await
+                .map_err(db_error("reading licenses"))?;
+            tx.commit().await.map_err(db_error("ending a read"))?;
+            let revision: i64 = meta.get(1);
+            Ok(Loaded {
+                epoch: meta.get(0),
+                revision: revision as u64,
+                licenses: rows.iter().map(record_of).collect(),
+                damaged: Vec::new(),
+            })
         })
+        .await
     }
 
     async fn changes_since(&self, base: u64) -> Result<Option<Changes>, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client
-            .build_transaction()
-            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-            .read_only(true)
-            .start()
-            .await
-            .map_err(db_error("starting a read"))?;
-        let meta = tx
-            .query_one("SELECT epoch, revision, forgotten FROM charter_meta", &[])
-            .await
-            .map_err(db_error("reading the revision"))?;
-        let revision = meta.get::<_, i64>(1) as u64;
-        let forgotten = meta.get::<_, i64>(2) as u64;
-        // Behind what the store remembers, or ahead of it (a database restored from an
-        // older backup): only a whole load tells.
-        if base < forgotten || base > revision {
+        self.run("reading what changed", async |client| {
+            let tx = client
+                .build_transaction()
+                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(db_error("starting a read"))?;
+            let meta = tx
+                .query_one("SELECT epoch, revision, forgotten FROM charter_meta", &[])
+                .await
+                .map_err(db_error("reading the revision"))?;
+            let revision = meta.get::<_, i64>(1) as u64;
+            let forgotten = meta.get::<_, i64>(2) as u64;
+            // Behind what the store remembers, or ahead of it (a database restored from an
+            // older backup): only a whole load tells.
+            if base < forgotten || base > revision {
+                tx.commit().await.map_err(db_error("ending a read"))?;
+                return Ok(None);
+            }
+            let rows = tx
+                .query(
+                    "SELECT id, payload, checksum, created_at, updated_at, revision FROM charter_licenses
+                     WHERE revision > $1 ORDER BY id",
+                    &[&(base as i64)],
+                )
+                .await
+                .map_err(db_error("reading licenses"))?;
+            // An id stored again after its deletion is not deleted (a release before
+            // version 2 left the deletion's row behind).
+            let deleted = tx
+                .query(
+                    "SELECT id FROM charter_deletions d WHERE revision > $1
+                     AND NOT EXISTS (SELECT 1 FROM charter_licenses l WHERE l.id = d.id) ORDER BY id",
+                    &[&(base as i64)],
+                )
+                .await
+                .map_err(db_error("reading deletions"))?;
             tx.commit().await.map_err(db_error("ending a read"))?;
-            return Ok(None);
-        }
-        let rows = tx
-            .query(
-                "SELECT id, payload, checksum, created_at, updated_at, revision FROM charter_licenses
-                 WHERE revision > $1 ORDER BY id",
-                &[&(base as i64)],
-            )
-            .await
-            .map_err(db_error("reading licenses"))?;
-        let deleted = tx
-            .query(
-                "SELECT id FROM charter_deletions WHERE revision > $1 ORDER BY id",
-                &[&(base as i64)],
-            )
-            .await
-            .map_err(db_error("reading deletions"))?;
-        tx.commit().await.map_err(db_error("ending a read"))?;
-        Ok(Some(Changes {
-            epoch: meta.get(0),
-            revision,
-            written: rows.iter().map(record_of).collect(),
-            deleted: deleted.iter().map(|row| row.get(0)).collect(),
-        }))
+            Ok(Some(Changes {
+                epoch: meta.get(0),
+                revision,
+                written: rows.iter().map(record_of).collect(),
+                deleted: deleted.iter().map(|row| row.get(0)).collect(),
+            }))
+        })
+        .await
     }
 
     async fn commit(&self, base: u64, change: Change) -> Result<u64, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(db_error("starting a write"))?;
-        // A deletion is remembered for KEEP_DELETIONS revisions: older ones are dropped
-        // and `forgotten` says up to where, so `changes_since` knows when it cannot tell.
-        let horizon = (base + 1).saturating_sub(KEEP_DELETIONS) as i64;
-        let forget = matches!(change, Change::Delete(_));
-        let bumped = tx
-            .query_opt(
-                "UPDATE charter_meta SET revision = revision + 1,
-                   forgotten = CASE WHEN $2 THEN GREATEST(forgotten, $3) ELSE forgotten END
-                 WHERE revision = $1 RETURNING revision",
-                &[&(base as i64), &forget, &horizon],
-            )
-            .await
-            .map_err(db_error("moving the revision"))?;
-        let Some(bumped) = bumped else {
-            let actual: i64 = tx
-                .query_one("SELECT revision FROM charter_meta", &[])
-                .await
-                .map_err(db_error("reading the revision"))?
-                .get(0);
-            return Err(StoreError::Conflict {
-                expected: base,
-                actual: actual as u64,
-            });
-        };
-        let next: i64 = bumped.get(0);
-        match &change {
-            Change::Put(record) => {
-                tx.execute(
-                    "INSERT INTO charter_licenses (id, payload, checksum, created_at, updated_at, revision)
-                     VALUES ($1, $2, $3, $4, $5, $6)
-                     ON CONFLICT (id) DO UPDATE SET payload = EXCLUDED.payload, checksum = EXCLUDED.checksum,
-                       created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at, revision = EXCLUDED.revision",
-                    &[&record.id, &record.payload, &record.checksum, &record.created_at, &record.updated_at, &next],
-                )
-                .await
-                .map_err(db_error("writing a license"))?;
-                tx.execute("DELETE FROM charter_deletions WHERE id = $1", &[&record.id])
+        let next = self
+            .run("writing a license", async |client| {
+                let tx = client
+                    .transaction()
                     .await
-                    .map_err(db_error("writing a license"))?;
-            }
-            Change::Delete(id) => {
-                tx.execute("DELETE FROM charter_licenses WHERE id = $1", &[id])
+                    .map_err(db_error("starting a write"))?;
+                // A deletion is remembered for KEEP_DELETIONS revisions: older ones are
+                // dropped and `forgotten` says up to where, so `changes_since` knows when it
+                // cannot tell.
+                let horizon = (base + 1).saturating_sub(KEEP_DELETIONS) as i64;
+                let forget = matches!(change, Change::Delete(_));
+                let bumped = tx
+                    .query_opt(
+                        "UPDATE charter_meta SET revision = revision + 1,
+                           forgotten = CASE WHEN $2 THEN GREATEST(forgotten, $3) ELSE forgotten END
+                         WHERE revision = $1 RETURNING revision",
+                        &[&(base as i64), &forget, &horizon],
+                    )
                     .await
-                    .map_err(db_error("deleting a license"))?;
-                tx.execute(
-                    "INSERT INTO charter_deletions (id, revision) VALUES ($1, $2)
-                     ON CONFLICT (id) DO UPDATE SET revision = EXCLUDED.revision",
-                    &[id, &next],
-                )
-                .await
-                .map_err(db_error("deleting a license"))?;
-                tx.execute(
-                    "DELETE FROM charter_deletions WHERE revision <= $1",
-                    &[&horizon],
-                )
-                .await
-                .map_err(db_error("deleting a license"))?;
-            }
-        }
-        tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &next.to_string()])
-            .await
-            .map_err(db_error("notifying the other control planes"))?;
-        tx.commit().await.map_err(db_error("committing a write"))?;
-        let next = next as u64;
+                    .map_err(db_error("moving the revision"))?;
+                let Some(bumped) = bumped else {
+                    let actual: i64 = tx
+                        .query_one("SELECT revision FROM charter_meta", &[])
+                        .await
+                        .map_err(db_error("reading the revision"))?
+                        .get(0);
+                    return Err(StoreError::Conflict {
+                        expected: base,
+                        actual: actual as u64,
+                    });
+                };
+                let next: i64 = bumped.get(0);
+                match &change {
+                    Change::Put(record) => {
+                        tx.execute(
+                            "INSERT INTO charter_licenses (id, payload, checksum, created_at, updated_at, revision)
+                             VALUES ($1, $2, $3, $4, $5, $6)
+                             ON CONFLICT (id) DO UPDATE SET payload = EXCLUDED.payload, checksum = EXCLUDED.checksum,
+                               created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at, revision = EXCLUDED.revision",
+                            &[&record.id, &record.payload, &record.checksum, &record.created_at, &record.updated_at, &next],
+                        )
+                        .await
+                        .map_err(db_error("writing a license"))?;
+                        tx.execute("DELETE FROM charter_deletions WHERE id = $1", &[&record.id])
+                            .await
+                            .map_err(db_error("writing a license"))?;
+                    }
+                    Change::Delete(id) => {
+                        // The trigger of migration 3 records the deletion at `next`.
+                        tx.execute("DELETE FROM charter_licenses WHERE id = $1", &[id])
+                            .await
+                            .map_err(db_error("deleting a license"))?;
+                        tx.execute(
+                            "DELETE FROM charter_deletions WHERE revision <= $1",
+                            &[&horizon],
+                        )
+                        .await
+                        .map_err(db_error("deleting a license"))?;
+                    }
+                }
+                tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &next.to_string()])
+                    .await
+                    .map_err(db_error("notifying the other control planes"))?;
+                tx.commit().await.map_err(db_error("committing a write"))?;
+                Ok(next as u64)
+            })
+            .await?;
         self.inner.revisions.send_if_modified(|r| raise(r, next));
         Ok(next)
     }
@@ -550,66 +712,75 @@ impl Store for PgStore {
         self.inner.revisions.subscribe()
     }
 
+    fn seen_epoch(&self) -> Option<Uuid> {
+        Some(self.epoch())
+    }
+
     async fn apply_telemetry(&self, reports: Vec<Report>) -> Result<Vec<bool>, StoreError> {
-        let mut client = self.client().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(db_error("starting a telemetry write"))?;
-        let mut applied = Vec::with_capacity(reports.len());
-        for report in &reports {
-            let row = tx
-                .query_opt(
-                    "SELECT last_seq, buckets FROM charter_usage WHERE node_id = $1 FOR UPDATE",
-                    &[&report.node_id],
+        self.run("applying telemetry", async |client| {
+            let tx = client
+                .transaction()
+                .await
+                .map_err(db_error("starting a telemetry write"))?;
+            let mut applied = Vec::with_capacity(reports.len());
+            for report in &reports {
+                let row = tx
+                    .query_opt(
+                        "SELECT last_seq, buckets FROM charter_usage WHERE node_id = $1 FOR UPDATE",
+                        &[&report.node_id],
+                    )
+                    .await
+                    .map_err(db_error("reading usage"))?;
+                let mut usage = match row {
+                    Some(row) => NodeUsage {
+                        node_id: report.node_id.clone(),
+                        last_seq: row.get::<_, i64>(0) as u64,
+                        buckets: serde_json::from_value(row.get(1)).map_err(|e| {
+                            StoreError::Corrupt(format!("usage of {:?}: {e}", report.node_id))
+                        })?,
+                    },
+                    None => NodeUsage {
+                        node_id: report.node_id.clone(),
+                        ..NodeUsage::default()
+                    },
+                };
+                if report.seq <= usage.last_seq {
+                    applied.push(false);
+                    continue;
+                }
+                usage.last_seq = report.seq;
+                for (bucket, count) in &report.counters {
+                    let total = usage.buckets.entry(bucket.clone()).or_default();
+                    *total = total.saturating_add(*count);
+                }
+                let buckets = serde_json::to_value(&usage.buckets)
+                    .map_err(|e| StoreError::Corrupt(format!("encoding usage: {e}")))?;
+                tx.execute(
+                    "INSERT INTO charter_usage (node_id, last_seq, buckets) VALUES ($1, $2, $3)
+                     ON CONFLICT (node_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, buckets = EXCLUDED.buckets",
+                    &[&report.node_id, &(usage.last_seq as i64), &buckets],
                 )
                 .await
-                .map_err(db_error("reading usage"))?;
-            let mut usage = match row {
-                Some(row) => NodeUsage {
-                    node_id: report.node_id.clone(),
-                    last_seq: row.get::<_, i64>(0) as u64,
-                    buckets: serde_json::from_value(row.get(1)).map_err(|e| {
-                        StoreError::Corrupt(format!("usage of {:?}: {e}", report.node_id))
-                    })?,
-                },
-                None => NodeUsage {
-                    node_id: report.node_id.clone(),
-                    ..NodeUsage::default()
-                },
-            };
-            if report.seq <= usage.last_seq {
-                applied.push(false);
-                continue;
+                .map_err(db_error("writing usage"))?;
+                applied.push(true);
             }
-            usage.last_seq = report.seq;
-            for (bucket, count) in &report.counters {
-                let total = usage.buckets.entry(bucket.clone()).or_default();
-                *total = total.saturating_add(*count);
-            }
-            let buckets = serde_json::to_value(&usage.buckets)
-                .map_err(|e| StoreError::Corrupt(format!("encoding usage: {e}")))?;
-            tx.execute(
-                "INSERT INTO charter_usage (node_id, last_seq, buckets) VALUES ($1, $2, $3)
-                 ON CONFLICT (node_id) DO UPDATE SET last_seq = EXCLUDED.last_seq, buckets = EXCLUDED.buckets",
-                &[&report.node_id, &(usage.last_seq as i64), &buckets],
-            )
-            .await
-            .map_err(db_error("writing usage"))?;
-            applied.push(true);
-        }
-        tx.commit()
-            .await
-            .map_err(db_error("committing telemetry"))?;
-        Ok(applied)
+            tx.commit()
+                .await
+                .map_err(db_error("committing telemetry"))?;
+            Ok(applied)
+        })
+        .await
     }
 
     async fn usage(&self) -> Result<Vec<NodeUsage>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query("SELECT node_id, last_seq, buckets FROM charter_usage", &[])
-            .await
-            .map_err(db_error("reading usage"))?;
+        let rows = self
+            .run("reading usage", async |client| {
+                client
+                    .query("SELECT node_id, last_seq, buckets FROM charter_usage", &[])
+                    .await
+                    .map_err(db_error("reading usage"))
+            })
+            .await?;
         rows.iter()
             .map(|row| {
                 let node_id: String = row.get(0);
@@ -624,33 +795,38 @@ impl Store for PgStore {
     }
 
     async fn put_data_planes(&self, records: Vec<DataPlaneRecord>) -> Result<(), StoreError> {
-        let mut client = self.client().await?;
-        let tx = client
-            .transaction()
-            .await
-            .map_err(db_error("starting an inventory write"))?;
-        for record in &records {
-            let value = serde_json::to_value(record)
-                .map_err(|e| StoreError::Corrupt(format!("encoding data plane: {e}")))?;
-            tx.execute(
-                "INSERT INTO charter_data_planes (id, last_seen, record) VALUES ($1, $2, $3)
-                 ON CONFLICT (id) DO UPDATE SET last_seen = EXCLUDED.last_seen, record = EXCLUDED.record",
-                &[&record.id, &record.last_seen, &value],
-            )
-            .await
-            .map_err(db_error("recording data planes"))?;
-        }
-        tx.commit()
-            .await
-            .map_err(db_error("committing the inventory"))
+        self.run("recording data planes", async |client| {
+            let tx = client
+                .transaction()
+                .await
+                .map_err(db_error("starting an inventory write"))?;
+            for record in &records {
+                let value = serde_json::to_value(record)
+                    .map_err(|e| StoreError::Corrupt(format!("encoding data plane: {e}")))?;
+                tx.execute(
+                    "INSERT INTO charter_data_planes (id, last_seen, record) VALUES ($1, $2, $3)
+                     ON CONFLICT (id) DO UPDATE SET last_seen = EXCLUDED.last_seen, record = EXCLUDED.record",
+                    &[&record.id, &record.last_seen, &value],
+                )
+                .await
+                .map_err(db_error("recording data planes"))?;
+            }
+            tx.commit()
+                .await
+                .map_err(db_error("committing the inventory"))
+        })
+        .await
     }
 
     async fn data_planes(&self) -> Result<Vec<DataPlaneRecord>, StoreError> {
-        let client = self.client().await?;
-        let rows = client
-            .query("SELECT record FROM charter_data_planes", &[])
-            .await
-            .map_err(db_error("reading data planes"))?;
+        let rows = self
+            .run("reading data planes", async |client| {
+                client
+                    .query("SELECT record FROM charter_data_planes", &[])
+                    .await
+                    .map_err(db_error("reading data planes"))
+            })
+            .await?;
         rows.iter()
             .map(|row| {
                 serde_json::from_value(row.get(0))
@@ -660,28 +836,59 @@ impl Store for PgStore {
     }
 
     async fn purge_data_planes(&self, last_seen_before: i64) -> Result<usize, StoreError> {
-        let client = self.client().await?;
-        let purged = client
-            .execute(
-                "DELETE FROM charter_data_planes WHERE last_seen < $1",
-                &[&last_seen_before],
-            )
-            .await
-            .map_err(db_error("purging data planes"))?;
-        Ok(purged as usize)
+        self.run("purging data planes", async |client| {
+            let purged = client
+                .execute(
+                    "DELETE FROM charter_data_planes WHERE last_seen < $1",
+                    &[&last_seen_before],
+                )
+                .await
+                .map_err(db_error("purging data planes"))?;
+            Ok(purged as usize)
+        })
+        .await
     }
 
     fn leads_chores(&self) -> bool {
         self.inner.leading.load(Ordering::Relaxed)
     }
 
+    /// Whether the database takes writes: it answers, is not a standby in recovery (a
+    /// replica, or a former primary after a failover), and this session is not read-only.
     async fn check(&self) -> Result<(), StoreError> {
-        let client = self.client().await?;
-        client
-            .execute("SELECT 1", &[])
-            .await
-            .map_err(db_error("checking the database"))?;
-        Ok(())
+        const CONTEXT: &str = "checking the database";
+        let (recovery, read_only) = self
+            .run(CONTEXT, async |client| {
+                let messages = client
+                    .simple_query(
+                        "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')",
+                    )
+                    .await
+                    .map_err(db_error(CONTEXT))?;
+                let row = messages
+                    .iter()
+                    .find_map(|m| match m {
+                        tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+                        _ => None,
+                    })
+                    .ok_or_else(|| StoreError::Backend {
+                        context: CONTEXT.to_owned(),
+                        source: "the server answered no row".into(),
+                    })?;
+                Ok((row.get(0) == Some("t"), row.get(1) == Some("on")))
+            })
+            .await?;
+        let why = if recovery {
+            "the server is a standby in recovery and takes no writes"
+        } else if read_only {
+            "the database is read-only (default_transaction_read_only)"
+        } else {
+            return Ok(());
+        };
+        Err(StoreError::Unavailable {
+            context: CONTEXT.to_owned(),
+            source: why.into(),
+        })
     }
 
     async fn close(&self) -> Result<(), StoreError> {

@@ -235,6 +235,109 @@ impl TestPostgres {
     pub fn url(&self) -> String {
         format!("postgres://charter@127.0.0.1:{}/charter", self.port)
     }
+
+    /// Runs `statements` (one or more, `;`-separated) on the database, as an operator's
+    /// `psql` would, on a connection of its own.
+    pub async fn execute(&self, statements: &str) {
+        let (client, connection) = tokio_postgres::connect(&self.url(), tokio_postgres::NoTls)
+            .await
+            .expect("connecting to the test database");
+        let connection = tokio::spawn(connection);
+        client
+            .batch_execute(statements)
+            .await
+            .unwrap_or_else(|e| panic!("{statements}: {e:?}"));
+        drop(client);
+        let _ = connection.await;
+    }
+
+    /// Stops every process of the server (SIGSTOP: the process that launched it, the
+    /// postmaster, then its children) until the returned guard is dropped (SIGCONT), as a
+    /// host that stops answering: connections stay open, nothing answers on them, and new
+    /// ones are never served.
+    pub fn freeze(&self) -> Frozen<'_> {
+        let pid_file = self.data().join("postmaster.pid");
+        let text = std::fs::read_to_string(&pid_file).expect("reading postmaster.pid");
+        let postmaster: u32 = text
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("a pid in postmaster.pid");
+        // The guard first: whatever fails from here on, the processes are continued.
+        let mut frozen = Frozen {
+            stopped: Vec::new(),
+            _server: std::marker::PhantomData,
+        };
+        // `runuser` (when the tests run as root) stops itself when its child stops, and
+        // would stay stopped: stop it first, so it never sees the postmaster stop.
+        if let Some(launcher) = self.child.as_ref().map(Child::id) {
+            if launcher != postmaster {
+                frozen.stop(&[launcher]);
+            }
+        }
+        frozen.stop(&[postmaster]);
+        // The postmaster stopped forks no more children: these are all of them.
+        frozen.stop(&children_of(postmaster));
+        frozen
+    }
+}
+
+/// The server's processes stopped by [`TestPostgres::freeze`]; continued when dropped
+/// (also when a test panics), in the reverse order.
+pub struct Frozen<'a> {
+    stopped: Vec<u32>,
+    _server: std::marker::PhantomData<&'a TestPostgres>,
+}
+
+impl Frozen<'_> {
+    fn stop(&mut self, pids: &[u32]) {
+        self.stopped.extend_from_slice(pids);
+        signal("STOP", pids);
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        let reversed: Vec<u32> = self.stopped.iter().rev().copied().collect();
+        signal("CONT", &reversed);
+    }
+}
+
+/// Sends the signal `name` to each of `pids`, in order; a process already gone is skipped.
+fn signal(name: &str, pids: &[u32]) {
+    for pid in pids {
+        let _ = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(pid.to_string())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// The processes whose parent is `parent` (from `/proc/*/stat`).
+fn children_of(parent: u32) -> Vec<u32> {
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("reading /proc").flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // `pid (comm) state ppid …`; comm may hold spaces and parentheses.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            children.push(pid);
+        }
+    }
+    children
 }
 
 impl Drop for TestPostgres {
