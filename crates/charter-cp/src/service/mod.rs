@@ -466,23 +466,32 @@ impl Service {
         }
     }
 
-    /// Moves the snapshot to the store's revision when the store is ahead (another
-    /// process wrote).
+    /// Moves the snapshot to the store's revision when the store moved away from it:
+    /// ahead (another process wrote), behind (a database restored from an older backup),
+    /// or to another epoch.
     pub async fn catch_up(&self) -> Result<(), StoreError> {
         let _writing = self.0.writing.lock().await;
-        if *self.0.store.subscribe().borrow() > self.snapshot().revision {
+        let snapshot = self.snapshot();
+        let revision = *self.0.store.subscribe().borrow();
+        let epoch_moved = self
+            .0
+            .store
+            .seen_epoch()
+            .is_some_and(|epoch| epoch != snapshot.epoch);
+        if revision != snapshot.revision || epoch_moved {
             self.catch_up_locked().await?;
         }
         Ok(())
     }
 
     /// Applies what changed in the store since the snapshot's revision, or loads
-    /// everything when the store cannot tell (or its epoch changed).
+    /// everything when the store cannot tell (it is behind the snapshot, or its epoch
+    /// changed).
     async fn catch_up_locked(&self) -> Result<(), StoreError> {
         let snapshot = self.snapshot();
         match self.0.store.changes_since(snapshot.revision).await? {
             Some(changes) if changes.epoch == snapshot.epoch => {
-                if changes.revision > snapshot.revision {
+                if changes.revision != snapshot.revision {
                     let next = snapshot.with_changes(changes);
                     self.0.snapshots.send_replace(Arc::new(next));
                 }
@@ -669,9 +678,10 @@ async fn sweep(service: Service, mut shutdown: watch::Receiver<bool>) {
 /// How long [`follow`] waits at most between two attempts to catch up.
 const CATCH_UP_RETRY_MAX: Duration = Duration::from_secs(5);
 
-/// Catches the snapshot up whenever the store moves past it without this process writing
-/// (another control plane on the same store); a failed attempt is retried (0.1 s,
-/// doubling to 5 s) until it succeeds, so a change is never left behind.
+/// Catches the snapshot up whenever the store's revision moves away from it without this
+/// process writing (another control plane on the same store, or a restore to an older
+/// revision); a failed attempt is retried (0.1 s, doubling to 5 s) until it succeeds, so a
+/// change is never left behind.
 async fn follow(service: Service, mut shutdown: watch::Receiver<bool>) {
     let mut revisions = service.0.store.subscribe();
     loop {

@@ -592,6 +592,76 @@ async fn a_control_plane_follows_another_by_what_changed() {
     }
 }
 
+/// A database restored to an older revision (a backup): the control plane notices the
+/// revision going down and reloads, rather than serving licenses the database lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_follows_its_database_restored_to_an_older_revision() {
+    let pg = charter_store::testing::TestPostgres::start();
+    let pg_store = charter_store::PgStore::open(&pg.url())
+        .await
+        .expect("open the database");
+    let store: Arc<dyn Store> = Arc::new(pg_store.clone());
+    let clock = Arc::new(FixedClock::new(JUNE_2026));
+    let (service, tasks) = Service::start(
+        store,
+        TrustedKeys::new([vendor().trusted_key()]),
+        clock.clone(),
+        None,
+        "cp".to_owned(),
+    )
+    .await
+    .expect("start");
+    let (stop, stopped) = watch::channel(false);
+    let tasks = tokio::spawn(tasks.run(stopped));
+    for step in 0..3 {
+        let text = license(&format!("key-{step}"), "2026-01-01", "2027-12-31");
+        service
+            .create(None, service.validate(&text).unwrap())
+            .await
+            .unwrap();
+    }
+    assert_eq!(contents(&service).1.len(), 3);
+
+    // The backup: the database as it was at revision 1.
+    pg.execute(
+        "BEGIN;
+         DELETE FROM charter_licenses WHERE revision > 1;
+         DELETE FROM charter_deletions;
+         UPDATE charter_meta SET revision = 1;
+         COMMIT;",
+    )
+    .await;
+    let mut snapshots = service.subscribe();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        snapshots.wait_for(|s| s.revision == 1),
+    )
+    .await
+    .expect("the control plane follows the restore within 10 s")
+    .unwrap();
+    let loaded = pg_store.load().await.unwrap();
+    let (revision, licenses) = contents(&service);
+    assert_eq!(revision, loaded.revision);
+    let stored: Vec<_> = loaded
+        .licenses
+        .iter()
+        .map(|r| (r.id, r.payload.clone(), r.updated_at, r.revision))
+        .collect();
+    assert_eq!(licenses, stored);
+    assert_eq!(licenses.len(), 1);
+
+    // And writes go on from there.
+    let text = license("after", "2026-01-01", "2027-12-31");
+    let written = service
+        .create(None, service.validate(&text).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(written.record.revision, 2);
+    stop.send(true).unwrap();
+    tasks.await.unwrap();
+    service.close().await.unwrap();
+}
+
 /// `text`'s license with every key in reverse order, indented over several lines.
 fn reordered(text: &str) -> String {
     let document: Value = serde_json::from_str(text).unwrap();
