@@ -227,6 +227,8 @@ impl TestPostgres {
             .args(["stop", "-m", "immediate", "-w"])
             .output();
         if let Some(mut child) = self.child.take() {
+            // Should `runuser` have stopped itself after a `freeze`, it could not end.
+            signal("CONT", &[child.id()]);
             let _ = child.wait();
         }
     }
@@ -268,11 +270,16 @@ impl TestPostgres {
             stopped: Vec::new(),
             _server: std::marker::PhantomData,
         };
-        // `runuser` (when the tests run as root) stops itself when its child stops, and
-        // would stay stopped: stop it first, so it never sees the postmaster stop.
+        // `runuser` (when the tests run as root) stops itself when it sees its child stop,
+        // and would stay stopped: stop it first, and wait until it is, so it never sees
+        // the postmaster stop.
         if let Some(launcher) = self.child.as_ref().map(Child::id) {
             if launcher != postmaster {
                 frozen.stop(&[launcher]);
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !is_stopped(launcher) && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
             }
         }
         frozen.stop(&[postmaster]);
@@ -312,6 +319,17 @@ fn signal(name: &str, pids: &[u32]) {
             .stderr(Stdio::null())
             .status();
     }
+}
+
+/// Whether the process `pid` is stopped (state `T` in `/proc/PID/stat`).
+fn is_stopped(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next().map(|s| s == "T"))
+        })
+        .unwrap_or(false)
 }
 
 /// The processes whose parent is `parent` (from `/proc/*/stat`).
