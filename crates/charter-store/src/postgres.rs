@@ -181,6 +181,18 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// `sql` prepared on this connection once and kept (deadpool's statement cache): a write
+/// then costs one round trip per statement, not two, and the server parses and plans each
+/// statement once per connection instead of once per write.
+async fn prepared(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+) -> Result<tokio_postgres::Statement, StoreError> {
+    tx.prepare_cached(sql)
+        .await
+        .map_err(db_error("preparing a statement"))
+}
+
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         // The connection's own error says what went wrong (refused, a TLS certificate, a
@@ -648,13 +660,15 @@ impl Store for PgStore {
                 // cannot tell.
                 let horizon = (base + 1).saturating_sub(KEEP_DELETIONS) as i64;
                 let forget = matches!(change, Change::Delete(_));
+                let bump = prepared(
+                    &tx,
+                    "UPDATE charter_meta SET revision = revision + 1,
+                       forgotten = CASE WHEN $2 THEN GREATEST(forgotten, $3) ELSE forgotten END
+                     WHERE revision = $1 RETURNING revision",
+                )
+                .await?;
                 let bumped = tx
-                    .query_opt(
-                        "UPDATE charter_meta SET revision = revision + 1,
-                           forgotten = CASE WHEN $2 THEN GREATEST(forgotten, $3) ELSE forgotten END
-                         WHERE revision = $1 RETURNING revision",
-                        &[&(base as i64), &forget, &horizon],
-                    )
+                    .query_opt(&bump, &[&(base as i64), &forget, &horizon])
                     .await
                     .map_err(db_error("moving the revision"))?;
                 let Some(bumped) = bumped else {
@@ -671,33 +685,43 @@ impl Store for PgStore {
                 let next: i64 = bumped.get(0);
                 match &change {
                     Change::Put(record) => {
-                        tx.execute(
+                        let upsert = prepared(
+                            &tx,
                             "INSERT INTO charter_licenses (id, payload, checksum, created_at, updated_at, revision)
                              VALUES ($1, $2, $3, $4, $5, $6)
                              ON CONFLICT (id) DO UPDATE SET payload = EXCLUDED.payload, checksum = EXCLUDED.checksum,
                                created_at = EXCLUDED.created_at, updated_at = EXCLUDED.updated_at, revision = EXCLUDED.revision",
+                        )
+                        .await?;
+                        tx.execute(
+                            &upsert,
                             &[&record.id, &record.payload, &record.checksum, &record.created_at, &record.updated_at, &next],
                         )
                         .await
                         .map_err(db_error("writing a license"))?;
-                        tx.execute("DELETE FROM charter_deletions WHERE id = $1", &[&record.id])
+                        let undelete =
+                            prepared(&tx, "DELETE FROM charter_deletions WHERE id = $1").await?;
+                        tx.execute(&undelete, &[&record.id])
                             .await
                             .map_err(db_error("writing a license"))?;
                     }
                     Change::Delete(id) => {
                         // The trigger of migration 3 records the deletion at `next`.
-                        tx.execute("DELETE FROM charter_licenses WHERE id = $1", &[id])
+                        let delete =
+                            prepared(&tx, "DELETE FROM charter_licenses WHERE id = $1").await?;
+                        tx.execute(&delete, &[id])
                             .await
                             .map_err(db_error("deleting a license"))?;
-                        tx.execute(
-                            "DELETE FROM charter_deletions WHERE revision <= $1",
-                            &[&horizon],
-                        )
+                        let forget =
+                            prepared(&tx, "DELETE FROM charter_deletions WHERE revision <= $1")
+                                .await?;
+                        tx.execute(&forget, &[&horizon])
                         .await
                         .map_err(db_error("deleting a license"))?;
                     }
                 }
-                tx.execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &next.to_string()])
+                let notify = prepared(&tx, "SELECT pg_notify($1, $2)").await?;
+                tx.execute(&notify, &[&CHANNEL, &next.to_string()])
                     .await
                     .map_err(db_error("notifying the other control planes"))?;
                 tx.commit().await.map_err(db_error("committing a write"))?;
