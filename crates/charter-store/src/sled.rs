@@ -131,13 +131,8 @@ impl SledStore {
         create_private_dir(dir)?;
         // sled takes its lock on the data dir first, so an old release still running on
         // it is found before its log is looked at.
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(None)
-            .open()
-            .map_err(|e| {
-                if matches!(&e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
-                {
+        let db = open_when_released(dir).map_err(|e| {
+                if is_locked(&e) {
                     StoreError::Corrupt(format!(
                         "{} is in use by another process (is another control plane running on this data dir?)",
                         dir.display()
@@ -503,6 +498,29 @@ impl Inner {
         }
         // The inventory, written without waiting, is made durable too.
         self.make_durable(&mut writer)
+    }
+}
+
+/// Whether sled could not open because another handle holds the data dir's lock.
+fn is_locked(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io) if io.to_string().contains("could not acquire lock"))
+}
+
+/// How long opening waits for the data dir's lock, held by a store of this process that
+/// was just closed: sled's own I/O threads keep its file, and so the lock, a moment after
+/// the last handle is dropped. Another process holding it is refused after this wait.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Opens sled in `dir`, waiting up to [`LOCK_WAIT`] for its lock.
+fn open_when_released(dir: &Path) -> sled::Result<sled::Db> {
+    let deadline = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match sled::Config::new().path(dir).flush_every_ms(None).open() {
+            Err(e) if is_locked(&e) && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            opened => return opened,
+        }
     }
 }
 

@@ -56,26 +56,8 @@ struct Fixture {
     tasks: tokio::task::JoinHandle<()>,
 }
 
-/// Opens the sled store in `dir`, waiting (up to 10 s) while a store of this process
-/// closed just before still holds the directory's lock: sled's own I/O threads let go of
-/// it a moment after the store is dropped.
-async fn open_when_released(dir: &std::path::Path) -> SledStore {
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        match SledStore::open(dir) {
-            Ok(store) => return store,
-            Err(e)
-                if e.to_string().contains("in use") && tokio::time::Instant::now() < deadline =>
-            {
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-            Err(e) => panic!("open store: {e}"),
-        }
-    }
-}
-
 async fn fixture_with(tmp: tempfile::TempDir, store: Option<Arc<dyn Store>>) -> Fixture {
-    let sled = open_when_released(&tmp.path().join("data")).await;
+    let sled = SledStore::open(&tmp.path().join("data")).expect("open store");
     let store = store.unwrap_or_else(|| Arc::new(sled.clone()));
     let clock = Arc::new(FixedClock::new(JUNE_2026));
     let (service, tasks) = Service::start(
