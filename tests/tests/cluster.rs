@@ -416,6 +416,13 @@ fn an_older_stream_of_a_reconnected_data_plane_does_not_mark_it_disconnected() {
         Duration::from_secs(20),
         || (cp.logs().matches("data plane connected").count() >= 2).then_some(()),
     );
+    // The new stream has taken the snapshot (its row goes through "syncing" to "in_sync").
+    eventually("the new stream in sync", Duration::from_secs(20), || {
+        data_planes(&cp)
+            .first()
+            .filter(|p| p["sync_status"] == "in_sync")
+            .map(|_| ())
+    });
     first.kill();
     eventually("the old stream ended", Duration::from_secs(20), || {
         cp.logs()
