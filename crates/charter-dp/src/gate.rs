@@ -597,15 +597,19 @@ impl Gate {
         match self.client.request(request).await {
             Ok(response) => Ok(response),
             Err(e) => match again {
-                Some(mut again) if hyper_error(&e).is_some_and(hyper::Error::is_incomplete_message) => {
+                Some(mut again)
+                    if hyper_error(&e).is_some_and(hyper::Error::is_incomplete_message) =>
+                {
                     tracing::debug!(error = %describe(&BoxError::from(e)), "a pooled upstream connection closed under an idempotent request; sending it again");
                     // A connection of our own takes the request in origin form.
-                    let target = again
-                        .uri()
-                        .path_and_query()
-                        .map_or_else(|| Uri::from_static("/"), |pq| {
-                            pq.as_str().parse().unwrap_or_else(|_| Uri::from_static("/"))
-                        });
+                    let target = again.uri().path_and_query().map_or_else(
+                        || Uri::from_static("/"),
+                        |pq| {
+                            pq.as_str()
+                                .parse()
+                                .unwrap_or_else(|_| Uri::from_static("/"))
+                        },
+                    );
                     *again.uri_mut() = target;
                     let mut sender = self.connect().await?;
                     Ok(sender.send_request(again).await?)
@@ -865,8 +869,8 @@ impl hyper::body::Body for Outgoing {
     }
 }
 
-/// The upstream's response body on its way to the client. When it ends (or the client
-/// goes), the client's request body is dropped if the upstream has not taken it all: an
+/// The upstream's response body on its way to the client. When it is dropped (the
+/// response sent to its end, or the client gone), the client's request body is dropped if the upstream has not taken it all: an
 /// upstream may answer before reading the request (a refusal), and the client must not
 /// be left sending into a connection nobody reads. Dropped, an HTTP/2 client's request
 /// stream is reset and an HTTP/1 client's connection closed after the response.
@@ -898,11 +902,11 @@ impl hyper::body::Body for Returning {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
-        let polled = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if let std::task::Poll::Ready(None | Some(Err(_))) = &polled {
-            self.finish();
-        }
-        polled
+        // The client's body is dropped when this body is, once the response has been sent
+        // to its end: dropped any earlier, an HTTP/2 stream would be reset with CANCEL
+        // (the response not finished) rather than NO_ERROR, and the client would discard
+        // the response.
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1123,30 +1127,56 @@ mod tests {
         let check = |upstream: &str, location: &str, expected: Option<&str>| {
             let upstream = Upstream::parse(upstream).expect("url");
             assert_eq!(
-                upstream.rewrite_location(location, "gate.test:8000").as_deref(),
+                upstream
+                    .rewrite_location(location, "gate.test:8000")
+                    .as_deref(),
                 expected,
                 "{location} from {upstream:?}"
             );
         };
         let up = "http://127.0.0.1:9000";
-        check(up, "http://127.0.0.1:9000/get?a=1#top", Some("http://gate.test:8000/get?a=1#top"));
+        check(
+            up,
+            "http://127.0.0.1:9000/get?a=1#top",
+            Some("http://gate.test:8000/get?a=1#top"),
+        );
         check(up, "HTTP://127.0.0.1:9000", Some("http://gate.test:8000/"));
-        check(up, "http://127.0.0.1:9000?x", Some("http://gate.test:8000/?x"));
+        check(
+            up,
+            "http://127.0.0.1:9000?x",
+            Some("http://gate.test:8000/?x"),
+        );
         check(up, "http://127.0.0.1:9001/get", None);
         check(up, "http://example.com/get", None);
         check(up, "https://127.0.0.1:9000/get", None);
         check(up, "/relative", None);
         check(up, "http://user@127.0.0.1:9000/get", None);
         // No port means 80, either way round; host names compare without case.
-        check("http://App", "http://app:80/x", Some("http://gate.test:8000/x"));
-        check("http://app:80", "http://APP/x", Some("http://gate.test:8000/x"));
+        check(
+            "http://App",
+            "http://app:80/x",
+            Some("http://gate.test:8000/x"),
+        );
+        check(
+            "http://app:80",
+            "http://APP/x",
+            Some("http://gate.test:8000/x"),
+        );
         // Under a base path only, which the client does not see.
         let api = "http://app/api";
-        check(api, "http://app/api/v1?q", Some("http://gate.test:8000/v1?q"));
+        check(
+            api,
+            "http://app/api/v1?q",
+            Some("http://gate.test:8000/v1?q"),
+        );
         check(api, "http://app/api", Some("http://gate.test:8000/"));
         check(api, "http://app/api2", None);
         check(api, "http://app/other", None);
-        check("http://[::1]:9000", "http://[::1]:9000/x", Some("http://gate.test:8000/x"));
+        check(
+            "http://[::1]:9000",
+            "http://[::1]:9000/x",
+            Some("http://gate.test:8000/x"),
+        );
     }
 
     #[test]
@@ -1159,7 +1189,9 @@ mod tests {
         assert!(!block.contains(ip("::1")));
         let one = Cidr::parse("127.0.0.1").expect("cidr");
         assert!(one.contains(ip("127.0.0.1")) && !one.contains(ip("127.0.0.2")));
-        assert!(Cidr::parse("0.0.0.0/0").expect("all").contains(ip("8.8.8.8")));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .expect("all")
+            .contains(ip("8.8.8.8")));
         let v6 = Cidr::parse("fd00::/8").expect("cidr");
         assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
         assert_eq!(v6.to_string(), "fd00::/8");
