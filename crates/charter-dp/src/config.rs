@@ -88,7 +88,11 @@ pub struct Args {
     /// Gate mode: a peer address block (`10.0.0.0/8`, or one address) whose
     /// `X-Forwarded-For` is trusted and appended to; from any other peer it is replaced.
     /// Repeat for several (comma-separated in the variable).
-    #[arg(long = "trusted-proxy", env = "CHARTER_TRUSTED_PROXY", value_delimiter = ',')]
+    #[arg(
+        long = "trusted-proxy",
+        env = "CHARTER_TRUSTED_PROXY",
+        value_delimiter = ','
+    )]
     pub trusted_proxies: Vec<String>,
     /// Seconds between usage reports to the control plane (also sent at shutdown).
     #[arg(long, env = "CHARTER_TELEMETRY_INTERVAL", default_value_t = 60)]

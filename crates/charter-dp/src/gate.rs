@@ -13,6 +13,11 @@
 //! requests on one connection), go through hyper-util's pooled client. An HTTP/1.x client
 //! connection that sends no request for [`CLIENT_IDLE_TIMEOUT`] is closed, so idle
 //! clients do not hold upstream connections (nor a slow client's header a task) for long.
+//!
+//! An HTTP/1.1 upgrade (WebSocket) is sent on an upstream connection of its own; after a
+//! 101 the two upgraded connections are spliced both ways ([`splice`]). 1xx responses
+//! other than 101 are not forwarded: a hyper service returns one response per request,
+//! and hyper's server sends no 1xx but its own `100 Continue`.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -145,7 +150,9 @@ impl Upstream {
         let rest = &location[7..];
         let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let authority: hyper::http::uri::Authority = rest[..end].parse().ok()?;
-        if !authority.host().eq_ignore_ascii_case(&self.host)
+        // A link with credentials is not one the upstream built from its own address.
+        if authority.as_str().contains('@')
+            || !authority.host().eq_ignore_ascii_case(&self.host)
             || authority.port_u16().unwrap_or(80) != self.port
         {
             return None;

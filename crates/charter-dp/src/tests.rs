@@ -219,10 +219,7 @@ fn configuration_errors() {
     let mut untrusted = gate("http://svc:80");
     untrusted.extend(["--trusted-proxy", "10.1.2.3/8"]);
     refused(&untrusted, "write 10.0.0.0/8");
-    refused(
-        &with(&["--trusted-proxy", "10.0.0.0/8"]),
-        "gate mode flags",
-    );
+    refused(&with(&["--trusted-proxy", "10.0.0.0/8"]), "gate mode flags");
     refused(&with(&["--preserve-host"]), "gate mode flags");
 }
 
@@ -664,9 +661,9 @@ fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed()
 
     use crate::config::GateConfig;
     use crate::gate::{serve, Gate, Upstream};
-    use std::net::SocketAddr;
     use crate::state::Enforcement;
     use crate::usage::Usage;
+    use std::net::SocketAddr;
 
     let dir = tempfile::TempDir::new().expect("temp dir");
     let signer = signer(7);
@@ -782,9 +779,9 @@ fn a_client_that_stops_sending_its_body_gets_a_408() {
 
     use crate::config::GateConfig;
     use crate::gate::{serve, Gate, Upstream};
-    use std::net::SocketAddr;
     use crate::state::Enforcement;
     use crate::usage::Usage;
+    use std::net::SocketAddr;
 
     let dir = tempfile::TempDir::new().expect("temp dir");
     let signer = signer(7);
