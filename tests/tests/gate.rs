@@ -21,7 +21,8 @@ use tempfile::TempDir;
 
 /// An upstream on loopback: `/echo/...` answers what it received (and the port of the
 /// connection it came on), `/close` answers it too but closes the connection after,
-/// `/status/{code}` answers that status, `/large/{bytes}` a streamed body, `/slow` after 3 s.
+/// `/status/{code}` answers that status, `/large/{bytes}` a streamed body, `/slow` after 3 s,
+/// `/redirect` a 302 to its own address, `/headers/{count}` that many header fields.
 struct Upstream {
     addr: SocketAddr,
     _runtime: tokio::runtime::Runtime,
@@ -72,6 +73,32 @@ async fn large(Path(bytes): Path<usize>) -> Response {
     Response::new(Body::from_stream(tokio_stream::iter(chunks)))
 }
 
+/// A redirect to the upstream's own address, as an upstream that builds absolute links
+/// from its `Host` header does.
+async fn redirect(request: Request) -> Response {
+    let host = request
+        .headers()
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("none")
+        .to_owned();
+    Response::builder()
+        .status(StatusCode::FOUND)
+        .header("location", format!("http://{host}/echo/target?x=1"))
+        .header("content-location", format!("http://{host}/redirect"))
+        .body(Body::empty())
+        .expect("response")
+}
+
+/// A response with `count` extra header fields.
+async fn many_headers(Path(count): Path<usize>) -> Response {
+    let mut response = Response::builder();
+    for i in 0..count {
+        response = response.header(format!("x-header-{i}"), "v");
+    }
+    response.body(Body::from("many")).expect("response")
+}
+
 async fn slow() -> &'static str {
     tokio::time::sleep(Duration::from_secs(3)).await;
     "late"
@@ -93,6 +120,8 @@ impl Upstream {
             .route("/large/{bytes}", any(large))
             .route("/slow", any(slow))
             .route("/close", any(close))
+            .route("/redirect", any(redirect))
+            .route("/headers/{count}", any(many_headers))
             .fallback(echo);
         runtime.spawn(async move {
             let _ = axum::serve(
@@ -644,4 +673,511 @@ fn days_from(today: i64, offset: i64) -> String {
         .output()
         .expect("date");
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// One request on a new connection (`Connection: close` is added): the status, the
+/// header fields (names in lower case) and the body.
+fn exchange(proxy: SocketAddr, head: &str, body: &[u8]) -> (u16, Vec<(String, String)>, String) {
+    let mut stream = TcpStream::connect(proxy).expect("connect to the gate");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    let head = head.trim_end_matches("\r\n");
+    write!(stream, "{head}\r\nconnection: close\r\n\r\n").expect("send head");
+    stream.write_all(body).expect("send body");
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).expect("read to the close");
+    let answer = String::from_utf8_lossy(&answer).into_owned();
+    let (head, body) = answer
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no complete head in {answer:?}"));
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line in {answer:?}"));
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers, body.to_owned())
+}
+
+fn field<'a>(headers: &'a [(String, String)], name: &str) -> Vec<&'a str> {
+    headers
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// The request heads a test upstream has seen, one list of header fields each.
+type Heads = std::sync::Arc<std::sync::Mutex<Vec<Vec<(String, String)>>>>;
+
+/// A WebSocket echo server (tokio-tungstenite) on loopback: it echoes every text and
+/// binary message, and keeps the request head of each handshake for the test to see.
+fn websocket_upstream(runtime: &tokio::runtime::Runtime) -> (SocketAddr, Heads) {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::handshake::server::{
+        ErrorResponse, Request as WsRequest, Response as WsResponse,
+    };
+
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let heads = seen.clone();
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let heads = heads.clone();
+            tokio::spawn(async move {
+                // tokio-tungstenite's callback type, with its large error, is not ours.
+                #[allow(clippy::result_large_err)]
+                let record = |request: &WsRequest,
+                              response: WsResponse|
+                 -> Result<WsResponse, ErrorResponse> {
+                    let head = request
+                        .headers()
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+                        .collect();
+                    heads.lock().expect("lock").push(head);
+                    Ok(response)
+                };
+                let Ok(mut socket) = tokio_tungstenite::accept_hdr_async(stream, record).await
+                else {
+                    return;
+                };
+                while let Some(Ok(message)) = socket.next().await {
+                    if (message.is_text() || message.is_binary())
+                        && socket.send(message).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[test]
+fn websockets_are_spliced_through_the_gate_and_counted_once() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let (dir, vendor, cp, _upstream) = setup();
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let (ws, heads) = websocket_upstream(&runtime);
+    let (dp, proxy) = gate(&dir, "ws", &cp, &vendor, &format!("http://{ws}"), &[]);
+
+    // Unlicensed: the handshake is refused with the 403, before the upstream sees it.
+    let refused = runtime.block_on(tokio_tungstenite::connect_async(format!(
+        "ws://{proxy}/socket"
+    )));
+    match refused {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("expected a 403, got {other:?}"),
+    }
+    assert!(heads.lock().expect("lock").is_empty());
+
+    cp.add(&vendor.valid("WS"));
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    runtime.block_on(async {
+        let (mut socket, response) =
+            tokio_tungstenite::connect_async(format!("ws://{proxy}/socket?room=1"))
+                .await
+                .expect("the WebSocket handshake through the gate");
+        assert_eq!(response.status(), 101);
+        assert_eq!(response.headers()["via"], "1.1 charter");
+        for i in 0..20 {
+            let text = format!("hello {i}");
+            socket
+                .send(Message::text(text.clone()))
+                .await
+                .expect("send");
+            let echoed = socket.next().await.expect("an answer").expect("a message");
+            assert_eq!(echoed, Message::text(text));
+        }
+        // A large binary message crosses both ways.
+        let big = vec![7u8; 4 * 1024 * 1024];
+        socket
+            .send(Message::binary(big.clone()))
+            .await
+            .expect("send");
+        let echoed = socket.next().await.expect("an answer").expect("a message");
+        assert_eq!(echoed.into_data().len(), big.len());
+        socket.close(None).await.expect("close");
+    });
+    let head = heads.lock().expect("lock")[0].clone();
+    assert_eq!(field(&head, "x-forwarded-for"), ["127.0.0.1"]);
+    assert_eq!(field(&head, "upgrade"), ["websocket"]);
+    assert_eq!(field(&head, "via"), ["1.1 charter"]);
+
+    // The WebSocket session was one request.
+    eventually(
+        "the session's count in the report",
+        Duration::from_secs(10),
+        || (report_total(&cp) == 1).then_some(()),
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(report_total(&cp), 1, "a WebSocket session is one request");
+}
+
+#[test]
+fn the_upstream_timeout_does_not_count_a_slow_upload() {
+    let (dir, vendor, cp, upstream) = setup();
+    cp.add(&vendor.valid("UPLOAD"));
+    let (dp, proxy) = gate(
+        &dir,
+        "upload",
+        &cp,
+        &vendor,
+        &upstream.url(),
+        &["--upstream-timeout", "1"],
+    );
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    // Half the body, a pause twice the upstream timeout, the other half: the upstream is
+    // healthy and answers as soon as it has it all.
+    let mut stream = TcpStream::connect(proxy).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .expect("timeout");
+    stream
+        .write_all(b"POST /echo/upload HTTP/1.1\r\nhost: gate.test\r\ncontent-length: 20\r\nconnection: close\r\n\r\n0123456789")
+        .expect("send");
+    std::thread::sleep(Duration::from_secs(2));
+    stream.write_all(b"abcdefghij").expect("send the rest");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"body_len\":20"), "{answer}");
+    // An upstream slow to answer a request sent in full still gets the 504.
+    let resp = through(
+        proxy,
+        "POST",
+        "/slow",
+        Some(ReqBody::Raw("text/plain".into(), b"x".to_vec())),
+        &[],
+    );
+    assert_eq!(resp.status, 504, "{}", resp.body);
+}
+
+/// An upstream that answers each request with its header lines as the body, then closes.
+fn head_counting_upstream() -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(16) {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                let _ = write!(
+                    reader.get_mut(),
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{head}",
+                    head.len()
+                );
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn header_limits_are_at_least_nginx_s() {
+    let (dir, vendor, cp, upstream) = setup();
+    cp.add(&vendor.valid("HEADERS"));
+    let (dp, proxy) = gate(&dir, "headers", &cp, &vendor, &upstream.url(), &[]);
+    dp.wait_license("the license", |l| l["status"] == "valid");
+
+    // 150 request header fields reach the upstream (one that reads any number; axum's
+    // stops at 100).
+    let lines = head_counting_upstream();
+    let (counting_dp, counting) = gate(
+        &dir,
+        "counting",
+        &cp,
+        &vendor,
+        &format!("http://{lines}"),
+        &[],
+    );
+    counting_dp.wait_license("the license", |l| l["status"] == "valid");
+    let mut head = String::from("GET /many HTTP/1.1\r\nhost: gate.test\r\n");
+    for i in 0..150 {
+        head.push_str(&format!("x-field-{i}: {i}\r\n"));
+    }
+    let (status, _, body) = exchange(counting, &head, b"");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("x-field-149: 149"), "{body}");
+
+    // 150 response header fields reach the client.
+    let (status, headers, body) =
+        exchange(proxy, "GET /headers/150 HTTP/1.1\r\nhost: gate.test", b"");
+    assert_eq!((status, body.as_str()), (200, "many"));
+    assert_eq!(field(&headers, "x-header-149"), ["v"]);
+
+    // Beyond the limit: a 502 that says so.
+    let (status, _, body) = exchange(proxy, "GET /headers/1200 HTTP/1.1\r\nhost: gate.test", b"");
+    assert_eq!(status, 502, "{body}");
+    let message = serde_json::from_str::<Value>(&body).expect("json")["message"].clone();
+    assert!(
+        message
+            .as_str()
+            .is_some_and(|m| m.contains("response header is larger than the gate accepts")),
+        "{message}"
+    );
+}
+
+#[test]
+fn redirects_to_the_upstream_point_at_the_gate_and_the_host_can_be_preserved() {
+    let (dir, vendor, cp, upstream) = setup();
+    cp.add(&vendor.valid("LOCATION"));
+    let (dp, proxy) = gate(&dir, "location", &cp, &vendor, &upstream.url(), &[]);
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    // The upstream builds its links from the Host it gets (its own address): they are
+    // rewritten to the address the client used.
+    let (status, headers, _) =
+        exchange(proxy, "GET /redirect HTTP/1.1\r\nhost: gate.test:8443", b"");
+    assert_eq!(status, 302);
+    assert_eq!(
+        field(&headers, "location"),
+        ["http://gate.test:8443/echo/target?x=1"]
+    );
+    assert_eq!(
+        field(&headers, "content-location"),
+        ["http://gate.test:8443/redirect"]
+    );
+    let (_, headers, body) = exchange(
+        proxy,
+        "GET /echo/host HTTP/1.1\r\nhost: gate.test:8443",
+        b"",
+    );
+    let seen: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(seen["headers"]["host"], json!(upstream.addr.to_string()));
+    assert_eq!(seen["headers"]["x-forwarded-host"], "gate.test:8443");
+    assert_eq!(field(&headers, "via"), ["1.1 charter"]);
+    assert_eq!(seen["headers"]["via"], "1.1 charter");
+
+    // --preserve-host: the upstream gets the client's Host, and builds links with it.
+    let (preserving_dp, preserving) = gate(
+        &dir,
+        "preserving",
+        &cp,
+        &vendor,
+        &upstream.url(),
+        &["--preserve-host"],
+    );
+    preserving_dp.wait_license("the license", |l| l["status"] == "valid");
+    let (_, _, body) = exchange(
+        preserving,
+        "GET /echo/host HTTP/1.1\r\nhost: gate.test:8443",
+        b"",
+    );
+    let seen: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(seen["headers"]["host"], "gate.test:8443");
+    let (status, headers, _) = exchange(
+        preserving,
+        "GET /redirect HTTP/1.1\r\nhost: gate.test:8443",
+        b"",
+    );
+    assert_eq!(status, 302);
+    assert_eq!(
+        field(&headers, "location"),
+        ["http://gate.test:8443/echo/target?x=1"]
+    );
+}
+
+#[test]
+fn forwarded_for_is_trusted_only_from_trusted_proxies_and_errors_stay_terse() {
+    let (dir, vendor, cp, upstream) = setup();
+    cp.add(&vendor.valid("XFF"));
+    let (dp, proxy) = gate(&dir, "xff", &cp, &vendor, &upstream.url(), &[]);
+    let (trusting_dp, trusting) = gate(
+        &dir,
+        "trusting",
+        &cp,
+        &vendor,
+        &upstream.url(),
+        &[
+            "--trusted-proxy",
+            "10.0.0.0/8",
+            "--trusted-proxy",
+            "127.0.0.0/8",
+        ],
+    );
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    trusting_dp.wait_license("the license", |l| l["status"] == "valid");
+    let claimed = [("x-forwarded-for", "203.0.113.9")];
+    // From an untrusted peer the client's own X-Forwarded-For is replaced...
+    let seen = through(proxy, "GET", "/echo/xff", None, &claimed).json();
+    assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
+    // ...from a trusted one appended to.
+    let seen = through(trusting, "GET", "/echo/xff", None, &claimed).json();
+    assert_eq!(seen["headers"]["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+
+    // An unreachable upstream: a short message, its address only in the log.
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let (dead_dp, dead_proxy) = gate(&dir, "dead", &cp, &vendor, &dead, &[]);
+    dead_dp.wait_license("the license", |l| l["status"] == "valid");
+    let resp = through(dead_proxy, "GET", "/anything", None, &[]);
+    assert_eq!(resp.status, 502);
+    assert_eq!(
+        resp.json(),
+        json!({"message": "the upstream service is unavailable"})
+    );
+    eventually("the details in the log", Duration::from_secs(5), || {
+        let logs = dead_dp.logs();
+        (logs.contains("upstream request failed") && logs.contains(&dead)).then_some(())
+    });
+}
+
+/// Sends `requests` (method, path) one after another on one HTTP/2 (prior knowledge)
+/// connection to `proxy`: each one's status and body. A POST carries `{}`.
+fn over_one_http2_connection(proxy: SocketAddr, requests: &[(&str, &str)]) -> Vec<(u16, String)> {
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Bytes;
+
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    runtime.block_on(async {
+        let stream = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect");
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        )
+        .await
+        .expect("HTTP/2 handshake");
+        tokio::spawn(connection);
+        let mut answers = Vec::new();
+        for (method, path) in requests {
+            let body = if *method == "POST" {
+                Bytes::from_static(b"{}")
+            } else {
+                Bytes::new()
+            };
+            let request = hyper::Request::builder()
+                .method(*method)
+                .uri(format!("http://{proxy}{path}"))
+                .body(Full::new(body))
+                .expect("request");
+            let response = sender.send_request(request).await.expect("an answer");
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .expect("body")
+                .to_bytes();
+            answers.push((status, String::from_utf8_lossy(&body).into_owned()));
+        }
+        answers
+    })
+}
+
+#[test]
+fn a_lost_request_on_a_pooled_connection_is_sent_again_only_if_idempotent() {
+    let (dir, vendor, cp, _upstream) = setup();
+    cp.add(&vendor.valid("POOLED"));
+    let upstream = format!("http://{}", dropping_upstream());
+    let (dp, proxy) = gate(&dir, "pooled", &cp, &vendor, &upstream, &[]);
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    // HTTP/2 clients go through the pool: the second request goes on the pooled
+    // connection, which the upstream drops unanswered; the GET is sent again, on a new
+    // connection (of its own, closed after). A POST that meets the same (on the pooled
+    // connection the third GET opened) is not: the upstream might have acted on it.
+    let answers = over_one_http2_connection(
+        proxy,
+        &[
+            ("GET", "/one"),
+            ("GET", "/two"),
+            ("GET", "/three"),
+            ("POST", "/four"),
+        ],
+    );
+    let answer = |n: u32| (200, format!("{{\"connection\":{n}}}"));
+    assert_eq!(
+        answers[..3],
+        [answer(0), answer(1), answer(2)],
+        "{answers:?}"
+    );
+    assert_eq!(answers[3].0, 502, "{answers:?}");
+}
+
+#[test]
+fn an_http2_upload_the_upstream_refuses_unread_never_hangs() {
+    let (dir, vendor, cp, _upstream) = setup();
+    cp.add(&vendor.valid("REFUSE"));
+    // An upstream that answers 403 as soon as it has a request head, and then reads
+    // nothing more on that connection (nor closes it). Note: this guards the behaviour
+    // but does not reproduce the hang reported with nginx's `return` (issue 17, item 5):
+    // the gate before the change passes it too (hyper's client stops sending a body once
+    // a complete response has arrived), as it does with an upstream that answers first
+    // and then reads and discards the body.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(8) {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let _ = reader
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 403 Forbidden\r\ncontent-length: 7\r\n\r\ndenied!");
+                std::thread::sleep(Duration::from_secs(120));
+            });
+        }
+    });
+    let (dp, proxy) = gate(&dir, "refuse", &cp, &vendor, &format!("http://{addr}"), &[]);
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    // More than every buffer on the way holds (the client's stream window, the sockets').
+    let upload = dir.path().join("upload.bin");
+    std::fs::write(&upload, vec![b'u'; 64 * 1024 * 1024]).expect("write");
+    let started = Instant::now();
+    let out = Command::new("curl")
+        .args([
+            "-s",
+            "--http2-prior-knowledge",
+            "-m",
+            "60",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .arg("--data-binary")
+        .arg(format!("@{}", upload.display()))
+        .arg(format!("http://{proxy}/upload"))
+        .output()
+        .expect("curl");
+    // The gate sends the 403, then resets the stream with NO_ERROR (RFC 9113 §8.1: the
+    // client must not discard the response for it). curl 7.88 shows the 403 or, when the
+    // reset overtakes the response in its loop, reports the reset (exit 92). Either way
+    // the upload has ended; before, it hung at the stream window.
+    assert_ne!(
+        out.status.code(),
+        Some(28),
+        "curl timed out: the upload hung"
+    );
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(shown == "403" || out.status.code() == Some(92), "{out:?}");
+    assert!(started.elapsed() < Duration::from_secs(60));
 }

@@ -81,6 +81,19 @@ pub struct Args {
     /// Gate mode: seconds to wait for the upstream's response headers before answering 504.
     #[arg(long, env = "CHARTER_UPSTREAM_TIMEOUT", default_value_t = 30)]
     pub upstream_timeout: u64,
+    /// Gate mode: send the client's `Host` header to the upstream instead of the upstream's
+    /// own (for upstreams that build links from `Host`).
+    #[arg(long, env = "CHARTER_PRESERVE_HOST")]
+    pub preserve_host: bool,
+    /// Gate mode: a peer address block (`10.0.0.0/8`, or one address) whose
+    /// `X-Forwarded-For` is trusted and appended to; from any other peer it is replaced.
+    /// Repeat for several (comma-separated in the variable).
+    #[arg(
+        long = "trusted-proxy",
+        env = "CHARTER_TRUSTED_PROXY",
+        value_delimiter = ','
+    )]
+    pub trusted_proxies: Vec<String>,
     /// Seconds between usage reports to the control plane (also sent at shutdown).
     #[arg(long, env = "CHARTER_TELEMETRY_INTERVAL", default_value_t = 60)]
     pub telemetry_interval: u64,
@@ -93,8 +106,26 @@ pub struct GateConfig {
     pub listen: SocketAddr,
     /// Where it forwards.
     pub upstream: crate::gate::Upstream,
-    /// How long to wait for the upstream's response headers.
+    /// How long to wait for the upstream's response headers once the request is sent.
     pub timeout: std::time::Duration,
+    /// Send the client's `Host` to the upstream.
+    pub preserve_host: bool,
+    /// Peers whose `X-Forwarded-For` is appended to.
+    pub trusted_proxies: Vec<crate::gate::Cidr>,
+}
+
+impl GateConfig {
+    /// A gate on `listen` in front of `upstream` with the defaults: a 30 s upstream
+    /// timeout, the upstream's own `Host`, no trusted proxies.
+    pub fn new(listen: SocketAddr, upstream: crate::gate::Upstream) -> GateConfig {
+        GateConfig {
+            listen,
+            upstream,
+            timeout: std::time::Duration::from_secs(30),
+            preserve_host: false,
+            trusted_proxies: Vec::new(),
+        }
+    }
 }
 
 /// How the data plane reaches the control plane.
@@ -187,6 +218,9 @@ impl Config {
         let labels = parse_labels(&args.labels)?;
         let transport = transport(&args)?;
         let gate = match (&args.proxy_listen, &args.upstream) {
+            (None, None) if args.preserve_host || !args.trusted_proxies.is_empty() => {
+                bail!("--preserve-host and --trusted-proxy are gate mode flags: they need --proxy-listen and --upstream")
+            }
             (None, None) => None,
             (Some(listen), Some(upstream)) => {
                 if args.upstream_timeout == 0 {
@@ -196,6 +230,13 @@ impl Config {
                     listen: resolve(listen, "--proxy-listen")?,
                     upstream: crate::gate::Upstream::parse(upstream).map_err(|e| anyhow!(e))?,
                     timeout: std::time::Duration::from_secs(args.upstream_timeout),
+                    preserve_host: args.preserve_host,
+                    trusted_proxies: args
+                        .trusted_proxies
+                        .iter()
+                        .map(|p| crate::gate::Cidr::parse(p.trim()))
+                        .collect::<Result<_, _>>()
+                        .map_err(|e| anyhow!(e))?,
                 })
             }
             (Some(_), None) => bail!("--proxy-listen needs --upstream, the service to forward to"),

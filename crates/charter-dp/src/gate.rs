@@ -13,9 +13,14 @@
 //! requests on one connection), go through hyper-util's pooled client. An HTTP/1.x client
 //! connection that sends no request for [`CLIENT_IDLE_TIMEOUT`] is closed, so idle
 //! clients do not hold upstream connections (nor a slow client's header a task) for long.
+//!
+//! An HTTP/1.1 upgrade (WebSocket) is sent on an upstream connection of its own; after a
+//! 101 the two upgraded connections are spliced both ways ([`splice`]). 1xx responses
+//! other than 101 are not forwarded: a hyper service returns one response per request,
+//! and hyper's server sends no 1xx but its own `100 Continue`.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -26,13 +31,15 @@ use http_body_util::{BodyExt, Either, Empty, Full};
 use hyper::body::{Body as _, Incoming};
 use hyper::client::conn::http1;
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
+use crate::config::GateConfig;
 use crate::state::Enforcement;
 use crate::usage::Usage;
 
@@ -66,6 +73,14 @@ pub const MAX_LANES: usize = 512;
 const READY_WAIT: Duration = Duration::from_secs(1);
 /// How long a client connection may wait before (or while) sending a request's header.
 pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most header fields in an upstream's response head. nginx bounds the head by size
+/// (`proxy_buffer_size`, 4 or 8 KiB by default), not by count; this is well beyond what
+/// fits in that.
+pub const MAX_RESPONSE_HEADERS: usize = 1000;
+/// The share of the process's file handles upgraded (spliced) connections may hold: each
+/// holds two, and the client's no longer counts as one of the listener's connections.
+const TUNNEL_SHARE: f64 = 1.0 / 8.0;
+const X_FORWARDED_FOR: &str = "x-forwarded-for";
 
 /// The upstream a gate forwards to: `http://host[:port][/base]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +89,10 @@ pub struct Upstream {
     pub authority: String,
     /// `host:port` to connect to (port 80 when none is given).
     pub address: String,
+    /// The host, as in the URL (an IPv6 address in brackets).
+    pub host: String,
+    /// The port (80 when none is given).
+    pub port: u16,
     /// A path prefix, without the trailing slash ("" for none).
     pub base_path: String,
 }
@@ -104,12 +123,11 @@ impl Upstream {
         if uri.query().is_some() {
             return Err(format!("--upstream `{url}` must not have a query string"));
         }
+        let port = authority.port_u16().unwrap_or(80);
         Ok(Upstream {
-            address: format!(
-                "{}:{}",
-                authority.host(),
-                authority.port_u16().unwrap_or(80)
-            ),
+            address: format!("{}:{port}", authority.host()),
+            host: authority.host().to_owned(),
+            port,
             authority: authority.to_string(),
             base_path: uri.path().trim_end_matches('/').to_owned(),
         })
@@ -119,11 +137,110 @@ impl Upstream {
     pub fn url(&self) -> String {
         format!("http://{}{}", self.authority, self.base_path)
     }
+
+    /// `location` (a `Location` or `Content-Location` value) as the client should see it
+    /// when it points at this upstream (under its base path): the same place at
+    /// `http://{client_host}`, as nginx's default `proxy_redirect` does. `None` for any
+    /// other value (relative, or another host), which is passed on as it is.
+    pub fn rewrite_location(&self, location: &str, client_host: &str) -> Option<String> {
+        let scheme = location.get(..7)?;
+        if !scheme.eq_ignore_ascii_case("http://") {
+            return None;
+        }
+        let rest = &location[7..];
+        let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+        let authority: hyper::http::uri::Authority = rest[..end].parse().ok()?;
+        // A link with credentials is not one the upstream built from its own address.
+        if authority.as_str().contains('@')
+            || !authority.host().eq_ignore_ascii_case(&self.host)
+            || authority.port_u16().unwrap_or(80) != self.port
+        {
+            return None;
+        }
+        let path = rest[end..].strip_prefix(self.base_path.as_str())?;
+        let path = match path.chars().next() {
+            None => "/".to_owned(),
+            Some('/') => path.to_owned(),
+            Some('?' | '#') => format!("/{path}"),
+            // `/api2` is not under the base path `/api`.
+            Some(_) => return None,
+        };
+        Some(format!("http://{client_host}{path}"))
+    }
 }
 
-/// The body sent upstream: the client's, or none (a request sent again, see
-/// [`Gate::forward`]).
-type UpstreamBody = Either<RequestBody, Empty<Bytes>>;
+/// A block of addresses (`ADDRESS/PREFIX`, or one address) whose peers the gate trusts
+/// as proxies: their `X-Forwarded-For` is appended to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    network: IpAddr,
+    prefix: u8,
+}
+
+impl Cidr {
+    /// Parses one `--trusted-proxy` value.
+    pub fn parse(text: &str) -> Result<Cidr, String> {
+        let (address, prefix) = match text.split_once('/') {
+            Some((address, prefix)) => (address, Some(prefix)),
+            None => (text, None),
+        };
+        let network: IpAddr = address.parse().map_err(|_| {
+            format!("--trusted-proxy `{text}`: `{address}` is not an IPv4 or IPv6 address")
+        })?;
+        let bits = if network.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => bits,
+            Some(prefix) => prefix
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= bits)
+                .ok_or_else(|| {
+                    format!("--trusted-proxy `{text}`: the prefix length must be a number from 0 to {bits}")
+                })?,
+        };
+        let masked = mask(network, prefix);
+        if masked != network {
+            return Err(format!(
+                "--trusted-proxy `{text}` has address bits set beyond its /{prefix} prefix; write {masked}/{prefix}"
+            ));
+        }
+        Ok(Cidr { network, prefix })
+    }
+
+    /// Whether `ip` is in this block (an IPv4 address seen as IPv6, `::ffff:a.b.c.d`,
+    /// counts as IPv4).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        ip.is_ipv4() == self.network.is_ipv4() && mask(ip, self.prefix) == self.network
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.network, self.prefix)
+    }
+}
+
+/// `ip` with all but its first `prefix` bits cleared.
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let keep = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & keep).into())
+        }
+        IpAddr::V6(v6) => {
+            let keep = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & keep).into())
+        }
+    }
+}
+
+/// The body sent upstream: the client's, or none (a request without one, or one sent
+/// again, see [`Gate::forward`]).
+type UpstreamBody = Either<Outgoing, Empty<Bytes>>;
 type Sender = http1::SendRequest<UpstreamBody>;
 
 /// Idle HTTP/1.1 connections to the upstream, the least recently used at the bottom.
@@ -239,12 +356,20 @@ impl Drop for Lane {
 /// A running gate's shared parts.
 pub struct Gate {
     upstream: Upstream,
+    /// The `Host` header the upstream gets (unless the client's is preserved).
+    upstream_host: HeaderValue,
+    /// Send the client's `Host` to the upstream instead of the upstream's.
+    preserve_host: bool,
+    /// Peers whose `X-Forwarded-For` is appended to; any other's is replaced.
+    trusted_proxies: Vec<Cidr>,
     /// For HTTP/2 clients, and HTTP/1.x clients beyond [`MAX_LANES`].
     client: Client<HttpConnector, UpstreamBody>,
     /// For lanes.
     idle: Arc<IdleConnections>,
     /// The places for lanes.
     places: Arc<Semaphore>,
+    /// The places for upgraded (spliced) connections.
+    tunnels: Arc<Semaphore>,
     /// How long an HTTP/1.x client connection may stay idle.
     client_idle_timeout: Duration,
     enforcement: Arc<Enforcement>,
@@ -253,30 +378,16 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// A gate for `upstream` deciding with `enforcement` and counting into `usage`;
-    /// `timeout` bounds the wait for the upstream's response headers.
-    pub fn new(
-        upstream: Upstream,
-        enforcement: Arc<Enforcement>,
-        usage: Arc<Usage>,
-        timeout: Duration,
-    ) -> Gate {
-        Gate::with_limits(
-            upstream,
-            enforcement,
-            usage,
-            timeout,
-            MAX_LANES,
-            CLIENT_IDLE_TIMEOUT,
-        )
+    /// A gate as `config` says, deciding with `enforcement` and counting into `usage`.
+    pub fn new(config: &GateConfig, enforcement: Arc<Enforcement>, usage: Arc<Usage>) -> Gate {
+        Gate::with_limits(config, enforcement, usage, MAX_LANES, CLIENT_IDLE_TIMEOUT)
     }
 
     /// A gate with other limits than [`MAX_LANES`] and [`CLIENT_IDLE_TIMEOUT`] (tests).
     pub(crate) fn with_limits(
-        upstream: Upstream,
+        config: &GateConfig,
         enforcement: Arc<Enforcement>,
         usage: Arc<Usage>,
-        timeout: Duration,
         max_lanes: usize,
         client_idle_timeout: Duration,
     ) -> Gate {
@@ -285,16 +396,26 @@ impl Gate {
         connector.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(IDLE_TIMEOUT)
+            .http1_max_headers(MAX_RESPONSE_HEADERS)
             .build(connector);
+        let upstream = config.upstream.clone();
         Gate {
+            // `Upstream::parse` took the authority from a parsed URI, so it is a valid value.
+            upstream_host: HeaderValue::from_str(&upstream.authority)
+                .unwrap_or_else(|_| HeaderValue::from_static("localhost")),
             upstream,
+            preserve_host: config.preserve_host,
+            trusted_proxies: config.trusted_proxies.clone(),
             client,
             idle: Arc::default(),
             places: Arc::new(Semaphore::new(max_lanes)),
+            tunnels: Arc::new(Semaphore::new(
+                charter_runtime::http::Limits::share_of_file_limit(TUNNEL_SHARE).max_connections,
+            )),
             client_idle_timeout,
             enforcement,
             usage,
-            timeout,
+            timeout: config.timeout,
         }
     }
 
@@ -308,63 +429,200 @@ impl Gate {
 
     async fn handle(
         &self,
-        request: Request<RequestBody>,
+        mut request: Request<RequestBody>,
         peer: SocketAddr,
         lane: &Lane,
     ) -> Result<Response<ProxyBody>, Infallible> {
         if !self.enforcement.allows_now() {
             return Ok(json(StatusCode::FORBIDDEN, DENIED));
         }
+        // An HTTP/1.1 upgrade (WebSocket) gets an upstream connection of its own, which
+        // is spliced to the client's once the upstream answers 101.
+        let upgrade = if wants_upgrade(&request) {
+            match self.tunnels.clone().try_acquire_owned() {
+                Ok(place) => Some((hyper::upgrade::on(&mut request), place)),
+                Err(_) => {
+                    tracing::warn!(%peer, "too many upgraded connections: upgrade refused");
+                    return Ok(json(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the gate holds as many upgraded connections as it can; try again later",
+                    ));
+                }
+            }
+        } else {
+            None
+        };
         // HTTP/1.x clients go through their lane; HTTP/2 clients, and HTTP/1.x clients
         // beyond the lane limit, through the pool.
-        let pooled = request.version() == Version::HTTP_2 || !lane.admitted(&self.places);
-        let request = match self.upstream_request(request, peer, pooled) {
-            Ok(request) => request,
-            Err(message) => return Ok(json(StatusCode::BAD_REQUEST, &message)),
-        };
+        let pooled = upgrade.is_none()
+            && (request.version() == Version::HTTP_2 || !lane.admitted(&self.places));
+        let client_host = client_host(&request);
+        let (request, sent, pending) =
+            match self.upstream_request(request, peer, client_host.as_ref(), pooled) {
+                Ok(forwarded) => forwarded,
+                Err(e) => {
+                    tracing::info!(%peer, error = %e, "request not forwarded");
+                    return Ok(json(
+                        StatusCode::BAD_REQUEST,
+                        "the request target cannot be forwarded",
+                    ));
+                }
+            };
         let forwarded = async {
-            if pooled {
-                self.client.request(request).await.map_err(BoxError::from)
+            if upgrade.is_some() {
+                self.forward_upgrade(request).await
+            } else if pooled {
+                self.forward_pooled(request).await
             } else {
                 self.forward(lane, request).await
             }
         };
-        match tokio::time::timeout(self.timeout, forwarded).await {
-            Ok(Ok(response)) => {
+        // The upstream timeout counts from when the request body has all been handed to
+        // the upstream connection: a slow upload is the client's, not the upstream's.
+        let deadline = async {
+            if let Some(sent) = sent {
+                let _ = sent.await;
+            }
+            tokio::time::sleep(self.timeout).await;
+        };
+        let answered = tokio::select! {
+            biased;
+            answered = forwarded => Some(answered),
+            () = deadline => None,
+        };
+        match answered {
+            Some(Ok(mut response)) => {
                 self.usage.count(self.enforcement.now());
-                let (mut parts, body) = response.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, body.boxed()))
+                if let Some((client, place)) = upgrade {
+                    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                        let upstream = hyper::upgrade::on(&mut response);
+                        tokio::spawn(splice(client, upstream, place));
+                    }
+                }
+                Ok(self.client_response(response, client_host.as_ref(), pending))
             }
-            Ok(Err(e)) if body_stalled(&*e).is_some() => {
-                let stalled = body_stalled(&*e)
-                    .map(ToString::to_string)
-                    .unwrap_or_default();
-                tracing::info!(%peer, "{stalled}: request dropped");
-                Ok(json(StatusCode::REQUEST_TIMEOUT, &stalled))
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(upstream = %self.upstream.url(), error = %e, "upstream request failed");
-                Ok(json(
-                    StatusCode::BAD_GATEWAY,
-                    &format!(
-                        "upstream {} unavailable: {}",
-                        self.upstream.url(),
-                        describe(&e)
-                    ),
-                ))
-            }
-            Err(_) => {
+            Some(Err(e)) => Ok(self.failed(&e, peer)),
+            None => {
                 tracing::warn!(upstream = %self.upstream.url(), timeout = ?self.timeout, "upstream timed out");
                 Ok(json(
                     StatusCode::GATEWAY_TIMEOUT,
                     &format!(
-                        "upstream {} did not answer within {:?}",
-                        self.upstream.url(),
-                        self.timeout
+                        "the upstream service did not answer within {} s",
+                        self.timeout.as_secs()
                     ),
                 ))
             }
+        }
+    }
+
+    /// The client's answer for a request the upstream did not answer: a short message
+    /// for the client, the details in the log.
+    fn failed(&self, e: &BoxError, peer: SocketAddr) -> Response<ProxyBody> {
+        if let Some(stalled) = body_stalled(&**e) {
+            tracing::info!(%peer, "{stalled}: request dropped");
+            return json(StatusCode::REQUEST_TIMEOUT, &stalled.to_string());
+        }
+        let url = self.upstream.url();
+        if hyper_error(&**e).is_some_and(hyper::Error::is_parse_too_large) {
+            tracing::warn!(upstream = %url, error = %describe(e), max_headers = MAX_RESPONSE_HEADERS, "the upstream's response header is larger than the gate accepts");
+            return json(
+                StatusCode::BAD_GATEWAY,
+                &format!("the upstream service's response header is larger than the gate accepts (at most {MAX_RESPONSE_HEADERS} fields)"),
+            );
+        }
+        tracing::warn!(upstream = %url, error = %describe(e), "upstream request failed");
+        json(
+            StatusCode::BAD_GATEWAY,
+            "the upstream service is unavailable",
+        )
+    }
+
+    /// The upstream's response as the client gets it: hop-by-hop headers dropped (but
+    /// an upgrade's), `Location` and `Content-Location` that point at the upstream
+    /// rewritten to the address the client used, `Via` added.
+    fn client_response(
+        &self,
+        response: Response<Incoming>,
+        client_host: Option<&HeaderValue>,
+        pending: Option<Pending>,
+    ) -> Response<ProxyBody> {
+        let (mut parts, body) = response.into_parts();
+        let upgrade = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
+            .then(|| parts.headers.get(header::UPGRADE).cloned())
+            .flatten();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(upgrade) = upgrade {
+            parts.headers.insert(header::UPGRADE, upgrade);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        if let Some(host) = client_host.and_then(|h| h.to_str().ok()) {
+            for name in [header::LOCATION, header::CONTENT_LOCATION] {
+                let rewritten = parts
+                    .headers
+                    .get(&name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| self.upstream.rewrite_location(v, host));
+                if let Some(rewritten) = rewritten.and_then(|r| HeaderValue::from_str(&r).ok()) {
+                    parts.headers.insert(name, rewritten);
+                }
+            }
+        }
+        parts.headers.append(header::VIA, via(parts.version));
+        let body = Returning {
+            inner: body,
+            pending,
+        };
+        Response::from_parts(parts, body.boxed())
+    }
+
+    /// Sends an upgrade request on a new upstream connection of its own, which can be
+    /// taken over once the upstream answers 101.
+    async fn forward_upgrade(
+        &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        let (mut sender, connection) = self.dial().await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(sender.send_request(request).await?)
+    }
+
+    /// Sends `request` through the pooled client. An idempotent request without a body
+    /// that a (reused) connection closed under before any answer is sent once more on a
+    /// new connection, as [`Gate::forward`] does.
+    async fn forward_pooled(
+        &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        let again = (request.method().is_idempotent() && request.body().is_end_stream())
+            .then(|| without_body(&request));
+        match self.client.request(request).await {
+            Ok(response) => Ok(response),
+            Err(e) => match again {
+                Some(mut again)
+                    if hyper_error(&e).is_some_and(hyper::Error::is_incomplete_message) =>
+                {
+                    tracing::debug!(error = %describe(&BoxError::from(e)), "a pooled upstream connection closed under an idempotent request; sending it again");
+                    // A connection of our own takes the request in origin form.
+                    let target = again.uri().path_and_query().map_or_else(
+                        || Uri::from_static("/"),
+                        |pq| {
+                            pq.as_str()
+                                .parse()
+                                .unwrap_or_else(|_| Uri::from_static("/"))
+                        },
+                    );
+                    *again.uri_mut() = target;
+                    let mut sender = self.connect().await?;
+                    Ok(sender.send_request(again).await?)
+                }
+                _ => Err(e.into()),
+            },
         }
     }
 
@@ -422,15 +680,7 @@ impl Gate {
     /// A new HTTP/1.1 connection to the upstream; its I/O runs in a task of its own until
     /// the connection closes or its sender is dropped.
     async fn connect(&self) -> Result<Sender, BoxError> {
-        let address = &self.upstream.address;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
-            .await
-            .map_err(|_| format!("connecting to {address} timed out after {CONNECT_TIMEOUT:?}"))?
-            .map_err(|e| format!("cannot connect to {address}: {e}"))?;
-        stream
-            .set_nodelay(true)
-            .map_err(|e| format!("cannot set TCP_NODELAY on the connection to {address}: {e}"))?;
-        let (sender, connection) = http1::handshake(TokioIo::new(stream)).await?;
+        let (sender, connection) = self.dial().await?;
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection ended with an error");
@@ -439,22 +689,39 @@ impl Gate {
         Ok(sender)
     }
 
+    /// Opens an HTTP/1.1 connection to the upstream; the caller runs its I/O.
+    async fn dial(
+        &self,
+    ) -> Result<(Sender, http1::Connection<TokioIo<TcpStream>, UpstreamBody>), BoxError> {
+        let address = &self.upstream.address;
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+            .await
+            .map_err(|_| format!("connecting to {address} timed out after {CONNECT_TIMEOUT:?}"))?
+            .map_err(|e| format!("cannot connect to {address}: {e}"))?;
+        stream
+            .set_nodelay(true)
+            .map_err(|e| format!("cannot set TCP_NODELAY on the connection to {address}: {e}"))?;
+        Ok(http1::Builder::new()
+            .max_headers(MAX_RESPONSE_HEADERS)
+            .handshake(TokioIo::new(stream))
+            .await?)
+    }
+
     /// Rewrites a client request for the upstream: same method, path, query, headers and
-    /// streamed body; hop-by-hop headers dropped; `X-Forwarded-*` added. The target is in
-    /// origin form (`/path?query`) for a lane, in absolute form for the pooled client.
+    /// streamed body; hop-by-hop headers dropped (but an upgrade's); `Host` set to the
+    /// upstream's (or kept, with `--preserve-host`); `X-Forwarded-*` and `Via` added. The
+    /// target is in origin form (`/path?query`) for a lane, in absolute form for the
+    /// pooled client. With the request come a signal for when its body has all been sent
+    /// and the handle to drop that body if the response ends first (none without a body).
     fn upstream_request(
         &self,
         request: Request<RequestBody>,
         peer: SocketAddr,
+        client_host: Option<&HeaderValue>,
         absolute: bool,
-    ) -> Result<Request<UpstreamBody>, String> {
+    ) -> Result<Forwarded, String> {
+        let upgrade = wants_upgrade(&request);
         let (mut parts, body) = request.into_parts();
-        let original_host = parts
-            .headers
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-            .or_else(|| parts.uri.authority().map(|a| a.to_string()));
         let base = &self.upstream.base_path;
         let path_and_query = match parts.uri.path_and_query().map_or("/", |pq| pq.as_str()) {
             // `OPTIONS *` asks about the server: about the base path when there is one.
@@ -477,23 +744,237 @@ impl Gate {
         parts.uri = target
             .parse()
             .map_err(|e| format!("cannot forward to {target}: {e}"))?;
+        let received = parts.version;
         // The upstream speaks HTTP/1.1; HTTP/2 clients are translated.
         parts.version = hyper::Version::HTTP_11;
+        let upgrade = upgrade
+            .then(|| parts.headers.get(header::UPGRADE).cloned())
+            .flatten();
         strip_hop_by_hop(&mut parts.headers);
         let headers = &mut parts.headers;
-        let client_ip = peer.ip().to_string();
-        let forwarded_for = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-            Some(previous) => format!("{previous}, {client_ip}"),
-            None => client_ip,
-        };
-        insert(headers, "x-forwarded-for", &forwarded_for);
-        insert(headers, "x-forwarded-proto", "http");
-        if let Some(host) = original_host {
-            insert(headers, "x-forwarded-host", &host);
+        if let Some(upgrade) = upgrade {
+            headers.insert(header::UPGRADE, upgrade);
+            headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        insert(headers, "host", &self.upstream.authority);
-        Ok(Request::from_parts(parts, Either::Left(body)))
+        let client_ip = peer.ip().to_string();
+        let trusted = self.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
+        let previous: Vec<&str> = if trusted {
+            headers
+                .get_all(X_FORWARDED_FOR)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let forwarded_for = if previous.is_empty() {
+            client_ip
+        } else {
+            format!("{}, {client_ip}", previous.join(", "))
+        };
+        insert(headers, X_FORWARDED_FOR, &forwarded_for);
+        insert(headers, "x-forwarded-proto", "http");
+        if let Some(host) = client_host {
+            headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+        }
+        let host = match client_host {
+            Some(host) if self.preserve_host => host.clone(),
+            _ => self.upstream_host.clone(),
+        };
+        headers.insert(header::HOST, host);
+        headers.append(header::VIA, via(received));
+        let (body, sent, pending) = if body.is_end_stream() {
+            (Either::Right(Empty::new()), None, None)
+        } else {
+            let pending: Pending = Arc::new(Mutex::new(Some(body)));
+            let (sent, sent_rx) = oneshot::channel();
+            let outgoing = Outgoing {
+                body: pending.clone(),
+                sent: Some(sent),
+            };
+            (Either::Left(outgoing), Some(sent_rx), Some(pending))
+        };
+        Ok((Request::from_parts(parts, body), sent, pending))
     }
+}
+
+/// A request on its way upstream, the signal that its body has all been sent, and the
+/// body's handle (see [`Gate::upstream_request`]).
+type Forwarded = (
+    Request<UpstreamBody>,
+    Option<oneshot::Receiver<()>>,
+    Option<Pending>,
+);
+
+/// A client's request body while it is sent upstream, shared with the response so the
+/// response can drop it (see [`Returning`]).
+type Pending = Arc<Mutex<Option<RequestBody>>>;
+
+fn lock_pending(pending: &Pending) -> std::sync::MutexGuard<'_, Option<RequestBody>> {
+    pending.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The client's request body on its way upstream: it says when it has all been handed to
+/// the upstream connection (the upstream timeout starts then), and fails once the
+/// response has ended first and dropped it.
+struct Outgoing {
+    body: Pending,
+    sent: Option<oneshot::Sender<()>>,
+}
+
+/// Why an [`Outgoing`] body ended early.
+#[derive(Debug)]
+struct CutOff;
+
+impl std::fmt::Display for CutOff {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the response ended before the request body was all sent")
+    }
+}
+
+impl std::error::Error for CutOff {}
+
+impl hyper::body::Body for Outgoing {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        let mut body = lock_pending(&this.body);
+        let Some(inner) = body.as_mut() else {
+            return Poll::Ready(Some(Err(Box::new(CutOff))));
+        };
+        let polled = std::pin::Pin::new(&mut *inner).poll_frame(cx);
+        let done = match &polled {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+            _ => false,
+        };
+        drop(body);
+        if done {
+            if let Some(sent) = this.sent.take() {
+                let _ = sent.send(());
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        lock_pending(&self.body)
+            .as_ref()
+            .is_some_and(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        lock_pending(&self.body)
+            .as_ref()
+            .map_or_else(hyper::body::SizeHint::default, |b| b.size_hint())
+    }
+}
+
+/// The upstream's response body on its way to the client. When it is dropped (the
+/// response sent to its end, or the client gone), the client's request body is dropped if the upstream has not taken it all: an
+/// upstream may answer before reading the request (a refusal), and the client must not
+/// be left sending into a connection nobody reads. Dropped, an HTTP/2 client's request
+/// stream is reset and an HTTP/1 client's connection closed after the response.
+struct Returning {
+    inner: Incoming,
+    pending: Option<Pending>,
+}
+
+impl Returning {
+    fn finish(&mut self) {
+        if let Some(pending) = self.pending.take() {
+            let body = lock_pending(&pending).take();
+            drop(body);
+        }
+    }
+}
+
+impl Drop for Returning {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+impl hyper::body::Body for Returning {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, hyper::Error>>> {
+        // The client's body is dropped when this body is, once the response has been sent
+        // to its end: dropped any earlier, an HTTP/2 stream would be reset with CANCEL
+        // (the response not finished) rather than NO_ERROR, and the client would discard
+        // the response.
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether `request` asks to switch protocols (RFC 9110 §7.8): HTTP/1.1 with `Upgrade`
+/// and `Connection: upgrade`.
+fn wants_upgrade<B>(request: &Request<B>) -> bool {
+    request.version() == Version::HTTP_11
+        && request.headers().contains_key(header::UPGRADE)
+        && request
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The address the client used: its `Host`, or the authority of an HTTP/2 request.
+fn client_host<B>(request: &Request<B>) -> Option<HeaderValue> {
+    match request.headers().get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        None => request
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    }
+}
+
+/// Splices an upgraded client connection to its upgraded upstream connection, both ways,
+/// until either side closes. `place` is one of the gate's places for such connections.
+async fn splice(client: OnUpgrade, upstream: OnUpgrade, place: OwnedSemaphorePermit) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "an upgraded connection could not be taken over");
+            return;
+        }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
+        Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
+    }
+    drop(place);
+}
+
+/// `Via` for a message received with `version` (RFC 9110 §7.6.3).
+fn via(version: Version) -> HeaderValue {
+    HeaderValue::from_static(match version {
+        Version::HTTP_10 => "1.0 charter",
+        Version::HTTP_2 => "2 charter",
+        _ => "1.1 charter",
+    })
 }
 
 /// The same request with no body, to send again.
@@ -539,16 +1020,28 @@ fn describe(e: &BoxError) -> String {
     text
 }
 
-/// The client's stalled body, when that is why a request to the upstream failed.
-fn body_stalled<'a>(
+/// The first error of `e`'s chain of type `T`.
+fn find<'a, T: std::error::Error + 'static>(
     mut e: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a charter_runtime::http::BodyStalled> {
+) -> Option<&'a T> {
     loop {
-        if let Some(stalled) = e.downcast_ref() {
-            return Some(stalled);
+        if let Some(found) = e.downcast_ref() {
+            return Some(found);
         }
         e = e.source()?;
     }
+}
+
+/// The client's stalled body, when that is why a request to the upstream failed.
+fn body_stalled<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a charter_runtime::http::BodyStalled> {
+    find(e)
+}
+
+/// The HTTP error under `e`, if there is one.
+fn hyper_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper::Error> {
+    find(e)
 }
 
 fn json(status: StatusCode, message: &str) -> Response<ProxyBody> {
@@ -605,6 +1098,8 @@ mod tests {
             Upstream {
                 authority: "127.0.0.1:8080".into(),
                 address: "127.0.0.1:8080".into(),
+                host: "127.0.0.1".into(),
+                port: 8080,
                 base_path: String::new()
             }
         );
@@ -632,6 +1127,91 @@ mod tests {
         assert!(Upstream::parse("http://svc/?a=b")
             .unwrap_err()
             .contains("query"));
+    }
+
+    #[test]
+    fn locations_at_the_upstream_point_at_the_gate() {
+        let check = |upstream: &str, location: &str, expected: Option<&str>| {
+            let upstream = Upstream::parse(upstream).expect("url");
+            assert_eq!(
+                upstream
+                    .rewrite_location(location, "gate.test:8000")
+                    .as_deref(),
+                expected,
+                "{location} from {upstream:?}"
+            );
+        };
+        let up = "http://127.0.0.1:9000";
+        check(
+            up,
+            "http://127.0.0.1:9000/get?a=1#top",
+            Some("http://gate.test:8000/get?a=1#top"),
+        );
+        check(up, "HTTP://127.0.0.1:9000", Some("http://gate.test:8000/"));
+        check(
+            up,
+            "http://127.0.0.1:9000?x",
+            Some("http://gate.test:8000/?x"),
+        );
+        check(up, "http://127.0.0.1:9001/get", None);
+        check(up, "http://example.com/get", None);
+        check(up, "https://127.0.0.1:9000/get", None);
+        check(up, "/relative", None);
+        check(up, "http://user@127.0.0.1:9000/get", None);
+        // No port means 80, either way round; host names compare without case.
+        check(
+            "http://App",
+            "http://app:80/x",
+            Some("http://gate.test:8000/x"),
+        );
+        check(
+            "http://app:80",
+            "http://APP/x",
+            Some("http://gate.test:8000/x"),
+        );
+        // Under a base path only, which the client does not see.
+        let api = "http://app/api";
+        check(
+            api,
+            "http://app/api/v1?q",
+            Some("http://gate.test:8000/v1?q"),
+        );
+        check(api, "http://app/api", Some("http://gate.test:8000/"));
+        check(api, "http://app/api2", None);
+        check(api, "http://app/other", None);
+        check(
+            "http://[::1]:9000",
+            "http://[::1]:9000/x",
+            Some("http://gate.test:8000/x"),
+        );
+    }
+
+    #[test]
+    fn trusted_proxy_blocks() {
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        let block = Cidr::parse("10.1.0.0/16").expect("cidr");
+        assert!(block.contains(ip("10.1.200.3")));
+        assert!(block.contains(ip("::ffff:10.1.0.1")));
+        assert!(!block.contains(ip("10.2.0.1")));
+        assert!(!block.contains(ip("::1")));
+        let one = Cidr::parse("127.0.0.1").expect("cidr");
+        assert!(one.contains(ip("127.0.0.1")) && !one.contains(ip("127.0.0.2")));
+        assert!(Cidr::parse("0.0.0.0/0")
+            .expect("all")
+            .contains(ip("8.8.8.8")));
+        let v6 = Cidr::parse("fd00::/8").expect("cidr");
+        assert!(v6.contains(ip("fd12::1")) && !v6.contains(ip("fe80::1")));
+        assert_eq!(v6.to_string(), "fd00::/8");
+        let refused = |text: &str, says: &str| {
+            let e = Cidr::parse(text).expect_err(text);
+            assert!(e.contains(says), "{text}: {e}");
+        };
+        refused("10.1.2.3/16", "write 10.1.0.0/16");
+        refused("10.0.0.0/33", "from 0 to 32");
+        refused("fd00::/129", "from 0 to 128");
+        refused("10.0.0.0/x", "prefix length");
+        refused("proxy.local/24", "not an IPv4 or IPv6 address");
+        refused("", "not an IPv4 or IPv6 address");
     }
 
     #[test]

@@ -195,10 +195,9 @@ pub async fn run_with_clock(
                 .context("reading the proxy listener address")?;
             tracing::info!(%addr, upstream = %gate_config.upstream.url(), "gate listening");
             let gate = Arc::new(gate::Gate::new(
-                gate_config.upstream.clone(),
+                gate_config,
                 enforcement.clone(),
                 usage.clone(),
-                gate_config.timeout,
             ));
             tasks.push(tokio::spawn(gate::serve(listener, gate, stop_rx)));
         }

@@ -216,6 +216,11 @@ fn configuration_errors() {
     let mut slow = gate("http://svc:80");
     slow.extend(["--upstream-timeout", "0"]);
     refused(&slow, "--upstream-timeout");
+    let mut untrusted = gate("http://svc:80");
+    untrusted.extend(["--trusted-proxy", "10.1.2.3/8"]);
+    refused(&untrusted, "write 10.0.0.0/8");
+    refused(&with(&["--trusted-proxy", "10.0.0.0/8"]), "gate mode flags");
+    refused(&with(&["--preserve-host"]), "gate mode flags");
 }
 
 #[test]
@@ -654,9 +659,11 @@ impl Client {
 fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed() {
     use std::sync::Arc;
 
+    use crate::config::GateConfig;
     use crate::gate::{serve, Gate, Upstream};
     use crate::state::Enforcement;
     use crate::usage::Usage;
+    use std::net::SocketAddr;
 
     let dir = tempfile::TempDir::new().expect("temp dir");
     let signer = signer(7);
@@ -673,11 +680,14 @@ fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed()
     let usage = Arc::new(Usage::open(dir.path()).expect("usage"));
     let upstream = Upstream::parse(&format!("http://{}", counting_upstream())).expect("url");
     // One lane, and clients closed after a second without a request.
+    let config = GateConfig {
+        timeout: Duration::from_secs(5),
+        ..GateConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), upstream)
+    };
     let gate = Arc::new(Gate::with_limits(
-        upstream,
+        &config,
         enforcement,
         usage,
-        Duration::from_secs(5),
         1,
         Duration::from_secs(1),
     ));
@@ -767,9 +777,11 @@ fn a_client_that_stops_sending_its_body_gets_a_408() {
     use std::io::{Read, Write};
     use std::sync::Arc;
 
+    use crate::config::GateConfig;
     use crate::gate::{serve, Gate, Upstream};
     use crate::state::Enforcement;
     use crate::usage::Usage;
+    use std::net::SocketAddr;
 
     let dir = tempfile::TempDir::new().expect("temp dir");
     let signer = signer(7);
@@ -786,11 +798,11 @@ fn a_client_that_stops_sending_its_body_gets_a_408() {
     let usage = Arc::new(Usage::open(dir.path()).expect("usage"));
     let upstream = Upstream::parse(&format!("http://{}", body_reading_upstream())).expect("url");
     // Clients idle after a second; the upstream timeout well beyond it.
+    let config = GateConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), upstream);
     let gate = Arc::new(Gate::with_limits(
-        upstream,
+        &config,
         enforcement,
         usage,
-        Duration::from_secs(30),
         4,
         Duration::from_secs(1),
     ));

@@ -19,6 +19,8 @@
 //!   for the next piece of a request body gets an error instead ([`RequestBody`]), so a
 //!   client trickling a body cannot hold a connection (and its request "in flight") for
 //!   ever. A slow download is never cut: only the client's silence counts.
+//! - **Request heads as large as nginx takes**: up to [`MAX_REQUEST_HEADERS`] fields in
+//!   HTTP/1 and [`MAX_HEADER_LIST_SIZE`] bytes of them in HTTP/2; a larger head is a 431.
 //! - **An accept error never ends the loop**: it is logged and retried after a pause (out
 //!   of file handles, the usual one, passes as connections close).
 
@@ -38,6 +40,15 @@ use tokio::sync::{watch, Semaphore};
 /// How long a connection may stay without a request in flight (or an HTTP/1 connection
 /// without a complete request head) before it is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most header fields in a request head (HTTP/1; hyper's default is 100). nginx bounds a
+/// request head by size (`large_client_header_buffers`, 4 × 8 KiB), not by count, and a
+/// head of that size holds this many short fields at most about.
+pub const MAX_REQUEST_HEADERS: usize = 1000;
+
+/// Most bytes of header fields in an HTTP/2 request (`SETTINGS_MAX_HEADER_LIST_SIZE`;
+/// hyper's default is 16 KiB), nginx's 4 × 8 KiB and more.
+pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
 /// How long a connection must have been without a request in flight before it may be
 /// closed to make room for a new one at the cap.
@@ -282,10 +293,14 @@ async fn drive<S, B>(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(idle);
+        .header_read_timeout(idle)
+        .max_headers(MAX_REQUEST_HEADERS);
     // No HTTP/2 keep-alive pings: a PING queued behind a slow download would not be
     // answered in time and would cut the download; idleness is judged by requests.
-    builder.http2().timer(TokioTimer::new());
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(MAX_HEADER_LIST_SIZE);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), counted);
     tokio::pin!(connection);
     // When the connection was told to close (graceful shutdown), if it was.
