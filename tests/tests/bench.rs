@@ -176,7 +176,7 @@ fn admin_benchmark_on_postgres_compares_posts_with_bare_inserts() {
         "{per_post:?}"
     );
     assert!(
-        report["settings"]["store"]
+        report["store"]
             .as_str()
             .is_some_and(|s| s.starts_with("PostgreSQL")),
         "{report:#}"

@@ -97,12 +97,13 @@ pub fn main(args: AdminArgs) -> Result<Report> {
             )
             .await?;
         let mut report = Report::new("admin", &args, &bench.pinning);
-        report.set(
-            "store",
-            json!({
-                    "store": pg.as_ref().map_or("sled".to_owned(), |pg| pg.version.clone()),
-                    "filesystem": harness::mount_of(bench.path()).map(|(dev, kind)| format!("{kind} on {dev}")) }),
-        );
+        let store = pg
+            .as_ref()
+            .map_or("sled".to_owned(), |pg| pg.version.clone());
+        report.set("store", store.into());
+        let filesystem =
+            harness::mount_of(bench.path()).map(|(dev, kind)| format!("{kind} on {dev}"));
+        report.set("filesystem", filesystem.into());
         progress(format_args!("seeding {} licenses", args.licenses));
         let nonce: u32 = rand::random();
         let mut conn = Http::connect(cp.addr()).await?;

@@ -961,7 +961,7 @@ impl Latency {
     }
 
     /// In microseconds, for the report.
-    pub fn to_json(&self) -> Value {
+    pub fn to_json(self) -> Value {
         let us = |d: Duration| d.as_secs_f64() * 1e6;
         json!({ "count": self.count, "p50_us": us(self.p50), "p99_us": us(self.p99),
                 "mean_us": us(self.mean), "max_us": us(self.max) })
