@@ -1,241 +1,289 @@
 //! The benchmarks, run small, so they keep working between the runs that measure with them
-//! (`scripts/bench`). The fan-out one starts the built `charter-cp` and its baseline,
-//! connects simulated data planes over shared-mode mTLS with the real protocol, and every
-//! one of them must receive, verify and acknowledge each update. The admin one starts
+//! (`scripts/bench`). Each runs with `--json` and its report is checked for the figures
+//! it must hold. The fan-out one starts the built `charter-cp` and its baseline, connects
+//! simulated data planes over shared-mode mTLS with the real protocol, and every one of
+//! them must receive, verify and acknowledge each update. The admin one starts
 //! `charter-cp` and the hello-world and runs every GET target and every kind of write. The
-//! gate one starts `charter-cp`, the hello-world upstream, the bare relay and `charter-dp` in
-//! gate mode, and loads all three paths. The PostgreSQL ones (`fanout-ha`, `admin
+//! gate one starts `charter-cp`, the hello-world upstream, the bare relay and `charter-dp`
+//! in gate mode, and loads all three paths. The PostgreSQL ones (`fanout-ha`, `admin
 //! --postgres`) start their own private PostgreSQL server, as the PostgreSQL tests do.
 
 use charter_tests::run;
+use serde_json::Value;
+
+/// Runs `charter-bench --json ARGS`, which must succeed; its report.
+fn bench(args: &[&str]) -> Value {
+    let out = run("charter-bench", &[&["--json"][..], args].concat());
+    let report = String::from_utf8_lossy(&out.stdout);
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{args:?} failed:\n{report}\n{log}");
+    serde_json::from_str(&report).unwrap_or_else(|e| panic!("not JSON ({e}):\n{report}"))
+}
+
+/// The rows of the report's table whose title starts with `title`, by their labels.
+fn rows(report: &Value, title: &str) -> Vec<(String, Vec<Value>)> {
+    let table = report["tables"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| t["title"].as_str().is_some_and(|t| t.starts_with(title)))
+        .unwrap_or_else(|| panic!("no table `{title}` in {report:#}"));
+    let rows = table["rows"].as_array().expect("rows");
+    rows.iter()
+        .map(|row| {
+            let row = row.as_array().expect("a row");
+            (
+                row[0].as_str().expect("a label").to_owned(),
+                row[1..].to_vec(),
+            )
+        })
+        .collect()
+}
+
+/// Checks that the table has exactly the rows `labels`, each with a number in every
+/// column but those in `may_be_empty`.
+fn check(report: &Value, title: &str, labels: &[&str], may_be_empty: &[usize]) {
+    let rows = rows(report, title);
+    let got: Vec<&str> = rows.iter().map(|(label, _)| label.as_str()).collect();
+    assert_eq!(got, labels, "the rows of `{title}`");
+    for (label, values) in &rows {
+        for (i, value) in values.iter().enumerate() {
+            assert!(
+                value.is_number() || may_be_empty.contains(&(i + 1)),
+                "`{title}`, `{label}`: column {} is {value}",
+                i + 1
+            );
+        }
+    }
+}
+
+/// The figures of the kinds of update at N in a fan-out report: each kind's updates
+/// must all be timed and no snapshot refused.
+fn check_fanout(report: &Value, n: usize, kinds: &[&str], updates: usize) {
+    let figures = &report[format!("n_{n}")];
+    let costs: Vec<&str> = figures["costs"]
+        .as_array()
+        .expect("costs")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let refused = costs
+        .iter()
+        .position(|c| *c == "refused")
+        .expect("a refused column");
+    let verify = costs
+        .iter()
+        .position(|c| *c == "verify p50 µs")
+        .expect("a verify column");
+    let got = figures["kinds"].as_array().expect("kinds");
+    assert_eq!(got.len(), kinds.len(), "{figures:#}");
+    for (kind, want) in got.iter().zip(kinds) {
+        assert_eq!(kind["update"], *want);
+        assert_eq!(
+            kind["updates"].as_array().map(Vec::len),
+            Some(updates),
+            "{kind:#}"
+        );
+        assert_eq!(
+            kind["costs"][refused], 0.0,
+            "a simulated data plane refused a snapshot: {kind:#}"
+        );
+        assert!(
+            kind["costs"][verify].is_number(),
+            "no verification timed: {kind:#}"
+        );
+    }
+    check(report, &format!("N = {n}: median"), kinds, &[]);
+}
 
 #[test]
 fn fanout_benchmark_runs_end_to_end_with_a_few_data_planes() {
-    let out = run(
-        "charter-bench",
-        &[
-            "fanout",
-            "--sizes",
-            "3,5",
-            "--rounds",
-            "1",
-            "--updates",
-            "2",
-            "--cache-sample",
-            "2",
-            "--no-pin",
-            // Short idle windows: the CPU figures are not checked here.
-            "--idle-window-ms",
-            "300",
-        ],
-    );
-    let report = String::from_utf8_lossy(&out.stdout);
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "fanout failed:\n{report}\n{log}");
-    for expected in [
-        "N = 3: from the 201",
-        "N = 5: from the 201",
-        "Goals (judged at N = 5)",
-        "verify (decide) p50",
-        "durable cache write (cache::store)",
-    ] {
-        assert!(report.contains(expected), "no `{expected}` in:\n{report}");
+    let report = bench(&[
+        "fanout",
+        "--sizes",
+        "3,5",
+        "--rounds",
+        "1",
+        "--updates",
+        "2",
+        "--cache-sample",
+        "2",
+        "--no-pin",
+        // Short idle windows: the CPU figures are not checked here.
+        "--idle-window-ms",
+        "300",
+    ]);
+    for n in [3, 5] {
+        check_fanout(&report, n, &["charter-cp", "baseline (tonic)"], 2);
     }
-    assert!(
-        !report.contains("REFUSED"),
-        "a simulated data plane refused a snapshot:\n{report}"
-    );
-    // Two updates per server at each N, all timed.
-    assert!(
-        report.matches("over 2 updates").count() == 2,
-        "not every update was timed:\n{report}"
-    );
 }
 
 #[test]
 fn fanout_ha_benchmark_times_writes_on_either_control_plane() {
-    let out = run(
-        "charter-bench",
-        &[
-            "fanout-ha",
-            "--sizes",
-            "3",
-            "--rounds",
-            "2",
-            "--updates",
-            "1",
-            "--licenses",
-            "5",
-            "--cache-sample",
-            "1",
-            "--no-pin",
-            "--idle-window-ms",
-            "300",
-        ],
-    );
-    let report = String::from_utf8_lossy(&out.stdout);
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "fanout-ha failed:\n{report}\n{log}");
-    for expected in [
-        "N = 3 data planes, 5 licenses stored; PostgreSQL",
-        // Two rounds of one update of each kind, all timed.
-        "median (min–max) over 2 updates of each kind",
+    let report = bench(&[
+        "fanout-ha",
+        "--sizes",
+        "3",
+        "--rounds",
+        "2",
+        "--updates",
+        "1",
+        "--licenses",
+        "5",
+        "--cache-sample",
+        "1",
+        "--no-pin",
+        "--idle-window-ms",
+        "300",
+    ]);
+    let kinds = [
         "written on CP A, DPs on CP B",
         "written on CP B, DPs on CP B",
         "one CP on sled",
-        "written on A against on B:",
-        "on B against the sled CP:",
-        "steal up to",
-        "Goal (N = 3): written on another CP at most 50.0 ms later",
-    ] {
-        assert!(report.contains(expected), "no `{expected}` in:\n{report}");
-    }
-    assert!(
-        !report.contains("REFUSED"),
-        "a simulated data plane refused a snapshot:\n{report}"
-    );
+    ];
+    // Two rounds of one update of each kind, all timed.
+    check_fanout(&report, 3, &kinds, 2);
 }
 
 #[test]
 fn admin_benchmark_on_postgres_compares_posts_with_bare_inserts() {
-    let out = run(
-        "charter-bench",
-        &[
-            "admin",
-            "--postgres",
-            "--licenses",
-            "10",
-            "--retries",
-            "0",
-            "--writes",
-            "20",
-        ],
+    let report = bench(&[
+        "admin",
+        "--postgres",
+        "--licenses",
+        "10",
+        "--retries",
+        "0",
+        "--writes",
+        "20",
+    ]);
+    let writes = rows(&report, "Durable writes");
+    assert!(writes[0].0.starts_with("bare INSERT ("), "{writes:?}");
+    let labels: Vec<&str> = writes.iter().skip(1).map(|(l, _)| l.as_str()).collect();
+    assert_eq!(
+        labels,
+        [
+            "the floor on the load generator's CPU",
+            "POST /licenses (201, durable)",
+            "PgStore::commit alone"
+        ]
     );
-    let report = String::from_utf8_lossy(&out.stdout);
-    let log = String::from_utf8_lossy(&out.stderr);
+    let per_post = rows(&report, "Per POST");
     assert!(
-        out.status.success(),
-        "admin --postgres failed:\n{report}\n{log}"
+        per_post
+            .iter()
+            .any(|(l, v)| l == "PostgreSQL CPU per POST µs" && v[0].is_number()),
+        "{per_post:?}"
     );
-    for expected in [
-        "store:       PostgreSQL",
-        "bare INSERT (",
-        "the same on the load generator's CPU",
-        "POST /licenses (201, durable)",
-        "of which PgStore::commit alone",
-        "PostgreSQL used",
-        "x bare INSERT (goal <= 1.5x)",
-    ] {
-        assert!(report.contains(expected), "no `{expected}` in:\n{report}");
-    }
+    assert!(
+        report["store"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("PostgreSQL")),
+        "{report:#}"
+    );
     // Only the writes: reads are served from the same snapshot whatever the store.
-    assert!(!report.contains("GET throughput"), "{report}");
+    assert!(report.get("windows").is_none(), "{report:#}");
 }
 
 #[test]
 fn admin_benchmark_runs_end_to_end_briefly() {
-    let out = run(
-        "charter-bench",
-        &[
-            "admin",
-            "--licenses",
-            "20",
-            "--connections",
-            "2",
-            "--duration-secs",
-            "0.3",
-            "--warmup-secs",
-            "0.1",
-            "--rounds",
-            "1",
-            "--retries",
-            "0",
-            "--writes",
-            "20",
-        ],
-    );
-    let report = String::from_utf8_lossy(&out.stdout);
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "admin bench failed:\n{report}\n{log}");
-    for expected in [
+    let report = bench(&[
+        "admin",
+        "--licenses",
+        "20",
+        "--connections",
+        "2",
+        "--duration-secs",
+        "0.3",
+        "--warmup-secs",
+        "0.1",
+        "--rounds",
+        "1",
+        "--retries",
+        "0",
+        "--writes",
+        "20",
+    ]);
+    let targets = [
+        "hello-world (record body)",
         "GET /licenses/{id}",
         "GET /licenses (size 100)",
+        "GET /licenses?size=10",
         "hello-world (page body)",
+    ];
+    // The proxy column is for the gate.
+    check(&report, "GET", &targets, &[11]);
+    let writes = [
         "raw write(1536 B) + fsync",
-        "the same on the load generator's CPU",
+        "the floor on the load generator's CPU",
         "POST /licenses (201, durable)",
-        "of which SledStore::insert alone",
-        // Each goal names the baseline it is judged against.
-        "x hello-world (page body) (goal >= 0.7x)",
-        "x hello-world (record body) (goal >= 0.7x)",
-        "x raw fsync   (goal <= 2x)",
-    ] {
-        assert!(report.contains(expected), "no `{expected}` in:\n{report}");
-    }
+        "SledStore::insert alone",
+    ];
+    check(&report, "Durable writes", &writes, &[]);
 }
 
 #[test]
 fn gate_benchmark_runs_end_to_end_briefly() {
-    let out = run(
-        "charter-bench",
-        &[
-            "gate",
-            "--connections",
-            "2",
-            "--duration-secs",
-            "0.3",
-            "--warmup-secs",
-            "0.1",
-            "--rounds",
-            "1",
-            "--retries",
-            "0",
-            "--no-pin",
-        ],
-    );
-    let report = String::from_utf8_lossy(&out.stdout);
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "gate bench failed:\n{report}\n{log}");
-    for expected in [
+    let report = bench(&[
+        "gate",
+        "--connections",
+        "2",
+        "--duration-secs",
+        "0.3",
+        "--warmup-secs",
+        "0.1",
+        "--rounds",
+        "1",
+        "--retries",
+        "0",
+        "--no-pin",
+    ]);
+    let paths = [
         "direct x1",
         "through a bare relay x1",
         "through the gate x1",
         "direct x2",
         "through a bare relay x2",
         "through the gate x2",
-        "1 connection(s): throughput",
-        "2 connection(s): throughput",
-        "the bare relay:",
-    ] {
-        assert!(report.contains(expected), "no `{expected}` in:\n{report}");
-    }
+    ];
+    check(&report, "GET /record", &paths, &[11]);
 }
 
 #[test]
 fn telemetry_benchmark_counts_every_report_exactly_once() {
-    let out = run(
-        "charter-bench",
-        &["telemetry", "--nodes", "20", "--rounds", "3", "--no-pin"],
-    );
-    let report = String::from_utf8_lossy(&out.stdout);
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "telemetry failed:\n{report}\n{log}");
-    assert!(report.contains("reports/s durably applied"), "{report}");
-    assert!(report.contains("counted exactly once (60)"), "{report}");
+    let report = bench(&["telemetry", "--nodes", "20", "--rounds", "3", "--no-pin"]);
+    let rows = rows(&report, "Telemetry ingest");
+    assert_eq!(rows[0].0, "60", "{rows:?}");
+    assert_eq!(rows[0].1[0], 60.0, "not counted exactly once: {rows:?}");
 }
 
 #[test]
 fn startup_benchmark_starts_a_control_plane_on_a_seeded_store() {
+    let report = bench(&["startup", "--licenses", "50", "--starts", "1"]);
+    let figures = [
+        "spawn to GET /status 200, s",
+        "resident memory once ready, MiB",
+        "every license verified, s from spawn",
+        "resident memory then, MiB",
+    ];
+    check(&report, "Start-up with 50 stored licenses", &figures, &[]);
+}
+
+#[test]
+fn text_output_is_a_table() {
     let out = run(
         "charter-bench",
-        &["startup", "--licenses", "50", "--starts", "1"],
+        &["telemetry", "--nodes", "2", "--rounds", "1", "--no-pin"],
     );
-    let report = String::from_utf8_lossy(&out.stdout);
-    let log = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "startup failed:\n{report}\n{log}");
+    let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        report.contains("Start-up with 50 stored licenses"),
-        "{report}"
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(report.contains("resident memory once ready"), "{report}");
+    assert!(
+        text.contains("Telemetry ingest: 2 data planes x 1 rounds"),
+        "{text}"
+    );
+    assert!(text.contains("reports  counted  reports/s"), "{text}");
 }

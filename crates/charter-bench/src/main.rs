@@ -1,28 +1,16 @@
-//! `charter-bench`: benchmarks of Charter against baselines on the same machine.
-//!
-//! `fanout` measures how fast a license change reaches N simulated data planes (real
-//! protocol, real mTLS) against a minimal tonic server, and the CP's memory per data plane;
-//! `fanout-ha`, how fast a license written on one control plane reaches the data planes of
-//! another on the same PostgreSQL, against a write on that one itself.
-//!
-//! `admin` measures the control plane's admin API (the real `charter-cp` release binary,
-//! as a separate process) against an axum hello-world served the same way, and its durable
-//! `POST /licenses` latency against a raw write+fsync loop on the same disk (with
-//! `--postgres`: against a bare `INSERT` into the PostgreSQL it stores in). See
-//! BENCHMARKS.md at the repository root for what the figures mean.
+//! `charter-bench`: benchmarks of Charter against baselines on the same machine, each
+//! printing a short table of its figures, or with `--json` every figure of the run.
+//! BENCHMARKS.md at the repository root says what they measure and what the figures mean.
 
 mod admin;
+mod baselines;
 mod fanout;
 mod gate;
-mod hello;
-mod ingest;
+mod harness;
 mod load;
-mod pg;
-mod procs;
-mod relay;
+mod report;
 mod startup;
-mod stats;
-mod writes;
+mod telemetry;
 
 use std::process::ExitCode;
 
@@ -31,58 +19,64 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(
     name = "charter-bench",
-    about = "Benchmarks of Charter's control plane against baselines"
+    about = "Benchmarks of Charter against baselines"
 )]
 struct Args {
+    /// Print every figure of the run as one JSON object instead of the text tables.
+    #[arg(long, global = true)]
+    json: bool,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Admin API: GET req/s against an axum hello-world, durable POST latency against
-    /// raw write+fsync.
+    /// Admin API: GET req/s against an axum hello-world, durable POST latency against a
+    /// raw write+fsync (with --postgres: a bare INSERT).
     Admin(admin::AdminArgs),
-    /// Gate mode: GET req/s and latency through charter-dp's gate against the same
-    /// upstream called directly.
+    /// Gate mode: GET req/s and latency through charter-dp's gate, through a bare relay,
+    /// and from the upstream directly.
     Gate(gate::GateArgs),
-    /// Cluster fan-out: how fast a license change reaches N data planes over mTLS, and
-    /// what each costs the control plane, against a minimal tonic server.
+    /// Cluster fan-out: a license change reaching N data planes over mTLS, and what each
+    /// costs the control plane, against a minimal tonic server.
     Fanout(fanout::FanoutArgs),
-    /// Cluster fan-out across control planes on one PostgreSQL database: a license written
-    /// on one reaching the data planes of another, against a write on that one itself.
+    /// Cluster fan-out across control planes on one PostgreSQL database.
     FanoutHa(fanout::FanoutHaArgs),
-    /// Telemetry ingest: reports per second durably applied from N simulated data planes
-    /// sending at once.
-    Telemetry(ingest::IngestArgs),
+    /// Telemetry ingest: reports per second durably applied from N data planes at once.
+    Telemetry(telemetry::TelemetryArgs),
     /// Start-up of the control plane with many stored licenses: time to ready and memory.
     Startup(startup::StartupArgs),
-    /// The fan-out baseline server (started by `fanout`; not for direct use).
+    /// The fan-out baseline server (started by `fanout`).
     #[command(hide = true)]
-    FanoutBaseline(fanout::BaselineArgs),
-    /// The hello-world baseline server (started by `admin`; not for direct use).
+    FanoutBaseline(baselines::FanoutBaselineArgs),
+    /// The hello-world baseline server (started by `admin` and `gate`).
     #[command(hide = true)]
-    Hello(hello::HelloArgs),
-    /// The bare TCP relay baseline (started by `gate`; not for direct use).
+    Hello(baselines::HelloArgs),
+    /// The bare TCP relay baseline (started by `gate`).
     #[command(hide = true)]
-    Relay(relay::RelayArgs),
+    Relay(baselines::RelayArgs),
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let result = match args.command {
-        Command::Admin(args) => admin::main(args),
-        Command::Gate(args) => gate::main(args),
-        Command::Fanout(args) => fanout::main(args),
-        Command::FanoutHa(args) => fanout::ha_main(args),
-        Command::Telemetry(args) => ingest::main(args),
-        Command::Startup(args) => startup::main(args),
-        Command::FanoutBaseline(args) => fanout::baseline_main(args),
-        Command::Hello(args) => hello::main(args),
-        Command::Relay(args) => relay::main(args),
+    let report = match args.command {
+        Command::Admin(args) => admin::main(args).map(Some),
+        Command::Gate(args) => gate::main(args).map(Some),
+        Command::Fanout(args) => fanout::main(args).map(Some),
+        Command::FanoutHa(args) => fanout::ha_main(args).map(Some),
+        Command::Telemetry(args) => telemetry::main(args).map(Some),
+        Command::Startup(args) => startup::main(args).map(Some),
+        Command::FanoutBaseline(args) => baselines::fanout_baseline(args).map(|()| None),
+        Command::Hello(args) => baselines::hello(args).map(|()| None),
+        Command::Relay(args) => baselines::relay(args).map(|()| None),
     };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    match report {
+        Ok(report) => {
+            if let Some(report) = report {
+                report.print(args.json);
+            }
+            ExitCode::SUCCESS
+        }
         Err(e) => {
             eprintln!("charter-bench: error: {e:#}");
             ExitCode::FAILURE

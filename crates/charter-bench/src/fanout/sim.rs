@@ -19,10 +19,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use charter_dp::state::{decide, ClusterHeld, Decision};
 use charter_license::{TrustedKeys, UnixTime};
 use charter_proto::v1::cluster_client::ClusterClient;
-use charter_proto::v1::{
-    control_plane_message, data_plane_message, Ack, ControlPlaneMessage, Counter, DataPlaneMessage,
-    Hello, Ping, Snapshot, Telemetry,
-};
+use charter_proto::v1::control_plane_message::Msg as FromCp;
+use charter_proto::v1::data_plane_message::Msg as ToCp;
+use charter_proto::v1::{Ack, ControlPlaneMessage, Counter, DataPlaneMessage, Hello, Ping};
+use charter_proto::v1::{Snapshot, Telemetry};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpSocket;
@@ -31,31 +31,27 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::transport::{Endpoint, Uri};
+use tonic::Streaming;
 
 /// The bound on one connection's TCP connect, TLS handshake, HTTP/2 handshake and the
 /// answer to its `Sync` call.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What a stream's task reports to the driver.
-pub enum Event {
+enum Event {
     /// A snapshot, stamped when the generated client had decoded it.
-    Snapshot {
-        dp: usize,
-        at: Instant,
-        snapshot: Snapshot,
-    },
+    Snapshot(usize, Instant, Snapshot),
     /// A telemetry report was acknowledged (durable on the control plane).
-    TelemetryAck { dp: usize, seq: u64 },
+    TelemetryAck(usize, u64),
     /// The stream ended (the server closed it, or it failed).
-    Closed { dp: usize, error: String },
+    Closed(usize, String),
 }
 
-/// One simulated data plane's side of its stream.
+/// One simulated data plane's side of its stream: where its messages go, and what it
+/// holds (the last snapshot it accepted).
 struct Link {
-    /// Sends Acks on the request stream.
     tx: mpsc::Sender<DataPlaneMessage>,
-    /// What the data plane holds (the last snapshot it accepted).
     held: Option<ClusterHeld>,
 }
 
@@ -80,9 +76,7 @@ pub struct Handling {
 
 impl Fleet {
     /// Connects `n` data planes to the cluster port `target`, `batch` at a time, from
-    /// source address `source` (a fresh loopback address per fleet, so earlier fleets'
-    /// connections in TIME_WAIT never exhaust the ephemeral ports), each saying Hello as
-    /// node `{prefix}-{i}`.
+    /// source address `source`, each saying Hello as node `{prefix}-{i}`.
     pub async fn connect(
         target: SocketAddr,
         source: IpAddr,
@@ -98,77 +92,30 @@ impl Fleet {
         for start in (0..n).step_by(batch.max(1)) {
             let mut connecting = JoinSet::new();
             for dp in start..(start + batch).min(n) {
-                let connector = connector.clone();
-                let hello = hello(format!("{prefix}-{dp}"));
+                let (connector, node_id) = (connector.clone(), format!("{prefix}-{dp}"));
                 connecting.spawn(async move {
-                    let opened = tokio::time::timeout(
-                        CONNECT_TIMEOUT,
-                        open(target, source, connector, hello),
+                    let open = open(target, source, connector, node_id);
+                    let opened = tokio::time::timeout(CONNECT_TIMEOUT, open).await;
+                    (
+                        dp,
+                        opened.unwrap_or_else(|_| {
+                            Err(anyhow!("no stream within {CONNECT_TIMEOUT:?}"))
+                        }),
                     )
-                    .await
-                    .map_err(|_| anyhow!("no stream within {CONNECT_TIMEOUT:?}"))
-                    .and_then(|r| r);
-                    (dp, opened)
                 });
             }
             while let Some(joined) = connecting.join_next().await {
                 let (dp, opened) = joined.context("a connecting task failed")?;
-                let (tx, mut inbound) =
+                let (tx, inbound) =
                     opened.with_context(|| format!("connecting data plane {dp} to {target}"))?;
-                let events = events_tx.clone();
-                let pings = tx.clone();
-                tasks.spawn(async move {
-                    // A data plane pings every 30 s, from 30 s after it connected; the
-                    // control plane drops a stream that is silent for 45 s.
-                    let mut ping = tokio::time::interval_at(
-                        Instant::now() + charter_dp::sync::PING_EVERY,
-                        charter_dp::sync::PING_EVERY,
-                    );
-                    let error = loop {
-                        let message = tokio::select! {
-                            message = inbound.message() => message,
-                            _ = ping.tick() => {
-                                let ping = DataPlaneMessage {
-                                    msg: Some(data_plane_message::Msg::Ping(Ping {})),
-                                };
-                                if pings.send(ping).await.is_err() {
-                                    break "the request stream closed".to_owned();
-                                }
-                                continue;
-                            }
-                        };
-                        match message {
-                            Ok(Some(ControlPlaneMessage {
-                                msg: Some(control_plane_message::Msg::Snapshot(snapshot)),
-                            })) => {
-                                let at = Instant::now();
-                                if events.send(Event::Snapshot { dp, at, snapshot }).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(Some(ControlPlaneMessage {
-                                msg: Some(control_plane_message::Msg::TelemetryAck(ack)),
-                            })) => {
-                                let seq = ack.seq;
-                                if events.send(Event::TelemetryAck { dp, seq }).is_err() {
-                                    return;
-                                }
-                            }
-                            Ok(Some(_)) => {}
-                            Ok(None) => break "the server ended the stream".to_owned(),
-                            Err(status) => break status.to_string(),
-                        }
-                    };
-                    let _ = events.send(Event::Closed { dp, error });
-                });
+                tasks.spawn(stream(dp, tx.clone(), inbound, events_tx.clone()));
                 links[dp] = Some(Link { tx, held: None });
             }
         }
         let links = links
             .into_iter()
-            .enumerate()
-            .map(|(dp, link)| link.with_context(|| format!("data plane {dp} did not connect")))
-            .collect::<Result<Vec<_>>>()?;
+            .collect::<Option<Vec<_>>>()
+            .context("a data plane did not connect")?;
         Ok(Fleet {
             links,
             events,
@@ -176,46 +123,57 @@ impl Fleet {
         })
     }
 
-    /// How many data planes.
-    pub fn len(&self) -> usize {
-        self.links.len()
-    }
-
-    /// Waits until every data plane has received a snapshot that `wanted` accepts
-    /// (others, such as the one sent at connect time when an update was already on its
-    /// way, are skipped), within `timeout`. Returns each data plane's snapshot and the
-    /// instant it was decoded.
-    pub async fn receive(
+    /// Takes events until `take` has accepted one from every data plane, within `timeout`.
+    async fn take(
         &mut self,
-        wanted: impl Fn(&Snapshot) -> bool,
         timeout: Duration,
-    ) -> Result<Vec<(Instant, Snapshot)>> {
-        let mut got: Vec<Option<(Instant, Snapshot)>> = (0..self.len()).map(|_| None).collect();
-        let mut missing = self.len();
+        what: &str,
+        mut take: impl FnMut(Event) -> Option<usize>,
+    ) -> Result<()> {
+        let mut done = vec![false; self.links.len()];
+        let mut missing = done.len();
         let deadline = Instant::now() + timeout;
         while missing > 0 {
             let event = tokio::time::timeout_at(deadline, self.events.recv())
                 .await
                 .map_err(|_| {
                     anyhow!(
-                        "{missing} of {} data planes did not receive the snapshot within {timeout:?}",
-                        self.len()
+                        "{missing} of {} data planes: no {what} within {timeout:?}",
+                        done.len()
                     )
                 })?
                 .context("every stream task ended")?;
-            match event {
-                Event::Snapshot { dp, at, snapshot } => {
-                    if wanted(&snapshot) && got[dp].is_none() {
-                        got[dp] = Some((at, snapshot));
-                        missing -= 1;
-                    }
-                }
-                Event::TelemetryAck { .. } => {}
-                Event::Closed { dp, error } => {
-                    bail!("the stream of data plane {dp} ended: {error}")
+            if let Event::Closed(dp, error) = event {
+                bail!("the stream of data plane {dp} ended: {error}");
+            }
+            if let Some(dp) = take(event) {
+                if !std::mem::replace(&mut done[dp], true) {
+                    missing -= 1;
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Waits until every data plane has received a snapshot that `wanted` accepts
+    /// (others, such as the one sent at connect time when an update was already on its
+    /// way, are skipped), within `timeout`: each data plane's snapshot and the instant it
+    /// was decoded.
+    pub async fn receive(
+        &mut self,
+        wanted: impl Fn(&Snapshot) -> bool,
+        timeout: Duration,
+    ) -> Result<Vec<(Instant, Snapshot)>> {
+        let mut got: Vec<Option<(Instant, Snapshot)>> =
+            (0..self.links.len()).map(|_| None).collect();
+        self.take(timeout, "snapshot", |event| match event {
+            Event::Snapshot(dp, at, snapshot) if wanted(&snapshot) && got[dp].is_none() => {
+                got[dp] = Some((at, snapshot));
+                Some(dp)
+            }
+            _ => None,
+        })
+        .await?;
         Ok(got.into_iter().flatten().collect())
     }
 
@@ -223,48 +181,29 @@ impl Fleet {
     /// plane at once, and waits until each is acknowledged, within `timeout`.
     pub async fn report_all(&mut self, seq: u64, bucket: &str, timeout: Duration) -> Result<()> {
         for link in &self.links {
+            let counters = vec![Counter {
+                bucket: bucket.to_owned(),
+                request_count: 1,
+            }];
             let report = DataPlaneMessage {
-                msg: Some(data_plane_message::Msg::Telemetry(Telemetry {
-                    seq,
-                    counters: vec![Counter {
-                        bucket: bucket.to_owned(),
-                        request_count: 1,
-                    }],
-                })),
+                msg: Some(ToCp::Telemetry(Telemetry { seq, counters })),
             };
             link.tx
                 .send(report)
                 .await
                 .map_err(|_| anyhow!("a request stream closed"))?;
         }
-        let mut acked = vec![false; self.len()];
-        let mut missing = self.len();
-        let deadline = Instant::now() + timeout;
-        while missing > 0 {
-            let event = tokio::time::timeout_at(deadline, self.events.recv())
-                .await
-                .map_err(|_| {
-                    anyhow!("{missing} telemetry reports were not acknowledged within {timeout:?}")
-                })?
-                .context("every stream task ended")?;
-            match event {
-                Event::TelemetryAck { dp, seq: got } if got == seq && !acked[dp] => {
-                    acked[dp] = true;
-                    missing -= 1;
-                }
-                Event::Closed { dp, error } => {
-                    bail!("the stream of data plane {dp} ended: {error}")
-                }
-                _ => {}
-            }
-        }
-        Ok(())
+        self.take(timeout, "telemetry acknowledgement", |event| match event {
+            Event::TelemetryAck(dp, got) if got == seq => Some(dp),
+            _ => None,
+        })
+        .await
     }
 
     /// Handles each data plane's snapshot as a data plane does: `decide` (verification),
-    /// the cache write for the data planes in `sample` (each into its own directory under
-    /// `cache_root`), then the Ack. Timed per data plane, serially.
-    pub async fn handle(
+    /// the cache write for up to `sample` data planes spread over the fleet (each into its
+    /// own directory under `cache_root`), then the Ack. Timed per data plane, serially.
+    pub fn handle(
         &mut self,
         received: Vec<(Instant, Snapshot)>,
         keys: &TrustedKeys,
@@ -273,13 +212,13 @@ impl Fleet {
         cache_root: &Path,
     ) -> Result<Handling> {
         let mut handling = Handling::default();
-        let every = (self.len() / sample.max(1)).max(1);
+        let every = (self.links.len() / sample.max(1)).max(1);
         for (dp, (_, snapshot)) in received.into_iter().enumerate() {
             let link = &mut self.links[dp];
             let started = std::time::Instant::now();
             let decision = decide(link.held.as_ref(), &snapshot, keys, now);
             let verified = started.elapsed();
-            let ack = match decision {
+            let refusal = match decision {
                 Decision::Apply(new) => {
                     handling.verify.push(verified);
                     if dp % every == 0 && handling.cache_write.len() < sample {
@@ -292,28 +231,36 @@ impl Fleet {
                             .with_context(|| format!("writing the cache in {}", dir.display()))?;
                         handling.cache_write.push(started.elapsed());
                     }
-                    let ack = ack(&snapshot, true, "", "");
                     link.held = Some(*new);
-                    ack
+                    None
                 }
-                Decision::AlreadyApplied => ack(&snapshot, true, "", ""),
-                Decision::Stale { held } => {
-                    handling.refused += 1;
-                    ack(
-                        &snapshot,
-                        false,
-                        "stale_revision",
-                        &format!("older than revision {held}"),
-                    )
+                Decision::AlreadyApplied => None,
+                Decision::Stale { held } => Some((
+                    "stale_revision".to_owned(),
+                    format!("older than revision {held}"),
+                )),
+                Decision::Reject(e) => Some((e.code.as_str().to_owned(), e.message)),
+            };
+            handling.refused += usize::from(refusal.is_some());
+            let (error_code, error) = refusal.clone().unwrap_or_default();
+            let license = snapshot.license.as_ref();
+            let ack = Ack {
+                epoch: snapshot.epoch.clone(),
+                revision: snapshot.revision,
+                accepted: refusal.is_none(),
+                error_code,
+                error,
+                license_id: license.map(|l| l.id.clone()).unwrap_or_default(),
+                license_status: if license.is_some() {
+                    "valid"
+                } else {
+                    "unlicensed"
                 }
-                Decision::Reject(e) => {
-                    handling.refused += 1;
-                    ack(&snapshot, false, e.code.as_str(), &e.message)
-                }
+                .to_owned(),
             };
             // A full queue or a closed stream shows up as the server's missing Acks.
             let _ = link.tx.try_send(DataPlaneMessage {
-                msg: Some(data_plane_message::Msg::Ack(ack)),
+                msg: Some(ToCp::Ack(ack)),
             });
         }
         Ok(handling)
@@ -326,37 +273,43 @@ impl Fleet {
     }
 }
 
-fn hello(node_id: String) -> Hello {
-    Hello {
-        node_id,
-        hostname: "charter-bench-sim".to_owned(),
-        version: charter_dp::VERSION.to_owned(),
-        labels: Default::default(),
-        cached_epoch: String::new(),
-        cached_revision: 0,
-        upstream: String::new(),
-    }
-}
-
-fn ack(snapshot: &Snapshot, accepted: bool, code: &str, error: &str) -> Ack {
-    Ack {
-        epoch: snapshot.epoch.clone(),
-        revision: snapshot.revision,
-        accepted,
-        error_code: code.to_owned(),
-        error: error.to_owned(),
-        license_id: snapshot
-            .license
-            .as_ref()
-            .map(|l| l.id.clone())
-            .unwrap_or_default(),
-        license_status: if snapshot.license.is_some() {
-            "valid"
-        } else {
-            "unlicensed"
+/// One data plane's stream: hands each snapshot and telemetry Ack to the driver, and
+/// pings every 30 s from 30 s after it connected, as a data plane does (the control plane
+/// drops a stream that is silent for 45 s).
+async fn stream(
+    dp: usize,
+    pings: mpsc::Sender<DataPlaneMessage>,
+    mut inbound: Streaming<ControlPlaneMessage>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    let every = charter_dp::sync::PING_EVERY;
+    let mut ping = tokio::time::interval_at(Instant::now() + every, every);
+    let error = loop {
+        let message = tokio::select! {
+            message = inbound.message() => message,
+            _ = ping.tick() => {
+                if pings.send(DataPlaneMessage { msg: Some(ToCp::Ping(Ping {})) }).await.is_err() {
+                    break "the request stream closed".to_owned();
+                }
+                continue;
+            }
+        };
+        let event = match message {
+            Ok(Some(ControlPlaneMessage {
+                msg: Some(FromCp::Snapshot(snapshot)),
+            })) => Event::Snapshot(dp, Instant::now(), snapshot),
+            Ok(Some(ControlPlaneMessage {
+                msg: Some(FromCp::TelemetryAck(ack)),
+            })) => Event::TelemetryAck(dp, ack.seq),
+            Ok(Some(_)) => continue,
+            Ok(None) => break "the server ended the stream".to_owned(),
+            Err(status) => break status.to_string(),
+        };
+        if events.send(event).is_err() {
+            return;
         }
-        .to_owned(),
-    }
+    };
+    let _ = events.send(Event::Closed(dp, error));
 }
 
 /// One data plane's connection and `Sync` call, as `charter_tls::connect` and the data
@@ -365,26 +318,11 @@ async fn open(
     target: SocketAddr,
     source: IpAddr,
     connector: TlsConnector,
-    hello: Hello,
+    node_id: String,
 ) -> Result<(
     mpsc::Sender<DataPlaneMessage>,
-    tonic::Streaming<ControlPlaneMessage>,
+    Streaming<ControlPlaneMessage>,
 )> {
-    let channel = channel(target, source, connector).await?;
-    let (tx, rx) = mpsc::channel(8);
-    tx.send(DataPlaneMessage {
-        msg: Some(data_plane_message::Msg::Hello(hello)),
-    })
-    .await
-    .map_err(|_| anyhow!("the request stream closed"))?;
-    let response = ClusterClient::new(channel)
-        .sync(ReceiverStream::new(rx))
-        .await
-        .map_err(|status| anyhow!("Sync refused: {status}"))?;
-    Ok((tx, response.into_inner()))
-}
-
-async fn channel(target: SocketAddr, source: IpAddr, connector: TlsConnector) -> Result<Channel> {
     let name = ServerName::try_from("charter-cluster").context("the server name")?;
     let connect = tower::service_fn(move |_: Uri| {
         let (connector, name) = (connector.clone(), name.clone());
@@ -395,16 +333,34 @@ async fn channel(target: SocketAddr, source: IpAddr, connector: TlsConnector) ->
             };
             socket.bind(SocketAddr::new(source, 0))?;
             socket.set_nodelay(true)?;
-            let tcp = socket.connect(target).await?;
-            let tls = connector.connect(name, tcp).await?;
+            let tls = connector
+                .connect(name, socket.connect(target).await?)
+                .await?;
             Ok::<_, io::Error>(TokioIo::new(tls))
         }
     });
-    Endpoint::from_shared(format!("http://{target}"))
+    let channel = Endpoint::from_shared(format!("http://{target}"))
         .context("the endpoint")?
         .http2_keep_alive_interval(Duration::from_secs(30))
         .keep_alive_while_idle(true)
         .connect_with_connector(connect)
         .await
-        .map_err(|e| anyhow!("{}", charter_tls::describe_error(&e)))
+        .map_err(|e| anyhow!("{}", charter_tls::describe_error(&e)))?;
+    let (tx, rx) = mpsc::channel(8);
+    let hello = Hello {
+        node_id,
+        hostname: "charter-bench-sim".to_owned(),
+        version: charter_dp::VERSION.to_owned(),
+        ..Hello::default()
+    };
+    tx.send(DataPlaneMessage {
+        msg: Some(ToCp::Hello(hello)),
+    })
+    .await
+    .map_err(|_| anyhow!("the request stream closed"))?;
+    let response = ClusterClient::new(channel)
+        .sync(ReceiverStream::new(rx))
+        .await
+        .map_err(|status| anyhow!("Sync refused: {status}"))?;
+    Ok((tx, response.into_inner()))
 }

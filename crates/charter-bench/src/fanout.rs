@@ -1,0 +1,605 @@
+//! `charter-bench fanout`: how fast a license change reaches N data planes, and what a
+//! connected data plane costs the control plane, against a minimal tonic server.
+//!
+//! For each N it starts a fresh release `charter-cp` (shared-mode mTLS on its cluster port,
+//! certificates from `charterctl gen-cert`, as deployed) and the baseline
+//! (`fanout-baseline`) pinned with the servers, and this process holds the N simulated data
+//! planes ([`sim`]). In each round N data planes connect to one server and take their first
+//! snapshot; then a few updates (the CP: `POST /licenses` of a new license; the baseline:
+//! `POST /push` of the same size), each timed from the request and from the 201 to each
+//! data plane's decoded snapshot; the data planes then verify, cache and acknowledge it,
+//! and the server's CPU time for the update is read once it is idle again. Rounds alternate
+//! which server goes first.
+//!
+//! `fanout-ha`: the same fleet and updates on control planes A and B sharing one private
+//! PostgreSQL database, and one on sled: written on A with the data planes on B, written on
+//! B itself, and on the sled one.
+
+pub mod sim;
+
+use std::cell::Cell;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{ensure, Context, Result};
+use charter_license::{TrustedKeys, UnixTime};
+use charter_tls::{MtlsMode, TlsFiles};
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::admin::record_id;
+use crate::harness::{
+    self, cpu_time_precise, free_port, median, percentile, progress, rss, spread, Bench, Common,
+    Meter, Postgres, Server,
+};
+use crate::load::Http;
+use crate::report::Report;
+
+/// A server is idle again once it used less than this much CPU (beyond its background)
+/// in an idle window.
+const IDLE_CPU: Duration = Duration::from_millis(2);
+/// The bound on waiting for a server to become idle.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Flags of `charter-bench fanout`.
+#[derive(Debug, clap::Args, serde::Serialize)]
+pub struct FanoutArgs {
+    /// Numbers of data planes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000", value_parser = harness::range::<usize>(1, 100_000))]
+    pub sizes: Vec<usize>,
+    /// Rounds per N: each connects N data planes to each server in turn.
+    #[arg(long, default_value_t = 3, value_parser = harness::range::<usize>(1, 100))]
+    pub rounds: usize,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+}
+
+/// Flags of `charter-bench fanout-ha`.
+#[derive(Debug, clap::Args, serde::Serialize)]
+pub struct FanoutHaArgs {
+    /// Numbers of data planes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1000", value_parser = harness::range::<usize>(1, 100_000))]
+    pub sizes: Vec<usize>,
+    /// Rounds per N: each connects N data planes to CP B, then to the sled CP.
+    #[arg(long, default_value_t = 5, value_parser = harness::range::<usize>(1, 100))]
+    pub rounds: usize,
+    /// Licenses stored before the data planes connect.
+    #[arg(long, default_value_t = 200, value_parser = harness::range::<usize>(1, 10_000))]
+    pub licenses: usize,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
+}
+
+/// Flags of the fan-out benchmarks about the updates and the simulated data planes.
+#[derive(Debug, clap::Args, serde::Serialize)]
+pub struct FleetArgs {
+    /// Updates timed per round of each kind.
+    #[arg(long, default_value_t = 3, value_parser = harness::range::<usize>(1, 100))]
+    pub updates: usize,
+    /// Data planes that connect at once.
+    #[arg(long, default_value_t = 500, value_parser = harness::range::<usize>(1, 100_000))]
+    pub batch: usize,
+    /// Data planes per update whose durable cache write is timed (each into its own
+    /// directory; every data plane's verification is timed).
+    #[arg(long, default_value_t = 50)]
+    pub cache_sample: usize,
+    /// How long every data plane may take to receive a snapshot, in seconds.
+    #[arg(long, default_value_t = 60, value_parser = harness::range::<u64>(1, 3600))]
+    pub timeout_secs: u64,
+    /// The window in which a server counts as idle again after an update (milliseconds;
+    /// keep it above the CP's 1 s inventory flush for the CPU figures to include it).
+    #[arg(long, default_value_t = 1200, value_parser = harness::range::<u64>(50, 10_000))]
+    pub idle_window_ms: u64,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// What an update is made on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// `POST /licenses` on the CP the data planes are connected to.
+    Cp,
+    /// `POST /push` on the baseline.
+    Baseline,
+    /// `fanout-ha`: `POST /licenses` on CP A, the data planes on CP B, one database.
+    CrossCp,
+    /// `fanout-ha`: `POST /licenses` on CP B itself.
+    PgCp,
+    /// `fanout-ha`: a CP on sled.
+    SledCp,
+}
+
+impl Target {
+    fn label(self) -> &'static str {
+        match self {
+            Target::Cp => "charter-cp",
+            Target::Baseline => "baseline (tonic)",
+            Target::CrossCp => "written on CP A, DPs on CP B",
+            Target::PgCp => "written on CP B, DPs on CP B",
+            Target::SledCp => "one CP on sled",
+        }
+    }
+}
+
+/// The figures of one timed update, in milliseconds unless named otherwise: from the 201
+/// to each data plane's decoded snapshot (one decoded before the 201 counts 0); from
+/// sending the request to the 201, to the first and to the last decoded snapshot; the
+/// share of data planes that had it before the 201 reached the simulator; the server's CPU
+/// time from the request until it was back to its background rate (Acks and the inventory
+/// write included, that background not); how busy the server and the simulator were
+/// (cores) from the request to the last delivery (whichever is near 1 bounds the fan-out);
+/// and the largest steal share of a CPU and other processes' cores during the update.
+const FIGURES: &str = "p50 from 201|p99 from 201|last from 201|request to 201|request to first|\
+                       request to last|before 201 %|server CPU|server busy|sim busy|steal|other cores";
+/// Where `last from 201` and `request to last` are among the [`FIGURES`].
+const LAST: usize = 2;
+const REQUEST_TO_LAST: usize = 5;
+/// The costs of a kind of update at one N: the fleet's connect time, the server's memory
+/// idle, with N connected, and per data plane, and the data plane's code on the snapshots
+/// (verification, the durable cache write, refusals).
+const COSTS: &str = "connect s|RSS idle MiB|RSS with N MiB|per DP KiB|verify p50 µs|verify p99 µs|\
+                     cache write p50 µs|cache write p99 µs|refused";
+
+/// One kind of update at one N: what it is made on, the connection its trigger goes on,
+/// and everything measured of it.
+struct Kind {
+    target: Target,
+    conn: Http,
+    /// Each update's [`FIGURES`].
+    updates: Vec<Vec<f64>>,
+    connect_secs: Vec<f64>,
+    rss_idle: u64,
+    /// The largest RSS seen with N connected, after their updates.
+    rss_connected: u64,
+    verify: Vec<Duration>,
+    cache_write: Vec<Duration>,
+    refused: usize,
+}
+
+impl Kind {
+    fn new(target: Target, conn: Http) -> Kind {
+        Kind {
+            target,
+            conn,
+            updates: Vec::new(),
+            connect_secs: Vec::new(),
+            rss_idle: 0,
+            rss_connected: 0,
+            verify: Vec::new(),
+            cache_write: Vec::new(),
+            refused: 0,
+        }
+    }
+
+    /// The median over the updates of figure `index`.
+    fn median(&self, index: usize) -> f64 {
+        median(&self.updates.iter().map(|u| u[index]).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    }
+
+    /// The [`COSTS`] at N data planes.
+    fn costs(&self, n: usize) -> Vec<f64> {
+        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+        let us = |s: &[Duration], p| {
+            percentile(&sorted(s), p).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+        };
+        vec![
+            median(&self.connect_secs).unwrap_or(f64::NAN),
+            mib(self.rss_idle),
+            mib(self.rss_connected),
+            self.rss_connected.saturating_sub(self.rss_idle) as f64 / 1024.0 / n as f64,
+            us(&self.verify, 50.0),
+            us(&self.verify, 99.0),
+            us(&self.cache_write, 50.0),
+            us(&self.cache_write, 99.0),
+            self.refused as f64,
+        ]
+    }
+}
+
+fn sorted(samples: &[Duration]) -> Vec<Duration> {
+    let mut sorted = samples.to_vec();
+    sorted.sort();
+    sorted
+}
+
+/// The tables of one N: the median of each figure over the updates of each kind, then the
+/// spread of the whole propagation, each kind's against `kinds[reference]`, and the costs.
+fn tables(report: &mut Report, n: usize, kinds: &[Kind], reference: usize) {
+    let updates = kinds[0].updates.len();
+    report.table(
+        format!("N = {n}: median over {updates} updates (ms)"),
+        &format!("update|{FIGURES}"),
+    );
+    for kind in kinds {
+        report.row(
+            kind.target.label(),
+            (0..FIGURES.split('|').count()).map(|i| kind.median(i)),
+        );
+    }
+    let base = &kinds[reference];
+    report.table(
+        format!(
+            "N = {n}: spread, against {}, and costs",
+            base.target.label()
+        ),
+        &format!("update|request to last min|max|x last from 201|x request to last|{COSTS}"),
+    );
+    for kind in kinds {
+        let [_, min, max] = spread(kind.updates.iter().map(|u| u[REQUEST_TO_LAST]));
+        let ratios = [LAST, REQUEST_TO_LAST].map(|i| kind.median(i) / base.median(i));
+        report.row(
+            kind.target.label(),
+            [min, max].into_iter().chain(ratios).chain(kind.costs(n)),
+        );
+    }
+    let kinds = kinds
+        .iter()
+        .map(|k| json!({ "update": k.target.label(), "updates": k.updates, "costs": k.costs(n) }));
+    let figures = json!({ "figures": FIGURES.split('|').collect::<Vec<_>>(), "costs": COSTS.split('|').collect::<Vec<_>>(),
+                          "kinds": kinds.collect::<Vec<_>>() });
+    report.set(&format!("n_{n}"), figures);
+}
+
+/// A run's fleet settings and what its updates share.
+struct Run<'a> {
+    bench: &'a Bench,
+    fleet: &'a FleetArgs,
+    certs: TlsFiles,
+    tls: Arc<rustls::ClientConfig>,
+    keys: TrustedKeys,
+    /// Fleets connected so far (each gets a source address of its own).
+    fleets: Cell<u32>,
+    /// Licenses made so far.
+    licenses: Cell<u32>,
+}
+
+/// Runs `fanout`.
+pub fn main(args: FanoutArgs) -> Result<Report> {
+    with_run(
+        "fanout",
+        &args,
+        &args.sizes,
+        &args.fleet,
+        async |run, report| {
+            for &n in &args.sizes {
+                let cp = run.start_cp(&format!("cp-data-{n}"), None).await?;
+                let cluster = free_port()?;
+                let certs = harness::cluster_flags(Some(&run.certs));
+                let baseline = run
+                    .bench
+                    .start("baseline.log", "charter-bench", "/ready", |addr| {
+                        let (listen, cluster) = (addr.to_string(), cluster.to_string());
+                        let args = [
+                            "fanout-baseline",
+                            "--listen",
+                            &listen,
+                            "--cluster-listen",
+                            &cluster,
+                        ];
+                        args.map(Into::into)
+                            .into_iter()
+                            .chain(certs.iter().cloned())
+                            .collect()
+                    })
+                    .await?;
+                let servers = [(&cp.0, cp.1), (&baseline, cluster)];
+                let mut kinds = [
+                    Kind::new(Target::Cp, Http::connect(cp.0.addr()).await?),
+                    Kind::new(Target::Baseline, Http::connect(baseline.addr()).await?),
+                ];
+                for (kind, (server, _)) in kinds.iter_mut().zip(servers) {
+                    // A license in force before anything connects, as in a running cluster.
+                    run.trigger(kind.target, &mut kind.conn).await?;
+                    background(server.pid(), run.idle_window()).await?;
+                    kind.rss_idle = rss(server.pid())?;
+                }
+                for round in 0..args.rounds {
+                    // Alternate which server goes first.
+                    for slot in [round % 2, 1 - round % 2] {
+                        progress(format_args!(
+                            "N={n} round {}/{}: {}",
+                            round + 1,
+                            args.rounds,
+                            kinds[slot].target.label()
+                        ));
+                        run.phase(n, servers[slot], &mut kinds[slot..=slot], &[0])
+                            .await?;
+                    }
+                }
+                tables(report, n, &kinds, 1);
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Runs `fanout-ha`.
+pub fn ha_main(args: FanoutHaArgs) -> Result<Report> {
+    with_run(
+        "fanout-ha",
+        &args,
+        &args.sizes,
+        &args.fleet,
+        async |run, report| {
+            for &n in &args.sizes {
+                progress(format_args!(
+                    "N={n}: starting PostgreSQL and the control planes"
+                ));
+                let pg = Postgres::start(&run.bench.pinning).await?;
+                let a = run
+                    .start_cp(&format!("cp-a-{n}"), Some(pg.url().as_str()))
+                    .await?;
+                let b = run
+                    .start_cp(&format!("cp-b-{n}"), Some(pg.url().as_str()))
+                    .await?;
+                let sled = run.start_cp(&format!("cp-sled-{n}"), None).await?;
+                let mut kinds = [
+                    Kind::new(Target::CrossCp, Http::connect(a.0.addr()).await?),
+                    Kind::new(Target::PgCp, Http::connect(b.0.addr()).await?),
+                    Kind::new(Target::SledCp, Http::connect(sled.0.addr()).await?),
+                ];
+                progress(format_args!(
+                    "N={n}: storing {} licenses through A and on the sled CP",
+                    args.licenses
+                ));
+                for kind in [0, 2] {
+                    for _ in 0..args.licenses {
+                        run.trigger(Target::Cp, &mut kinds[kind].conn).await?;
+                    }
+                }
+                for (kind, server) in kinds.iter_mut().zip([&b.0, &b.0, &sled.0]) {
+                    kind.rss_idle = rss(server.pid())?;
+                }
+                for round in 0..args.rounds {
+                    progress(format_args!("N={n} round {}/{}", round + 1, args.rounds));
+                    // The data planes on B, written on A and on B; neither kind always first.
+                    let turns = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+                    run.phase(n, (&b.0, b.1), &mut kinds[..2], &turns).await?;
+                    run.phase(n, (&sled.0, sled.1), &mut kinds[2..], &[0])
+                        .await?;
+                }
+                report.set(&format!("postgres_{n}"), pg.version.clone().into());
+                tables(report, n, &kinds, 1);
+            }
+            Ok(())
+        },
+    )
+}
+
+/// Checks the flags, sets up the run (certificates, the simulator's TLS) and runs `body`.
+fn with_run(
+    name: &str,
+    settings: &impl serde::Serialize,
+    sizes: &[usize],
+    fleet: &FleetArgs,
+    body: impl AsyncFnOnce(&Run<'_>, &mut Report) -> Result<()>,
+) -> Result<Report> {
+    harness::run(fleet.common.clone(), true, async |bench| {
+        let (_, hard) = rlimit::Resource::NOFILE.get()?;
+        let needed = sizes.iter().max().copied().unwrap_or(0) as u64 + 512;
+        ensure!(hard >= needed, "this run needs {needed} open files per process but the hard limit is {hard}; raise it (ulimit -Hn) or pass smaller --sizes");
+        let certs = bench.make_certs()?;
+        let tls = charter_tls::client_config(MtlsMode::Shared, &certs)
+            .context("the simulator's TLS configuration")?;
+        let run = Run {
+            bench,
+            fleet,
+            certs,
+            tls,
+            keys: TrustedKeys::new([bench.signer.trusted_key()]),
+            fleets: Cell::new(0),
+            licenses: Cell::new(0),
+        };
+        let mut report = Report::new(name, settings, &bench.pinning);
+        report.set("open_files", hard.into());
+        body(&run, &mut report).await?;
+        Ok(report)
+    })
+}
+
+impl Run<'_> {
+    fn idle_window(&self) -> Duration {
+        Duration::from_millis(self.fleet.idle_window_ms)
+    }
+
+    /// A CP storing in `data` in the run's dir, or in the database at `database_url`; with
+    /// its cluster address.
+    async fn start_cp(
+        &self,
+        data: &str,
+        database_url: Option<&str>,
+    ) -> Result<(Server, SocketAddr)> {
+        let cluster = free_port()?;
+        Ok((
+            self.bench
+                .start_cp(data, cluster, Some(&self.certs), database_url)
+                .await?,
+            cluster,
+        ))
+    }
+
+    /// One fleet against one server: connect, first snapshot, the timed updates (each
+    /// round of `turns` makes one update of each kind, in that order), close.
+    async fn phase(
+        &self,
+        n: usize,
+        (server, cluster): (&Server, SocketAddr),
+        kinds: &mut [Kind],
+        turns: &[usize],
+    ) -> Result<()> {
+        let pid = server.pid();
+        let fleet_no = self.fleets.get();
+        self.fleets.set(fleet_no + 1);
+        // 127.0.1.1, 127.0.1.2, …: a fresh source address per fleet, so earlier fleets'
+        // connections in TIME_WAIT never exhaust the ephemeral ports.
+        let source = IpAddr::V4(Ipv4Addr::new(
+            127,
+            0,
+            1 + (fleet_no / 250) as u8,
+            1 + (fleet_no % 250) as u8,
+        ));
+        let timeout = Duration::from_secs(self.fleet.timeout_secs);
+        let started = Instant::now();
+        let prefix = format!("sim-{fleet_no}");
+        let mut fleet = sim::Fleet::connect(
+            cluster,
+            source,
+            self.tls.clone(),
+            n,
+            self.fleet.batch,
+            &prefix,
+        )
+        .await?;
+        let first = fleet.receive(|_| true, timeout).await?;
+        for kind in kinds.iter_mut() {
+            kind.connect_secs.push(started.elapsed().as_secs_f64());
+        }
+        let cache_root = self.bench.path().join("dp-caches");
+        fleet.handle(first, &self.keys, now(), 0, &cache_root)?;
+        for &turn in (0..self.fleet.updates).flat_map(|_| turns) {
+            let kind = &mut kinds[turn];
+            let background = background(pid, self.idle_window()).await?;
+            let me = std::process::id();
+            let (cpu_before, sim_before) = (cpu_time_precise(pid)?, cpu_time_precise(me)?);
+            let meter = Meter::start(&[], &[])?;
+            let (id, sent, answered) = self.trigger(kind.target, &mut kind.conn).await?;
+            let received = fleet
+                .receive(|s| s.license.as_ref().is_some_and(|l| l.id == id), timeout)
+                .await?;
+            let window = sent.elapsed().as_secs_f64();
+            let busy = |pid, before| -> Result<f64> {
+                Ok(cpu_time_precise(pid)?.saturating_sub(before).as_secs_f64() / window)
+            };
+            let busy = [busy(pid, cpu_before)?, busy(me, sim_before)?];
+            let mut deliveries: Vec<Duration> = received
+                .iter()
+                .map(|(at, _)| at.saturating_duration_since(answered))
+                .collect();
+            deliveries.sort();
+            let from_request: Vec<Duration> = received
+                .iter()
+                .map(|(at, _)| at.saturating_duration_since(sent))
+                .collect();
+            let before_201 = received.iter().filter(|(at, _)| *at < answered).count();
+            let handling = fleet.handle(
+                received,
+                &self.keys,
+                now(),
+                self.fleet.cache_sample,
+                &cache_root,
+            )?;
+            wait_idle(pid, background, self.idle_window()).await?;
+            let usage = meter.stop()?;
+            // What the update cost, without what the pings cost meanwhile.
+            let pings = Duration::from_secs_f64(background * sent.elapsed().as_secs_f64());
+            let server_cpu = cpu_time_precise(pid)?
+                .saturating_sub(cpu_before)
+                .saturating_sub(pings);
+            let ms = |d: Option<&Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
+            let p = |p| ms(percentile(&deliveries, p).as_ref());
+            kind.updates.push(vec![
+                p(50.0),
+                p(99.0),
+                p(100.0),
+                ms(Some(&(answered - sent))),
+                ms(from_request.iter().min()),
+                ms(from_request.iter().max()),
+                100.0 * before_201 as f64 / n as f64,
+                ms(Some(&server_cpu)),
+                busy[0],
+                busy[1],
+                usage.steal,
+                usage.other_cores,
+            ]);
+            kind.verify.extend(handling.verify);
+            kind.cache_write.extend(handling.cache_write);
+            kind.refused += handling.refused;
+            kind.rss_connected = kind.rss_connected.max(rss(pid)?);
+        }
+        fleet.close().await;
+        background(pid, self.idle_window()).await?;
+        Ok(())
+    }
+
+    /// Makes the server send a new license to every stream; returns the license id, the
+    /// instant the request was sent and the instant the 201 was read.
+    async fn trigger(&self, target: Target, conn: &mut Http) -> Result<(String, Instant, Instant)> {
+        let serial = self.licenses.get();
+        self.licenses.set(serial + 1);
+        let key = format!("FANOUT-{serial:08}-{:016x}", rand::random::<u64>());
+        let payload = self
+            .bench
+            .signer
+            .sign(harness::payload(&key, 100_000))?
+            .to_json();
+        let sent_id = uuid::Uuid::new_v4().to_string();
+        let (uri, body) = match target {
+            Target::Baseline => (
+                "/push",
+                json!({ "id": sent_id, "payload": payload, "created_at": now(), "updated_at": now() }),
+            ),
+            _ => ("/licenses", json!({ "payload": payload })),
+        };
+        let body = serde_json::to_vec(&body)?;
+        let sent = Instant::now();
+        let answer = conn.expect("POST", uri, Some(&body), 201).await?;
+        let answered = Instant::now();
+        let id = match target {
+            Target::Baseline => sent_id,
+            _ => record_id(&answer)?,
+        };
+        Ok((id, sent, answered))
+    }
+}
+
+/// The CPU time per second a process uses while nothing happens but its data planes'
+/// pings and HTTP/2 keep-alives: waits until two consecutive idle windows used about the
+/// same, within [`IDLE_TIMEOUT`].
+async fn background(pid: u32, window: Duration) -> Result<f64> {
+    let deadline = Instant::now() + IDLE_TIMEOUT;
+    let mut last = cpu_time_precise(pid)?;
+    let mut previous: Option<Duration> = None;
+    loop {
+        tokio::time::sleep(window).await;
+        let now = cpu_time_precise(pid)?;
+        let used = now.saturating_sub(last);
+        last = now;
+        let close = |a: Duration, b: Duration| a <= b.mul_f64(1.25) + IDLE_CPU;
+        if let Some(previous) = previous.filter(|&p| close(used, p) && close(p, used)) {
+            return Ok(used.min(previous).as_secs_f64() / window.as_secs_f64());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "process {pid} did not settle within {IDLE_TIMEOUT:?}"
+        );
+        previous = Some(used);
+    }
+}
+
+/// Waits until the process is back to its `background` CPU rate (within 25 % plus
+/// [`IDLE_CPU`] per idle window): its work on the last change (Acks, the inventory
+/// write, closed streams) is done.
+async fn wait_idle(pid: u32, background: f64, window: Duration) -> Result<()> {
+    let deadline = Instant::now() + IDLE_TIMEOUT;
+    let allowed = Duration::from_secs_f64(background * window.as_secs_f64() * 1.25) + IDLE_CPU;
+    let mut last = cpu_time_precise(pid)?;
+    loop {
+        tokio::time::sleep(window).await;
+        let now = cpu_time_precise(pid)?;
+        if now.saturating_sub(last) <= allowed {
+            return Ok(());
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "process {pid} did not become idle within {IDLE_TIMEOUT:?}"
+        );
+        last = now;
+    }
+}
+
+fn now() -> UnixTime {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as UnixTime)
+}
