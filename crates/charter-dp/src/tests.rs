@@ -655,15 +655,23 @@ impl Client {
     }
 }
 
-#[test]
-fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed() {
+/// A gate serving on a loopback port with a valid license, in front of `upstream`, with
+/// `lanes` lanes and clients closed after a second without a request.
+struct LicensedGate {
+    addr: std::net::SocketAddr,
+    // Dropped in this order: the gate's tasks, then its data dir.
+    _runtime: tokio::runtime::Runtime,
+    _stop: tokio::sync::watch::Sender<bool>,
+    _dir: tempfile::TempDir,
+}
+
+fn licensed_gate(upstream: std::net::SocketAddr, timeout: Duration, lanes: usize) -> LicensedGate {
     use std::sync::Arc;
 
     use crate::config::GateConfig;
     use crate::gate::{serve, Gate, Upstream};
     use crate::state::Enforcement;
     use crate::usage::Usage;
-    use std::net::SocketAddr;
 
     let dir = tempfile::TempDir::new().expect("temp dir");
     let signer = signer(7);
@@ -678,17 +686,16 @@ fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed()
     ));
     let enforcement = Arc::new(Enforcement::new(Some(verified), None, clock));
     let usage = Arc::new(Usage::open(dir.path()).expect("usage"));
-    let upstream = Upstream::parse(&format!("http://{}", counting_upstream())).expect("url");
-    // One lane, and clients closed after a second without a request.
+    let upstream = Upstream::parse(&format!("http://{upstream}")).expect("url");
     let config = GateConfig {
-        timeout: Duration::from_secs(5),
-        ..GateConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), upstream)
+        timeout,
+        ..GateConfig::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), upstream)
     };
     let gate = Arc::new(Gate::with_limits(
         &config,
         enforcement,
         usage,
-        1,
+        lanes,
         Duration::from_secs(1),
     ));
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -696,8 +703,21 @@ fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed()
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
-    let (_stop, stop) = tokio::sync::watch::channel(false);
-    runtime.spawn(serve(listener, gate, stop));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    runtime.spawn(serve(listener, gate, stopped));
+    LicensedGate {
+        addr,
+        _runtime: runtime,
+        _stop: stop,
+        _dir: dir,
+    }
+}
+
+#[test]
+fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed() {
+    // One lane, and clients closed after a second without a request.
+    let gate = licensed_gate(counting_upstream(), Duration::from_secs(5), 1);
+    let addr = gate.addr;
 
     // The first client holds the only lane: its requests go over one upstream connection.
     let mut first = Client::connect(addr);
@@ -775,44 +795,10 @@ fn body_reading_upstream() -> std::net::SocketAddr {
 #[test]
 fn a_client_that_stops_sending_its_body_gets_a_408() {
     use std::io::{Read, Write};
-    use std::sync::Arc;
 
-    use crate::config::GateConfig;
-    use crate::gate::{serve, Gate, Upstream};
-    use crate::state::Enforcement;
-    use crate::usage::Usage;
-    use std::net::SocketAddr;
-
-    let dir = tempfile::TempDir::new().expect("temp dir");
-    let signer = signer(7);
-    let text = document(&signer, "2026-01-01", "2099-12-31");
-    let (verified, _) =
-        charter_license::validate(&text, &TrustedKeys::new([signer.trusted_key()]), NOW)
-            .expect("valid");
-    let clock = Arc::new(crate::clock::NodeClock::new(
-        Arc::new(charter_license::FixedClock::new(NOW)),
-        dir.path().to_path_buf(),
-        None,
-    ));
-    let enforcement = Arc::new(Enforcement::new(Some(verified), None, clock));
-    let usage = Arc::new(Usage::open(dir.path()).expect("usage"));
-    let upstream = Upstream::parse(&format!("http://{}", body_reading_upstream())).expect("url");
     // Clients idle after a second; the upstream timeout well beyond it.
-    let config = GateConfig::new(SocketAddr::from(([127, 0, 0, 1], 0)), upstream);
-    let gate = Arc::new(Gate::with_limits(
-        &config,
-        enforcement,
-        usage,
-        4,
-        Duration::from_secs(1),
-    ));
-    let runtime = tokio::runtime::Runtime::new().expect("runtime");
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let (_stop, stop) = tokio::sync::watch::channel(false);
-    runtime.spawn(serve(listener, gate, stop));
+    let gate = licensed_gate(body_reading_upstream(), Duration::from_secs(30), 4);
+    let addr = gate.addr;
 
     let mut stream = std::net::TcpStream::connect(addr).expect("connect");
     stream
