@@ -193,6 +193,20 @@ async fn prepared(
         .map_err(db_error("preparing a statement"))
 }
 
+/// A read-only repeatable-read transaction: every read in it sees one snapshot of the
+/// database.
+async fn snapshot_read(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+    client
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(db_error("starting a read"))
+}
+
 fn pool_error(e: deadpool_postgres::PoolError) -> StoreError {
     match e {
         // The connection's own error says what went wrong (refused, a TLS certificate, a
@@ -567,14 +581,7 @@ impl Store for PgStore {
 
     async fn load(&self) -> Result<Loaded, StoreError> {
         self.run("reading licenses", async |client| {
-            // One snapshot of the database: a repeatable-read transaction.
-            let tx = client
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(db_error("starting a read"))?;
+            let tx = snapshot_read(client).await?;
             let meta = tx
                 .query_one("SELECT epoch, revision FROM charter_meta", &[])
                 .await
@@ -600,13 +607,7 @@ impl Store for PgStore {
 
     async fn changes_since(&self, base: u64) -> Result<Option<Changes>, StoreError> {
         self.run("reading what changed", async |client| {
-            let tx = client
-                .build_transaction()
-                .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(db_error("starting a read"))?;
+            let tx = snapshot_read(client).await?;
             let meta = tx
                 .query_one("SELECT epoch, revision, forgotten FROM charter_meta", &[])
                 .await
