@@ -351,30 +351,36 @@ fn load_cache(
 ) -> Option<ClusterHeld> {
     match cache::verify(dir, file, keys, now) {
         Ok(loaded) => {
-            let cache::LoadedCache { file, license } = loaded;
-            let license = file
-                .license
-                .clone()
-                .zip(license)
-                .map(|(record, (verified, _))| HeldLicense {
-                    record: Some(record),
-                    verified,
-                });
+            let file = &loaded.file;
             tracing::info!(path = %cache::path(dir).display(), epoch = %file.epoch, revision = file.revision,
                 license = %file.license.as_ref().map_or("none (the cluster was unlicensed)", |l| l.id.as_str()),
                 "license cache verified");
-            Some(ClusterHeld {
-                epoch: file.epoch,
-                revision: file.revision,
-                license,
-                source: Source::Cache,
-                received_at: file.received_at,
-            })
+            Some(held_from_cache(loaded, Source::Cache))
         }
         Err(e) => {
             refused_cache(&e);
             None
         }
+    }
+}
+
+/// What a verified cache gives this node, as held from `source`.
+fn held_from_cache(loaded: cache::LoadedCache, source: Source) -> ClusterHeld {
+    let cache::LoadedCache { file, license } = loaded;
+    let license = file
+        .license
+        .clone()
+        .zip(license)
+        .map(|(record, (verified, _))| HeldLicense {
+            record: Some(record),
+            verified,
+        });
+    ClusterHeld {
+        epoch: file.epoch,
+        revision: file.revision,
+        license,
+        source,
+        received_at: file.received_at,
     }
 }
 

@@ -22,7 +22,7 @@ use charter_license::TrustedKeys;
 
 use crate::cache;
 use crate::config::StaticLicense;
-use crate::state::{ClusterHeld, Enforcement, HeldLicense, Source};
+use crate::state::{ClusterHeld, Enforcement, Source};
 
 /// What changed in the licenses held.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -130,27 +130,14 @@ fn from_cache(
             return None;
         }
     }
-    let cache::LoadedCache { file, license } = match cache::verify(dir, file, keys, now) {
+    let loaded = match cache::verify(dir, file, keys, now) {
         Ok(loaded) => loaded,
         Err(e) => {
             tracing::debug!(error = %e, "the license cache still does not verify");
             return None;
         }
     };
-    let license = file
-        .license
-        .clone()
-        .zip(license)
-        .map(|(record, (verified, _))| HeldLicense {
-            record: Some(record),
-            verified,
-        });
-    license.as_ref()?;
-    Some(ClusterHeld {
-        epoch: file.epoch,
-        revision: file.revision,
-        license,
-        source: held.map_or(Source::Cache, |h| h.source),
-        received_at: file.received_at,
-    })
+    let taken = crate::held_from_cache(loaded, held.map_or(Source::Cache, |h| h.source));
+    taken.license.as_ref()?;
+    Some(taken)
 }
