@@ -1097,7 +1097,9 @@ fn a_lost_request_on_a_pooled_connection_is_sent_again_only_if_idempotent() {
     // HTTP/2 clients go through the pool: the second request goes on the pooled
     // connection, which the upstream drops unanswered; the GET is sent again, on a new
     // connection (of its own, closed after). A POST that meets the same (on the pooled
-    // connection the third GET opened) is not: the upstream might have acted on it.
+    // connection the third GET opened) is not: the upstream might have acted on it. The
+    // upstream's first connection is the gate's probe of whether it speaks HTTP/2 (it
+    // does not), so the requests' connections count from 1.
     let answers = over_one_http2_connection(
         proxy,
         &[
@@ -1110,7 +1112,7 @@ fn a_lost_request_on_a_pooled_connection_is_sent_again_only_if_idempotent() {
     let answer = |n: u32| (200, format!("{{\"connection\":{n}}}"));
     assert_eq!(
         answers[..3],
-        [answer(0), answer(1), answer(2)],
+        [answer(1), answer(2), answer(3)],
         "{answers:?}"
     );
     assert_eq!(answers[3].0, 502, "{answers:?}");

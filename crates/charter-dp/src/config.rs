@@ -75,7 +75,9 @@ pub struct Args {
     /// Gate mode: serve a license-enforcing reverse proxy on this address (needs --upstream).
     #[arg(long, env = "CHARTER_PROXY_LISTEN")]
     pub proxy_listen: Option<String>,
-    /// Gate mode: the service behind the proxy, `http://HOST:PORT[/PATH]` (needs --proxy-listen).
+    /// Gate mode: the service behind the proxy, `http://HOST:PORT[/PATH]` (HTTP/1.1, and
+    /// HTTP/2 for HTTP/2 clients when the service speaks it) or `h2c://HOST:PORT[/PATH]`
+    /// (HTTP/2 for every request, e.g. a gRPC service); needs --proxy-listen.
     #[arg(long, env = "CHARTER_UPSTREAM")]
     pub upstream: Option<String>,
     /// Gate mode: seconds to wait for the upstream's response headers before answering 504.

@@ -14,6 +14,12 @@
 //! connection that sends no request for [`CLIENT_IDLE_TIMEOUT`] is closed, so idle
 //! clients do not hold upstream connections (nor a slow client's header a task) for long.
 //!
+//! HTTP/2 to the upstream (h2c, prior knowledge) carries every request when `--upstream`
+//! is `h2c://…`, and the requests of HTTP/2 clients when it is `http://…` and the
+//! upstream speaks HTTP/2 (found out by a probe, [`speaks_h2c`], remembered for
+//! [`PROBE_TTL`]); otherwise HTTP/2 clients are translated to HTTP/1.1. One multiplexed
+//! connection ([`H2Upstream`]) carries them all; trailers pass both ways, so gRPC works.
+//!
 //! An HTTP/1.1 upgrade (WebSocket) is sent on an upstream connection of its own; after a
 //! 101 the two upgraded connections are spliced both ways ([`splice`]). 1xx responses
 //! other than 101 are not forwarded: a hyper service returns one response per request,
@@ -29,13 +35,14 @@ use charter_runtime::http::RequestBody;
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Either, Empty, Full};
 use hyper::body::{Body as _, Incoming};
-use hyper::client::conn::http1;
+use hyper::client::conn::{http1, http2};
 use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
 use hyper::upgrade::OnUpgrade;
 use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
 
@@ -81,6 +88,14 @@ pub const MAX_RESPONSE_HEADERS: usize = 1000;
 /// holds two, and the client's no longer counts as one of the listener's connections.
 const TUNNEL_SHARE: f64 = 1.0 / 8.0;
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
+/// How long the finding of whether an `http://` upstream speaks HTTP/2 holds.
+const PROBE_TTL: Duration = Duration::from_secs(60);
+/// How long an upstream may take to answer the probe's HTTP/2 preface.
+const PROBE_WAIT: Duration = Duration::from_secs(2);
+/// How often an HTTP/2 upstream connection is pinged, and how long an answer may take
+/// before the connection counts as dead.
+const H2_PING: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The upstream a gate forwards to: `http://host[:port][/base]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,23 +110,28 @@ pub struct Upstream {
     pub port: u16,
     /// A path prefix, without the trailing slash ("" for none).
     pub base_path: String,
+    /// `h2c://`: every request goes to the upstream over HTTP/2 with prior knowledge.
+    pub http2: bool,
 }
 
 impl Upstream {
-    /// Parses `--upstream`. Only `http://` is supported: the gate sits next to its service.
+    /// Parses `--upstream`: `http://` (HTTP/1.1, and HTTP/2 for HTTP/2 clients when the
+    /// upstream speaks it) or `h2c://` (HTTP/2 only). No TLS: the gate sits next to its
+    /// service.
     pub fn parse(url: &str) -> Result<Upstream, String> {
         let uri: Uri = url
             .parse()
             .map_err(|e| format!("--upstream `{url}` is not a URL: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
+        let http2 = match uri.scheme_str() {
+            Some("http") => false,
+            Some("h2c") => true,
             Some(other) => {
                 return Err(format!(
-                    "--upstream `{url}`: scheme `{other}` is not supported; the gate forwards plain http to a service beside it"
+                    "--upstream `{url}`: scheme `{other}` is not supported; the gate forwards plain http (http://, or h2c:// for HTTP/2 only) to a service beside it"
                 ))
             }
             None => return Err(format!("--upstream `{url}` needs a scheme, e.g. http://127.0.0.1:8080")),
-        }
+        };
         let authority = uri
             .authority()
             .ok_or_else(|| format!("--upstream `{url}` has no host"))?;
@@ -130,12 +150,14 @@ impl Upstream {
             port,
             authority: authority.to_string(),
             base_path: uri.path().trim_end_matches('/').to_owned(),
+            http2,
         })
     }
 
     /// The URL as given back in logs and reports.
     pub fn url(&self) -> String {
-        format!("http://{}{}", self.authority, self.base_path)
+        let scheme = if self.http2 { "h2c" } else { "http" };
+        format!("{scheme}://{}{}", self.authority, self.base_path)
     }
 
     /// `location` (a `Location` or `Content-Location` value) as the client should see it
@@ -353,6 +375,29 @@ impl Drop for Lane {
     }
 }
 
+/// The one HTTP/2 connection to the upstream, dialled when first needed and again once it
+/// has closed, and (for an `http://` upstream) whether the upstream speaks HTTP/2.
+#[derive(Default)]
+struct H2Upstream {
+    /// Held across a dial, so concurrent requests wait for one connection, not open many.
+    sender: tokio::sync::Mutex<Option<http2::SendRequest<UpstreamBody>>>,
+    /// What the last probe found, and when.
+    speaks: Mutex<Option<(bool, Instant)>>,
+}
+
+/// How a request goes upstream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// On the client connection's own HTTP/1.1 connection (target in origin form).
+    Lane,
+    /// Through the pooled HTTP/1.1 client (absolute form).
+    Pooled,
+    /// On a new HTTP/1.1 connection of its own, to be spliced after a 101 (origin form).
+    Upgrade,
+    /// On the shared HTTP/2 connection (absolute form, the authority as `:authority`).
+    Http2,
+}
+
 /// A running gate's shared parts.
 pub struct Gate {
     upstream: Upstream,
@@ -370,6 +415,8 @@ pub struct Gate {
     places: Arc<Semaphore>,
     /// The places for upgraded (spliced) connections.
     tunnels: Arc<Semaphore>,
+    /// HTTP/2 to the upstream.
+    h2: H2Upstream,
     /// How long an HTTP/1.x client connection may stay idle.
     client_idle_timeout: Duration,
     enforcement: Arc<Enforcement>,
@@ -412,6 +459,7 @@ impl Gate {
             tunnels: Arc::new(Semaphore::new(
                 charter_runtime::http::Limits::share_of_file_limit(TUNNEL_SHARE).max_connections,
             )),
+            h2: H2Upstream::default(),
             client_idle_timeout,
             enforcement,
             usage,
@@ -433,6 +481,9 @@ impl Gate {
         peer: SocketAddr,
         lane: &Lane,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        // gRPC clients read the gate's own answers as gRPC statuses.
+        let grpc = is_grpc(&request);
+        let json = |status, message: &str| answer(grpc, status, message);
         if !self.enforcement.allows_now() {
             return Ok(json(StatusCode::FORBIDDEN, DENIED));
         }
@@ -452,13 +503,23 @@ impl Gate {
         } else {
             None
         };
-        // HTTP/1.x clients go through their lane; HTTP/2 clients, and HTTP/1.x clients
-        // beyond the lane limit, through the pool.
-        let pooled = upgrade.is_none()
-            && (request.version() == Version::HTTP_2 || !lane.admitted(&self.places));
+        // HTTP/2 when the upstream wants it, or when the client speaks it and the upstream
+        // does too; else HTTP/1.x clients go through their lane, HTTP/2 clients and
+        // HTTP/1.x clients beyond the lane limit through the pool.
+        let route = if upgrade.is_some() {
+            Route::Upgrade
+        } else if self.upstream.http2
+            || (request.version() == Version::HTTP_2 && self.upstream_speaks_h2().await)
+        {
+            Route::Http2
+        } else if request.version() == Version::HTTP_2 || !lane.admitted(&self.places) {
+            Route::Pooled
+        } else {
+            Route::Lane
+        };
         let client_host = client_host(&request);
         let (request, sent, pending) =
-            match self.upstream_request(request, peer, client_host.as_ref(), pooled) {
+            match self.upstream_request(request, peer, client_host.as_ref(), route) {
                 Ok(forwarded) => forwarded,
                 Err(e) => {
                     tracing::info!(%peer, error = %e, "request not forwarded");
@@ -469,12 +530,11 @@ impl Gate {
                 }
             };
         let forwarded = async {
-            if upgrade.is_some() {
-                self.forward_upgrade(request).await
-            } else if pooled {
-                self.forward_pooled(request).await
-            } else {
-                self.forward(lane, request).await
+            match route {
+                Route::Upgrade => self.forward_upgrade(request).await,
+                Route::Pooled => self.forward_pooled(request).await,
+                Route::Lane => self.forward(lane, request).await,
+                Route::Http2 => self.forward_h2(request).await,
             }
         };
         // The upstream timeout counts from when the request body has all been handed to
@@ -501,7 +561,7 @@ impl Gate {
                 }
                 Ok(self.client_response(response, client_host.as_ref(), pending))
             }
-            Some(Err(e)) => Ok(self.failed(&e, peer)),
+            Some(Err(e)) => Ok(self.failed(&e, peer, grpc)),
             None => {
                 tracing::warn!(upstream = %self.upstream.url(), timeout = ?self.timeout, "upstream timed out");
                 Ok(json(
@@ -517,7 +577,8 @@ impl Gate {
 
     /// The client's answer for a request the upstream did not answer: a short message
     /// for the client, the details in the log.
-    fn failed(&self, e: &BoxError, peer: SocketAddr) -> Response<ProxyBody> {
+    fn failed(&self, e: &BoxError, peer: SocketAddr, grpc: bool) -> Response<ProxyBody> {
+        let json = |status, message: &str| answer(grpc, status, message);
         if let Some(stalled) = body_stalled(&**e) {
             tracing::info!(%peer, "{stalled}: request dropped");
             return json(StatusCode::REQUEST_TIMEOUT, &stalled.to_string());
@@ -677,6 +738,84 @@ impl Gate {
         }
     }
 
+    /// Sends `request` on the upstream's HTTP/2 connection. An idempotent request without
+    /// a body that a reused connection failed before any answer (closed, or went away) is
+    /// sent once more on a new connection.
+    async fn forward_h2(
+        &self,
+        request: Request<UpstreamBody>,
+    ) -> Result<Response<Incoming>, BoxError> {
+        let again = (request.method().is_idempotent() && request.body().is_end_stream())
+            .then(|| without_body(&request));
+        let (mut sender, fresh) = self.h2_sender(false).await?;
+        match sender.send_request(request).await {
+            Ok(response) => Ok(response),
+            Err(e) => match again {
+                Some(again) if !fresh => {
+                    tracing::debug!(error = %describe(&BoxError::from(e)), "the HTTP/2 upstream connection failed under an idempotent request; sending it again");
+                    let (mut sender, _) = self.h2_sender(true).await?;
+                    Ok(sender.send_request(again).await?)
+                }
+                _ => Err(e.into()),
+            },
+        }
+    }
+
+    /// The HTTP/2 connection to the upstream, and whether it is new: the open one, unless
+    /// it has closed or `renew` says it failed.
+    async fn h2_sender(
+        &self,
+        renew: bool,
+    ) -> Result<(http2::SendRequest<UpstreamBody>, bool), BoxError> {
+        let mut held = self.h2.sender.lock().await;
+        if let Some(sender) = held.as_ref().filter(|s| !renew && !s.is_closed()) {
+            return Ok((sender.clone(), false));
+        }
+        let stream = self.tcp().await?;
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(H2_PING)
+            .keep_alive_timeout(H2_PING_TIMEOUT)
+            .max_header_list_size(charter_runtime::http::MAX_HEADER_LIST_SIZE)
+            .handshake(TokioIo::new(stream))
+            .await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP/2 upstream connection ended with an error");
+            }
+        });
+        *held = Some(sender.clone());
+        Ok((sender, true))
+    }
+
+    /// Whether the upstream speaks HTTP/2: `h2c://` says so; for `http://` the last
+    /// probe's answer while it is younger than [`PROBE_TTL`], else a new probe. A probe
+    /// that could not connect is not remembered (the request then fails as it would).
+    async fn upstream_speaks_h2(&self) -> bool {
+        if self.upstream.http2 {
+            return true;
+        }
+        let known = *self
+            .h2
+            .speaks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some((speaks, _)) = known.filter(|(_, since)| since.elapsed() < PROBE_TTL) {
+            return speaks;
+        }
+        let Ok(stream) = self.tcp().await else {
+            return false;
+        };
+        let speaks = speaks_h2c(stream).await;
+        tracing::info!(upstream = %self.upstream.url(), http2 = speaks, "probed whether the upstream speaks HTTP/2 (h2c)");
+        *self
+            .h2
+            .speaks
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((speaks, Instant::now()));
+        speaks
+    }
+
     /// A new HTTP/1.1 connection to the upstream; its I/O runs in a task of its own until
     /// the connection closes or its sender is dropped.
     async fn connect(&self) -> Result<Sender, BoxError> {
@@ -693,6 +832,15 @@ impl Gate {
     async fn dial(
         &self,
     ) -> Result<(Sender, http1::Connection<TokioIo<TcpStream>, UpstreamBody>), BoxError> {
+        let stream = self.tcp().await?;
+        Ok(http1::Builder::new()
+            .max_headers(MAX_RESPONSE_HEADERS)
+            .handshake(TokioIo::new(stream))
+            .await?)
+    }
+
+    /// A new TCP connection to the upstream, with `TCP_NODELAY`.
+    async fn tcp(&self) -> Result<TcpStream, BoxError> {
         let address = &self.upstream.address;
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
             .await
@@ -701,27 +849,37 @@ impl Gate {
         stream
             .set_nodelay(true)
             .map_err(|e| format!("cannot set TCP_NODELAY on the connection to {address}: {e}"))?;
-        Ok(http1::Builder::new()
-            .max_headers(MAX_RESPONSE_HEADERS)
-            .handshake(TokioIo::new(stream))
-            .await?)
+        Ok(stream)
     }
 
     /// Rewrites a client request for the upstream: same method, path, query, headers and
     /// streamed body; hop-by-hop headers dropped (but an upgrade's); `Host` set to the
     /// upstream's (or kept, with `--preserve-host`); `X-Forwarded-*` and `Via` added. The
-    /// target is in origin form (`/path?query`) for a lane, in absolute form for the
-    /// pooled client. With the request come a signal for when its body has all been sent
-    /// and the handle to drop that body if the response ends first (none without a body).
+    /// target is in origin form (`/path?query`) for a lane or an upgrade, in absolute form
+    /// for the pooled client and HTTP/2 (whose authority is the `Host` the upstream gets,
+    /// sent as `:authority`); `TE: trailers` goes on over HTTP/2 (gRPC servers want it).
+    /// With the request come a signal for when its body has all been sent and the handle
+    /// to drop that body if the response ends first (none without a body).
     fn upstream_request(
         &self,
         request: Request<RequestBody>,
         peer: SocketAddr,
         client_host: Option<&HeaderValue>,
-        absolute: bool,
+        route: Route,
     ) -> Result<Forwarded, String> {
         let upgrade = wants_upgrade(&request);
         let (mut parts, body) = request.into_parts();
+        let trailers = parts
+            .headers
+            .get_all(header::TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+        let host = match client_host {
+            Some(host) if self.preserve_host => host.clone(),
+            _ => self.upstream_host.clone(),
+        };
         let base = &self.upstream.base_path;
         let path_and_query = match parts.uri.path_and_query().map_or("/", |pq| pq.as_str()) {
             // `OPTIONS *` asks about the server: about the base path when there is one.
@@ -731,22 +889,30 @@ impl Gate {
             pq if pq.starts_with('?') => &format!("/{pq}"),
             pq => pq,
         };
-        let target = if absolute {
-            let path = if path_and_query == "*" {
-                ""
-            } else {
-                path_and_query
-            };
-            format!("http://{}{base}{path}", self.upstream.authority)
-        } else {
-            format!("{base}{path_and_query}")
+        let target = match route {
+            Route::Lane | Route::Upgrade => format!("{base}{path_and_query}"),
+            Route::Pooled | Route::Http2 => {
+                let path = if path_and_query == "*" {
+                    ""
+                } else {
+                    path_and_query
+                };
+                let authority = match route {
+                    Route::Http2 => host.to_str().map_err(|_| "the Host header is not text")?,
+                    _ => &self.upstream.authority,
+                };
+                format!("http://{authority}{base}{path}")
+            }
         };
         parts.uri = target
             .parse()
             .map_err(|e| format!("cannot forward to {target}: {e}"))?;
         let received = parts.version;
-        // The upstream speaks HTTP/1.1; HTTP/2 clients are translated.
-        parts.version = hyper::Version::HTTP_11;
+        // Each client's requests are translated to the version the upstream gets.
+        parts.version = match route {
+            Route::Http2 => Version::HTTP_2,
+            _ => Version::HTTP_11,
+        };
         let upgrade = upgrade
             .then(|| parts.headers.get(header::UPGRADE).cloned())
             .flatten();
@@ -755,6 +921,9 @@ impl Gate {
         if let Some(upgrade) = upgrade {
             headers.insert(header::UPGRADE, upgrade);
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
+        if trailers && route == Route::Http2 {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
         let client_ip = peer.ip().to_string();
         let trusted = self.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
@@ -777,11 +946,12 @@ impl Gate {
         if let Some(host) = client_host {
             headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
         }
-        let host = match client_host {
-            Some(host) if self.preserve_host => host.clone(),
-            _ => self.upstream_host.clone(),
-        };
-        headers.insert(header::HOST, host);
+        // Over HTTP/2 the authority is in the target (`:authority`).
+        if route == Route::Http2 {
+            headers.remove(header::HOST);
+        } else {
+            headers.insert(header::HOST, host);
+        }
         headers.append(header::VIA, via(received));
         let (body, sent, pending) = if body.is_end_stream() {
             (Either::Right(Empty::new()), None, None)
@@ -968,6 +1138,22 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, place: OwnedSemaphorePer
     drop(place);
 }
 
+/// Whether the server at the other end of `stream` speaks HTTP/2 with prior knowledge
+/// (RFC 9113 §3.3): it answers the client's connection preface (the magic and an empty
+/// SETTINGS frame) with a SETTINGS frame on stream 0. An HTTP/1.x server answers with an
+/// error status or closes the connection.
+async fn speaks_h2c(mut stream: TcpStream) -> bool {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
+    let probe = async {
+        stream.write_all(PREFACE).await?;
+        let mut head = [0u8; 9];
+        stream.read_exact(&mut head).await?;
+        // A frame header: 24-bit length, type (4 = SETTINGS), flags, 31-bit stream id.
+        Ok::<bool, std::io::Error>(head[3] == 4 && head[5..] == [0, 0, 0, 0])
+    };
+    matches!(tokio::time::timeout(PROBE_WAIT, probe).await, Ok(Ok(true)))
+}
+
 /// `Via` for a message received with `version` (RFC 9110 §7.6.3).
 fn via(version: Version) -> HeaderValue {
     HeaderValue::from_static(match version {
@@ -1044,6 +1230,62 @@ fn hyper_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper
     find(e)
 }
 
+/// Whether `request` is a gRPC call (`content-type: application/grpc[+proto|;…]`).
+fn is_grpc<B>(request: &Request<B>) -> bool {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            let v = v.to_ascii_lowercase();
+            v == "application/grpc"
+                || v.starts_with("application/grpc+")
+                || v.starts_with("application/grpc;")
+        })
+}
+
+/// The gate's own answer with `status` and `message`: JSON `{"message"}`, or for a gRPC
+/// call a gRPC status, as a gRPC client reads no other error (see [`grpc_status`]).
+fn answer(grpc: bool, status: StatusCode, message: &str) -> Response<ProxyBody> {
+    if grpc {
+        grpc_status(status, message)
+    } else {
+        json(status, message)
+    }
+}
+
+/// A gRPC "Trailers-Only" response: HTTP 200 whose head carries `grpc-status` (the code
+/// gRPC maps `status` to, in its HTTP-to-gRPC table) and `grpc-message`, with no body.
+fn grpc_status(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let code: u16 = match status.as_u16() {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    };
+    // grpc-message is percent-encoded: printable ASCII but `%` as it is.
+    let encoded: String = message
+        .bytes()
+        .map(|b| match b {
+            b' '..=b'~' if b != b'%' => char::from(b).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let mut response = Response::new(Empty::new().map_err(|e| match e {}).boxed());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(message) = HeaderValue::from_str(&encoded) {
+        headers.insert("grpc-message", message);
+    }
+    response
+}
+
 fn json(status: StatusCode, message: &str) -> Response<ProxyBody> {
     let body = serde_json::json!({ "message": message }).to_string();
     let mut response = Response::new(Full::new(Bytes::from(body)).map_err(|e| match e {}).boxed());
@@ -1100,7 +1342,8 @@ mod tests {
                 address: "127.0.0.1:8080".into(),
                 host: "127.0.0.1".into(),
                 port: 8080,
-                base_path: String::new()
+                base_path: String::new(),
+                http2: false,
             }
         );
         // No port: the Host header stays as given, the connection goes to port 80.
@@ -1120,6 +1363,10 @@ mod tests {
             Upstream::parse("http://svc:80/api/").expect("ok").base_path,
             "/api"
         );
+        let h2c = Upstream::parse("h2c://grpc:50051").expect("ok");
+        assert!(h2c.http2 && h2c.address == "grpc:50051");
+        assert_eq!(h2c.url(), "h2c://grpc:50051");
+        assert!(!Upstream::parse("http://svc").expect("ok").http2);
         assert!(Upstream::parse("https://svc")
             .unwrap_err()
             .contains("not supported"));
