@@ -81,9 +81,13 @@ const READY_WAIT: Duration = Duration::from_secs(1);
 /// How long a client connection may wait before (or while) sending a request's header.
 pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most header fields in an upstream's response head. nginx bounds the head by size
-/// (`proxy_buffer_size`, 4 or 8 KiB by default), not by count; this is well beyond what
-/// fits in that.
-pub const MAX_RESPONSE_HEADERS: usize = 1000;
+/// (`proxy_buffer_size`, one 4 KiB page by default), not by count: 256 fields of 16 bytes
+/// fill that. hyper sets aside room for this many on every response it parses, so more
+/// costs every request (a limit of 1,000 each way took about 15% of the gate's CPU).
+pub const MAX_RESPONSE_HEADERS: usize = 256;
+/// Most header fields in a client's request head (HTTP/1), for the same reason no more
+/// than this: well past what clients send (the audit's 100 fields, a browser's 20).
+pub const MAX_REQUEST_HEADERS: usize = 256;
 /// The share of the process's file handles upgraded (spliced) connections may hold: each
 /// holds two, and the client's no longer counts as one of the listener's connections.
 const TUNNEL_SHARE: f64 = 1.0 / 8.0;
@@ -335,6 +339,8 @@ impl IdleConnections {
 struct Lane {
     idle: Arc<IdleConnections>,
     held: Mutex<Held>,
+    /// The client's address as `X-Forwarded-For` text, made once per connection.
+    peer_ip: HeaderValue,
 }
 
 #[derive(Default)]
@@ -467,11 +473,14 @@ impl Gate {
         }
     }
 
-    /// A lane for a new client connection.
-    fn lane(&self) -> Arc<Lane> {
+    /// A lane for a new client connection from `peer`.
+    fn lane(&self, peer: SocketAddr) -> Arc<Lane> {
         Arc::new(Lane {
             idle: self.idle.clone(),
             held: Mutex::new(Held::default()),
+            // An IP address's text is always a valid header value.
+            peer_ip: HeaderValue::from_str(&peer.ip().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
         })
     }
 
@@ -518,17 +527,22 @@ impl Gate {
             Route::Lane
         };
         let client_host = client_host(&request);
-        let (request, sent, pending) =
-            match self.upstream_request(request, peer, client_host.as_ref(), route) {
-                Ok(forwarded) => forwarded,
-                Err(e) => {
-                    tracing::info!(%peer, error = %e, "request not forwarded");
-                    return Ok(json(
-                        StatusCode::BAD_REQUEST,
-                        "the request target cannot be forwarded",
-                    ));
-                }
-            };
+        let (request, sent, pending) = match self.upstream_request(
+            request,
+            peer,
+            &lane.peer_ip,
+            client_host.as_ref(),
+            route,
+        ) {
+            Ok(forwarded) => forwarded,
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "request not forwarded");
+                return Ok(json(
+                    StatusCode::BAD_REQUEST,
+                    "the request target cannot be forwarded",
+                ));
+            }
+        };
         let forwarded = async {
             match route {
                 Route::Upgrade => self.forward_upgrade(request).await,
@@ -864,6 +878,7 @@ impl Gate {
         &self,
         request: Request<RequestBody>,
         peer: SocketAddr,
+        peer_ip: &HeaderValue,
         client_host: Option<&HeaderValue>,
         route: Route,
     ) -> Result<Forwarded, String> {
@@ -925,7 +940,6 @@ impl Gate {
         if trailers && route == Route::Http2 {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
-        let client_ip = peer.ip().to_string();
         let trusted = self.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
         let previous: Vec<&str> = if trusted {
             headers
@@ -936,13 +950,17 @@ impl Gate {
         } else {
             Vec::new()
         };
-        let forwarded_for = if previous.is_empty() {
-            client_ip
+        if previous.is_empty() {
+            headers.insert(HeaderName::from_static(X_FORWARDED_FOR), peer_ip.clone());
         } else {
-            format!("{}, {client_ip}", previous.join(", "))
-        };
-        insert(headers, X_FORWARDED_FOR, &forwarded_for);
-        insert(headers, "x-forwarded-proto", "http");
+            let client_ip = peer_ip.to_str().unwrap_or_default();
+            let forwarded_for = format!("{}, {client_ip}", previous.join(", "));
+            insert(headers, X_FORWARDED_FOR, &forwarded_for);
+        }
+        headers.insert(
+            HeaderName::from_static("x-forwarded-proto"),
+            HeaderValue::from_static("http"),
+        );
         if let Some(host) = client_host {
             headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
         }
@@ -1316,10 +1334,11 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, shutdown: watch::Rece
     };
     let limits = charter_runtime::http::Limits {
         idle: gate.client_idle_timeout,
+        max_headers: MAX_REQUEST_HEADERS,
         ..charter_runtime::http::Limits::share_of_file_limit(1.0 / 3.0)
     };
     let make = move |peer: SocketAddr| {
-        let (gate, lane) = (gate.clone(), gate.lane());
+        let (gate, lane) = (gate.clone(), gate.lane(peer));
         hyper::service::service_fn(move |request| {
             let (gate, lane) = (gate.clone(), lane.clone());
             async move { gate.handle(request, peer, &lane).await }

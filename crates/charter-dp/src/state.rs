@@ -237,12 +237,7 @@ impl Enforcement {
     /// clone of the license.
     pub fn allows_now(&self) -> bool {
         let now = self.now();
-        let judge = |license: &HeldLicense| {
-            license
-                .verified
-                .evaluate(now)
-                .is_ok_and(|e| e.status.allows())
-        };
+        let judge = |license: &HeldLicense| license.verified.allows(now);
         match &*self.static_license.borrow() {
             Some(Ok(license)) => judge(license),
             Some(Err(_)) => false,

@@ -8,6 +8,7 @@
 //! restart of either side neither loses nor double-counts a request.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -97,8 +98,26 @@ impl Usage {
     /// Counts one forwarded request at `now`.
     pub fn count(&self, now: UnixTime) {
         let date = utc_date(now);
-        let bucket = format!("{:04}-{:02}", date.year(), u8::from(date.month()));
-        *self.lock().current.entry(bucket).or_default() += 1;
+        // The bucket's name (`YYYY-MM`) without an allocation: this runs on every request.
+        let (year, month) = (date.year(), u8::from(date.month()));
+        let mut name = [0u8; 7];
+        let owned;
+        let bucket = match write!(&mut name[..], "{year:04}-{month:02}") {
+            Ok(()) => std::str::from_utf8(&name).unwrap_or_default(),
+            // A year outside 0..=9999 (a clock far off) does not fit.
+            Err(_) => {
+                owned = format!("{year:04}-{month:02}");
+                &owned
+            }
+        };
+        let mut state = self.lock();
+        match state.current.get_mut(bucket) {
+            Some(count) => *count += 1,
+            None => {
+                state.current.insert(bucket.to_owned(), 1);
+            }
+        }
+        drop(state);
         self.dirty.store(true, Ordering::Release);
     }
 

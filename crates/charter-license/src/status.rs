@@ -246,6 +246,15 @@ pub fn utc_date(now: UnixTime) -> Date {
 }
 
 impl VerifiedLicense {
+    /// Whether the license lets traffic through at `now` (valid, expiring or in grace):
+    /// what [`VerifiedLicense::evaluate`] decides, without building its warnings, for a
+    /// check on every request.
+    pub fn allows(&self, now: UnixTime) -> bool {
+        let today = utc_date(now);
+        self.terms.creation_date <= today
+            && (self.terms.expiration_date - today).whole_days() >= -GRACE_DAYS
+    }
+
     /// Judges the license at `now`. A creation date after today (UTC) is refused with
     /// `invalid_expiration_date`: the license is not in force yet, or a clock is wrong.
     pub fn evaluate(&self, now: UnixTime) -> Result<Evaluation, LicenseError> {

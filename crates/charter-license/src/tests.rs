@@ -318,6 +318,27 @@ fn creation_day_is_in_force_from_its_first_second() {
 }
 
 #[test]
+fn allows_decides_as_evaluate_does_on_every_day_around_the_dates() {
+    let text = signer()
+        .sign(payload("2030-01-01", "2030-06-30"))
+        .expect("signs")
+        .to_json();
+    let (license, _) = validate(&text, &keys(), noon(date!(2030 - 03 - 01))).expect("verifies");
+    let first = date!(2029 - 12 - 30)
+        .midnight()
+        .assume_utc()
+        .unix_timestamp();
+    // Every hour from two days before the creation date to past the grace period's end,
+    // and each day's first and last second.
+    for hour in 0..(250 * 24) {
+        for now in [first + hour * 3600, first + hour * 3600 + 3599] {
+            let judged = license.evaluate(now).is_ok_and(|e| e.status.allows());
+            assert_eq!(license.allows(now), judged, "at {now} ({})", utc_date(now));
+        }
+    }
+}
+
+#[test]
 fn allows_matches_enforcement_table() {
     for (status, allowed) in [
         (Status::Valid, true),

@@ -19,8 +19,9 @@
 //!   for the next piece of a request body gets an error instead ([`RequestBody`]), so a
 //!   client trickling a body cannot hold a connection (and its request "in flight") for
 //!   ever. A slow download is never cut: only the client's silence counts.
-//! - **Request heads as large as nginx takes**: up to [`MAX_REQUEST_HEADERS`] fields in
-//!   HTTP/1 and [`MAX_HEADER_LIST_SIZE`] bytes of them in HTTP/2; a larger head is a 431.
+//! - **Request heads as large as nginx takes**: up to [`Limits::max_headers`] fields in
+//!   HTTP/1 ([`MAX_REQUEST_HEADERS`] unless the listener says otherwise) and
+//!   [`MAX_HEADER_LIST_SIZE`] bytes of them in HTTP/2; a larger head is a 431.
 //! - **An accept error never ends the loop**: it is logged and retried after a pause (out
 //!   of file handles, the usual one, passes as connections close).
 
@@ -71,6 +72,10 @@ pub struct Limits {
     pub idle: Duration,
     /// Accept at most this many connections at once.
     pub max_connections: usize,
+    /// Most header fields in an HTTP/1 request head. hyper sets aside room for this many
+    /// on every request it parses (a heap block of 32 bytes per field beyond 100), so a
+    /// listener on a hot path takes fewer.
+    pub max_headers: usize,
 }
 
 impl Limits {
@@ -81,6 +86,7 @@ impl Limits {
         Limits {
             idle: IDLE_TIMEOUT,
             max_connections: ((usable * share) as usize).max(4),
+            max_headers: MAX_REQUEST_HEADERS,
         }
     }
 }
@@ -174,7 +180,7 @@ pub async fn serve<M, S, B>(
         let (id, activity, evict) = live.register();
         let (live, shutdown) = (live.clone(), shutdown.clone());
         tokio::spawn(async move {
-            drive(stream, service, limits.idle, shutdown, activity, evict).await;
+            drive(stream, service, limits, shutdown, activity, evict).await;
             live.unregister(id);
             drop(slot);
         });
@@ -270,7 +276,7 @@ impl Live {
 async fn drive<S, B>(
     stream: TcpStream,
     service: S,
-    idle: Duration,
+    limits: Limits,
     mut shutdown: watch::Receiver<bool>,
     activity: Arc<Activity>,
     evict: Arc<tokio::sync::Notify>,
@@ -284,6 +290,7 @@ async fn drive<S, B>(
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let (idle, max_headers) = (limits.idle, limits.max_headers);
     let counted = Counted {
         inner: Arc::new(service),
         activity: activity.clone(),
@@ -294,7 +301,7 @@ async fn drive<S, B>(
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(idle)
-        .max_headers(MAX_REQUEST_HEADERS);
+        .max_headers(max_headers);
     // No HTTP/2 keep-alive pings: a PING queued behind a slow download would not be
     // answered in time and would cut the download; idleness is judged by requests.
     builder

@@ -58,6 +58,7 @@ async fn start(idle: Duration) -> Server {
     let limits = Limits {
         idle,
         max_connections: CAP,
+        max_headers: charter_runtime::http::MAX_REQUEST_HEADERS,
     };
     let task = tokio::spawn(serve_router(
         "test",
