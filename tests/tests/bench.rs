@@ -239,14 +239,21 @@ fn gate_benchmark_runs_end_to_end_briefly() {
         "--no-pin",
     ]);
     let paths = [
-        "direct x1",
-        "through a bare relay x1",
-        "through the gate x1",
-        "direct x2",
-        "through a bare relay x2",
-        "through the gate x2",
+        "direct",
+        "bare relay",
+        "hyper relay",
+        "gate",
+        "nginx",
+        "haproxy",
     ];
-    check(&report, "GET /record", &paths, &[11]);
+    for case in ["nginx", "hello"] {
+        let rows: Vec<String> = [1, 2]
+            .into_iter()
+            .flat_map(|c| paths.map(|p| format!("{case}: {p} x{c}")))
+            .collect();
+        let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
+        check(&report, &format!("GET /record behind {case}"), &rows, &[11]);
+    }
 }
 
 #[test]

@@ -4,7 +4,10 @@
 //! - `hello`: an axum hello-world answering constant JSON bodies (`GET /record`,
 //!   `GET /page`), so against the control plane only the handler's work differs;
 //! - `relay`: a bare TCP relay to an upstream, with no HTTP at all: what any proxy on the
-//!   gate's path costs (two more loopback hops, their reads, writes and wake-ups);
+//!   gate's path costs (two more loopback hops, their reads, writes and wake-ups); with
+//!   `--http`, the least an HTTP/1.1 proxy built on hyper does (each client connection
+//!   gets an upstream connection of its own, each request is parsed, sent on and its
+//!   response streamed back as it is): the floor of the gate, which is built on hyper;
 //! - `fanout-baseline`: a minimal tonic server of the same `Cluster` service in the style
 //!   of tonic's streaming example (one task and one channel per stream, each message
 //!   encoded per stream; no store, no verification), with the control plane's mTLS and
@@ -55,6 +58,9 @@ pub struct RelayArgs {
     /// The upstream every connection is relayed to (loopback only).
     #[arg(long)]
     pub upstream: SocketAddr,
+    /// Relay HTTP/1.1 requests with hyper instead of bytes.
+    #[arg(long)]
+    pub http: bool,
 }
 
 /// Flags of the hidden `fanout-baseline` subcommand.
@@ -111,7 +117,7 @@ pub fn hello(args: HelloArgs) -> Result<()> {
 
 /// Serves the relay until killed.
 pub fn relay(args: RelayArgs) -> Result<()> {
-    let upstream = args.upstream;
+    let (upstream, http) = (args.upstream, args.http);
     serve(&[args.listen, upstream], async move {
         let listener = TcpListener::bind(args.listen).await.context("binding")?;
         loop {
@@ -121,7 +127,14 @@ pub fn relay(args: RelayArgs) -> Result<()> {
                     client.set_nodelay(true)?;
                     let mut server = TcpStream::connect(upstream).await?;
                     server.set_nodelay(true)?;
-                    tokio::io::copy_bidirectional(&mut client, &mut server).await
+                    if http {
+                        return http_relay(client, server)
+                            .await
+                            .map_err(std::io::Error::other);
+                    }
+                    tokio::io::copy_bidirectional(&mut client, &mut server)
+                        .await
+                        .map(drop)
                 };
                 if let Err(e) = relayed.await {
                     eprintln!("relay: connection from {peer}: {e}");
@@ -129,6 +142,26 @@ pub fn relay(args: RelayArgs) -> Result<()> {
             });
         }
     })
+}
+
+/// Serves `client`'s HTTP/1.1 requests by sending each on `server` with hyper, as they
+/// are, and streaming the response back.
+async fn http_relay(client: TcpStream, server: TcpStream) -> hyper::Result<()> {
+    use hyper_util::rt::TokioIo;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(server)).await?;
+    tokio::spawn(connection);
+    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    let service = hyper::service::service_fn(move |request| {
+        let sender = sender.clone();
+        async move {
+            let mut sender = sender.lock().await;
+            sender.ready().await?;
+            sender.send_request(request).await
+        }
+    });
+    hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(client), service)
+        .await
 }
 
 type Message = Result<ControlPlaneMessage, Status>;

@@ -241,12 +241,15 @@ impl Bench {
         self.dir.path()
     }
 
-    /// A binary: the one its flag names, or `name` next to this executable.
+    /// A binary: the one its flag names, `name` itself when it is a path (a peer's, such
+    /// as nginx), or `name` next to this executable.
     pub fn binary(&self, name: &str) -> Result<PathBuf> {
+        let path = Some(PathBuf::from(name));
         let given = match name {
             "charter-cp" => &self.common.cp_bin,
             "charter-dp" => &self.common.dp_bin,
             "charterctl" => &self.common.ctl_bin,
+            _ if name.contains('/') => &path,
             _ => &None,
         };
         let path = match given {
