@@ -172,6 +172,12 @@ function hideAll() {
 function signedOut(message) {
   sessionStorage.removeItem(TOKEN_KEY);
   state.access = null;
+  // Nothing of the last session stays on the pages for the next token to see.
+  for (const id of ['add-error', 'add-done', 'licenses-error', 'license-error', 'dp-error', 'usage-error', 'usage-dp-error']) setText(id, '');
+  $('add-text').value = '';
+  $('add-file').value = '';
+  state.licensePage = 0;
+  state.licenseOffsets = [null];
   stopRefresh();
   hideAll();
   $('nav').hidden = true;

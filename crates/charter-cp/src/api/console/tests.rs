@@ -20,7 +20,7 @@ use crate::service::Service;
 
 const TOKENS: &str = "reader-token read\nwriter-token write\n";
 
-async fn state(tokens: Option<&str>) -> (tempfile::TempDir, ApiState) {
+async fn api_state(tokens: Option<&str>) -> (tempfile::TempDir, ApiState) {
     let tmp = tempfile::tempdir().expect("temp dir");
     let store = Arc::new(SledStore::open(&tmp.path().join("data")).expect("open store"));
     let keys = TrustedKeys::new([LicenseSigner::from_seed([3; 32]).trusted_key()]);
@@ -68,7 +68,7 @@ async fn body_of(response: Response) -> Vec<u8> {
 
 #[tokio::test]
 async fn the_page_and_its_assets_need_no_token_and_carry_strict_headers() {
-    let (_tmp, state) = state(Some(TOKENS)).await;
+    let (_tmp, state) = api_state(Some(TOKENS)).await;
     for (uri, content_type, starts) in [
         ("/ui", "text/html; charset=utf-8", "<!doctype html>"),
         ("/ui/", "text/html; charset=utf-8", "<!doctype html>"),
@@ -135,7 +135,7 @@ async fn the_page_and_its_assets_need_no_token_and_carry_strict_headers() {
 
 #[tokio::test]
 async fn auth_self_tells_what_a_token_may_do() {
-    let (_tmp, state) = state(Some(TOKENS)).await;
+    let (_tmp, state) = api_state(Some(TOKENS)).await;
     let check = |token: Option<&'static str>, status: StatusCode, expected: Value| {
         let state = state.clone();
         async move {
@@ -173,7 +173,7 @@ async fn auth_self_tells_what_a_token_may_do() {
     )
     .await;
 
-    let (_tmp, open) = state(None).await;
+    let (_tmp, open) = api_state(None).await;
     let response = get(&open, "/auth/self", &[]).await;
     assert_eq!(response.status(), StatusCode::OK);
     let body: Value = serde_json::from_slice(&body_of(response).await).expect("JSON");
