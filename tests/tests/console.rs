@@ -63,6 +63,10 @@ async fn upstream() -> SocketAddr {
     addr
 }
 
+/// The scenario mixes the harness's blocking helpers (ureq, bounded polling with thread
+/// sleeps) with fantoccini's async calls. `block_on` runs it on the test's own thread, so a
+/// blocking call never stalls the runtime's workers, which serve the upstream and the
+/// WebDriver connection meanwhile.
 #[test]
 fn the_console_shows_the_cluster_and_drives_the_license_api_in_a_browser() {
     let runtime = tokio::runtime::Builder::new_multi_thread()
