@@ -528,6 +528,8 @@ async function confirmDelete(event) {
   }
   dialog.close();
   await loadLicenses();
+  // The row and its button are gone: give focus to the page's heading, not to nowhere.
+  $('licenses-title').focus();
 }
 
 function openReplace(record, label) {
@@ -558,6 +560,8 @@ async function confirmReplace(event) {
   }
   dialog.close();
   await loadLicenses();
+  // The table was drawn again, so the button that opened the dialog is gone.
+  $('licenses-title').focus();
 }
 
 // ---------------------------------------------------------------- data planes

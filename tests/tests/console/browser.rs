@@ -61,8 +61,14 @@ impl Browser {
         let profile = TempDir::new().expect("temp dir for the browser profile");
         let port = free_port();
         let log = fs::File::create(profile.path().join("chromedriver.log")).expect("driver log");
+        // A home of its own: Chromium (and Debian's crash handler, which leaves with it)
+        // writes its config, cache and crash database under it, not in the user's.
+        let home = profile.path().join("home");
         let driver = Command::new(&chromedriver)
             .arg(format!("--port={port}"))
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join(".config"))
+            .env("XDG_CACHE_HOME", home.join(".cache"))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("driver log"))
             .stderr(log)
