@@ -403,6 +403,35 @@ async fn scenario() {
     browser.screenshot("licenses-read-only").await;
     assert_eq!(cp.stored_ids_with(READ_TOKEN).len(), 1);
 
+    // Pages of 20, following the API's `offset`.
+    for i in 0..20 {
+        let document = vendor.license(&format!("console-key-page-{i}"), &day(-1), "2097-01-01");
+        let added = call(
+            &cp,
+            WRITE_TOKEN,
+            "POST",
+            "/licenses",
+            Some(Body::Json(json!({ "payload": document }))),
+        );
+        assert_eq!(added.status, 201, "{}", added.body);
+    }
+    browser.click("#nav a[href='#license']").await;
+    browser.click("#nav a[href='#licenses']").await;
+    browser
+        .wait_count("#licenses-body tr", "a first page of 20", |n| n == 20)
+        .await;
+    assert!(!browser.enabled("#licenses-prev").await);
+    browser.click("#licenses-next").await;
+    browser
+        .wait_count("#licenses-body tr", "the last license", |n| n == 1)
+        .await;
+    browser.wait_for("#licenses-page", "Page 2").await;
+    assert!(!browser.enabled("#licenses-next").await);
+    browser.click("#licenses-prev").await;
+    browser
+        .wait_count("#licenses-body tr", "the first page again", |n| n == 20)
+        .await;
+
     // Without a token file (loopback only) there is no sign-in.
     let open_dir = TempDir::new().expect("temp dir");
     let open_cp = Cp::start(open_dir.path(), &["--trusted-key", &key]);
