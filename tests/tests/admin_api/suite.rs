@@ -1091,9 +1091,17 @@ fn admin_tokens() {
             json!({"payload": vendor.valid(&uuid::Uuid::new_v4().to_string())}),
         ))
     };
-    // /status and Consul's GET (ACL "none" in seed 004) are open; everything else needs a
-    // token, with or without a trailing slash.
-    for path in ["/status", "/v1/operator/license", "/v1/operator/license/"] {
+    // /status, Consul's GET (ACL "none" in seed 004) and the web console's page and assets
+    // (no data in them) are open; everything else needs a token, with or without a
+    // trailing slash.
+    for path in [
+        "/status",
+        "/v1/operator/license",
+        "/v1/operator/license/",
+        "/ui",
+        "/ui/",
+        "/ui/app.js",
+    ] {
         assert_eq!(call("GET", path, &[], None).status, 200, "{path}");
     }
     for path in [
@@ -1103,6 +1111,7 @@ fn admin_tokens() {
         "/license/status",
         "/metrics",
         "/v1/operator/license?signed=1",
+        "/auth/self",
     ] {
         assert_eq!(call("GET", path, &[], None).status, 401, "{path}");
     }
@@ -1130,6 +1139,15 @@ fn admin_tokens() {
         .status,
         200
     );
+    // What each token may do, as the web console asks it.
+    for (token, access) in [("reader-token", "read"), ("writer-token", "write")] {
+        let me = call("GET", "/auth/self", &[("Kong-Admin-Token", token)], None);
+        assert_eq!(
+            (me.status, me.json()),
+            (200, json!({"token_required": true, "access": access})),
+            "{token}"
+        );
+    }
     // A read token cannot write; a write token can, by either header.
     let forbidden = call(
         "POST",

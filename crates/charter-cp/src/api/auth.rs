@@ -1,6 +1,7 @@
 //! Admin API tokens: the `TOKEN read|write` file and the middleware that checks
-//! `Kong-Admin-Token` or `Authorization: Bearer` on every route but `/status` and Consul's
-//! `GET /v1/operator/license` (which also takes `X-Consul-Token`).
+//! `Kong-Admin-Token` or `Authorization: Bearer` on every route but `/status`, the web
+//! console's shell (`/ui`) and Consul's `GET /v1/operator/license` (which also takes
+//! `X-Consul-Token`).
 
 use axum::extract::{Request, State};
 use axum::http::Method;
@@ -17,6 +18,16 @@ pub enum Access {
     Read,
     /// Everything.
     Write,
+}
+
+impl Access {
+    /// `read` or `write`, as in the token file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Read => "read",
+            Access::Write => "write",
+        }
+    }
 }
 
 /// The admin tokens of a control plane.
@@ -114,16 +125,19 @@ pub fn bearer_token(value: &str) -> Option<&str> {
 /// The path of Consul's face.
 const CONSUL_PATH: &str = "/v1/operator/license";
 
-/// Checks the admin token of a request, when tokens are configured.
+/// Checks the admin token of a request, when tokens are configured, and hands the access it
+/// grants to the handler as a request extension ([`Access`]).
 ///
-/// Two requests need none: `/status` (for probes and load balancers), and Consul's
+/// Three kinds of request need none: `/status` (for probes and load balancers), the web
+/// console's shell (`/ui` and its scripts and styles, which hold no data: every call the
+/// page makes carries the token), and Consul's
 /// `GET /v1/operator/license`, whose ACL is "none" in Consul (seed 004): it shows the
 /// license's terms, never its key. Its `?signed=1`, the raw document with the license key
 /// in it, still needs a token (read or write). On Consul's path a token is also
 /// taken from `X-Consul-Token`, where Consul's tools send it.
 pub async fn require_token(
     State(state): State<ApiState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let Some(tokens) = state.tokens() else {
@@ -132,6 +146,7 @@ pub async fn require_token(
     let path = request.uri().path();
     let consul = path == CONSUL_PATH;
     let open = path == "/status"
+        || super::console::is_shell(path)
         || (consul
             && matches!(*request.method(), Method::GET | Method::HEAD)
             // A query that does not parse is the handler's 400, which shows nothing.
@@ -149,6 +164,9 @@ pub async fn require_token(
         Some(Access::Read) if !matches!(*request.method(), Method::GET | Method::HEAD) => {
             ApiError::Forbidden.into_response()
         }
-        Some(_) => next.run(request).await,
+        Some(access) => {
+            request.extensions_mut().insert(access);
+            next.run(request).await
+        }
     }
 }

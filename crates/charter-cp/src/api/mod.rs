@@ -3,6 +3,7 @@
 //! built on [`Service`]; everything about HTTP and JSON lives here.
 
 pub mod auth;
+mod console;
 mod consul;
 mod licenses;
 mod metrics;
@@ -103,7 +104,7 @@ pub const HEADER_COUNT_LIMIT: usize = 64;
 
 /// Every route of the admin API, in the order [`router`] adds them. The metrics label
 /// requests with these `&'static str`s.
-pub const ROUTES: [&str; 9] = [
+pub const ROUTES: [&str; 12] = [
     "/licenses",
     "/licenses/{id}",
     "/license/status",
@@ -113,6 +114,9 @@ pub const ROUTES: [&str; 9] = [
     "/status",
     "/metrics",
     "/openapi.json",
+    "/auth/self",
+    "/ui",
+    "/ui/{asset}",
 ];
 
 /// The admin API router, with auth (when tokens are configured) and metrics. A path with
@@ -152,7 +156,7 @@ async fn trim_trailing_slash(mut request: Request) -> Request {
 
 /// Every route, with auth (when tokens are configured) and metrics.
 fn routes(state: ApiState) -> Router {
-    let [r_licenses, r_license, r_status, r_report, r_consul, r_data_planes, r_health, r_metrics, r_openapi] =
+    let [r_licenses, r_license, r_status, r_report, r_consul, r_data_planes, r_health, r_metrics, r_openapi, r_self, r_ui, r_asset] =
         ROUTES;
     let mut router = Router::new()
         .route(r_licenses, get(licenses::list).post(licenses::create))
@@ -173,6 +177,9 @@ fn routes(state: ApiState) -> Router {
         .route(r_health, get(node::health))
         .route(r_metrics, get(node::metrics))
         .route(r_openapi, get(node::openapi))
+        .route(r_self, get(console::whoami))
+        .route(r_ui, get(console::page))
+        .route(r_asset, get(console::asset))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed });
     // Without a token file every request passes, so the check is left out altogether
