@@ -928,8 +928,16 @@ fn header_limits_are_at_least_nginx_s() {
     assert_eq!((status, body.as_str()), (200, "many"));
     assert_eq!(field(&headers, "x-header-149"), ["v"]);
 
-    // Beyond the limit: a 502 that says so.
-    let (status, _, body) = exchange(proxy, "GET /headers/1200 HTTP/1.1\r\nhost: gate.test", b"");
+    // 256 fields each way, not one more: a request over it is a 431, a response a 502
+    // that says so.
+    let mut head = String::from("GET /many HTTP/1.1\r\nhost: gate.test\r\n");
+    for i in 0..256 {
+        head.push_str(&format!("x-field-{i}: {i}\r\n"));
+    }
+    assert_eq!(exchange(counting, &head, b"").0, 431, "257 request fields");
+    let (status, _, body) = exchange(proxy, "GET /headers/250 HTTP/1.1\r\nhost: gate.test", b"");
+    assert_eq!(status, 200, "{body}");
+    let (status, _, body) = exchange(proxy, "GET /headers/257 HTTP/1.1\r\nhost: gate.test", b"");
     assert_eq!(status, 502, "{body}");
     let message = serde_json::from_str::<Value>(&body).expect("json")["message"].clone();
     assert!(

@@ -54,13 +54,14 @@ use crate::usage::Usage;
 pub const DENIED: &str = "Enterprise license missing or expired";
 
 /// Headers that belong to one hop and are never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [&str; 8] = [
+/// (`Trailer` is not one: it declares the trailer fields, which hyper's HTTP/1 encoder
+/// sends only when declared.)
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-authenticate",
     "proxy-authorization",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
 ];
@@ -82,8 +83,9 @@ const READY_WAIT: Duration = Duration::from_secs(1);
 pub const CLIENT_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most header fields in an upstream's response head. nginx bounds the head by size
 /// (`proxy_buffer_size`, one 4 KiB page by default), not by count: 256 fields of 16 bytes
-/// fill that. hyper sets aside room for this many on every response it parses, so more
-/// costs every request (a limit of 1,000 each way took about 15% of the gate's CPU).
+/// fill that, shorter ones fit more. hyper sets aside room for this many on every response
+/// it parses, so more costs every request (1,000 each way took about a fifth of the
+/// gate's CPU); README.md says what the trade-off is.
 pub const MAX_RESPONSE_HEADERS: usize = 256;
 /// Most header fields in a client's request head (HTTP/1), for the same reason no more
 /// than this: well past what clients send (the audit's 100 fields, a browser's 20).
@@ -100,6 +102,13 @@ const PROBE_WAIT: Duration = Duration::from_secs(2);
 /// before the connection counts as dead.
 const H2_PING: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+/// The HTTP/2 receive window of each stream to the upstream (hyper's default, 2 MiB), and
+/// of the connection: as much as HTTP/2 allows, so the connection's window never stalls
+/// the other streams (see [`Gate::h2_sender`]).
+const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// How long after a failed dial of the HTTP/2 upstream requests fail at once.
+const REDIAL_AFTER: Duration = Duration::from_secs(1);
 
 /// The upstream a gate forwards to: `http://host[:port][/base]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -386,9 +395,18 @@ impl Drop for Lane {
 #[derive(Default)]
 struct H2Upstream {
     /// Held across a dial, so concurrent requests wait for one connection, not open many.
-    sender: tokio::sync::Mutex<Option<http2::SendRequest<UpstreamBody>>>,
-    /// What the last probe found, and when.
+    sender: tokio::sync::Mutex<H2Connection>,
+    /// What the last definite probe found, and when.
     speaks: Mutex<Option<(bool, Instant)>>,
+    /// Held while probing, so one probe runs at a time.
+    probing: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct H2Connection {
+    connection: Option<http2::SendRequest<UpstreamBody>>,
+    /// When the last dial failed, and why.
+    failed: Option<(Instant, String)>,
 }
 
 /// How a request goes upstream.
@@ -495,6 +513,13 @@ impl Gate {
         let json = |status, message: &str| answer(grpc, status, message);
         if !self.enforcement.allows_now() {
             return Ok(json(StatusCode::FORBIDDEN, DENIED));
+        }
+        // A gate in front of one service is no forward proxy: no tunnels to elsewhere.
+        if request.method() == hyper::Method::CONNECT {
+            return Ok(json(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "CONNECT is not supported: the gate forwards to its upstream only",
+            ));
         }
         // An HTTP/1.1 upgrade (WebSocket) gets an upstream connection of its own, which
         // is spliced to the client's once the upstream answers 101.
@@ -752,82 +777,140 @@ impl Gate {
         }
     }
 
-    /// Sends `request` on the upstream's HTTP/2 connection. An idempotent request without
-    /// a body that a reused connection failed before any answer (closed, or went away) is
-    /// sent once more on a new connection.
+    /// Sends `request` on the upstream's HTTP/2 connection, once a stream is free on it
+    /// (within the upstream timeout). A request the connection never sent (it had closed)
+    /// is sent on a new one, whatever its method; one the upstream refused unprocessed
+    /// (`REFUSED_STREAM`, or a GOAWAY it arrived after) is sent again when it has no body.
+    /// Any other failure is the client's answer: the upstream may have acted on it.
     async fn forward_h2(
         &self,
         request: Request<UpstreamBody>,
     ) -> Result<Response<Incoming>, BoxError> {
-        let again = (request.method().is_idempotent() && request.body().is_end_stream())
+        let again = request
+            .body()
+            .is_end_stream()
             .then(|| without_body(&request));
-        let (mut sender, fresh) = self.h2_sender(false).await?;
-        match sender.send_request(request).await {
-            Ok(response) => Ok(response),
-            Err(e) => match again {
-                Some(again) if !fresh => {
-                    tracing::debug!(error = %describe(&BoxError::from(e)), "the HTTP/2 upstream connection failed under an idempotent request; sending it again");
-                    let (mut sender, _) = self.h2_sender(true).await?;
-                    Ok(sender.send_request(again).await?)
+        let mut sender = self.h2_sender().await?;
+        tokio::time::timeout(self.timeout, sender.ready())
+            .await
+            .map_err(|_| {
+                format!(
+                    "no stream free on the HTTP/2 upstream connection within {} s",
+                    self.timeout.as_secs()
+                )
+            })??;
+        let error = match sender.try_send_request(request).await {
+            Ok(response) => return Ok(response),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => {
+                    tracing::debug!(error = %e.error(), "the HTTP/2 upstream connection closed before the request was sent; sending it on a new one");
+                    return Ok(self.h2_sender().await?.send_request(unsent).await?);
                 }
-                _ => Err(e.into()),
+                None => e.into_error(),
             },
+        };
+        let refused = find::<h2::Error>(&error).is_some_and(|e| {
+            e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
+        });
+        match again {
+            Some(again) if refused => {
+                tracing::debug!(error = %error, "the HTTP/2 upstream refused a request unprocessed; sending it again");
+                Ok(self.h2_sender().await?.send_request(again).await?)
+            }
+            _ => Err(error.into()),
         }
     }
 
-    /// The HTTP/2 connection to the upstream, and whether it is new: the open one, unless
-    /// it has closed or `renew` says it failed.
-    async fn h2_sender(
-        &self,
-        renew: bool,
-    ) -> Result<(http2::SendRequest<UpstreamBody>, bool), BoxError> {
+    /// The HTTP/2 connection to the upstream: the open one, or a new one when there is
+    /// none or it has closed. A dial that failed less than [`REDIAL_AFTER`] ago fails the
+    /// requests meanwhile at once, so a dead upstream does not queue them behind dials.
+    async fn h2_sender(&self) -> Result<http2::SendRequest<UpstreamBody>, BoxError> {
         let mut held = self.h2.sender.lock().await;
-        if let Some(sender) = held.as_ref().filter(|s| !renew && !s.is_closed()) {
-            return Ok((sender.clone(), false));
+        if let Some(sender) = held.connection.as_ref().filter(|s| !s.is_closed()) {
+            return Ok(sender.clone());
         }
-        let stream = self.tcp().await?;
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(H2_PING)
-            .keep_alive_timeout(H2_PING_TIMEOUT)
-            .max_header_list_size(charter_runtime::http::MAX_HEADER_LIST_SIZE)
-            .handshake(TokioIo::new(stream))
-            .await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "HTTP/2 upstream connection ended with an error");
+        if let Some((at, error)) = &held.failed {
+            if at.elapsed() < REDIAL_AFTER {
+                return Err(error.clone().into());
             }
-        });
-        *held = Some(sender.clone());
-        Ok((sender, true))
+        }
+        let dialled = async {
+            let stream = self.tcp().await?;
+            // Flow control per stream only: a client that stops reading its download
+            // holds its own stream's window, never the connection's (which every client
+            // shares).
+            let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .keep_alive_interval(H2_PING)
+                .keep_alive_timeout(H2_PING_TIMEOUT)
+                .initial_stream_window_size(H2_STREAM_WINDOW)
+                .initial_connection_window_size(H2_CONNECTION_WINDOW)
+                .max_header_list_size(charter_runtime::http::MAX_HEADER_LIST_SIZE)
+                .handshake(TokioIo::new(stream))
+                .await?;
+            tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %e, "HTTP/2 upstream connection ended with an error");
+                }
+            });
+            Ok::<_, BoxError>(sender)
+        };
+        match dialled.await {
+            Ok(sender) => {
+                *held = H2Connection {
+                    connection: Some(sender.clone()),
+                    failed: None,
+                };
+                Ok(sender)
+            }
+            Err(e) => {
+                held.failed = Some((Instant::now(), describe(&e)));
+                Err(e)
+            }
+        }
     }
 
     /// Whether the upstream speaks HTTP/2: `h2c://` says so; for `http://` the last
-    /// probe's answer while it is younger than [`PROBE_TTL`], else a new probe. A probe
-    /// that could not connect is not remembered (the request then fails as it would).
+    /// probe's finding while it is younger than [`PROBE_TTL`], else a new probe (one at
+    /// a time). Only a definite answer is remembered: a probe that could not connect or
+    /// got no answer keeps the previous finding (none: HTTP/1.1 for this request).
     async fn upstream_speaks_h2(&self) -> bool {
         if self.upstream.http2 {
             return true;
         }
-        let known = *self
+        let known = || {
+            *self
+                .h2
+                .speaks
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        let fresh = |k: Option<(bool, Instant)>| k.filter(|(_, since)| since.elapsed() < PROBE_TTL);
+        if let Some((speaks, _)) = fresh(known()) {
+            return speaks;
+        }
+        let _probing = self.h2.probing.lock().await;
+        if let Some((speaks, _)) = fresh(known()) {
+            return speaks;
+        }
+        let found = match self.tcp().await {
+            Ok(stream) => speaks_h2c(stream).await,
+            Err(_) => None,
+        };
+        let mut speaks = self
             .h2
             .speaks
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some((speaks, _)) = known.filter(|(_, since)| since.elapsed() < PROBE_TTL) {
-            return speaks;
-        }
-        let Ok(stream) = self.tcp().await else {
-            return false;
+        let http2 = match found {
+            Some(found) => {
+                *speaks = Some((found, Instant::now()));
+                found
+            }
+            None => speaks.is_some_and(|(found, _)| found),
         };
-        let speaks = speaks_h2c(stream).await;
-        tracing::info!(upstream = %self.upstream.url(), http2 = speaks, "probed whether the upstream speaks HTTP/2 (h2c)");
-        *self
-            .h2
-            .speaks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some((speaks, Instant::now()));
-        speaks
+        tracing::info!(upstream = %self.upstream.url(), http2, answered = found.is_some(), "probed whether the upstream speaks HTTP/2 (h2c)");
+        http2
     }
 
     /// A new HTTP/1.1 connection to the upstream; its I/O runs in a task of its own until
@@ -913,8 +996,15 @@ impl Gate {
                     path_and_query
                 };
                 let authority = match route {
-                    Route::Http2 => host.to_str().map_err(|_| "the Host header is not text")?,
-                    _ => &self.upstream.authority,
+                    // The Host becomes the `:authority`: a host and port, nothing more.
+                    Route::Http2 => host
+                        .to_str()
+                        .ok()
+                        .and_then(|h| h.parse::<hyper::http::uri::Authority>().ok())
+                        .filter(|a| !a.as_str().contains('@'))
+                        .ok_or("the Host header is not a host[:port]")?
+                        .to_string(),
+                    _ => self.upstream.authority.clone(),
                 };
                 format!("http://{authority}{base}{path}")
             }
@@ -1157,19 +1247,30 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, place: OwnedSemaphorePer
 }
 
 /// Whether the server at the other end of `stream` speaks HTTP/2 with prior knowledge
-/// (RFC 9113 §3.3): it answers the client's connection preface (the magic and an empty
-/// SETTINGS frame) with a SETTINGS frame on stream 0. An HTTP/1.x server answers with an
-/// error status or closes the connection.
-async fn speaks_h2c(mut stream: TcpStream) -> bool {
+/// (RFC 9113 §3.4): it answers the client's connection preface (the magic and an empty
+/// SETTINGS frame) with a SETTINGS frame on stream 0; an HTTP/1.x server answers with an
+/// error status line. `None` when it answered nothing within [`PROBE_WAIT`] (closed, or
+/// busy): no finding.
+async fn speaks_h2c(mut stream: TcpStream) -> Option<bool> {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0";
     let probe = async {
         stream.write_all(PREFACE).await?;
         let mut head = [0u8; 9];
-        stream.read_exact(&mut head).await?;
-        // A frame header: 24-bit length, type (4 = SETTINGS), flags, 31-bit stream id.
-        Ok::<bool, std::io::Error>(head[3] == 4 && head[5..] == [0, 0, 0, 0])
+        let mut got = 0;
+        while got < head.len() {
+            match stream.read(&mut head[got..]).await? {
+                0 => break,
+                n => got += n,
+            }
+        }
+        Ok::<_, std::io::Error>(match got {
+            0 => None,
+            // A frame header: 24-bit length, type (4 = SETTINGS), flags, 31-bit stream id.
+            9 => Some(head[3] == 4 && head[5..] == [0, 0, 0, 0]),
+            _ => Some(false),
+        })
     };
-    matches!(tokio::time::timeout(PROBE_WAIT, probe).await, Ok(Ok(true)))
+    tokio::time::timeout(PROBE_WAIT, probe).await.ok()?.ok()?
 }
 
 /// `Via` for a message received with `version` (RFC 9110 §7.6.3).
