@@ -93,22 +93,25 @@ pub fn main(args: GateArgs) -> Result<Report> {
                     let config = format!(
                         "server {{ listen {{addr}}; location / {{ default_type application/json; return 200 '{FIXED}'; }} }}"
                     );
-                    start_nginx(bench, &nginx, "nginx-upstream", &config).await?
+                    start_nginx(bench, &nginx, &format!("nginx-upstream-{case}"), &config).await?
                 }
                 Case::Hello => bench.start_hello(&record, &record).await?,
             };
             let to = upstream.addr();
-            let relay = |http: bool| {
-                bench.start("relay.log", "charter-bench", "/record", move |addr| {
-                    let (listen, to) = (addr.to_string(), to.to_string());
-                    let mut args = ["relay", "--listen", &listen, "--upstream", &to]
-                        .map(OsString::from)
-                        .to_vec();
-                    if http {
-                        args.push("--http".into());
-                    }
-                    args
-                })
+            let relay = async |http: bool| {
+                let log = format!("relay-{case}{}.log", if http { "-http" } else { "" });
+                bench
+                    .start(&log, "charter-bench", "/record", move |addr| {
+                        let (listen, to) = (addr.to_string(), to.to_string());
+                        let mut args = ["relay", "--listen", &listen, "--upstream", &to]
+                            .map(OsString::from)
+                            .to_vec();
+                        if http {
+                            args.push("--http".into());
+                        }
+                        args
+                    })
+                    .await
             };
             let (relay, hyper_relay) = (relay(false).await?, relay(true).await?);
             let gate = start_gate(bench, cluster, certs.as_ref(), &to.to_string()).await?;
@@ -119,7 +122,8 @@ pub fn main(args: GateArgs) -> Result<Report> {
                    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
                    proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $http_host; }} }}"
             );
-            let nginx_proxy = start_nginx(bench, &nginx, "nginx-proxy", &peer_config).await?;
+            let nginx_proxy =
+                start_nginx(bench, &nginx, &format!("nginx-proxy-{case}"), &peer_config).await?;
             let haproxy_proxy = start_haproxy(bench, &haproxy, to).await?;
             let proxies = [&relay, &hyper_relay, &gate.1, &nginx_proxy, &haproxy_proxy];
             // Every proxy must forward the upstream's answer unchanged.
@@ -256,25 +260,30 @@ async fn start_gate(
     let proxy = free_port()?;
     let data_dir = bench.path().join(format!("dp-data-{}", proxy.port()));
     let gate = bench
-        .start("charter-dp.log", "charter-dp", "/status/ready", |addr| {
-            let mut flags: Vec<OsString> = vec![
-                "--data-dir".into(),
-                data_dir.clone().into(),
-                "--trusted-key".into(),
-                bench.key_path.clone().into(),
-                "--upstream".into(),
-                format!("http://{upstream}").into(),
-            ];
-            for (flag, value) in [
-                ("--control-plane", cluster),
-                ("--status-listen", addr),
-                ("--proxy-listen", proxy),
-            ] {
-                flags.extend([flag.into(), value.to_string().into()]);
-            }
-            flags.extend(harness::cluster_flags(certs));
-            flags
-        })
+        .start(
+            &format!("charter-dp-{}.log", proxy.port()),
+            "charter-dp",
+            "/status/ready",
+            |addr| {
+                let mut flags: Vec<OsString> = vec![
+                    "--data-dir".into(),
+                    data_dir.clone().into(),
+                    "--trusted-key".into(),
+                    bench.key_path.clone().into(),
+                    "--upstream".into(),
+                    format!("http://{upstream}").into(),
+                ];
+                for (flag, value) in [
+                    ("--control-plane", cluster),
+                    ("--status-listen", addr),
+                    ("--proxy-listen", proxy),
+                ] {
+                    flags.extend([flag.into(), value.to_string().into()]);
+                }
+                flags.extend(harness::cluster_flags(certs));
+                flags
+            },
+        )
         .await?;
     Ok((proxy, gate))
 }
