@@ -109,6 +109,8 @@ fn fanout_benchmark_runs_end_to_end_with_a_few_data_planes() {
         "--cache-sample",
         "2",
         "--no-pin",
+        // etcd is the benchmark's peer, not a dependency of the tests.
+        "--no-etcd",
         // Short idle windows: the CPU figures are not checked here.
         "--idle-window-ms",
         "300",

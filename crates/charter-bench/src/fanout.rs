@@ -15,6 +15,7 @@
 //! PostgreSQL database, and one on sled: written on A with the data planes on B, written on
 //! B itself, and on the sled one.
 
+mod etcd;
 pub mod sim;
 
 use std::cell::Cell;
@@ -24,9 +25,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context, Result};
 use charter_license::{TrustedKeys, UnixTime};
+use charter_proto::v1::Snapshot;
 use charter_tls::{MtlsMode, TlsFiles};
 use serde_json::json;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 
 use crate::admin::record_id;
 use crate::harness::{
@@ -51,6 +54,9 @@ pub struct FanoutArgs {
     /// Rounds per N: each connects N data planes to each server in turn.
     #[arg(long, default_value_t = 3, value_parser = harness::range::<usize>(1, 100))]
     pub rounds: usize,
+    /// Leave out the etcd peers (plaintext and client-certificate TLS).
+    #[arg(long)]
+    pub no_etcd: bool,
     #[command(flatten)]
     pub fleet: FleetArgs,
 }
@@ -102,6 +108,10 @@ enum Target {
     Cp,
     /// `POST /push` on the baseline.
     Baseline,
+    /// A `Put` of the watched key on etcd in plaintext.
+    Etcd,
+    /// The same on etcd with client-certificate TLS.
+    EtcdTls,
     /// `fanout-ha`: `POST /licenses` on CP A, the data planes on CP B, one database.
     CrossCp,
     /// `fanout-ha`: `POST /licenses` on CP B itself.
@@ -115,6 +125,8 @@ impl Target {
         match self {
             Target::Cp => "charter-cp",
             Target::Baseline => "baseline (tonic)",
+            Target::Etcd => "etcd (plaintext)",
+            Target::EtcdTls => "etcd (TLS)",
             Target::CrossCp => "written on CP A, DPs on CP B",
             Target::PgCp => "written on CP B, DPs on CP B",
             Target::SledCp => "one CP on sled",
@@ -141,11 +153,25 @@ const REQUEST_TO_LAST: usize = 5;
 const COSTS: &str = "connect s|RSS idle MiB|RSS with N MiB|per DP KiB|verify p50 µs|verify p99 µs|\
                      cache write p50 µs|cache write p99 µs|refused";
 
+/// The connection an update's request goes on.
+enum Conn {
+    Http(Http),
+    Etcd(etcd::KvClient),
+}
+
+/// The simulated nodes of one phase.
+enum Fleet {
+    /// Data planes on a `Cluster.Sync` stream each.
+    Cluster(sim::Fleet),
+    /// etcd watchers.
+    Etcd(etcd::Watchers),
+}
+
 /// One kind of update at one N: what it is made on, the connection its trigger goes on,
 /// and everything measured of it.
 struct Kind {
     target: Target,
-    conn: Http,
+    conn: Conn,
     /// Each update's [`FIGURES`].
     updates: Vec<Vec<f64>>,
     connect_secs: Vec<f64>,
@@ -158,7 +184,7 @@ struct Kind {
 }
 
 impl Kind {
-    fn new(target: Target, conn: Http) -> Kind {
+    fn new(target: Target, conn: Conn) -> Kind {
         Kind {
             target,
             conn,
@@ -262,6 +288,9 @@ pub fn main(args: FanoutArgs) -> Result<Report> {
         &args.sizes,
         &args.fleet,
         async |run, report| {
+            if !args.no_etcd {
+                etcd::check_installed()?;
+            }
             for &n in &args.sizes {
                 let cp = run.start_cp(&format!("cp-data-{n}"), None).await?;
                 let cluster = free_port()?;
@@ -283,20 +312,37 @@ pub fn main(args: FanoutArgs) -> Result<Report> {
                             .collect()
                     })
                     .await?;
-                let servers = [(&cp.0, cp.1), (&baseline, cluster)];
-                let mut kinds = [
-                    Kind::new(Target::Cp, Http::connect(cp.0.addr()).await?),
-                    Kind::new(Target::Baseline, Http::connect(baseline.addr()).await?),
+                let kinds = [
+                    Kind::new(Target::Cp, http(cp.0.addr()).await?),
+                    Kind::new(Target::Baseline, http(baseline.addr()).await?),
                 ];
-                for (kind, (server, _)) in kinds.iter_mut().zip(servers) {
+                let mut servers = vec![(&cp.0, cp.1), (&baseline, cluster)];
+                let mut kinds = Vec::from(kinds);
+                let etcds = match args.no_etcd {
+                    true => Vec::new(),
+                    false => vec![
+                        etcd::start(run.bench, &format!("etcd-{n}"), None).await?,
+                        etcd::start(run.bench, &format!("etcd-tls-{n}"), Some(&run.certs)).await?,
+                    ],
+                };
+                for ((server, client), target) in etcds.iter().zip([Target::Etcd, Target::EtcdTls])
+                {
+                    let tls =
+                        (target == Target::EtcdTls).then(|| TlsConnector::from(run.tls.clone()));
+                    let conn = Conn::Etcd(etcd::put_client(*client, tls).await?);
+                    kinds.push(Kind::new(target, conn));
+                    servers.push((server, *client));
+                }
+                for (kind, (server, _)) in kinds.iter_mut().zip(&servers) {
                     // A license in force before anything connects, as in a running cluster.
                     run.trigger(kind.target, &mut kind.conn).await?;
                     background(server.pid(), run.idle_window()).await?;
                     kind.rss_idle = rss(server.pid())?;
                 }
                 for round in 0..args.rounds {
-                    // Alternate which server goes first.
-                    for slot in [round % 2, 1 - round % 2] {
+                    // Rotate which server goes first.
+                    let count = kinds.len();
+                    for slot in (0..count).map(|i| (i + round) % count) {
                         progress(format_args!(
                             "N={n} round {}/{}: {}",
                             round + 1,
@@ -335,9 +381,9 @@ pub fn ha_main(args: FanoutHaArgs) -> Result<Report> {
                     .await?;
                 let sled = run.start_cp(&format!("cp-sled-{n}"), None).await?;
                 let mut kinds = [
-                    Kind::new(Target::CrossCp, Http::connect(a.0.addr()).await?),
-                    Kind::new(Target::PgCp, Http::connect(b.0.addr()).await?),
-                    Kind::new(Target::SledCp, Http::connect(sled.0.addr()).await?),
+                    Kind::new(Target::CrossCp, http(a.0.addr()).await?),
+                    Kind::new(Target::PgCp, http(b.0.addr()).await?),
+                    Kind::new(Target::SledCp, http(sled.0.addr()).await?),
                 ];
                 progress(format_args!(
                     "N={n}: storing {} licenses through A and on the sled CP",
@@ -345,7 +391,8 @@ pub fn ha_main(args: FanoutHaArgs) -> Result<Report> {
                 ));
                 for kind in [0, 2] {
                     for _ in 0..args.licenses {
-                        run.trigger(Target::Cp, &mut kinds[kind].conn).await?;
+                        let Kind { target, conn, .. } = &mut kinds[kind];
+                        run.trigger(*target, conn).await?;
                     }
                 }
                 for (kind, server) in kinds.iter_mut().zip([&b.0, &b.0, &sled.0]) {
@@ -441,22 +488,25 @@ impl Run<'_> {
         ));
         let timeout = Duration::from_secs(self.fleet.timeout_secs);
         let started = Instant::now();
-        let prefix = format!("sim-{fleet_no}");
-        let mut fleet = sim::Fleet::connect(
-            cluster,
-            source,
-            self.tls.clone(),
-            n,
-            self.fleet.batch,
-            &prefix,
-        )
-        .await?;
-        let first = fleet.receive(|_| true, timeout).await?;
+        let cache_root = self.bench.path().join("dp-caches");
+        let (batch, tls) = (self.fleet.batch, self.tls.clone());
+        let mut fleet = match kinds[0].target {
+            Target::Etcd | Target::EtcdTls => {
+                let tls = (kinds[0].target == Target::EtcdTls).then_some(tls);
+                Fleet::Etcd(etcd::Watchers::connect(cluster, source, tls, n, batch).await?)
+            }
+            _ => {
+                let prefix = format!("sim-{fleet_no}");
+                let mut fleet =
+                    sim::Fleet::connect(cluster, source, tls, n, batch, &prefix).await?;
+                let first = fleet.receive(|_| true, timeout).await?;
+                fleet.handle(first, &self.keys, now(), 0, &cache_root)?;
+                Fleet::Cluster(fleet)
+            }
+        };
         for kind in kinds.iter_mut() {
             kind.connect_secs.push(started.elapsed().as_secs_f64());
         }
-        let cache_root = self.bench.path().join("dp-caches");
-        fleet.handle(first, &self.keys, now(), 0, &cache_root)?;
         for &turn in (0..self.fleet.updates).flat_map(|_| turns) {
             let kind = &mut kinds[turn];
             let background = background(pid, self.idle_window()).await?;
@@ -464,9 +514,14 @@ impl Run<'_> {
             let (cpu_before, sim_before) = (cpu_time_precise(pid)?, cpu_time_precise(me)?);
             let meter = Meter::start(&[], &[])?;
             let (id, sent, answered) = self.trigger(kind.target, &mut kind.conn).await?;
-            let received = fleet
-                .receive(|s| s.license.as_ref().is_some_and(|l| l.id == id), timeout)
-                .await?;
+            let (received, snapshots) = match &mut fleet {
+                Fleet::Cluster(fleet) => {
+                    let wanted = |s: &Snapshot| s.license.as_ref().is_some_and(|l| l.id == id);
+                    let received = fleet.receive(wanted, timeout).await?;
+                    (received.iter().map(|(at, _)| *at).collect(), Some(received))
+                }
+                Fleet::Etcd(watchers) => (watchers.receive(id.parse()?, timeout).await?, None),
+            };
             let window = sent.elapsed().as_secs_f64();
             let busy = |pid, before| -> Result<f64> {
                 Ok(cpu_time_precise(pid)?.saturating_sub(before).as_secs_f64() / window)
@@ -474,21 +529,21 @@ impl Run<'_> {
             let busy = [busy(pid, cpu_before)?, busy(me, sim_before)?];
             let mut deliveries: Vec<Duration> = received
                 .iter()
-                .map(|(at, _)| at.saturating_duration_since(answered))
+                .map(|at| at.saturating_duration_since(answered))
                 .collect();
             deliveries.sort();
             let from_request: Vec<Duration> = received
                 .iter()
-                .map(|(at, _)| at.saturating_duration_since(sent))
+                .map(|at| at.saturating_duration_since(sent))
                 .collect();
-            let before_201 = received.iter().filter(|(at, _)| *at < answered).count();
-            let handling = fleet.handle(
-                received,
-                &self.keys,
-                now(),
-                self.fleet.cache_sample,
-                &cache_root,
-            )?;
+            let before_201 = received.iter().filter(|at| **at < answered).count();
+            if let (Fleet::Cluster(fleet), Some(snapshots)) = (&mut fleet, snapshots) {
+                let sample = self.fleet.cache_sample;
+                let handling = fleet.handle(snapshots, &self.keys, now(), sample, &cache_root)?;
+                kind.verify.extend(handling.verify);
+                kind.cache_write.extend(handling.cache_write);
+                kind.refused += handling.refused;
+            }
             wait_idle(pid, background, self.idle_window()).await?;
             let usage = meter.stop()?;
             // What the update cost, without what the pings cost meanwhile.
@@ -512,19 +567,19 @@ impl Run<'_> {
                 usage.steal,
                 usage.other_cores,
             ]);
-            kind.verify.extend(handling.verify);
-            kind.cache_write.extend(handling.cache_write);
-            kind.refused += handling.refused;
             kind.rss_connected = kind.rss_connected.max(rss(pid)?);
         }
-        fleet.close().await;
+        match fleet {
+            Fleet::Cluster(fleet) => fleet.close().await,
+            Fleet::Etcd(watchers) => watchers.close().await,
+        }
         background(pid, self.idle_window()).await?;
         Ok(())
     }
 
     /// Makes the server send a new license to every stream; returns the license id, the
     /// instant the request was sent and the instant the 201 was read.
-    async fn trigger(&self, target: Target, conn: &mut Http) -> Result<(String, Instant, Instant)> {
+    async fn trigger(&self, target: Target, conn: &mut Conn) -> Result<(String, Instant, Instant)> {
         let serial = self.licenses.get();
         self.licenses.set(serial + 1);
         let key = format!("FANOUT-{serial:08}-{:016x}", rand::random::<u64>());
@@ -535,7 +590,7 @@ impl Run<'_> {
             .to_json();
         let sent_id = uuid::Uuid::new_v4().to_string();
         let (uri, body) = match target {
-            Target::Baseline => (
+            Target::Baseline | Target::Etcd | Target::EtcdTls => (
                 "/push",
                 json!({ "id": sent_id, "payload": payload, "created_at": now(), "updated_at": now() }),
             ),
@@ -543,13 +598,18 @@ impl Run<'_> {
         };
         let body = serde_json::to_vec(&body)?;
         let sent = Instant::now();
-        let answer = conn.expect("POST", uri, Some(&body), 201).await?;
-        let answered = Instant::now();
-        let id = match target {
-            Target::Baseline => sent_id,
-            _ => record_id(&answer)?,
+        let id = match conn {
+            // The record the baseline pushes, as etcd's value.
+            Conn::Etcd(client) => etcd::put(client, body).await?.to_string(),
+            Conn::Http(conn) => {
+                let answer = conn.expect("POST", uri, Some(&body), 201).await?;
+                match target {
+                    Target::Baseline => sent_id,
+                    _ => record_id(&answer)?,
+                }
+            }
         };
-        Ok((id, sent, answered))
+        Ok((id, sent, Instant::now()))
     }
 }
 
@@ -596,6 +656,10 @@ async fn wait_idle(pid: u32, background: f64, window: Duration) -> Result<()> {
         );
         last = now;
     }
+}
+
+async fn http(addr: SocketAddr) -> Result<Conn> {
+    Ok(Conn::Http(Http::connect(addr).await?))
 }
 
 fn now() -> UnixTime {

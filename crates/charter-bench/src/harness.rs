@@ -348,6 +348,8 @@ impl Bench {
     ) -> Result<Server> {
         let program = match program {
             "charter-bench" => std::env::current_exe().context("locating this executable")?,
+            // Debian's etcd-server, on the path.
+            "etcd" => PathBuf::from("etcd"),
             name => self.binary(name)?,
         };
         let log = self.path().join(log);
@@ -371,7 +373,10 @@ impl Bench {
                 .stderr(File::create(&log).with_context(|| format!("creating {}", log.display()))?);
             // Only the flags configure it.
             for (key, _) in std::env::vars_os() {
-                if key.to_string_lossy().starts_with("CHARTER_") {
+                if ["CHARTER_", "ETCD_"]
+                    .iter()
+                    .any(|p| key.to_string_lossy().starts_with(p))
+                {
                     command.env_remove(key);
                 }
             }

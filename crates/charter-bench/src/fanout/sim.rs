@@ -25,13 +25,14 @@ use charter_proto::v1::{Ack, ControlPlaneMessage, Counter, DataPlaneMessage, Hel
 use charter_proto::v1::{Snapshot, Telemetry};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Streaming;
 
 /// The bound on one connection's TCP connect, TLS handshake, HTTP/2 handshake and the
@@ -323,29 +324,7 @@ async fn open(
     mpsc::Sender<DataPlaneMessage>,
     Streaming<ControlPlaneMessage>,
 )> {
-    let name = ServerName::try_from("charter-cluster").context("the server name")?;
-    let connect = tower::service_fn(move |_: Uri| {
-        let (connector, name) = (connector.clone(), name.clone());
-        async move {
-            let socket = match target {
-                SocketAddr::V4(_) => TcpSocket::new_v4()?,
-                SocketAddr::V6(_) => TcpSocket::new_v6()?,
-            };
-            socket.bind(SocketAddr::new(source, 0))?;
-            socket.set_nodelay(true)?;
-            let tls = connector
-                .connect(name, socket.connect(target).await?)
-                .await?;
-            Ok::<_, io::Error>(TokioIo::new(tls))
-        }
-    });
-    let channel = Endpoint::from_shared(format!("http://{target}"))
-        .context("the endpoint")?
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true)
-        .connect_with_connector(connect)
-        .await
-        .map_err(|e| anyhow!("{}", charter_tls::describe_error(&e)))?;
+    let channel = channel(target, source, Some(connector)).await?;
     let (tx, rx) = mpsc::channel(8);
     let hello = Hello {
         node_id,
@@ -363,4 +342,43 @@ async fn open(
         .await
         .map_err(|status| anyhow!("Sync refused: {status}"))?;
     Ok((tx, response.into_inner()))
+}
+
+/// A connection's byte stream, TLS or plaintext.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// An HTTP/2 connection to `target` from `source` (port chosen by the kernel), over TLS
+/// with `tls` (the cluster certificate, server name `charter-cluster`) or in plaintext:
+/// one simulated node's own connection, whichever server it goes to.
+pub async fn channel(
+    target: SocketAddr,
+    source: IpAddr,
+    tls: Option<TlsConnector>,
+) -> Result<Channel> {
+    let name = ServerName::try_from("charter-cluster").context("the server name")?;
+    let connect = tower::service_fn(move |_: Uri| {
+        let (tls, name) = (tls.clone(), name.clone());
+        async move {
+            let socket = match target {
+                SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            socket.bind(SocketAddr::new(source, 0))?;
+            socket.set_nodelay(true)?;
+            let tcp = socket.connect(target).await?;
+            let io: Box<dyn Io> = match tls {
+                Some(tls) => Box::new(tls.connect(name, tcp).await?),
+                None => Box::new(tcp),
+            };
+            Ok::<_, io::Error>(TokioIo::new(io))
+        }
+    });
+    Endpoint::from_shared(format!("http://{target}"))
+        .context("the endpoint")?
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true)
+        .connect_with_connector(connect)
+        .await
+        .map_err(|e| anyhow!("{}", charter_tls::describe_error(&e)))
 }
