@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use super::sim::channel;
+use super::sim::{channel, connect_all};
 use crate::harness::{free_port, Bench, Server};
 
 mod pb {
@@ -34,8 +34,6 @@ pub type KvClient = pb::kv_client::KvClient<Channel>;
 
 /// The key every node watches.
 const KEY: &[u8] = b"/charter/license";
-/// The bound on one watcher's connect, TLS and HTTP/2 handshakes and its watch's creation.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Checks that the `etcd` binary is on the path.
 pub fn check_installed() -> Result<()> {
@@ -143,25 +141,12 @@ impl Watchers {
         let (seen_tx, seen) = mpsc::unbounded_channel();
         let tls = tls.map(TlsConnector::from);
         let mut tasks = JoinSet::new();
-        for start in (0..n).step_by(batch.max(1)) {
-            let mut connecting = JoinSet::new();
-            for node in start..(start + batch).min(n) {
-                let tls = tls.clone();
-                connecting.spawn(async move {
-                    let open = watch(target, source, tls);
-                    let opened = tokio::time::timeout(CONNECT_TIMEOUT, open).await;
-                    let opened = opened
-                        .unwrap_or_else(|_| Err(anyhow!("no watch within {CONNECT_TIMEOUT:?}")));
-                    (node, opened)
-                });
-            }
-            while let Some(joined) = connecting.join_next().await {
-                let (node, opened) = joined.context("a connecting task failed")?;
-                let (requests, inbound) = opened
-                    .with_context(|| format!("connecting watcher {node} to etcd at {target}"))?;
-                tasks.spawn(stream(node, requests, inbound, seen_tx.clone()));
-            }
-        }
+        let open = |_| watch(target, source, tls.clone());
+        connect_all(n, batch, open, |node, (requests, inbound)| {
+            tasks.spawn(stream(node, requests, inbound, seen_tx.clone()));
+        })
+        .await
+        .with_context(|| format!("connecting watchers to etcd at {target}"))?;
         Ok(Watchers { n, seen, tasks })
     }
 

@@ -36,8 +36,11 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Streaming;
 
 /// The bound on one connection's TCP connect, TLS handshake, HTTP/2 handshake and the
-/// answer to its `Sync` call.
+/// answer to its first call (`Sync`, or etcd's `Watch`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts per connection: a server under load may drop a handshake that stalls (the
+/// CP's and the baseline's TLS acceptor does beyond 256 in progress).
+const CONNECT_ATTEMPTS: usize = 3;
 
 /// What a stream's task reports to the driver.
 enum Event {
@@ -90,29 +93,13 @@ impl Fleet {
         let mut links: Vec<Option<Link>> = (0..n).map(|_| None).collect();
         let mut tasks = JoinSet::new();
         let connector = TlsConnector::from(tls);
-        for start in (0..n).step_by(batch.max(1)) {
-            let mut connecting = JoinSet::new();
-            for dp in start..(start + batch).min(n) {
-                let (connector, node_id) = (connector.clone(), format!("{prefix}-{dp}"));
-                connecting.spawn(async move {
-                    let open = open(target, source, connector, node_id);
-                    let opened = tokio::time::timeout(CONNECT_TIMEOUT, open).await;
-                    (
-                        dp,
-                        opened.unwrap_or_else(|_| {
-                            Err(anyhow!("no stream within {CONNECT_TIMEOUT:?}"))
-                        }),
-                    )
-                });
-            }
-            while let Some(joined) = connecting.join_next().await {
-                let (dp, opened) = joined.context("a connecting task failed")?;
-                let (tx, inbound) =
-                    opened.with_context(|| format!("connecting data plane {dp} to {target}"))?;
-                tasks.spawn(stream(dp, tx.clone(), inbound, events_tx.clone()));
-                links[dp] = Some(Link { tx, held: None });
-            }
-        }
+        let open = |dp| open(target, source, connector.clone(), format!("{prefix}-{dp}"));
+        connect_all(n, batch, open, |dp, (tx, inbound)| {
+            tasks.spawn(stream(dp, tx.clone(), inbound, events_tx.clone()));
+            links[dp] = Some(Link { tx, held: None });
+        })
+        .await
+        .with_context(|| format!("connecting data planes to {target}"))?;
         let links = links
             .into_iter()
             .collect::<Option<Vec<_>>>()
@@ -272,6 +259,42 @@ impl Fleet {
         self.links.clear();
         self.tasks.shutdown().await;
     }
+}
+
+/// Opens `n` connections, `batch` at a time, with `open(i)` (each within
+/// [`CONNECT_TIMEOUT`], tried up to [`CONNECT_ATTEMPTS`] times, as a node that is refused
+/// connects again), and hands each to `opened(i, connection)` once it is up.
+pub async fn connect_all<T: Send + 'static, F>(
+    n: usize,
+    batch: usize,
+    open: impl Fn(usize) -> F,
+    mut opened: impl FnMut(usize, T),
+) -> Result<()>
+where
+    F: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    for start in (0..n).step_by(batch.max(1)) {
+        let mut connecting = JoinSet::new();
+        for i in start..(start + batch).min(n) {
+            let attempts: Vec<_> = (0..CONNECT_ATTEMPTS).map(|_| open(i)).collect();
+            connecting.spawn(async move {
+                let mut error = anyhow!("no attempt");
+                for attempt in attempts {
+                    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                        Ok(Ok(connection)) => return (i, Ok(connection)),
+                        Ok(Err(e)) => error = e,
+                        Err(_) => error = anyhow!("not up within {CONNECT_TIMEOUT:?}"),
+                    }
+                }
+                (i, Err(error))
+            });
+        }
+        while let Some(joined) = connecting.join_next().await {
+            let (i, result) = joined.context("a connecting task failed")?;
+            opened(i, result.with_context(|| format!("node {i}"))?);
+        }
+    }
+    Ok(())
 }
 
 /// One data plane's stream: hands each snapshot and telemetry Ack to the driver, and
