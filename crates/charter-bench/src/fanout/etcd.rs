@@ -18,7 +18,7 @@ use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
-use super::sim::{channel, connect_all};
+use super::sim::{channel, connect_all, take_each};
 use crate::harness::{free_port, Bench, Server};
 
 mod pb {
@@ -154,29 +154,16 @@ impl Watchers {
     /// decoded it.
     pub async fn receive(&mut self, revision: i64, timeout: Duration) -> Result<Vec<Instant>> {
         let mut got: Vec<Option<Instant>> = vec![None; self.n];
-        let mut missing = self.n;
-        let deadline = Instant::now() + timeout;
-        while missing > 0 {
-            let seen = tokio::time::timeout_at(deadline, self.seen.recv())
-                .await
-                .map_err(|_| {
-                    anyhow!(
-                        "{missing} of {} watchers: no revision {revision} within {timeout:?}",
-                        self.n
-                    )
-                })?
-                .context("every watcher's task ended")?;
-            match seen {
-                Seen::Put(node, at, got_revision)
-                    if got_revision == revision && got[node].is_none() =>
-                {
-                    got[node] = Some(at);
-                    missing -= 1;
-                }
-                Seen::Put(..) => {}
-                Seen::Closed(node, error) => bail!("the watch of node {node} ended: {error}"),
+        let what = format!("revision {revision}");
+        take_each(&mut self.seen, self.n, timeout, &what, |seen| match seen {
+            Seen::Put(node, at, put) if put == revision => {
+                got[node].get_or_insert(at);
+                Ok(Some(node))
             }
-        }
+            Seen::Put(..) => Ok(None),
+            Seen::Closed(node, error) => bail!("the watch of node {node} ended: {error}"),
+        })
+        .await?;
         Ok(got.into_iter().flatten().collect())
     }
 

@@ -118,29 +118,13 @@ impl Fleet {
         what: &str,
         mut take: impl FnMut(Event) -> Option<usize>,
     ) -> Result<()> {
-        let mut done = vec![false; self.links.len()];
-        let mut missing = done.len();
-        let deadline = Instant::now() + timeout;
-        while missing > 0 {
-            let event = tokio::time::timeout_at(deadline, self.events.recv())
-                .await
-                .map_err(|_| {
-                    anyhow!(
-                        "{missing} of {} data planes: no {what} within {timeout:?}",
-                        done.len()
-                    )
-                })?
-                .context("every stream task ended")?;
+        take_each(&mut self.events, self.links.len(), timeout, what, |event| {
             if let Event::Closed(dp, error) = event {
                 bail!("the stream of data plane {dp} ended: {error}");
             }
-            if let Some(dp) = take(event) {
-                if !std::mem::replace(&mut done[dp], true) {
-                    missing -= 1;
-                }
-            }
-        }
-        Ok(())
+            Ok(take(event))
+        })
+        .await
     }
 
     /// Waits until every data plane has received a snapshot that `wanted` accepts
@@ -259,6 +243,32 @@ impl Fleet {
         self.links.clear();
         self.tasks.shutdown().await;
     }
+}
+
+/// Takes items from `events` until `take` has accepted one from each of `n` nodes (it
+/// names the node, or fails on an item that ends the wait), within `timeout`.
+pub async fn take_each<E>(
+    events: &mut mpsc::UnboundedReceiver<E>,
+    n: usize,
+    timeout: Duration,
+    what: &str,
+    mut take: impl FnMut(E) -> Result<Option<usize>>,
+) -> Result<()> {
+    let mut done = vec![false; n];
+    let mut missing = n;
+    let deadline = Instant::now() + timeout;
+    while missing > 0 {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .map_err(|_| anyhow!("{missing} of {n} nodes: no {what} within {timeout:?}"))?
+            .context("every stream task ended")?;
+        if let Some(node) = take(event)? {
+            if !std::mem::replace(&mut done[node], true) {
+                missing -= 1;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Opens `n` connections, `batch` at a time, with `open(i)` (each within
