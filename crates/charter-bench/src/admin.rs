@@ -29,10 +29,6 @@ use crate::harness::{
 use crate::load::{self, Http, LoadArgs, Window};
 use crate::report::Report;
 
-/// Bytes the disk may write per durable write (data, journal and metadata blocks) before a
-/// write block counts as disturbed by other processes' I/O: a fsync's journal commit
-/// carries every other file's pending data too, so others' writes slow ours.
-const DISK_LIMIT_PER_WRITE: u64 = 64 * 1024;
 /// Writes are interleaved in blocks of this many (floor, POST, in-process store, repeat).
 const WRITE_BLOCK: usize = 20;
 /// Writes of each kind in the first block, a warm-up, not recorded.
@@ -101,9 +97,6 @@ pub fn main(args: AdminArgs) -> Result<Report> {
             .as_ref()
             .map_or("sled".to_owned(), |pg| pg.version.clone());
         report.set("store", store.into());
-        let filesystem =
-            harness::mount_of(bench.path()).map(|(dev, kind)| format!("{kind} on {dev}"));
-        report.set("filesystem", filesystem.into());
         progress(format_args!("seeding {} licenses", args.licenses));
         let nonce: u32 = rand::random();
         let mut conn = Http::connect(cp.addr()).await?;
@@ -186,8 +179,8 @@ async fn gets(
     Ok(())
 }
 
-/// The durable writes, in blocks: the floor on the servers' core and on this one, the
-/// POSTs, and the in-process store; each block then deletes what it added, untimed.
+/// The durable writes, in blocks: the floor on the servers' core, the POSTs, and the
+/// in-process store; each block then deletes what it added, untimed.
 async fn writes(
     bench: &Bench,
     args: &AdminArgs,
@@ -208,14 +201,13 @@ async fn writes(
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
     let mut conn = Http::connect(cp.addr()).await?;
-    let disk_path = pg.map_or(bench.path(), |pg| &pg.data_dir);
     let roots: Vec<u32> = pg.map(|pg| pg.postmaster).into_iter().collect();
     let pg_cpu = || tree_cpu_time(&roots);
     progress(format_args!(
         "{} durable writes of each kind, in blocks of {WRITE_BLOCK}",
         args.writes
     ));
-    let [mut floor, mut floor_here, mut posts, mut stored] = [(); 4].map(|_| Vec::new());
+    let [mut floor, mut posts, mut stored] = [(); 3].map(|_| Vec::new());
     let (mut blocks, mut remeasured, mut key) = (Vec::new(), 0, 0);
     let mut warm = false;
     while posts.len() < args.writes {
@@ -233,8 +225,7 @@ async fn writes(
             texts.push(text(format!("STORE-{nonce:08x}-{key:06}"))?);
         }
         let meter = Meter::start(&[], &roots)?;
-        let disk_before = harness::disk_bytes_written(disk_path);
-        let [block_floor, block_floor_here] = durable.floor(size).await?;
+        let block_floor = durable.floor(size).await?;
         let (cp_before, pg_before) = (cpu_time_precise(cp.pid())?, pg_cpu()?);
         let mut block_posts = Vec::new();
         let mut created = Vec::new();
@@ -250,9 +241,6 @@ async fn writes(
         // time to finish.
         let cp_per_post = cpu_time_precise(cp.pid())?.saturating_sub(cp_before) / size as u32;
         let usage = meter.stop()?;
-        let disk = harness::disk_bytes_written(disk_path)
-            .zip(disk_before)
-            .map(|(a, b)| a.saturating_sub(b));
         for id in created {
             conn.expect("DELETE", &format!("/licenses/{id}"), None, 204)
                 .await?;
@@ -262,17 +250,16 @@ async fn writes(
         if !std::mem::replace(&mut warm, true) {
             continue;
         }
-        let disturbed =
-            usage.disturbed() || disk.is_some_and(|b| b > DISK_LIMIT_PER_WRITE * 3 * size as u64);
-        if disturbed && remeasured < args.writes.div_ceil(WRITE_BLOCK) * args.load.retries {
+        if usage.disturbed() && remeasured < args.writes.div_ceil(WRITE_BLOCK) * args.load.retries {
             remeasured += 1;
-            progress(format_args!("write block disturbed (other processes {:.2} cores, steal {:.0}%, disk {disk:?} B); measuring it again", usage.other_cores, usage.steal * 100.0));
+            progress(format_args!("write block disturbed (other processes {:.2} cores, steal {:.0}%); measuring it again", usage.other_cores, usage.steal * 100.0));
             continue;
         }
-        blocks.push(json!({ "usage": usage.to_json(), "disk_bytes": disk, "cp_cpu_per_post_us": cp_per_post.as_secs_f64() * 1e6,
-                            "pg_cpu_per_post_us": pg.map(|_| pg_per_post.as_secs_f64() * 1e6) }));
+        blocks.push(
+            json!({ "usage": usage.to_json(), "cp_cpu_per_post_us": cp_per_post.as_secs_f64() * 1e6,
+                            "pg_cpu_per_post_us": pg.map(|_| pg_per_post.as_secs_f64() * 1e6) }),
+        );
         floor.extend(block_floor);
-        floor_here.extend(block_floor_here);
         posts.extend(block_posts);
         stored.extend(block_stored);
     }
@@ -287,7 +274,6 @@ async fn writes(
     let mut latencies = serde_json::Map::new();
     for (label, samples) in [
         (floor_label.as_str(), &floor),
-        ("the floor on the load generator's CPU", &floor_here),
         ("POST /licenses (201, durable)", &posts),
         (store_label, &stored),
     ] {
@@ -309,7 +295,6 @@ async fn writes(
     for (label, key) in [
         ("CP CPU per POST µs", "cp_cpu_per_post_us"),
         ("PostgreSQL CPU per POST µs", "pg_cpu_per_post_us"),
-        ("disk bytes per block", "disk_bytes"),
     ] {
         report.row(label, spread(blocks.iter().filter_map(|b| b[key].as_f64())));
     }
@@ -371,11 +356,8 @@ enum Floor {
     /// acknowledged write.
     Fsync(Arc<Mutex<(File, Vec<u8>)>>),
     /// An autocommit `INSERT` of a license-sized row with a prepared statement: one round
-    /// trip and one write-ahead log flush per write; from the servers' core and from here.
-    Insert {
-        server: Arc<BareInsert>,
-        here: BareInsert,
-    },
+    /// trip and one write-ahead log flush per write.
+    Insert(Arc<BareInsert>),
 }
 
 /// `n` appends and fsyncs, each timed.
@@ -422,46 +404,36 @@ impl Durable {
         let runtime = pinning.server_runtime()?;
         // The store gets a database of its own, so its revisions do not move the CP's.
         let (url, store_url) = (pg.url(), pg.create_database("bench_store").await?);
-        let server_payload = payload.clone();
+        let bytes = payload.len();
         let server = runtime
-            .run(async move { BareInsert::connect(&url, server_payload).await })
+            .run(async move { BareInsert::connect(&url, payload).await })
             .await??;
-        let here = BareInsert::connect(&pg.url(), payload).await?;
         let store = runtime
             .run(async move { PgStore::open(&store_url).await })
             .await??;
         Ok(Durable {
             labels: (
-                format!("bare INSERT ({} B text, autocommit)", here.payload.len()),
+                format!("bare INSERT ({bytes} B text, autocommit)"),
                 "PgStore::commit alone",
             ),
             runtime,
-            floor: Floor::Insert {
-                server: Arc::new(server),
-                here,
-            },
+            floor: Floor::Insert(Arc::new(server)),
             store: Arc::new(InProcessStore::new(store)),
         })
     }
 
-    /// `n` writes of the floor on the servers' core, then `n` on this thread, each timed.
-    async fn floor(&self, n: usize) -> Result<[Vec<Duration>; 2]> {
+    /// `n` writes of the floor on the servers' core, each timed.
+    async fn floor(&self, n: usize) -> Result<Vec<Duration>> {
         match &self.floor {
             Floor::Fsync(log) => {
-                let server = log.clone();
-                let server = self
-                    .runtime
-                    .run(async move { fsyncs(&server, n) })
-                    .await??;
-                Ok([server, fsyncs(log, n)?])
+                let log = log.clone();
+                self.runtime.run(async move { fsyncs(&log, n) }).await?
             }
-            Floor::Insert { server, here } => {
-                let server = server.clone();
-                let server = self
-                    .runtime
-                    .run(async move { server.times(n).await })
-                    .await??;
-                Ok([server, here.times(n).await?])
+            Floor::Insert(insert) => {
+                let insert = insert.clone();
+                self.runtime
+                    .run(async move { insert.times(n).await })
+                    .await?
             }
         }
     }

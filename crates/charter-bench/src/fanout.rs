@@ -1,20 +1,23 @@
 //! `charter-bench fanout`: how fast a license change reaches N data planes, and what a
-//! connected data plane costs the control plane, against a minimal tonic server.
+//! connected data plane costs the control plane, against a minimal tonic server (the
+//! transport's floor) and etcd with a watcher per node ([`etcd`]), in plaintext and with
+//! client-certificate TLS.
 //!
 //! For each N it starts a fresh release `charter-cp` (shared-mode mTLS on its cluster port,
-//! certificates from `charterctl gen-cert`, as deployed) and the baseline
-//! (`fanout-baseline`) pinned with the servers, and this process holds the N simulated data
-//! planes ([`sim`]). In each round N data planes connect to one server and take their first
-//! snapshot; then a few updates (the CP: `POST /licenses` of a new license; the baseline:
-//! `POST /push` of the same size), each timed from the request and from the 201 to each
-//! data plane's decoded snapshot; the data planes then verify, cache and acknowledge it,
-//! and the server's CPU time for the update is read once it is idle again. Rounds alternate
-//! which server goes first.
+//! certificates from `charterctl gen-cert`, as deployed), the baseline (`fanout-baseline`)
+//! and the two etcds, all pinned with the servers, and this process holds the N simulated
+//! nodes ([`sim`], [`etcd::Watchers`]). In each round N nodes connect to one server (the
+//! data planes take their first snapshot); then a few updates (the CP: `POST /licenses` of
+//! a new license; the baseline: `POST /push` of the same size; etcd: a `Put` of that
+//! record), each timed from the request to each node's decoded update; the data planes
+//! then verify, cache and acknowledge it, and the server's CPU time for the update is read
+//! once it is idle again. Rounds rotate which server goes first.
 //!
 //! `fanout-ha`: the same fleet and updates on control planes A and B sharing one private
 //! PostgreSQL database, and one on sled: written on A with the data planes on B, written on
 //! B itself, and on the sled one.
 
+mod etcd;
 pub mod sim;
 
 use std::cell::Cell;
@@ -24,9 +27,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{ensure, Context, Result};
 use charter_license::{TrustedKeys, UnixTime};
+use charter_proto::v1::Snapshot;
 use charter_tls::{MtlsMode, TlsFiles};
 use serde_json::json;
 use tokio::time::Instant;
+use tokio_rustls::TlsConnector;
 
 use crate::admin::record_id;
 use crate::harness::{
@@ -51,6 +56,9 @@ pub struct FanoutArgs {
     /// Rounds per N: each connects N data planes to each server in turn.
     #[arg(long, default_value_t = 3, value_parser = harness::range::<usize>(1, 100))]
     pub rounds: usize,
+    /// Leave out the etcd peers (plaintext and client-certificate TLS).
+    #[arg(long)]
+    pub no_etcd: bool,
     #[command(flatten)]
     pub fleet: FleetArgs,
 }
@@ -77,8 +85,9 @@ pub struct FleetArgs {
     /// Updates timed per round of each kind.
     #[arg(long, default_value_t = 3, value_parser = harness::range::<usize>(1, 100))]
     pub updates: usize,
-    /// Data planes that connect at once.
-    #[arg(long, default_value_t = 500, value_parser = harness::range::<usize>(1, 100_000))]
+    /// Nodes that connect at once (the CP drops handshakes that stall beyond 256 in
+    /// progress, so more at once on a busy core measures that refusal, not the fan-out).
+    #[arg(long, default_value_t = 100, value_parser = harness::range::<usize>(1, 100_000))]
     pub batch: usize,
     /// Data planes per update whose durable cache write is timed (each into its own
     /// directory; every data plane's verification is timed).
@@ -102,6 +111,10 @@ enum Target {
     Cp,
     /// `POST /push` on the baseline.
     Baseline,
+    /// A `Put` of the watched key on etcd in plaintext.
+    Etcd,
+    /// The same on etcd with client-certificate TLS.
+    EtcdTls,
     /// `fanout-ha`: `POST /licenses` on CP A, the data planes on CP B, one database.
     CrossCp,
     /// `fanout-ha`: `POST /licenses` on CP B itself.
@@ -115,6 +128,8 @@ impl Target {
         match self {
             Target::Cp => "charter-cp",
             Target::Baseline => "baseline (tonic)",
+            Target::Etcd => "etcd (plaintext)",
+            Target::EtcdTls => "etcd (TLS)",
             Target::CrossCp => "written on CP A, DPs on CP B",
             Target::PgCp => "written on CP B, DPs on CP B",
             Target::SledCp => "one CP on sled",
@@ -122,30 +137,43 @@ impl Target {
     }
 }
 
-/// The figures of one timed update, in milliseconds unless named otherwise: from the 201
-/// to each data plane's decoded snapshot (one decoded before the 201 counts 0); from
-/// sending the request to the 201, to the first and to the last decoded snapshot; the
-/// share of data planes that had it before the 201 reached the simulator; the server's CPU
-/// time from the request until it was back to its background rate (Acks and the inventory
-/// write included, that background not); how busy the server and the simulator were
-/// (cores) from the request to the last delivery (whichever is near 1 bounds the fan-out);
-/// and the largest steal share of a CPU and other processes' cores during the update.
-const FIGURES: &str = "p50 from 201|p99 from 201|last from 201|request to 201|request to first|\
-                       request to last|before 201 %|server CPU|server busy|sim busy|steal|other cores";
-/// Where `last from 201` and `request to last` are among the [`FIGURES`].
-const LAST: usize = 2;
-const REQUEST_TO_LAST: usize = 5;
+/// The figures of one timed update, in milliseconds unless named otherwise: from sending
+/// the request to the first, the median, the 99th percentile and the last node's decoded
+/// update, and to the answer (201, or etcd's `Put` answer); the server's CPU time from the
+/// request until it was back to its background rate (Acks and the inventory write
+/// included, that background not); how busy the server and the simulator were (cores)
+/// from the request to the last delivery (whichever is near 1 bounds the fan-out); and the
+/// largest steal share of a CPU and other processes' cores during the update.
+const FIGURES: &str = "first|p50|p99|last|answer|server CPU|server busy|sim busy|steal|other cores";
+/// Where `last` is among the [`FIGURES`].
+const LAST: usize = 3;
 /// The costs of a kind of update at one N: the fleet's connect time, the server's memory
 /// idle, with N connected, and per data plane, and the data plane's code on the snapshots
 /// (verification, the durable cache write, refusals).
 const COSTS: &str = "connect s|RSS idle MiB|RSS with N MiB|per DP KiB|verify p50 µs|verify p99 µs|\
                      cache write p50 µs|cache write p99 µs|refused";
 
+/// Where an update's request goes: an admin or trigger port (each request on a connection
+/// of its own, opened before the timing starts, as the CP closes connections idle for 30 s
+/// and a fleet takes longer to connect), or etcd's `KV` service.
+enum Conn {
+    Http(SocketAddr),
+    Etcd(etcd::KvClient),
+}
+
+/// The simulated nodes of one phase.
+enum Fleet {
+    /// Data planes on a `Cluster.Sync` stream each.
+    Cluster(sim::Fleet),
+    /// etcd watchers.
+    Etcd(etcd::Watchers),
+}
+
 /// One kind of update at one N: what it is made on, the connection its trigger goes on,
 /// and everything measured of it.
 struct Kind {
     target: Target,
-    conn: Http,
+    conn: Conn,
     /// Each update's [`FIGURES`].
     updates: Vec<Vec<f64>>,
     connect_secs: Vec<f64>,
@@ -158,7 +186,7 @@ struct Kind {
 }
 
 impl Kind {
-    fn new(target: Target, conn: Http) -> Kind {
+    fn new(target: Target, conn: Conn) -> Kind {
         Kind {
             target,
             conn,
@@ -204,11 +232,12 @@ fn sorted(samples: &[Duration]) -> Vec<Duration> {
 }
 
 /// The tables of one N: the median of each figure over the updates of each kind, then the
-/// spread of the whole propagation, each kind's against `kinds[reference]`, and the costs.
+/// spread of the last delivery, each kind's against `kinds[reference]` and against etcd
+/// with TLS (when it ran), and the costs.
 fn tables(report: &mut Report, n: usize, kinds: &[Kind], reference: usize) {
     let updates = kinds[0].updates.len();
     report.table(
-        format!("N = {n}: median over {updates} updates (ms)"),
+        format!("N = {n}: median over {updates} updates (ms from the request)"),
         &format!("update|{FIGURES}"),
     );
     for kind in kinds {
@@ -218,16 +247,22 @@ fn tables(report: &mut Report, n: usize, kinds: &[Kind], reference: usize) {
         );
     }
     let base = &kinds[reference];
+    let etcd = kinds.iter().find(|k| k.target == Target::EtcdTls);
     report.table(
-        format!(
-            "N = {n}: spread, against {}, and costs",
+        format!("N = {n}: spread of the last, ratios, and costs"),
+        &format!(
+            "update|last min|last max|x {} last|x etcd TLS last|x etcd TLS per DP|{COSTS}",
             base.target.label()
         ),
-        &format!("update|request to last min|max|x last from 201|x request to last|{COSTS}"),
     );
+    let per_dp = |k: &Kind| k.costs(n)[3];
     for kind in kinds {
-        let [_, min, max] = spread(kind.updates.iter().map(|u| u[REQUEST_TO_LAST]));
-        let ratios = [LAST, REQUEST_TO_LAST].map(|i| kind.median(i) / base.median(i));
+        let [_, min, max] = spread(kind.updates.iter().map(|u| u[LAST]));
+        let ratios = [
+            kind.median(LAST) / base.median(LAST),
+            etcd.map_or(f64::NAN, |e| kind.median(LAST) / e.median(LAST)),
+            etcd.map_or(f64::NAN, |e| per_dp(kind) / per_dp(e)),
+        ];
         report.row(
             kind.target.label(),
             [min, max].into_iter().chain(ratios).chain(kind.costs(n)),
@@ -262,6 +297,9 @@ pub fn main(args: FanoutArgs) -> Result<Report> {
         &args.sizes,
         &args.fleet,
         async |run, report| {
+            if !args.no_etcd {
+                etcd::check_installed()?;
+            }
             for &n in &args.sizes {
                 let cp = run.start_cp(&format!("cp-data-{n}"), None).await?;
                 let cluster = free_port()?;
@@ -283,20 +321,37 @@ pub fn main(args: FanoutArgs) -> Result<Report> {
                             .collect()
                     })
                     .await?;
-                let servers = [(&cp.0, cp.1), (&baseline, cluster)];
-                let mut kinds = [
-                    Kind::new(Target::Cp, Http::connect(cp.0.addr()).await?),
-                    Kind::new(Target::Baseline, Http::connect(baseline.addr()).await?),
+                let kinds = [
+                    Kind::new(Target::Cp, Conn::Http(cp.0.addr())),
+                    Kind::new(Target::Baseline, Conn::Http(baseline.addr())),
                 ];
-                for (kind, (server, _)) in kinds.iter_mut().zip(servers) {
+                let mut servers = vec![(&cp.0, cp.1), (&baseline, cluster)];
+                let mut kinds = Vec::from(kinds);
+                let etcds = match args.no_etcd {
+                    true => Vec::new(),
+                    false => vec![
+                        etcd::start(run.bench, &format!("etcd-{n}"), None).await?,
+                        etcd::start(run.bench, &format!("etcd-tls-{n}"), Some(&run.certs)).await?,
+                    ],
+                };
+                for ((server, client), target) in etcds.iter().zip([Target::Etcd, Target::EtcdTls])
+                {
+                    let tls =
+                        (target == Target::EtcdTls).then(|| TlsConnector::from(run.tls.clone()));
+                    let conn = Conn::Etcd(etcd::put_client(*client, tls).await?);
+                    kinds.push(Kind::new(target, conn));
+                    servers.push((server, *client));
+                }
+                for (kind, (server, _)) in kinds.iter_mut().zip(&servers) {
                     // A license in force before anything connects, as in a running cluster.
                     run.trigger(kind.target, &mut kind.conn).await?;
                     background(server.pid(), run.idle_window()).await?;
                     kind.rss_idle = rss(server.pid())?;
                 }
                 for round in 0..args.rounds {
-                    // Alternate which server goes first.
-                    for slot in [round % 2, 1 - round % 2] {
+                    // Rotate which server goes first.
+                    let count = kinds.len();
+                    for slot in (0..count).map(|i| (i + round) % count) {
                         progress(format_args!(
                             "N={n} round {}/{}: {}",
                             round + 1,
@@ -335,9 +390,9 @@ pub fn ha_main(args: FanoutHaArgs) -> Result<Report> {
                     .await?;
                 let sled = run.start_cp(&format!("cp-sled-{n}"), None).await?;
                 let mut kinds = [
-                    Kind::new(Target::CrossCp, Http::connect(a.0.addr()).await?),
-                    Kind::new(Target::PgCp, Http::connect(b.0.addr()).await?),
-                    Kind::new(Target::SledCp, Http::connect(sled.0.addr()).await?),
+                    Kind::new(Target::CrossCp, Conn::Http(a.0.addr())),
+                    Kind::new(Target::PgCp, Conn::Http(b.0.addr())),
+                    Kind::new(Target::SledCp, Conn::Http(sled.0.addr())),
                 ];
                 progress(format_args!(
                     "N={n}: storing {} licenses through A and on the sled CP",
@@ -345,7 +400,8 @@ pub fn ha_main(args: FanoutHaArgs) -> Result<Report> {
                 ));
                 for kind in [0, 2] {
                     for _ in 0..args.licenses {
-                        run.trigger(Target::Cp, &mut kinds[kind].conn).await?;
+                        let Kind { target, conn, .. } = &mut kinds[kind];
+                        run.trigger(*target, conn).await?;
                     }
                 }
                 for (kind, server) in kinds.iter_mut().zip([&b.0, &b.0, &sled.0]) {
@@ -441,22 +497,25 @@ impl Run<'_> {
         ));
         let timeout = Duration::from_secs(self.fleet.timeout_secs);
         let started = Instant::now();
-        let prefix = format!("sim-{fleet_no}");
-        let mut fleet = sim::Fleet::connect(
-            cluster,
-            source,
-            self.tls.clone(),
-            n,
-            self.fleet.batch,
-            &prefix,
-        )
-        .await?;
-        let first = fleet.receive(|_| true, timeout).await?;
+        let cache_root = self.bench.path().join("dp-caches");
+        let (batch, tls) = (self.fleet.batch, self.tls.clone());
+        let mut fleet = match kinds[0].target {
+            Target::Etcd | Target::EtcdTls => {
+                let tls = (kinds[0].target == Target::EtcdTls).then_some(tls);
+                Fleet::Etcd(etcd::Watchers::connect(cluster, source, tls, n, batch).await?)
+            }
+            _ => {
+                let prefix = format!("sim-{fleet_no}");
+                let mut fleet =
+                    sim::Fleet::connect(cluster, source, tls, n, batch, &prefix).await?;
+                let first = fleet.receive(|_| true, timeout).await?;
+                fleet.handle(first, &self.keys, now(), 0, &cache_root)?;
+                Fleet::Cluster(fleet)
+            }
+        };
         for kind in kinds.iter_mut() {
             kind.connect_secs.push(started.elapsed().as_secs_f64());
         }
-        let cache_root = self.bench.path().join("dp-caches");
-        fleet.handle(first, &self.keys, now(), 0, &cache_root)?;
         for &turn in (0..self.fleet.updates).flat_map(|_| turns) {
             let kind = &mut kinds[turn];
             let background = background(pid, self.idle_window()).await?;
@@ -464,9 +523,14 @@ impl Run<'_> {
             let (cpu_before, sim_before) = (cpu_time_precise(pid)?, cpu_time_precise(me)?);
             let meter = Meter::start(&[], &[])?;
             let (id, sent, answered) = self.trigger(kind.target, &mut kind.conn).await?;
-            let received = fleet
-                .receive(|s| s.license.as_ref().is_some_and(|l| l.id == id), timeout)
-                .await?;
+            let (received, snapshots) = match &mut fleet {
+                Fleet::Cluster(fleet) => {
+                    let wanted = |s: &Snapshot| s.license.as_ref().is_some_and(|l| l.id == id);
+                    let received = fleet.receive(wanted, timeout).await?;
+                    (received.iter().map(|(at, _)| *at).collect(), Some(received))
+                }
+                Fleet::Etcd(watchers) => (watchers.receive(id.parse()?, timeout).await?, None),
+            };
             let window = sent.elapsed().as_secs_f64();
             let busy = |pid, before| -> Result<f64> {
                 Ok(cpu_time_precise(pid)?.saturating_sub(before).as_secs_f64() / window)
@@ -474,21 +538,16 @@ impl Run<'_> {
             let busy = [busy(pid, cpu_before)?, busy(me, sim_before)?];
             let mut deliveries: Vec<Duration> = received
                 .iter()
-                .map(|(at, _)| at.saturating_duration_since(answered))
+                .map(|at| at.saturating_duration_since(sent))
                 .collect();
             deliveries.sort();
-            let from_request: Vec<Duration> = received
-                .iter()
-                .map(|(at, _)| at.saturating_duration_since(sent))
-                .collect();
-            let before_201 = received.iter().filter(|(at, _)| *at < answered).count();
-            let handling = fleet.handle(
-                received,
-                &self.keys,
-                now(),
-                self.fleet.cache_sample,
-                &cache_root,
-            )?;
+            if let (Fleet::Cluster(fleet), Some(snapshots)) = (&mut fleet, snapshots) {
+                let sample = self.fleet.cache_sample;
+                let handling = fleet.handle(snapshots, &self.keys, now(), sample, &cache_root)?;
+                kind.verify.extend(handling.verify);
+                kind.cache_write.extend(handling.cache_write);
+                kind.refused += handling.refused;
+            }
             wait_idle(pid, background, self.idle_window()).await?;
             let usage = meter.stop()?;
             // What the update cost, without what the pings cost meanwhile.
@@ -499,32 +558,30 @@ impl Run<'_> {
             let ms = |d: Option<&Duration>| d.map_or(f64::NAN, |d| d.as_secs_f64() * 1e3);
             let p = |p| ms(percentile(&deliveries, p).as_ref());
             kind.updates.push(vec![
+                ms(deliveries.first()),
                 p(50.0),
                 p(99.0),
                 p(100.0),
                 ms(Some(&(answered - sent))),
-                ms(from_request.iter().min()),
-                ms(from_request.iter().max()),
-                100.0 * before_201 as f64 / n as f64,
                 ms(Some(&server_cpu)),
                 busy[0],
                 busy[1],
                 usage.steal,
                 usage.other_cores,
             ]);
-            kind.verify.extend(handling.verify);
-            kind.cache_write.extend(handling.cache_write);
-            kind.refused += handling.refused;
             kind.rss_connected = kind.rss_connected.max(rss(pid)?);
         }
-        fleet.close().await;
+        match fleet {
+            Fleet::Cluster(fleet) => fleet.close().await,
+            Fleet::Etcd(watchers) => watchers.close().await,
+        }
         background(pid, self.idle_window()).await?;
         Ok(())
     }
 
     /// Makes the server send a new license to every stream; returns the license id, the
     /// instant the request was sent and the instant the 201 was read.
-    async fn trigger(&self, target: Target, conn: &mut Http) -> Result<(String, Instant, Instant)> {
+    async fn trigger(&self, target: Target, conn: &mut Conn) -> Result<(String, Instant, Instant)> {
         let serial = self.licenses.get();
         self.licenses.set(serial + 1);
         let key = format!("FANOUT-{serial:08}-{:016x}", rand::random::<u64>());
@@ -535,21 +592,30 @@ impl Run<'_> {
             .to_json();
         let sent_id = uuid::Uuid::new_v4().to_string();
         let (uri, body) = match target {
-            Target::Baseline => (
+            Target::Baseline | Target::Etcd | Target::EtcdTls => (
                 "/push",
                 json!({ "id": sent_id, "payload": payload, "created_at": now(), "updated_at": now() }),
             ),
             _ => ("/licenses", json!({ "payload": payload })),
         };
         let body = serde_json::to_vec(&body)?;
-        let sent = Instant::now();
-        let answer = conn.expect("POST", uri, Some(&body), 201).await?;
-        let answered = Instant::now();
-        let id = match target {
-            Target::Baseline => sent_id,
-            _ => record_id(&answer)?,
+        let (id, sent) = match conn {
+            Conn::Http(addr) => {
+                let mut http = Http::connect(*addr).await?;
+                let sent = Instant::now();
+                let answer = http.expect("POST", uri, Some(&body), 201).await?;
+                match target {
+                    Target::Baseline => (sent_id, sent),
+                    _ => (record_id(&answer)?, sent),
+                }
+            }
+            // The record the baseline pushes, as etcd's value.
+            Conn::Etcd(client) => {
+                let sent = Instant::now();
+                (etcd::put(client, body).await?.to_string(), sent)
+            }
         };
-        Ok((id, sent, answered))
+        Ok((id, sent, Instant::now()))
     }
 }
 

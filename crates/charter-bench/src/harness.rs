@@ -351,6 +351,8 @@ impl Bench {
     ) -> Result<Server> {
         let program = match program {
             "charter-bench" => std::env::current_exe().context("locating this executable")?,
+            // Debian's etcd-server, on the path.
+            "etcd" => PathBuf::from("etcd"),
             name => self.binary(name)?,
         };
         let log = self.path().join(log);
@@ -374,7 +376,10 @@ impl Bench {
                 .stderr(File::create(&log).with_context(|| format!("creating {}", log.display()))?);
             // Only the flags configure it.
             for (key, _) in std::env::vars_os() {
-                if key.to_string_lossy().starts_with("CHARTER_") {
+                if ["CHARTER_", "ETCD_"]
+                    .iter()
+                    .any(|p| key.to_string_lossy().starts_with(p))
+                {
                     command.env_remove(key);
                 }
             }
@@ -773,46 +778,12 @@ pub async fn retrying<T>(
     unreachable!("the loop returns")
 }
 
-/// The block device and the filesystem type of the mount holding `path`
-/// (`/proc/self/mounts`, the longest matching mount point).
-pub fn mount_of(path: &Path) -> Option<(String, String)> {
-    let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    mounts
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split_whitespace();
-            let (device, point, kind) = (fields.next()?, fields.next()?, fields.next()?);
-            path.starts_with(point)
-                .then(|| (point.len(), (device.to_owned(), kind.to_owned())))
-        })
-        .max_by_key(|(len, _)| *len)
-        .map(|(_, mount)| mount)
-}
-
-/// Bytes written so far to the block device holding `path`, from `/proc/diskstats`.
-pub fn disk_bytes_written(path: &Path) -> Option<u64> {
-    let (device, _) = mount_of(path)?;
-    let device = device
-        .strip_prefix("/dev/")
-        .filter(|name| !name.contains('/'))?;
-    let stats = std::fs::read_to_string("/proc/diskstats").ok()?;
-    stats.lines().find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        // major minor name, reads (4 fields), then writes completed, merged, sectors.
-        (fields.get(2) == Some(&device))
-            .then(|| fields.get(9)?.parse::<u64>().ok().map(|s| s * 512))?
-    })
-}
-
 /// A private PostgreSQL server (charter-store's `TestPostgres`: initdb in a temp dir, its
 /// own port, as `nobody` when run as root), placed with the servers; stopped when dropped.
 pub struct Postgres {
     server: TestPostgres,
     /// Its postmaster, which forks and reaps every backend.
     pub postmaster: u32,
-    /// Its data directory (and write-ahead log).
-    pub data_dir: PathBuf,
     /// "PostgreSQL 16.x".
     pub version: String,
 }
@@ -846,7 +817,6 @@ impl Postgres {
         Ok(Postgres {
             server,
             postmaster,
-            data_dir,
             version: version.split(" on ").next().unwrap_or(&version).to_owned(),
         })
     }

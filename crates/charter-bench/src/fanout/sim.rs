@@ -25,18 +25,22 @@ use charter_proto::v1::{Ack, ControlPlaneMessage, Counter, DataPlaneMessage, Hel
 use charter_proto::v1::{Snapshot, Telemetry};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Endpoint, Uri};
+use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Streaming;
 
 /// The bound on one connection's TCP connect, TLS handshake, HTTP/2 handshake and the
-/// answer to its `Sync` call.
+/// answer to its first call (`Sync`, or etcd's `Watch`).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Attempts per connection: a server under load may drop a handshake that stalls (the
+/// CP's and the baseline's TLS acceptor does beyond 256 in progress).
+const CONNECT_ATTEMPTS: usize = 3;
 
 /// What a stream's task reports to the driver.
 enum Event {
@@ -89,29 +93,13 @@ impl Fleet {
         let mut links: Vec<Option<Link>> = (0..n).map(|_| None).collect();
         let mut tasks = JoinSet::new();
         let connector = TlsConnector::from(tls);
-        for start in (0..n).step_by(batch.max(1)) {
-            let mut connecting = JoinSet::new();
-            for dp in start..(start + batch).min(n) {
-                let (connector, node_id) = (connector.clone(), format!("{prefix}-{dp}"));
-                connecting.spawn(async move {
-                    let open = open(target, source, connector, node_id);
-                    let opened = tokio::time::timeout(CONNECT_TIMEOUT, open).await;
-                    (
-                        dp,
-                        opened.unwrap_or_else(|_| {
-                            Err(anyhow!("no stream within {CONNECT_TIMEOUT:?}"))
-                        }),
-                    )
-                });
-            }
-            while let Some(joined) = connecting.join_next().await {
-                let (dp, opened) = joined.context("a connecting task failed")?;
-                let (tx, inbound) =
-                    opened.with_context(|| format!("connecting data plane {dp} to {target}"))?;
-                tasks.spawn(stream(dp, tx.clone(), inbound, events_tx.clone()));
-                links[dp] = Some(Link { tx, held: None });
-            }
-        }
+        let open = |dp| open(target, source, connector.clone(), format!("{prefix}-{dp}"));
+        connect_all(n, batch, open, |dp, (tx, inbound)| {
+            tasks.spawn(stream(dp, tx.clone(), inbound, events_tx.clone()));
+            links[dp] = Some(Link { tx, held: None });
+        })
+        .await
+        .with_context(|| format!("connecting data planes to {target}"))?;
         let links = links
             .into_iter()
             .collect::<Option<Vec<_>>>()
@@ -130,29 +118,13 @@ impl Fleet {
         what: &str,
         mut take: impl FnMut(Event) -> Option<usize>,
     ) -> Result<()> {
-        let mut done = vec![false; self.links.len()];
-        let mut missing = done.len();
-        let deadline = Instant::now() + timeout;
-        while missing > 0 {
-            let event = tokio::time::timeout_at(deadline, self.events.recv())
-                .await
-                .map_err(|_| {
-                    anyhow!(
-                        "{missing} of {} data planes: no {what} within {timeout:?}",
-                        done.len()
-                    )
-                })?
-                .context("every stream task ended")?;
+        take_each(&mut self.events, self.links.len(), timeout, what, |event| {
             if let Event::Closed(dp, error) = event {
                 bail!("the stream of data plane {dp} ended: {error}");
             }
-            if let Some(dp) = take(event) {
-                if !std::mem::replace(&mut done[dp], true) {
-                    missing -= 1;
-                }
-            }
-        }
-        Ok(())
+            Ok(take(event))
+        })
+        .await
     }
 
     /// Waits until every data plane has received a snapshot that `wanted` accepts
@@ -273,6 +245,68 @@ impl Fleet {
     }
 }
 
+/// Takes items from `events` until `take` has accepted one from each of `n` nodes (it
+/// names the node, or fails on an item that ends the wait), within `timeout`.
+pub async fn take_each<E>(
+    events: &mut mpsc::UnboundedReceiver<E>,
+    n: usize,
+    timeout: Duration,
+    what: &str,
+    mut take: impl FnMut(E) -> Result<Option<usize>>,
+) -> Result<()> {
+    let mut done = vec![false; n];
+    let mut missing = n;
+    let deadline = Instant::now() + timeout;
+    while missing > 0 {
+        let event = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .map_err(|_| anyhow!("{missing} of {n} nodes: no {what} within {timeout:?}"))?
+            .context("every stream task ended")?;
+        if let Some(node) = take(event)? {
+            if !std::mem::replace(&mut done[node], true) {
+                missing -= 1;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens `n` connections, `batch` at a time, with `open(i)` (each within
+/// [`CONNECT_TIMEOUT`], tried up to [`CONNECT_ATTEMPTS`] times, as a node that is refused
+/// connects again), and hands each to `opened(i, connection)` once it is up.
+pub async fn connect_all<T: Send + 'static, F>(
+    n: usize,
+    batch: usize,
+    open: impl Fn(usize) -> F,
+    mut opened: impl FnMut(usize, T),
+) -> Result<()>
+where
+    F: std::future::Future<Output = Result<T>> + Send + 'static,
+{
+    for start in (0..n).step_by(batch.max(1)) {
+        let mut connecting = JoinSet::new();
+        for i in start..(start + batch).min(n) {
+            let attempts: Vec<_> = (0..CONNECT_ATTEMPTS).map(|_| open(i)).collect();
+            connecting.spawn(async move {
+                let mut error = anyhow!("no attempt");
+                for attempt in attempts {
+                    match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                        Ok(Ok(connection)) => return (i, Ok(connection)),
+                        Ok(Err(e)) => error = e,
+                        Err(_) => error = anyhow!("not up within {CONNECT_TIMEOUT:?}"),
+                    }
+                }
+                (i, Err(error))
+            });
+        }
+        while let Some(joined) = connecting.join_next().await {
+            let (i, result) = joined.context("a connecting task failed")?;
+            opened(i, result.with_context(|| format!("node {i}"))?);
+        }
+    }
+    Ok(())
+}
+
 /// One data plane's stream: hands each snapshot and telemetry Ack to the driver, and
 /// pings every 30 s from 30 s after it connected, as a data plane does (the control plane
 /// drops a stream that is silent for 45 s).
@@ -323,29 +357,7 @@ async fn open(
     mpsc::Sender<DataPlaneMessage>,
     Streaming<ControlPlaneMessage>,
 )> {
-    let name = ServerName::try_from("charter-cluster").context("the server name")?;
-    let connect = tower::service_fn(move |_: Uri| {
-        let (connector, name) = (connector.clone(), name.clone());
-        async move {
-            let socket = match target {
-                SocketAddr::V4(_) => TcpSocket::new_v4()?,
-                SocketAddr::V6(_) => TcpSocket::new_v6()?,
-            };
-            socket.bind(SocketAddr::new(source, 0))?;
-            socket.set_nodelay(true)?;
-            let tls = connector
-                .connect(name, socket.connect(target).await?)
-                .await?;
-            Ok::<_, io::Error>(TokioIo::new(tls))
-        }
-    });
-    let channel = Endpoint::from_shared(format!("http://{target}"))
-        .context("the endpoint")?
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_while_idle(true)
-        .connect_with_connector(connect)
-        .await
-        .map_err(|e| anyhow!("{}", charter_tls::describe_error(&e)))?;
+    let channel = channel(target, source, Some(connector)).await?;
     let (tx, rx) = mpsc::channel(8);
     let hello = Hello {
         node_id,
@@ -363,4 +375,43 @@ async fn open(
         .await
         .map_err(|status| anyhow!("Sync refused: {status}"))?;
     Ok((tx, response.into_inner()))
+}
+
+/// A connection's byte stream, TLS or plaintext.
+trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// An HTTP/2 connection to `target` from `source` (port chosen by the kernel), over TLS
+/// with `tls` (the cluster certificate, server name `charter-cluster`) or in plaintext:
+/// one simulated node's own connection, whichever server it goes to.
+pub async fn channel(
+    target: SocketAddr,
+    source: IpAddr,
+    tls: Option<TlsConnector>,
+) -> Result<Channel> {
+    let name = ServerName::try_from("charter-cluster").context("the server name")?;
+    let connect = tower::service_fn(move |_: Uri| {
+        let (tls, name) = (tls.clone(), name.clone());
+        async move {
+            let socket = match target {
+                SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            socket.bind(SocketAddr::new(source, 0))?;
+            socket.set_nodelay(true)?;
+            let tcp = socket.connect(target).await?;
+            let io: Box<dyn Io> = match tls {
+                Some(tls) => Box::new(tls.connect(name, tcp).await?),
+                None => Box::new(tcp),
+            };
+            Ok::<_, io::Error>(TokioIo::new(io))
+        }
+    });
+    Endpoint::from_shared(format!("http://{target}"))
+        .context("the endpoint")?
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_while_idle(true)
+        .connect_with_connector(connect)
+        .await
+        .map_err(|e| anyhow!("{}", charter_tls::describe_error(&e)))
 }
