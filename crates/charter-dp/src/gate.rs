@@ -777,8 +777,10 @@ impl Gate {
         }
     }
 
-    /// Sends `request` on the upstream's HTTP/2 connection, once a stream is free on it
-    /// (within the upstream timeout). A request the connection never sent (it had closed)
+    /// Sends `request` on the upstream's HTTP/2 connection (a closed connection found
+    /// within the upstream timeout; hyper queues a request while the upstream's stream
+    /// limit is reached, and only a request without a body has its upstream timeout running
+    /// meanwhile). A request the connection never sent (it had closed)
     /// is sent on a new one, whatever its method; one the upstream refused unprocessed
     /// (`REFUSED_STREAM`, or a GOAWAY it arrived after) is sent again when it has no body.
     /// Any other failure is the client's answer: the upstream may have acted on it.
