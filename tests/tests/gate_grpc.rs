@@ -408,3 +408,87 @@ fn each_client_reaches_the_upstream_in_the_http_version_the_upstream_speaks() {
     assert_eq!(http1_get(proxy, &[]), "HTTP/1.1");
     assert!(dp.logs().contains("http2=false"), "{}", dp.logs());
 }
+
+/// An HTTP/2-only upstream that takes one stream at a time (`SETTINGS_MAX_CONCURRENT_STREAMS`
+/// 1) and answers nothing: its one stream stays taken.
+fn one_stream_upstream(runtime: &tokio::runtime::Runtime) -> SocketAddr {
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    runtime.spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|_: hyper::Request<_>| async {
+                    tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+                    Ok::<_, Infallible>(hyper::Response::new(http_body_util::Empty::<
+                        hyper::body::Bytes,
+                    >::new()))
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .max_concurrent_streams(1)
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_request_waiting_for_a_free_http2_stream_gets_504_in_the_upstream_timeout() {
+    use std::io::Write as _;
+    let (dir, vendor, cp) = setup();
+    cp.add(&vendor.valid("STREAMS"));
+    let runtime = tokio::runtime::Runtime::new().expect("runtime");
+    let upstream = one_stream_upstream(&runtime);
+    let proxy = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let proxy_arg = proxy.to_string();
+    let dp = Dp::start(
+        dir.path(),
+        "streams",
+        &cp,
+        &vendor.public_key,
+        &[
+            "--proxy-listen",
+            &proxy_arg,
+            "--upstream",
+            &format!("h2c://{upstream}"),
+            "--upstream-timeout",
+            "2",
+        ],
+    );
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    // A slow upload takes the upstream's only stream and keeps it: the client is still
+    // sending, so no timeout runs for it.
+    let mut slow = std::net::TcpStream::connect(proxy).expect("connect");
+    write!(
+        slow,
+        "POST /slow HTTP/1.1\r\nhost: gate.test\r\ncontent-length: 100\r\n\r\n0123456789"
+    )
+    .expect("write");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    // A whole request with a body now waits for a stream: 504 within the upstream timeout
+    // (before, it waited as long as the slow upload held the stream).
+    let started = std::time::Instant::now();
+    let answer = http_with_headers(
+        "POST",
+        &format!("http://{proxy}/queued"),
+        Some(charter_tests::Body::Json(
+            serde_json::json!({"waiting": true}),
+        )),
+        &[],
+    )
+    .expect("the gate answers");
+    assert_eq!(answer.status, 504, "{}", answer.body);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(slow);
+}

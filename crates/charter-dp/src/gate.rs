@@ -579,7 +579,13 @@ impl Gate {
         // The upstream timeout counts from when the request body has all been handed to
         // the upstream connection: a slow upload is the client's, not the upstream's.
         let deadline = async {
-            if let Some(sent) = sent {
+            if let Some((opened, sent)) = sent {
+                // Until the upstream asks for the body's first piece (its connection, or
+                // its HTTP/2 stream, is open) the wait is the upstream's; from then until
+                // the body has all been sent it is the client's upload.
+                if tokio::time::timeout(self.timeout, opened).await.is_err() {
+                    return;
+                }
                 let _ = sent.await;
             }
             tokio::time::sleep(self.timeout).await;
@@ -777,10 +783,9 @@ impl Gate {
         }
     }
 
-    /// Sends `request` on the upstream's HTTP/2 connection (a closed connection found
-    /// within the upstream timeout; hyper queues a request while the upstream's stream
-    /// limit is reached, and only a request without a body has its upstream timeout running
-    /// meanwhile). A request the connection never sent (it had closed)
+    /// Sends `request` on the upstream's HTTP/2 connection (hyper queues it while the
+    /// upstream's stream limit is reached; the upstream timeout runs meanwhile, see
+    /// [`Gate::handle`]). A request the connection never sent (it had closed)
     /// is sent on a new one, whatever its method; one the upstream refused unprocessed
     /// (`REFUSED_STREAM`, or a GOAWAY it arrived after) is sent again when it has no body.
     /// Any other failure is the client's answer: the upstream may have acted on it.
@@ -1067,12 +1072,18 @@ impl Gate {
             (Either::Right(Empty::new()), None, None)
         } else {
             let pending: Pending = Arc::new(Mutex::new(Some(body)));
+            let (opened, opened_rx) = oneshot::channel();
             let (sent, sent_rx) = oneshot::channel();
             let outgoing = Outgoing {
                 body: pending.clone(),
+                opened: Some(opened),
                 sent: Some(sent),
             };
-            (Either::Left(outgoing), Some(sent_rx), Some(pending))
+            (
+                Either::Left(outgoing),
+                Some((opened_rx, sent_rx)),
+                Some(pending),
+            )
         };
         Ok((Request::from_parts(parts, body), sent, pending))
     }
@@ -1082,7 +1093,7 @@ impl Gate {
 /// body's handle (see [`Gate::upstream_request`]).
 type Forwarded = (
     Request<UpstreamBody>,
-    Option<oneshot::Receiver<()>>,
+    Option<(oneshot::Receiver<()>, oneshot::Receiver<()>)>,
     Option<Pending>,
 );
 
@@ -1099,6 +1110,8 @@ fn lock_pending(pending: &Pending) -> std::sync::MutexGuard<'_, Option<RequestBo
 /// response has ended first and dropped it.
 struct Outgoing {
     body: Pending,
+    /// Told when the upstream first asks for the body.
+    opened: Option<oneshot::Sender<()>>,
     sent: Option<oneshot::Sender<()>>,
 }
 
@@ -1124,6 +1137,9 @@ impl hyper::body::Body for Outgoing {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
         use std::task::Poll;
         let this = self.get_mut();
+        if let Some(opened) = this.opened.take() {
+            let _ = opened.send(());
+        }
         let mut body = lock_pending(&this.body);
         let Some(inner) = body.as_mut() else {
             return Poll::Ready(Some(Err(Box::new(CutOff))));
