@@ -78,12 +78,31 @@ impl Echo for Service {
     }
 }
 
-/// The gRPC service on a loopback port, HTTP/2 only (tonic's default), on its own runtime.
-fn grpc_upstream(runtime: &tokio::runtime::Runtime) -> SocketAddr {
+/// A listener on a free loopback port, on `runtime`.
+fn listen(runtime: &tokio::runtime::Runtime) -> (tokio::net::TcpListener, SocketAddr) {
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    (listener, addr)
+}
+
+/// Serves every connection `listener` accepts with `serve`, each in a task of its own.
+fn each_connection<F: std::future::Future<Output = ()> + Send + 'static>(
+    runtime: &tokio::runtime::Runtime,
+    listener: tokio::net::TcpListener,
+    serve: impl Fn(tokio::net::TcpStream) -> F + Send + 'static,
+) {
+    runtime.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(serve(stream));
+        }
+    });
+}
+
+/// The gRPC service on a loopback port, HTTP/2 only (tonic's default), on its own runtime.
+fn grpc_upstream(runtime: &tokio::runtime::Runtime) -> SocketAddr {
+    let (listener, addr) = listen(runtime);
     runtime.spawn(async move {
         tonic::transport::Server::builder()
             .add_service(EchoServer::new(Service))
@@ -285,37 +304,24 @@ fn version_upstream(runtime: &tokio::runtime::Runtime) -> SocketAddr {
             .unwrap_or_default();
         format!("{:?} {host}", request.version())
     }
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
+    let (listener, addr) = listen(runtime);
     runtime.spawn(async move { axum::serve(listener, Router::new().fallback(any(answer))).await });
     addr
 }
 
 /// The same, HTTP/1.x only (as gunicorn or a plain nginx server would be).
 fn http1_only_upstream(runtime: &tokio::runtime::Runtime) -> SocketAddr {
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    runtime.spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|request: hyper::Request<_>| async move {
-                    let body = format!("{:?}", request.version());
-                    Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
-                        hyper::body::Bytes::from(body),
-                    )))
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+    let (listener, addr) = listen(runtime);
+    each_connection(runtime, listener, |stream| async move {
+        let service = hyper::service::service_fn(|request: hyper::Request<_>| async move {
+            let body = format!("{:?}", request.version());
+            Ok::<_, Infallible>(hyper::Response::new(http_body_util::Full::new(
+                hyper::body::Bytes::from(body),
+            )))
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
     });
     addr
 }
@@ -412,29 +418,18 @@ fn each_client_reaches_the_upstream_in_the_http_version_the_upstream_speaks() {
 /// An HTTP/2-only upstream that takes one stream at a time (`SETTINGS_MAX_CONCURRENT_STREAMS`
 /// 1) and answers nothing: its one stream stays taken.
 fn one_stream_upstream(runtime: &tokio::runtime::Runtime) -> SocketAddr {
-    let listener = runtime
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-        .expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    runtime.spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(|_: hyper::Request<_>| async {
-                    tokio::time::sleep(std::time::Duration::from_secs(120)).await;
-                    Ok::<_, Infallible>(hyper::Response::new(http_body_util::Empty::<
-                        hyper::body::Bytes,
-                    >::new()))
-                });
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .max_concurrent_streams(1)
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-            });
-        }
+    let (listener, addr) = listen(runtime);
+    each_connection(runtime, listener, |stream| async move {
+        let service = hyper::service::service_fn(|_: hyper::Request<_>| async {
+            tokio::time::sleep(std::time::Duration::from_secs(120)).await;
+            Ok::<_, Infallible>(hyper::Response::new(http_body_util::Empty::<
+                hyper::body::Bytes,
+            >::new()))
+        });
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .max_concurrent_streams(1)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+            .await;
     });
     addr
 }
