@@ -16,6 +16,8 @@ use charter_license::LicenseSigner;
 use charter_store::testing::TestPostgres;
 use charter_tls::TlsFiles;
 use clap::builder::RangedU64ValueParser;
+use procfs::process::Process;
+use procfs::{CurrentSI, KernelStats};
 use serde_json::{json, Map, Value};
 use tempfile::TempDir;
 use tokio_postgres::{Client, NoTls};
@@ -201,7 +203,6 @@ pub fn run<T>(common: Common, pin: bool, body: impl AsyncFnOnce(&Bench) -> Resul
         .set(hard, hard)
         .context("raising the open-files limit")?;
     charter_tls::install_default_provider();
-    clock_ticks_per_second();
     let pinning = if pin {
         Pinning::apply(!common.no_pin)
     } else {
@@ -487,37 +488,37 @@ pub fn progress(message: std::fmt::Arguments<'_>) {
     eprintln!("charter-bench: {message}");
 }
 
+/// The process `pid` in `/proc`.
+fn process(pid: u32) -> Result<Process> {
+    Process::new(pid as i32).with_context(|| format!("no process {pid} in /proc"))
+}
+
+/// Clock ticks (of `/proc`'s CPU times) as a duration.
+fn ticks(n: u64) -> Duration {
+    Duration::from_secs_f64(n as f64 / procfs::ticks_per_second() as f64)
+}
+
 /// CPU time (user + system, all threads, living and exited) a process has used so far,
 /// from `/proc/PID/stat`, in clock ticks (10 ms on Linux).
 pub fn cpu_time(pid: u32) -> Result<Duration> {
-    // `utime` and `stime`, fields 14 and 15 of the line.
-    Ok(ticks(
-        stat_fields(pid)?[11..13]
-            .iter()
-            .filter_map(|f| f.parse::<u64>().ok())
-            .sum(),
-    ))
+    let stat = process(pid)?.stat().context("reading a process's stat")?;
+    Ok(ticks(stat.utime + stat.stime))
 }
 
 /// CPU time a process's living threads have used so far, to the nanosecond, from
 /// `/proc/PID/task/*/schedstat`. Threads that have exited are not counted, so use it only
 /// over spans in which the process keeps its threads.
 pub fn cpu_time_precise(pid: u32) -> Result<Duration> {
-    let dir = format!("/proc/{pid}/task");
-    let mut total = 0u64;
-    for entry in std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))? {
-        let path = entry?.path().join("schedstat");
-        // A thread that exits meanwhile has no file any more; it is simply not counted.
-        let Ok(stat) = std::fs::read_to_string(&path) else {
-            continue;
-        };
-        total += stat
-            .split_whitespace()
-            .next()
-            .and_then(|ns| ns.parse::<u64>().ok())
-            .with_context(|| format!("parsing {}", path.display()))?;
-    }
-    Ok(Duration::from_nanos(total))
+    let tasks = process(pid)?
+        .tasks()
+        .context("listing a process's threads")?;
+    // A thread that exits meanwhile is simply not counted.
+    let nanos = tasks
+        .flatten()
+        .filter_map(|task| task.schedstat().ok())
+        .map(|s| s.sum_exec_runtime)
+        .sum();
+    Ok(Duration::from_nanos(nanos))
 }
 
 /// CPU time the processes descended from any of `roots` (themselves included) have used
@@ -525,17 +526,14 @@ pub fn cpu_time_precise(pid: u32) -> Result<Duration> {
 /// roots have waited for. For a PostgreSQL server: the postmaster reaps every backend.
 pub fn tree_cpu_time(roots: &[u32]) -> Result<Duration> {
     let mut tree = BTreeSet::new();
-    let mut reaped = 0;
+    let mut reaped = Duration::ZERO;
     for &root in roots {
         tree.extend(descendants(root)?);
-        // `cutime` and `cstime`, fields 16 and 17 of the line.
-        reaped += stat_fields(root)?[13..15]
-            .iter()
-            .filter_map(|f| f.parse::<u64>().ok())
-            .sum::<u64>();
+        let stat = process(root)?.stat().context("reading a process's stat")?;
+        reaped += ticks((stat.cutime + stat.cstime).max(0) as u64);
     }
     // A process that exits meanwhile is simply not counted.
-    Ok(ticks(reaped)
+    Ok(reaped
         + tree
             .into_iter()
             .map(|pid| cpu_time_precise(pid).unwrap_or_default())
@@ -544,26 +542,13 @@ pub fn tree_cpu_time(roots: &[u32]) -> Result<Duration> {
 
 /// `pid` and every living process descended from it.
 pub fn descendants(pid: u32) -> Result<Vec<u32>> {
-    let mut parents = Vec::new();
-    for entry in std::fs::read_dir("/proc")
+    // A process that exits meanwhile is simply left out.
+    let parents: Vec<(u32, u32)> = procfs::process::all_processes()
         .context("listing /proc")?
         .flatten()
-    {
-        let Some(child) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        // A process that exits meanwhile is simply left out.
-        if let Some(parent) = stat_fields(child)
-            .ok()
-            .and_then(|f| f[1].parse::<u32>().ok())
-        {
-            parents.push((child, parent));
-        }
-    }
+        .filter_map(|p| p.stat().ok())
+        .map(|s| (s.pid as u32, s.ppid as u32))
+        .collect();
     let mut tree = vec![pid];
     let mut next = 0;
     while let Some(&parent) = tree.get(next) {
@@ -578,48 +563,15 @@ pub fn descendants(pid: u32) -> Result<Vec<u32>> {
     Ok(tree)
 }
 
-/// The fields of `/proc/PID/stat` after the command name (which is in parentheses and may
-/// hold spaces), so that index 0 is field 3 of the line.
-fn stat_fields(pid: u32) -> Result<Vec<String>> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let (_, rest) = stat
-        .rsplit_once(')')
-        .with_context(|| format!("parsing {path}"))?;
-    let fields: Vec<String> = rest.split_whitespace().map(str::to_owned).collect();
-    ensure!(fields.len() > 15, "parsing {path}: too few fields");
-    Ok(fields)
-}
-
-/// `getconf CLK_TCK`, or 100 (the value on every Linux architecture).
-fn clock_ticks_per_second() -> f64 {
-    static TICKS: OnceLock<f64> = OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|out| String::from_utf8(out.stdout).ok())
-            .and_then(|s| s.trim().parse().ok())
-            .filter(|t: &f64| *t > 0.0)
-            .unwrap_or(100.0)
-    })
-}
-
-fn ticks(n: u64) -> Duration {
-    Duration::from_secs_f64(n as f64 / clock_ticks_per_second())
-}
-
 /// Resident memory of a process, in bytes (`VmRSS` of `/proc/PID/status`).
 pub fn rss(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/status");
-    let status = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let status = process(pid)?
+        .status()
+        .context("reading a process's status")?;
     status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .vmrss
         .map(|kib| kib * 1024)
-        .with_context(|| format!("no VmRSS in {path}"))
+        .with_context(|| format!("no VmRSS for process {pid}"))
 }
 
 /// The counters of one CPU (a `cpuN` line of `/proc/stat`), in clock ticks.
@@ -633,31 +585,20 @@ struct CpuCounters {
 }
 
 fn cpu_counters() -> Result<Vec<CpuCounters>> {
-    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-    let mut cpus = Vec::new();
-    for line in stat
-        .lines()
-        .filter(|l| l.starts_with("cpu") && !l.starts_with("cpu "))
-    {
-        // user nice system idle iowait irq softirq steal (guest time is inside user).
-        let values: Vec<u64> = line
-            .split_whitespace()
-            .skip(1)
-            .take(8)
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        if values.len() < 5 {
-            continue;
-        }
-        let total: u64 = values.iter().sum();
-        cpus.push(CpuCounters {
-            busy: total - values[3] - values[4],
+    let stats = KernelStats::current().context("reading /proc/stat")?;
+    // Guest time is inside user time.
+    let cpus = stats.cpu_time.iter().map(|c| {
+        let [iowait, irq, softirq, steal] =
+            [c.iowait, c.irq, c.softirq, c.steal].map(Option::unwrap_or_default);
+        let total = c.user + c.nice + c.system + c.idle + iowait + irq + softirq + steal;
+        CpuCounters {
+            busy: total - c.idle - iowait,
             total,
-            uncharged: values.iter().skip(5).sum(),
-            steal: values.get(7).copied().unwrap_or(0),
-        });
-    }
-    Ok(cpus)
+            uncharged: irq + softirq + steal,
+            steal,
+        }
+    });
+    Ok(cpus.collect())
 }
 
 /// Measures the CPU use of a span: of the watched processes, of this process and its
