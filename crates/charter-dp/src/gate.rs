@@ -21,13 +21,17 @@
 //! connection ([`H2Upstream`]) carries them all; trailers pass both ways, so gRPC works.
 //!
 //! An HTTP/1.1 upgrade (WebSocket) is sent on an upstream connection of its own; after a
-//! 101 the two upgraded connections are spliced both ways ([`splice`]). 1xx responses
+//! 101 the two upgraded connections are spliced both ways ([`splice`]) until either side
+//! closes or neither sends anything for [`TUNNEL_IDLE_TIMEOUT`]. 1xx responses
 //! other than 101 are not forwarded: a hyper service returns one response per request,
 //! and hyper's server sends no 1xx but its own `100 Continue`.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -93,6 +97,12 @@ pub const MAX_REQUEST_HEADERS: usize = 256;
 /// The share of the process's file handles upgraded (spliced) connections may hold: each
 /// holds two, and the client's no longer counts as one of the listener's connections.
 const TUNNEL_SHARE: f64 = 1.0 / 8.0;
+/// How long a spliced connection may carry nothing either way before the gate closes both
+/// sides: a peer that vanished without closing would otherwise hold two file handles and
+/// a place forever. nginx cuts WebSockets after 60 s without a read (`proxy_read_timeout`);
+/// HAProxy's `timeout tunnel` is typically an hour; an application that pings its
+/// WebSockets (as browsers' libraries do every 20 to 60 s) never sees this.
+pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
 /// How long the finding of whether an `http://` upstream speaks HTTP/2 holds.
 const PROBE_TTL: Duration = Duration::from_secs(60);
@@ -443,6 +453,8 @@ pub struct Gate {
     h2: H2Upstream,
     /// How long an HTTP/1.x client connection may stay idle.
     client_idle_timeout: Duration,
+    /// How long a spliced connection may stay idle ([`TUNNEL_IDLE_TIMEOUT`]).
+    tunnel_idle_timeout: Duration,
     enforcement: Arc<Enforcement>,
     usage: Arc<Usage>,
     timeout: Duration,
@@ -485,10 +497,18 @@ impl Gate {
             )),
             h2: H2Upstream::default(),
             client_idle_timeout,
+            tunnel_idle_timeout: TUNNEL_IDLE_TIMEOUT,
             enforcement,
             usage,
             timeout: config.timeout,
         }
+    }
+
+    /// The same gate with spliced connections closed after `idle` without traffic (tests).
+    #[cfg(test)]
+    pub(crate) fn with_tunnel_idle_timeout(mut self, idle: Duration) -> Gate {
+        self.tunnel_idle_timeout = idle;
+        self
     }
 
     /// A lane for a new client connection from `peer`.
@@ -601,7 +621,8 @@ impl Gate {
                 if let Some((client, place)) = upgrade {
                     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                         let upstream = hyper::upgrade::on(&mut response);
-                        tokio::spawn(splice(client, upstream, place));
+                        let idle = self.tunnel_idle_timeout;
+                        tokio::spawn(splice(client, upstream, place, idle));
                     }
                 }
                 Ok(self.client_response(response, client_host.as_ref(), pending))
@@ -1247,8 +1268,14 @@ fn client_host<B>(request: &Request<B>) -> Option<HeaderValue> {
 }
 
 /// Splices an upgraded client connection to its upgraded upstream connection, both ways,
-/// until either side closes. `place` is one of the gate's places for such connections.
-async fn splice(client: OnUpgrade, upstream: OnUpgrade, place: OwnedSemaphorePermit) {
+/// until either side closes, or neither has sent anything for `idle`. `place` is one of
+/// the gate's places for such connections.
+async fn splice(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    place: OwnedSemaphorePermit,
+    idle: Duration,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(both) => both,
         Err(e) => {
@@ -1256,12 +1283,75 @@ async fn splice(client: OnUpgrade, upstream: OnUpgrade, place: OwnedSemaphorePer
             return;
         }
     };
-    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
-    match tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
-        Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
+    let moved = Arc::new(AtomicU64::new(0));
+    let mut client = Metered(TokioIo::new(client), moved.clone());
+    let mut upstream = Metered(TokioIo::new(upstream), moved.clone());
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    // Checked every half `idle`: closed after `idle` to 1.5 `idle` of silence.
+    let half = idle / 2;
+    let mut check = tokio::time::interval_at(tokio::time::Instant::now() + half, half);
+    // Ticks missed while this task waited are not made up at once, which would count
+    // silence that was only the task's own wait.
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut seen, mut quiet) = (0, 0);
+    loop {
+        tokio::select! {
+            copied = &mut copy => {
+                match copied {
+                    Ok((up, down)) => tracing::debug!(up, down, "upgraded connection closed"),
+                    Err(e) => tracing::debug!(error = %e, "upgraded connection ended with an error"),
+                }
+                break;
+            }
+            _ = check.tick() => {
+                let now = moved.load(Ordering::Relaxed);
+                quiet = if now == seen { quiet + 1 } else { 0 };
+                seen = now;
+                if quiet == 2 {
+                    tracing::debug!(?idle, "upgraded connection idle: closed");
+                    break;
+                }
+            }
+        }
     }
     drop(place);
+}
+
+/// One side of a spliced connection, counting the bytes read from it into a total shared
+/// with the other side.
+struct Metered<T>(T, Arc<AtomicU64>);
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Metered<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.0).poll_read(cx, buf);
+        let read = (buf.filled().len() - before) as u64;
+        self.1.fetch_add(read, Ordering::Relaxed);
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Metered<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
 }
 
 /// Whether the server at the other end of `stream` speaks HTTP/2 with prior knowledge

@@ -656,7 +656,8 @@ impl Client {
 }
 
 /// A gate serving on a loopback port with a valid license, in front of `upstream`, with
-/// `lanes` lanes and clients closed after a second without a request.
+/// `lanes` lanes, clients closed after a second without a request and spliced
+/// connections after two seconds without a byte.
 struct LicensedGate {
     addr: std::net::SocketAddr,
     // Dropped in this order: the gate's tasks, then its data dir.
@@ -691,13 +692,9 @@ fn licensed_gate(upstream: std::net::SocketAddr, timeout: Duration, lanes: usize
         timeout,
         ..GateConfig::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), upstream)
     };
-    let gate = Arc::new(Gate::with_limits(
-        &config,
-        enforcement,
-        usage,
-        lanes,
-        Duration::from_secs(1),
-    ));
+    let gate = Gate::with_limits(&config, enforcement, usage, lanes, Duration::from_secs(1))
+        .with_tunnel_idle_timeout(Duration::from_secs(2));
+    let gate = Arc::new(gate);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -747,6 +744,84 @@ fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed()
         fourth.get(),
         (200, lane),
         "the closed client's upstream connection is reused"
+    );
+}
+
+/// An upstream that accepts any upgrade: it answers `101` to a request's head, then echoes
+/// every byte it reads until the connection closes.
+fn upgrading_upstream() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(4) {
+            let Ok(stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let mut stream = reader.get_ref().try_clone().expect("clone");
+                let head = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n";
+                stream.write_all(head.as_bytes()).expect("101");
+                let mut buf = [0; 1024];
+                while let Ok(n @ 1..) = reader.read(&mut buf) {
+                    if stream.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_spliced_connection_stays_open_while_it_carries_bytes_and_closes_when_silent() {
+    use std::io::{BufRead, Read, Write};
+    // Spliced connections closed after two seconds without a byte either way.
+    let gate = licensed_gate(upgrading_upstream(), Duration::from_secs(5), 4);
+    let mut client = Client::connect(gate.addr);
+    client
+        .0
+        .get_mut()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let upgrade =
+        "GET /echo HTTP/1.1\r\nhost: gate.test\r\nconnection: upgrade\r\nupgrade: echo\r\n\r\n";
+    client
+        .0
+        .get_mut()
+        .write_all(upgrade.as_bytes())
+        .expect("send");
+    let mut line = String::new();
+    client.0.read_line(&mut line).expect("status line");
+    assert!(line.starts_with("HTTP/1.1 101 "), "{line:?}");
+    while line != "\r\n" {
+        line.clear();
+        client.0.read_line(&mut line).expect("header");
+    }
+    // A byte every half second for five seconds, two and a half times the idle limit:
+    // the connection stays open and every byte comes back.
+    for i in 0..10u8 {
+        client.0.get_mut().write_all(&[i]).expect("send a byte");
+        let mut echoed = [0; 1];
+        client.0.read_exact(&mut echoed).expect("the byte echoed");
+        assert_eq!(echoed[0], i);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // Then silence: the gate closes the connection, after at least the idle limit.
+    let silent = std::time::Instant::now();
+    let mut byte = [0; 1];
+    match client.0.read(&mut byte) {
+        Ok(0) => {}
+        other => panic!("the silent spliced connection was not closed: {other:?}"),
+    }
+    assert!(
+        silent.elapsed() >= Duration::from_millis(1500),
+        "closed after {:?} of silence",
+        silent.elapsed()
     );
 }
 
