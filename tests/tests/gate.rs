@@ -1027,13 +1027,25 @@ fn forwarded_for_is_trusted_only_from_trusted_proxies_and_errors_stay_terse() {
     );
     dp.wait_license("the license", |l| l["status"] == "valid");
     trusting_dp.wait_license("the license", |l| l["status"] == "valid");
-    let claimed = [("x-forwarded-for", "203.0.113.9")];
-    // From an untrusted peer the client's own X-Forwarded-For is replaced...
+    let claimed = [
+        ("x-forwarded-for", "203.0.113.9"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "shop.example"),
+    ];
+    // From an untrusted peer the client's own X-Forwarded-* are replaced...
     let seen = through(proxy, "GET", "/echo/xff", None, &claimed).json();
     assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
-    // ...from a trusted one appended to.
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
+    assert_ne!(seen["headers"]["x-forwarded-host"], "shop.example");
+    // ...from a trusted one X-Forwarded-For is appended to, and its scheme and host kept.
     let seen = through(trusting, "GET", "/echo/xff", None, &claimed).json();
     assert_eq!(seen["headers"]["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
+    assert_eq!(seen["headers"]["x-forwarded-host"], "shop.example");
+    // A trusted proxy that says nothing of them gets the gate's own.
+    let seen = through(trusting, "GET", "/echo/xff", None, &[]).json();
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
+    assert!(seen["headers"]["x-forwarded-host"].is_string(), "{seen}");
 
     // An unreachable upstream: a short message, its address only in the log.
     let dead = format!("http://127.0.0.1:{}", free_port());

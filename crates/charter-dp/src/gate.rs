@@ -1075,12 +1075,17 @@ impl Gate {
             let forwarded_for = format!("{}, {client_ip}", previous.join(", "));
             insert(headers, X_FORWARDED_FOR, &forwarded_for);
         }
-        headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("http"),
-        );
-        if let Some(host) = client_host {
-            headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+        // A trusted proxy's own scheme and host stand (it knows whether the client came
+        // over TLS, and which name it used, as Kong's `trusted_ips` lets them).
+        let proto = HeaderName::from_static("x-forwarded-proto");
+        if !(trusted && headers.contains_key(&proto)) {
+            headers.insert(proto, HeaderValue::from_static("http"));
+        }
+        let forwarded_host = HeaderName::from_static("x-forwarded-host");
+        if let Some(host) =
+            client_host.filter(|_| !(trusted && headers.contains_key(&forwarded_host)))
+        {
+            headers.insert(forwarded_host, host.clone());
         }
         // Over HTTP/2 the authority is in the target (`:authority`).
         if route == Route::Http2 {
