@@ -22,7 +22,8 @@ use tempfile::TempDir;
 /// An upstream on loopback: `/echo/...` answers what it received (and the port of the
 /// connection it came on), `/close` answers it too but closes the connection after,
 /// `/status/{code}` answers that status, `/large/{bytes}` a streamed body, `/slow` after 3 s,
-/// `/redirect` a 302 to its own address, `/headers/{count}` that many header fields.
+/// `/redirect` a 302 to its own address, `/headers/{count}` that many header fields,
+/// `/trailers` the request's trailers and trailers of its own.
 struct Upstream {
     addr: SocketAddr,
     _runtime: tokio::runtime::Runtime,
@@ -99,6 +100,33 @@ async fn many_headers(Path(count): Path<usize>) -> Response {
     response.body(Body::from("many")).expect("response")
 }
 
+/// Answers, in a chunked body, the request's trailers as JSON, and then trailers of its
+/// own (`x-checksum`, declared in `Trailer`).
+async fn trailers(request: Request) -> Response {
+    use http_body_util::BodyExt;
+    let collected = request.into_body().collect().await;
+    let received: serde_json::Map<String, Value> = collected
+        .ok()
+        .and_then(|c| c.trailers().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(v.to_str().unwrap_or(""))))
+        .collect();
+    let mut sent = axum::http::HeaderMap::new();
+    sent.insert("x-checksum", axum::http::HeaderValue::from_static("c0ffee"));
+    let frames = [
+        Ok::<_, std::io::Error>(hyper::body::Frame::data(hyper::body::Bytes::from(
+            Value::Object(received).to_string(),
+        ))),
+        Ok(hyper::body::Frame::trailers(sent)),
+    ];
+    let body = http_body_util::StreamBody::new(tokio_stream::iter(frames));
+    Response::builder()
+        .header("trailer", "x-checksum")
+        .body(Body::new(body))
+        .expect("response")
+}
+
 async fn slow() -> &'static str {
     tokio::time::sleep(Duration::from_secs(3)).await;
     "late"
@@ -122,6 +150,7 @@ impl Upstream {
             .route("/close", any(close))
             .route("/redirect", any(redirect))
             .route("/headers/{count}", any(many_headers))
+            .route("/trailers", any(trailers))
             .fallback(echo);
         runtime.spawn(async move {
             let _ = axum::serve(
@@ -1005,6 +1034,26 @@ fn redirects_to_the_upstream_point_at_the_gate_and_the_host_can_be_preserved() {
         field(&headers, "location"),
         ["http://gate.test:8443/echo/target?x=1"]
     );
+}
+
+#[test]
+fn http1_trailers_pass_both_ways_when_the_client_accepts_them() {
+    let (dir, vendor, cp, upstream) = setup();
+    cp.add(&vendor.valid("TRAILERS"));
+    let (dp, proxy) = gate(&dir, "trailers", &cp, &vendor, &upstream.url(), &[]);
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    // A chunked upload declaring and ending with a trailer; the client accepts trailers.
+    let head = "POST /trailers HTTP/1.1\r\nhost: gate.test\r\nte: trailers\r\n\
+                transfer-encoding: chunked\r\ntrailer: x-upload-digest";
+    let body = b"5\r\nhello\r\n0\r\nx-upload-digest: d1\r\n\r\n";
+    let (status, headers, body) = exchange(proxy, head, body);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(field(&headers, "transfer-encoding"), ["chunked"]);
+    // The upstream got the request's trailer...
+    assert!(body.contains(r#"{"x-upload-digest":"d1"}"#), "{body:?}");
+    // ...and its own came back after the last chunk.
+    let (_, after_last) = body.split_once("\r\n0\r\n").expect("the last chunk");
+    assert_eq!(after_last, "x-checksum: c0ffee\r\n\r\n", "{body:?}");
 }
 
 #[test]

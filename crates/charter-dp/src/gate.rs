@@ -1055,8 +1055,14 @@ impl Gate {
             headers.insert(header::UPGRADE, upgrade);
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        if trailers && route == Route::Http2 {
+        // `TE` is hop-by-hop: the gate says on its own hop what the client said on its,
+        // that trailers are welcome (an HTTP/1.1 upstream may send them only then; RFC
+        // 9110 §10.1.4 wants the `te` connection option beside it).
+        if trailers && route != Route::Upgrade {
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            if route != Route::Http2 {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("te"));
+            }
         }
         let trusted = self.trusted_proxies.iter().any(|c| c.contains(peer.ip()));
         let previous: Vec<&str> = if trusted {
