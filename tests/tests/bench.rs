@@ -60,6 +60,7 @@ fn check(report: &Value, title: &str, labels: &[&str], may_be_empty: &[usize]) {
 /// The figures of the kinds of update at N in a fan-out report: each kind's updates
 /// must all be timed and no snapshot refused.
 fn check_fanout(report: &Value, n: usize, kinds: &[&str], updates: usize) {
+    assert_eq!(report["failed_rounds"], serde_json::json!([]), "{report:#}");
     let figures = &report[format!("n_{n}")];
     let costs: Vec<&str> = figures["costs"]
         .as_array()

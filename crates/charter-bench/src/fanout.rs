@@ -300,6 +300,7 @@ pub fn main(args: FanoutArgs) -> Result<Report> {
             if !args.no_etcd {
                 etcd::check_installed()?;
             }
+            let mut failed = Failures::default();
             for &n in &args.sizes {
                 let cp = run.start_cp(&format!("cp-data-{n}"), None).await?;
                 let cluster = free_port()?;
@@ -358,15 +359,58 @@ pub fn main(args: FanoutArgs) -> Result<Report> {
                             args.rounds,
                             kinds[slot].target.label()
                         ));
-                        run.phase(n, servers[slot], &mut kinds[slot..=slot], &[0])
-                            .await?;
+                        let target = kinds[slot].target;
+                        let phase = run.phase(n, servers[slot], &mut kinds[slot..=slot], &[0]);
+                        failed.note(n, round, target, phase.await)?;
                     }
                 }
                 tables(report, n, &kinds, 1);
             }
+            failed.report(report);
             Ok(())
         },
     )
+}
+
+/// Rounds that failed (a stream ended, a node timed out): noted and left out, so one
+/// broken stream among thousands does not throw away the rounds measured before it. More
+/// than [`Failures::MOST`] end the run.
+#[derive(Default)]
+struct Failures(Vec<(usize, usize, &'static str, String)>);
+
+impl Failures {
+    const MOST: usize = 3;
+
+    /// Notes `phase`'s failure, if it failed, in round `round` at N = `n`.
+    fn note(&mut self, n: usize, round: usize, target: Target, phase: Result<()>) -> Result<()> {
+        let Err(e) = phase else { return Ok(()) };
+        progress(format_args!(
+            "N={n} round {}: {} failed, left out: {e:#}",
+            round + 1,
+            target.label()
+        ));
+        self.0
+            .push((n, round + 1, target.label(), format!("{e:#}")));
+        ensure!(
+            self.0.len() <= Self::MOST,
+            "more than {} rounds failed; the last: {e:#}",
+            Self::MOST
+        );
+        Ok(())
+    }
+
+    fn report(&self, report: &mut Report) {
+        let failed = self.0.iter().map(|(n, round, target, error)| {
+            json!({ "n": n, "round": round, "update": target, "error": error })
+        });
+        report.set("failed_rounds", failed.collect());
+        if !self.0.is_empty() {
+            report.table("Rounds that failed and are left out", "update|N|round");
+            for (n, round, target, _) in &self.0 {
+                report.row(*target, [*n as f64, *round as f64]);
+            }
+        }
+    }
 }
 
 /// Runs `fanout-ha`.
@@ -377,6 +421,7 @@ pub fn ha_main(args: FanoutHaArgs) -> Result<Report> {
         &args.sizes,
         &args.fleet,
         async |run, report| {
+            let mut failed = Failures::default();
             for &n in &args.sizes {
                 progress(format_args!(
                     "N={n}: starting PostgreSQL and the control planes"
@@ -411,13 +456,15 @@ pub fn ha_main(args: FanoutHaArgs) -> Result<Report> {
                     progress(format_args!("N={n} round {}/{}", round + 1, args.rounds));
                     // The data planes on B, written on A and on B; neither kind always first.
                     let turns = if round % 2 == 0 { [0, 1] } else { [1, 0] };
-                    run.phase(n, (&b.0, b.1), &mut kinds[..2], &turns).await?;
-                    run.phase(n, (&sled.0, sled.1), &mut kinds[2..], &[0])
-                        .await?;
+                    let phase = run.phase(n, (&b.0, b.1), &mut kinds[..2], &turns);
+                    failed.note(n, round, Target::PgCp, phase.await)?;
+                    let phase = run.phase(n, (&sled.0, sled.1), &mut kinds[2..], &[0]);
+                    failed.note(n, round, Target::SledCp, phase.await)?;
                 }
                 report.set(&format!("postgres_{n}"), pg.version.clone().into());
                 tables(report, n, &kinds, 1);
             }
+            failed.report(report);
             Ok(())
         },
     )
