@@ -17,8 +17,9 @@
 //! HTTP/2 to the upstream (h2c, prior knowledge) carries every request when `--upstream`
 //! is `h2c://…`, and the requests of HTTP/2 clients when it is `http://…` and the
 //! upstream speaks HTTP/2 (found out by a probe, [`speaks_h2c`], remembered for
-//! [`PROBE_TTL`]); otherwise HTTP/2 clients are translated to HTTP/1.1. One multiplexed
-//! connection ([`H2Upstream`]) carries them all; trailers pass both ways, so gRPC works.
+//! [`PROBE_TTL`]); otherwise HTTP/2 clients are translated to HTTP/1.1. Multiplexed
+//! connections ([`H2Upstream`], each up to [`H2_STREAMS_PER_CONNECTION`] streams) carry
+//! them; trailers pass both ways, so gRPC works.
 //!
 //! An HTTP/1.1 upgrade (WebSocket) is sent on an upstream connection of its own; after a
 //! 101 the two upgraded connections are spliced both ways ([`splice`]) until either side
@@ -29,7 +30,7 @@
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -117,6 +118,12 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// the other streams (see [`Gate::h2_sender`]).
 const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
 const H2_CONNECTION_WINDOW: u32 = (1 << 31) - 1;
+/// Streams in flight on one HTTP/2 upstream connection before the next request goes on
+/// another: the least a server should allow (RFC 9113 §6.5.2), so the upstream's own limit
+/// is seldom what a request waits for.
+const H2_STREAMS_PER_CONNECTION: usize = 100;
+/// Most HTTP/2 connections to the upstream.
+const H2_MAX_CONNECTIONS: usize = 16;
 /// How long after a failed dial of the HTTP/2 upstream requests fail at once.
 const REDIAL_AFTER: Duration = Duration::from_secs(1);
 
@@ -400,12 +407,13 @@ impl Drop for Lane {
     }
 }
 
-/// The one HTTP/2 connection to the upstream, dialled when first needed and again once it
-/// has closed, and (for an `http://` upstream) whether the upstream speaks HTTP/2.
+/// The HTTP/2 connections to the upstream, dialled when needed (see [`Gate::h2_sender`]),
+/// and (for an `http://` upstream) whether the upstream speaks HTTP/2.
 #[derive(Default)]
 struct H2Upstream {
-    /// Held across a dial, so concurrent requests wait for one connection, not open many.
-    sender: tokio::sync::Mutex<H2Connection>,
+    /// Held across a dial, so concurrent requests wait for one new connection, not open
+    /// many.
+    sender: tokio::sync::Mutex<H2Connections>,
     /// What the last definite probe found, and when.
     speaks: Mutex<Option<(bool, Instant)>>,
     /// Held while probing, so one probe runs at a time.
@@ -413,10 +421,43 @@ struct H2Upstream {
 }
 
 #[derive(Default)]
-struct H2Connection {
-    connection: Option<http2::SendRequest<UpstreamBody>>,
+struct H2Connections {
+    /// In the order dialled; requests go on the first with a stream to spare.
+    open: Vec<H2Connection>,
     /// When the last dial failed, and why.
     failed: Option<(Instant, String)>,
+}
+
+struct H2Connection {
+    sender: http2::SendRequest<UpstreamBody>,
+    /// Its streams in flight: one for each [`H2Stream`] alive.
+    streams: Arc<AtomicUsize>,
+    /// When a request last went on it.
+    used: Instant,
+}
+
+/// A stream in flight on an HTTP/2 upstream connection, counted while this (and its
+/// clones) live: from the request until the response body is done with ([`Returning`]).
+#[derive(Clone)]
+struct H2Stream {
+    _count: Arc<H2StreamCount>,
+}
+
+struct H2StreamCount(Arc<AtomicUsize>);
+
+impl H2Stream {
+    fn new(streams: &Arc<AtomicUsize>) -> H2Stream {
+        streams.fetch_add(1, Ordering::Relaxed);
+        H2Stream {
+            _count: Arc::new(H2StreamCount(streams.clone())),
+        }
+    }
+}
+
+impl Drop for H2StreamCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// How a request goes upstream.
@@ -700,6 +741,7 @@ impl Gate {
         let body = Returning {
             inner: body,
             pending,
+            _stream: parts.extensions.remove::<H2Stream>(),
         };
         Response::from_parts(parts, body.boxed())
     }
@@ -804,8 +846,9 @@ impl Gate {
         }
     }
 
-    /// Sends `request` on the upstream's HTTP/2 connection (hyper queues it while the
-    /// upstream's stream limit is reached; the upstream timeout runs meanwhile, see
+    /// Sends `request` on an HTTP/2 connection to the upstream ([`Gate::h2_sender`];
+    /// hyper queues it while that connection is at the upstream's stream limit; the
+    /// upstream timeout runs meanwhile, see
     /// [`Gate::handle`]). A request the connection never sent (it had closed)
     /// is sent on a new one, whatever its method; one the upstream refused unprocessed
     /// (`REFUSED_STREAM`, or a GOAWAY it arrived after) is sent again when it has no body.
@@ -818,7 +861,7 @@ impl Gate {
             .body()
             .is_end_stream()
             .then(|| without_body(&request));
-        let mut sender = self.h2_sender().await?;
+        let (mut sender, stream) = self.h2_sender().await?;
         tokio::time::timeout(self.timeout, sender.ready())
             .await
             .map_err(|_| {
@@ -827,35 +870,76 @@ impl Gate {
                     self.timeout.as_secs()
                 )
             })??;
+        // The stream is counted on its connection while the response body lives.
+        let counted = |mut response: Response<Incoming>, stream: H2Stream| {
+            response.extensions_mut().insert(stream);
+            response
+        };
         let error = match sender.try_send_request(request).await {
-            Ok(response) => return Ok(response),
+            Ok(response) => return Ok(counted(response, stream)),
             Err(mut e) => match e.take_message() {
                 Some(unsent) => {
                     tracing::debug!(error = %e.error(), "the HTTP/2 upstream connection closed before the request was sent; sending it on a new one");
-                    return Ok(self.h2_sender().await?.send_request(unsent).await?);
+                    let (mut sender, stream) = self.h2_sender().await?;
+                    return Ok(counted(sender.send_request(unsent).await?, stream));
                 }
                 None => e.into_error(),
             },
         };
+        drop(stream);
         let refused = find::<h2::Error>(&error).is_some_and(|e| {
             e.reason() == Some(h2::Reason::REFUSED_STREAM) || (e.is_go_away() && e.is_remote())
         });
         match again {
             Some(again) if refused => {
                 tracing::debug!(error = %error, "the HTTP/2 upstream refused a request unprocessed; sending it again");
-                Ok(self.h2_sender().await?.send_request(again).await?)
+                let (mut sender, stream) = self.h2_sender().await?;
+                Ok(counted(sender.send_request(again).await?, stream))
             }
             _ => Err(error.into()),
         }
     }
 
-    /// The HTTP/2 connection to the upstream: the open one, or a new one when there is
-    /// none or it has closed. A dial that failed less than [`REDIAL_AFTER`] ago fails the
-    /// requests meanwhile at once, so a dead upstream does not queue them behind dials.
-    async fn h2_sender(&self) -> Result<http2::SendRequest<UpstreamBody>, BoxError> {
+    /// An HTTP/2 connection to the upstream for one more stream, and that stream's count
+    /// on it: the first open connection with fewer than [`H2_STREAMS_PER_CONNECTION`]
+    /// streams in flight, else a new one (up to [`H2_MAX_CONNECTIONS`]; beyond, the least
+    /// busy, where the stream waits for the upstream's limit). So an upstream's limit on
+    /// concurrent streams (commonly 100 to 250) does not hold back long streams beyond it,
+    /// such as gRPC streaming calls. A connection other than the first that has carried
+    /// nothing for [`IDLE_TIMEOUT`] is let go. A dial that failed less than
+    /// [`REDIAL_AFTER`] ago fails the requests meanwhile at once (when no connection is
+    /// open), so a dead upstream does not queue them behind dials.
+    async fn h2_sender(&self) -> Result<(http2::SendRequest<UpstreamBody>, H2Stream), BoxError> {
         let mut held = self.h2.sender.lock().await;
-        if let Some(sender) = held.connection.as_ref().filter(|s| !s.is_closed()) {
-            return Ok(sender.clone());
+        let mut first = true;
+        // The first open connection stays; others while busy or lately used.
+        held.open.retain(|c| {
+            !c.sender.is_closed()
+                && (std::mem::take(&mut first)
+                    || c.streams.load(Ordering::Relaxed) > 0
+                    || c.used.elapsed() < IDLE_TIMEOUT)
+        });
+        let spare = held
+            .open
+            .iter()
+            .position(|c| c.streams.load(Ordering::Relaxed) < H2_STREAMS_PER_CONNECTION);
+        let least_busy =
+            || (0..held.open.len()).min_by_key(|&i| held.open[i].streams.load(Ordering::Relaxed));
+        let chosen = match spare {
+            Some(i) => Some(i),
+            None if held.open.len() >= H2_MAX_CONNECTIONS => least_busy(),
+            None => match &held.failed {
+                Some((at, _)) if at.elapsed() < REDIAL_AFTER => least_busy(),
+                _ => None,
+            },
+        };
+        if let Some(i) = chosen {
+            let connection = &mut held.open[i];
+            connection.used = Instant::now();
+            return Ok((
+                connection.sender.clone(),
+                H2Stream::new(&connection.streams),
+            ));
         }
         if let Some((at, error)) = &held.failed {
             if at.elapsed() < REDIAL_AFTER {
@@ -885,11 +969,15 @@ impl Gate {
         };
         match dialled.await {
             Ok(sender) => {
-                *held = H2Connection {
-                    connection: Some(sender.clone()),
-                    failed: None,
-                };
-                Ok(sender)
+                let streams = Arc::new(AtomicUsize::new(0));
+                let stream = H2Stream::new(&streams);
+                held.failed = None;
+                held.open.push(H2Connection {
+                    sender: sender.clone(),
+                    streams,
+                    used: Instant::now(),
+                });
+                Ok((sender, stream))
             }
             Err(e) => {
                 held.failed = Some((Instant::now(), describe(&e)));
@@ -1212,6 +1300,8 @@ impl hyper::body::Body for Outgoing {
 struct Returning {
     inner: Incoming,
     pending: Option<Pending>,
+    /// The stream's count on its HTTP/2 upstream connection, if it came over one.
+    _stream: Option<H2Stream>,
 }
 
 impl Returning {

@@ -667,6 +667,11 @@ struct LicensedGate {
 }
 
 fn licensed_gate(upstream: std::net::SocketAddr, timeout: Duration, lanes: usize) -> LicensedGate {
+    licensed_gate_to(&format!("http://{upstream}"), timeout, lanes)
+}
+
+/// [`licensed_gate`] in front of the upstream at `url`.
+fn licensed_gate_to(url: &str, timeout: Duration, lanes: usize) -> LicensedGate {
     use std::sync::Arc;
 
     use crate::config::GateConfig;
@@ -687,7 +692,7 @@ fn licensed_gate(upstream: std::net::SocketAddr, timeout: Duration, lanes: usize
     ));
     let enforcement = Arc::new(Enforcement::new(Some(verified), None, clock));
     let usage = Arc::new(Usage::open(dir.path()).expect("usage"));
-    let upstream = Upstream::parse(&format!("http://{upstream}")).expect("url");
+    let upstream = Upstream::parse(url).expect("url");
     let config = GateConfig {
         timeout,
         ..GateConfig::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), upstream)
@@ -744,6 +749,69 @@ fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed()
         fourth.get(),
         (200, lane),
         "the closed client's upstream connection is reused"
+    );
+}
+
+/// An HTTP/2 (h2c) upstream allowing `limit` streams at once on each connection: it
+/// holds each request until `hold` are in flight together, then answers each with the
+/// port of the connection it came on.
+fn holding_h2_upstream(limit: u32, hold: usize) -> std::net::SocketAddr {
+    use http_body_util::Full;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    listener.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let together = std::sync::Arc::new(tokio::sync::Barrier::new(hold));
+            while let Ok((stream, peer)) = listener.accept().await {
+                let together = together.clone();
+                let service = hyper::service::service_fn(move |_request| {
+                    let together = together.clone();
+                    async move {
+                        together.wait().await;
+                        let port = bytes::Bytes::from(peer.port().to_string());
+                        Ok::<_, std::convert::Infallible>(hyper::Response::new(Full::new(port)))
+                    }
+                });
+                tokio::spawn(
+                    hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .max_concurrent_streams(limit)
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+    });
+    addr
+}
+
+#[test]
+fn requests_beyond_an_http2_connections_streams_go_on_another_connection() {
+    // 150 requests that the upstream answers only once all 150 are in flight, at most
+    // 100 streams on a connection: on one connection, the last 50 would wait for streams
+    // that never come free.
+    let upstream = holding_h2_upstream(100, 150);
+    let gate = licensed_gate_to(&format!("h2c://{upstream}"), Duration::from_secs(10), 4);
+    let addr = gate.addr;
+    let clients: Vec<_> = (0..150)
+        .map(|_| std::thread::spawn(move || Client::connect(addr).get()))
+        .collect();
+    let answers: Vec<(u16, String)> = clients
+        .into_iter()
+        .map(|c| c.join().expect("client thread"))
+        .collect();
+    assert!(
+        answers.iter().all(|(status, _)| *status == 200),
+        "{answers:?}"
+    );
+    let connections: std::collections::BTreeSet<&str> =
+        answers.iter().map(|(_, port)| port.as_str()).collect();
+    assert_eq!(
+        connections.len(),
+        2,
+        "upstream connections used: {connections:?}"
     );
 }
 
