@@ -61,6 +61,7 @@ const PATHS: [&str; 6] = [
     "nginx",
     "haproxy",
 ];
+const HYPER_RELAY: usize = 2;
 const GATE: usize = 3;
 const PEERS: [usize; 2] = [4, 5];
 /// The fixed answer of the nginx upstream.
@@ -217,8 +218,9 @@ async fn measure(
     Ok(labels.zip(samples).collect())
 }
 
-/// The table of one upstream: each path against the upstream called directly and against
-/// the better of the gate's peers (nginx, HAProxy) at the same concurrency.
+/// The table of one upstream: each path against the upstream called directly, the bare
+/// hyper relay (the floor of a proxy built on hyper) and the better of the gate's peers
+/// (nginx, HAProxy) at the same concurrency.
 fn table(report: &mut Report, args: &GateArgs, case: Case, series: Vec<(String, Vec<Window>)>) {
     let title = format!(
         "GET /record behind {case}: median (min, max) of {} rounds",
@@ -232,6 +234,7 @@ fn table(report: &mut Report, args: &GateArgs, case: Case, series: Vec<(String, 
         let best = first + PEERS[if peer_rps[0] >= peer_rps[1] { 0 } else { 1 }];
         vec![
             med(i, Window::rps) / med(first, Window::rps),
+            med(i, Window::rps) / med(first + HYPER_RELAY, Window::rps),
             med(i, Window::rps) / med(best, Window::rps),
             med(i, p50) - med(best, p50),
             med(i, p99) - med(best, p99),
@@ -241,7 +244,7 @@ fn table(report: &mut Report, args: &GateArgs, case: Case, series: Vec<(String, 
         report,
         title,
         &series,
-        "x direct req/s|x better peer req/s|p50 - peer's µs|p99 - peer's µs",
+        "x direct req/s|x hyper relay req/s|x better peer req/s|p50 - peer's µs|p99 - peer's µs",
         compare,
     );
 }
