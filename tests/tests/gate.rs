@@ -1080,17 +1080,33 @@ fn forwarded_for_is_trusted_only_from_trusted_proxies_and_errors_stay_terse() {
         ("x-forwarded-for", "203.0.113.9"),
         ("x-forwarded-proto", "https"),
         ("x-forwarded-host", "shop.example"),
+        ("x-forwarded-port", "443"),
+        ("x-real-ip", "203.0.113.9"),
+        ("forwarded", "for=203.0.113.9;proto=https"),
     ];
-    // From an untrusted peer the client's own X-Forwarded-* are replaced...
+    // From an untrusted peer the client's own X-Forwarded-* are replaced or dropped...
     let seen = through(proxy, "GET", "/echo/xff", None, &claimed).json();
     assert_eq!(seen["headers"]["x-forwarded-for"], "127.0.0.1");
     assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
     assert_ne!(seen["headers"]["x-forwarded-host"], "shop.example");
-    // ...from a trusted one X-Forwarded-For is appended to, and its scheme and host kept.
+    for dropped in ["x-forwarded-port", "x-real-ip", "forwarded"] {
+        assert!(seen["headers"][dropped].is_null(), "{dropped}: {seen}");
+    }
+    // (also when the request has no Host for the gate to put in its place)
+    let (_, _, body) = exchange(
+        proxy,
+        "GET /echo/xff HTTP/1.0\r\nx-forwarded-host: shop.example",
+        b"",
+    );
+    let seen: Value = serde_json::from_str(&body).expect("json");
+    assert!(seen["headers"]["x-forwarded-host"].is_null(), "{seen}");
+    // ...from a trusted one X-Forwarded-For is appended to, and the rest kept.
     let seen = through(trusting, "GET", "/echo/xff", None, &claimed).json();
     assert_eq!(seen["headers"]["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
     assert_eq!(seen["headers"]["x-forwarded-proto"], "https");
     assert_eq!(seen["headers"]["x-forwarded-host"], "shop.example");
+    assert_eq!(seen["headers"]["x-forwarded-port"], "443");
+    assert_eq!(seen["headers"]["forwarded"], "for=203.0.113.9;proto=https");
     // A trusted proxy that says nothing of them gets the gate's own.
     let seen = through(trusting, "GET", "/echo/xff", None, &[]).json();
     assert_eq!(seen["headers"]["x-forwarded-proto"], "http");

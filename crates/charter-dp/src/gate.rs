@@ -105,6 +105,17 @@ const TUNNEL_SHARE: f64 = 1.0 / 8.0;
 /// WebSockets (as browsers' libraries do every 20 to 60 s) never sees this.
 pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
+const X_FORWARDED_HOST: &str = "x-forwarded-host";
+/// Headers about earlier hops that only a trusted proxy's word counts for: anyone else's
+/// are dropped (the gate sets `X-Forwarded-For`, `-Proto` and `-Host` itself).
+const CLAIMED_BY_PROXIES: [&str; 5] = [
+    "forwarded",
+    "x-forwarded-port",
+    "x-forwarded-prefix",
+    "x-real-ip",
+    X_FORWARDED_HOST,
+];
 /// How long the finding of whether an `http://` upstream speaks HTTP/2 holds.
 const PROBE_TTL: Duration = Duration::from_secs(60);
 /// How long an upstream may take to answer the probe's HTTP/2 preface.
@@ -191,21 +202,35 @@ impl Upstream {
     }
 
     /// `location` (a `Location` or `Content-Location` value) as the client should see it
-    /// when it points at this upstream (under its base path): the same place at
-    /// `http://{client_host}`, as nginx's default `proxy_redirect` does. `None` for any
+    /// when it points at this upstream (under its base path), over `http` or `https`: the
+    /// same place at `{scheme}://{client_host}` (`scheme` is what the upstream was told
+    /// in `X-Forwarded-Proto`), as nginx's default `proxy_redirect` does. `None` for any
     /// other value (relative, or another host), which is passed on as it is.
-    pub fn rewrite_location(&self, location: &str, client_host: &str) -> Option<String> {
-        let scheme = location.get(..7)?;
-        if !scheme.eq_ignore_ascii_case("http://") {
+    pub fn rewrite_location(
+        &self,
+        location: &str,
+        scheme: &str,
+        client_host: &str,
+    ) -> Option<String> {
+        let (https, rest) = if location.get(..7)?.eq_ignore_ascii_case("http://") {
+            (false, &location[7..])
+        } else if location.get(..8)?.eq_ignore_ascii_case("https://") {
+            (true, &location[8..])
+        } else {
             return None;
-        }
-        let rest = &location[7..];
+        };
         let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
         let authority: hyper::http::uri::Authority = rest[..end].parse().ok()?;
+        // An `https` link without a port is one an upstream told `X-Forwarded-Proto:
+        // https` built from the `Host` it got; an `http` one means port 80.
+        let port_matches = match authority.port_u16() {
+            Some(port) => port == self.port,
+            None => https || self.port == 80,
+        };
         // A link with credentials is not one the upstream built from its own address.
         if authority.as_str().contains('@')
             || !authority.host().eq_ignore_ascii_case(&self.host)
-            || authority.port_u16().unwrap_or(80) != self.port
+            || !port_matches
         {
             return None;
         }
@@ -217,7 +242,7 @@ impl Upstream {
             // `/api2` is not under the base path `/api`.
             Some(_) => return None,
         };
-        Some(format!("http://{client_host}{path}"))
+        Some(format!("{scheme}://{client_host}{path}"))
     }
 }
 
@@ -629,6 +654,17 @@ impl Gate {
                 ));
             }
         };
+        // Where the client sees the upstream: the scheme the upstream was told, and the
+        // host the client asked for.
+        let scheme = match request
+            .headers()
+            .get(X_FORWARDED_PROTO)
+            .map(|p| p.as_bytes())
+        {
+            Some(p) if p.eq_ignore_ascii_case(b"https") => "https",
+            _ => "http",
+        };
+        let client = (scheme, client_host);
         let forwarded = async {
             match route {
                 Route::Upgrade => self.forward_upgrade(request).await,
@@ -666,7 +702,7 @@ impl Gate {
                         tokio::spawn(splice(client, upstream, place, idle));
                     }
                 }
-                Ok(self.client_response(response, client_host.as_ref(), pending))
+                Ok(self.client_response(response, &client, pending))
             }
             Some(Err(e)) => Ok(self.failed(&e, peer, grpc)),
             None => {
@@ -711,7 +747,7 @@ impl Gate {
     fn client_response(
         &self,
         response: Response<Incoming>,
-        client_host: Option<&HeaderValue>,
+        (scheme, client_host): &(&str, Option<HeaderValue>),
         pending: Option<Pending>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
@@ -725,13 +761,13 @@ impl Gate {
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        if let Some(host) = client_host.and_then(|h| h.to_str().ok()) {
+        if let Some(host) = client_host.as_ref().and_then(|h| h.to_str().ok()) {
             for name in [header::LOCATION, header::CONTENT_LOCATION] {
                 let rewritten = parts
                     .headers
                     .get(&name)
                     .and_then(|v| v.to_str().ok())
-                    .and_then(|v| self.upstream.rewrite_location(v, host));
+                    .and_then(|v| self.upstream.rewrite_location(v, scheme, host));
                 if let Some(rewritten) = rewritten.and_then(|r| HeaderValue::from_str(&r).ok()) {
                     parts.headers.insert(name, rewritten);
                 }
@@ -1170,16 +1206,18 @@ impl Gate {
             insert(headers, X_FORWARDED_FOR, &forwarded_for);
         }
         // A trusted proxy's own scheme and host stand (it knows whether the client came
-        // over TLS, and which name it used, as Kong's `trusted_ips` lets them).
-        let proto = HeaderName::from_static("x-forwarded-proto");
-        if !(trusted && headers.contains_key(&proto)) {
-            headers.insert(proto, HeaderValue::from_static("http"));
+        // over TLS, and which name it used, as Kong's `trusted_ips` lets them); anyone
+        // else's claims about earlier hops are dropped.
+        if !trusted {
+            for name in CLAIMED_BY_PROXIES {
+                headers.remove(name);
+            }
         }
-        let forwarded_host = HeaderName::from_static("x-forwarded-host");
-        if let Some(host) =
-            client_host.filter(|_| !(trusted && headers.contains_key(&forwarded_host)))
-        {
-            headers.insert(forwarded_host, host.clone());
+        if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        }
+        if let Some(host) = client_host.filter(|_| !headers.contains_key(X_FORWARDED_HOST)) {
+            headers.insert(X_FORWARDED_HOST, host.clone());
         }
         // Over HTTP/2 the authority is in the target (`:authority`).
         if route == Route::Http2 {
@@ -1707,15 +1745,18 @@ mod tests {
 
     #[test]
     fn locations_at_the_upstream_point_at_the_gate() {
-        let check = |upstream: &str, location: &str, expected: Option<&str>| {
+        let check_as = |scheme: &str, upstream: &str, location: &str, expected: Option<&str>| {
             let upstream = Upstream::parse(upstream).expect("url");
             assert_eq!(
                 upstream
-                    .rewrite_location(location, "gate.test:8000")
+                    .rewrite_location(location, scheme, "gate.test:8000")
                     .as_deref(),
                 expected,
                 "{location} from {upstream:?}"
             );
+        };
+        let check = |upstream: &str, location: &str, expected: Option<&str>| {
+            check_as("http", upstream, location, expected);
         };
         let up = "http://127.0.0.1:9000";
         check(
@@ -1731,7 +1772,23 @@ mod tests {
         );
         check(up, "http://127.0.0.1:9001/get", None);
         check(up, "http://example.com/get", None);
-        check(up, "https://127.0.0.1:9000/get", None);
+        // An upstream told `X-Forwarded-Proto: https` links over https, with the port of
+        // the Host it got or none; the client gets the scheme the upstream was told.
+        check_as(
+            "https",
+            up,
+            "https://127.0.0.1:9000/get",
+            Some("https://gate.test:8000/get"),
+        );
+        check_as(
+            "https",
+            up,
+            "https://127.0.0.1/get",
+            Some("https://gate.test:8000/get"),
+        );
+        check_as("https", up, "https://127.0.0.1:9001/get", None);
+        check_as("https", up, "https://example.com/get", None);
+        check(up, "http://127.0.0.1/get", None);
         check(up, "/relative", None);
         check(up, "http://user@127.0.0.1:9000/get", None);
         // No port means 80, either way round; host names compare without case.
