@@ -200,6 +200,30 @@ impl Kind {
         }
     }
 
+    /// What it holds so far, to go back to with [`Kind::rewind`].
+    fn mark(&self) -> Mark {
+        Mark {
+            lengths: [
+                self.updates.len(),
+                self.connect_secs.len(),
+                self.verify.len(),
+                self.cache_write.len(),
+            ],
+            refused: self.refused,
+            rss_connected: self.rss_connected,
+        }
+    }
+
+    /// Drops what was added since `mark`.
+    fn rewind(&mut self, mark: Mark) {
+        let [updates, connect, verify, cache_write] = mark.lengths;
+        self.updates.truncate(updates);
+        self.connect_secs.truncate(connect);
+        self.verify.truncate(verify);
+        self.cache_write.truncate(cache_write);
+        (self.refused, self.rss_connected) = (mark.refused, mark.rss_connected);
+    }
+
     /// The median over the updates of figure `index`.
     fn median(&self, index: usize) -> f64 {
         median(&self.updates.iter().map(|u| u[index]).collect::<Vec<_>>()).unwrap_or(f64::NAN)
@@ -225,6 +249,25 @@ impl Kind {
     }
 }
 
+/// What a [`Kind`] held at some point (see [`Kind::mark`]).
+struct Mark {
+    lengths: [usize; 4],
+    refused: usize,
+    rss_connected: u64,
+}
+
+/// What the simulated nodes of a phase failed at, with the kind of update it was: a
+/// connection not made, a stream that ended, an update not received in time. Such a round
+/// is left out (see [`Failures`]); anything else ends the run.
+#[derive(Debug, Clone, Copy)]
+struct NodeLost(Target);
+
+impl std::fmt::Display for NodeLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: a node failed", self.0.label())
+    }
+}
+
 fn sorted(samples: &[Duration]) -> Vec<Duration> {
     let mut sorted = samples.to_vec();
     sorted.sort();
@@ -235,16 +278,14 @@ fn sorted(samples: &[Duration]) -> Vec<Duration> {
 /// spread of the last delivery, each kind's against `kinds[reference]` and against etcd
 /// with TLS (when it ran), and the costs.
 fn tables(report: &mut Report, n: usize, kinds: &[Kind], reference: usize) {
-    let updates = kinds[0].updates.len();
     report.table(
-        format!("N = {n}: median over {updates} updates (ms from the request)"),
-        &format!("update|{FIGURES}"),
+        format!("N = {n}: median over each kind's updates (ms from the request)"),
+        &format!("update|updates|{FIGURES}"),
     );
     for kind in kinds {
-        report.row(
-            kind.target.label(),
-            (0..FIGURES.split('|').count()).map(|i| kind.median(i)),
-        );
+        let medians = (0..FIGURES.split('|').count()).map(|i| kind.median(i));
+        let updates = kind.updates.len() as f64;
+        report.row(kind.target.label(), std::iter::once(updates).chain(medians));
     }
     let base = &kinds[reference];
     let etcd = kinds.iter().find(|k| k.target == Target::EtcdTls);
@@ -359,9 +400,8 @@ pub fn main(args: FanoutArgs) -> Result<Report> {
                             args.rounds,
                             kinds[slot].target.label()
                         ));
-                        let target = kinds[slot].target;
                         let phase = run.phase(n, servers[slot], &mut kinds[slot..=slot], &[0]);
-                        failed.note(n, round, target, phase.await)?;
+                        failed.note(n, round, phase.await)?;
                     }
                 }
                 tables(report, n, &kinds, 1);
@@ -372,7 +412,7 @@ pub fn main(args: FanoutArgs) -> Result<Report> {
     )
 }
 
-/// Rounds that failed (a stream ended, a node timed out): noted and left out, so one
+/// Rounds whose nodes failed ([`NodeLost`]): noted and left out, so one
 /// broken stream among thousands does not throw away the rounds measured before it. More
 /// than [`Failures::MOST`] end the run.
 #[derive(Default)]
@@ -381,9 +421,13 @@ struct Failures(Vec<(usize, usize, &'static str, String)>);
 impl Failures {
     const MOST: usize = 3;
 
-    /// Notes `phase`'s failure, if it failed, in round `round` at N = `n`.
-    fn note(&mut self, n: usize, round: usize, target: Target, phase: Result<()>) -> Result<()> {
+    /// Notes `phase`'s failure in round `round` at N = `n` if its nodes failed
+    /// ([`NodeLost`]); any other failure is the run's.
+    fn note(&mut self, n: usize, round: usize, phase: Result<()>) -> Result<()> {
         let Err(e) = phase else { return Ok(()) };
+        let Some(&NodeLost(target)) = e.downcast_ref::<NodeLost>() else {
+            return Err(e);
+        };
         progress(format_args!(
             "N={n} round {}: {} failed, left out: {e:#}",
             round + 1,
@@ -457,9 +501,9 @@ pub fn ha_main(args: FanoutHaArgs) -> Result<Report> {
                     // The data planes on B, written on A and on B; neither kind always first.
                     let turns = if round % 2 == 0 { [0, 1] } else { [1, 0] };
                     let phase = run.phase(n, (&b.0, b.1), &mut kinds[..2], &turns);
-                    failed.note(n, round, Target::PgCp, phase.await)?;
+                    failed.note(n, round, phase.await)?;
                     let phase = run.phase(n, (&sled.0, sled.1), &mut kinds[2..], &[0]);
-                    failed.note(n, round, Target::SledCp, phase.await)?;
+                    failed.note(n, round, phase.await)?;
                 }
                 report.set(&format!("postgres_{n}"), pg.version.clone().into());
                 tables(report, n, &kinds, 1);
@@ -523,13 +567,41 @@ impl Run<'_> {
     }
 
     /// One fleet against one server: connect, first snapshot, the timed updates (each
-    /// round of `turns` makes one update of each kind, in that order), close.
+    /// round of `turns` makes one update of each kind, in that order), close. A phase
+    /// that fails leaves no figure behind, and the server idle again.
     async fn phase(
+        &self,
+        n: usize,
+        server: (&Server, SocketAddr),
+        kinds: &mut [Kind],
+        turns: &[usize],
+    ) -> Result<()> {
+        let marks: Vec<Mark> = kinds.iter().map(Kind::mark).collect();
+        let mut fleet = None;
+        let done = self.measure(n, server, kinds, turns, &mut fleet).await;
+        match fleet {
+            Some(Fleet::Cluster(fleet)) => fleet.close().await,
+            Some(Fleet::Etcd(watchers)) => watchers.close().await,
+            None => {}
+        }
+        background(server.0.pid(), self.idle_window()).await?;
+        if done.is_err() {
+            for (kind, mark) in kinds.iter_mut().zip(marks) {
+                kind.rewind(mark);
+            }
+        }
+        done
+    }
+
+    /// [`Run::phase`]'s work, its fleet in `fleet`. What the nodes fail at (connecting,
+    /// receiving) is marked [`NodeLost`].
+    async fn measure(
         &self,
         n: usize,
         (server, cluster): (&Server, SocketAddr),
         kinds: &mut [Kind],
         turns: &[usize],
+        fleet: &mut Option<Fleet>,
     ) -> Result<()> {
         let pid = server.pid();
         let fleet_no = self.fleets.get();
@@ -546,20 +618,22 @@ impl Run<'_> {
         let started = Instant::now();
         let cache_root = self.bench.path().join("dp-caches");
         let (batch, tls) = (self.fleet.batch, self.tls.clone());
-        let mut fleet = match kinds[0].target {
+        let lost = NodeLost(kinds[0].target);
+        let fleet = fleet.insert(match kinds[0].target {
             Target::Etcd | Target::EtcdTls => {
                 let tls = (kinds[0].target == Target::EtcdTls).then_some(tls);
-                Fleet::Etcd(etcd::Watchers::connect(cluster, source, tls, n, batch).await?)
+                let watchers = etcd::Watchers::connect(cluster, source, tls, n, batch).await;
+                Fleet::Etcd(watchers.context(lost)?)
             }
             _ => {
                 let prefix = format!("sim-{fleet_no}");
-                let mut fleet =
-                    sim::Fleet::connect(cluster, source, tls, n, batch, &prefix).await?;
-                let first = fleet.receive(|_| true, timeout).await?;
-                fleet.handle(first, &self.keys, now(), 0, &cache_root)?;
+                let connected = sim::Fleet::connect(cluster, source, tls, n, batch, &prefix);
+                let mut fleet = connected.await.context(lost)?;
+                let first = fleet.receive(|_| true, timeout).await;
+                fleet.handle(first.context(lost)?, &self.keys, now(), 0, &cache_root)?;
                 Fleet::Cluster(fleet)
             }
-        };
+        });
         for kind in kinds.iter_mut() {
             kind.connect_secs.push(started.elapsed().as_secs_f64());
         }
@@ -570,13 +644,17 @@ impl Run<'_> {
             let (cpu_before, sim_before) = (cpu_time_precise(pid)?, cpu_time_precise(me)?);
             let meter = Meter::start(&[], &[])?;
             let (id, sent, answered) = self.trigger(kind.target, &mut kind.conn).await?;
-            let (received, snapshots) = match &mut fleet {
+            let lost = NodeLost(kind.target);
+            let (received, snapshots) = match &mut *fleet {
                 Fleet::Cluster(fleet) => {
                     let wanted = |s: &Snapshot| s.license.as_ref().is_some_and(|l| l.id == id);
-                    let received = fleet.receive(wanted, timeout).await?;
+                    let received = fleet.receive(wanted, timeout).await.context(lost)?;
                     (received.iter().map(|(at, _)| *at).collect(), Some(received))
                 }
-                Fleet::Etcd(watchers) => (watchers.receive(id.parse()?, timeout).await?, None),
+                Fleet::Etcd(watchers) => {
+                    let received = watchers.receive(id.parse()?, timeout).await;
+                    (received.context(lost)?, None)
+                }
             };
             let window = sent.elapsed().as_secs_f64();
             let busy = |pid, before| -> Result<f64> {
@@ -588,7 +666,7 @@ impl Run<'_> {
                 .map(|at| at.saturating_duration_since(sent))
                 .collect();
             deliveries.sort();
-            if let (Fleet::Cluster(fleet), Some(snapshots)) = (&mut fleet, snapshots) {
+            if let (Fleet::Cluster(fleet), Some(snapshots)) = (&mut *fleet, snapshots) {
                 let sample = self.fleet.cache_sample;
                 let handling = fleet.handle(snapshots, &self.keys, now(), sample, &cache_root)?;
                 kind.verify.extend(handling.verify);
@@ -618,11 +696,6 @@ impl Run<'_> {
             ]);
             kind.rss_connected = kind.rss_connected.max(rss(pid)?);
         }
-        match fleet {
-            Fleet::Cluster(fleet) => fleet.close().await,
-            Fleet::Etcd(watchers) => watchers.close().await,
-        }
-        background(pid, self.idle_window()).await?;
         Ok(())
     }
 
