@@ -270,7 +270,7 @@ impl Cluster for ClusterService {
         &self,
         request: Request<Streaming<DataPlaneMessage>>,
     ) -> Result<Response<SyncStream>, Status> {
-        let addr: Option<SocketAddr> = request.remote_addr();
+        let addr: Option<SocketAddr> = charter_tls::remote_addr(&request);
         let ip = addr.map_or_else(|| "unknown".to_owned(), |a| a.ip().to_string());
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
@@ -362,70 +362,96 @@ impl Cluster for ClusterService {
             // touch the timer wheel.
             let liveness = tokio::time::sleep(LIVENESS);
             tokio::pin!(liveness);
-            loop {
-                tokio::select! {
-                    changed = frames.changed() => {
-                        if changed.is_err() { break; }
-                        let frame = frames.borrow_and_update().clone();
-                        guard.peer.record.sync_status = "syncing".to_owned();
-                        sent = Some(frame.clone());
-                        yield Ok(frame.encoded.clone());
-                    }
-                    message = inbound.message() => {
-                        liveness.as_mut().reset(tokio::time::Instant::now() + LIVENESS);
-                        match message {
-                            Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Ack(ack)) })) => {
-                                let current = sent.as_ref().is_some_and(|f| f.revision == ack.revision && f.epoch == ack.epoch);
-                                if ack.accepted {
-                                    guard.peer.record.license_revision = ack.revision;
-                                    guard.peer.record.license_id = Some(ack.license_id.clone()).filter(|s| !s.is_empty());
-                                    guard.peer.record.license_status = ack.license_status.clone();
-                                    guard.peer.record.last_error = None;
-                                    if current { guard.peer.record.sync_status = "in_sync".to_owned(); }
-                                    tracing::debug!(%node_id, revision = ack.revision, "snapshot accepted");
-                                } else {
-                                    guard.peer.record.sync_status = "rejected".to_owned();
-                                    // What the data plane still enforces (say, its license
-                                    // kept from an empty control plane), not what was offered.
-                                    guard.peer.record.license_id = Some(ack.license_id.clone()).filter(|s| !s.is_empty());
-                                    guard.peer.record.license_status = ack.license_status.clone();
-                                    guard.peer.record.last_error = Some(format!("{}: {}", ack.error_code, ack.error));
-                                    tracing::warn!(%node_id, revision = ack.revision, code = %ack.error_code,
-                                        "data plane rejected the snapshot: {}", ack.error);
-                                }
-                                guard.peer.save();
-                            }
-                            Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Ping(_)) })) => guard.peer.save(),
-                            Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Telemetry(t)) })) => {
-                                guard.peer.save();
-                                match apply_telemetry(&guard.peer.service, &node_id, t).await {
-                                    Some(ack) => yield Ok(ack),
-                                    // Not durable: no ack, so the data plane sends it again.
-                                    None => continue,
-                                }
-                            }
-                            Ok(Some(_)) => {
-                                tracing::warn!(%node_id, "unexpected message from data plane; closing its stream");
-                                yield Err(Status::invalid_argument("unexpected message: Hello may only be sent once"));
+            // Waited on for the stream's whole life: registered once, not at every wake-up.
+            let stopped = async move { drop(shutdown.wait_for(|stop| *stop).await) };
+            tokio::pin!(stopped);
+            'stream: loop {
+                {
+                    // One wait for the next frame per frame sent, kept across the data
+                    // plane's messages.
+                    let changed = frames.changed();
+                    tokio::pin!(changed);
+                    loop {
+                        tokio::select! {
+                            // A new frame first: the wake-up that carries it sends it
+                            // without polling the inbound side, the timer or the shutdown.
+                            biased;
+                            changed = &mut changed => {
+                                if changed.is_err() { break 'stream; }
                                 break;
                             }
-                            Ok(None) => break,
-                            Err(e) => {
-                                tracing::info!(%node_id, error = %e, "data plane stream failed");
-                                break;
+                            message = inbound.message() => {
+                                liveness.as_mut().reset(tokio::time::Instant::now() + LIVENESS);
+                                match message {
+                                    Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Ack(ack)) })) => {
+                                        let current = sent.as_ref().is_some_and(|f| f.revision == ack.revision && f.epoch == ack.epoch);
+                                        let record = &mut guard.peer.record;
+                                        if ack.accepted {
+                                            record.license_revision = ack.revision;
+                                            record.license_id = Some(ack.license_id.clone()).filter(|s| !s.is_empty());
+                                            record.license_status = ack.license_status.clone();
+                                            record.last_error = None;
+                                            if current { set(&mut record.sync_status, "in_sync"); }
+                                            tracing::debug!(%node_id, revision = ack.revision, "snapshot accepted");
+                                        } else {
+                                            set(&mut record.sync_status, "rejected");
+                                            // What the data plane still enforces (say, its license
+                                            // kept from an empty control plane), not what was offered.
+                                            record.license_id = Some(ack.license_id.clone()).filter(|s| !s.is_empty());
+                                            record.license_status = ack.license_status.clone();
+                                            record.last_error = Some(format!("{}: {}", ack.error_code, ack.error));
+                                            tracing::warn!(%node_id, revision = ack.revision, code = %ack.error_code,
+                                                "data plane rejected the snapshot: {}", ack.error);
+                                        }
+                                        guard.peer.save();
+                                    }
+                                    Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Ping(_)) })) => guard.peer.save(),
+                                    Ok(Some(DataPlaneMessage { msg: Some(data_plane_message::Msg::Telemetry(t)) })) => {
+                                        guard.peer.save();
+                                        // Boxed: a report is rare, and its store write's state
+                                        // would otherwise make every stream's state larger.
+                                        if let Some(ack) = Box::pin(apply_telemetry(&guard.peer.service, &node_id, t)).await {
+                                            yield Ok(ack);
+                                        }
+                                        // Not durable: no ack, so the data plane sends it again.
+                                    }
+                                    Ok(Some(_)) => {
+                                        tracing::warn!(%node_id, "unexpected message from data plane; closing its stream");
+                                        yield Err(Status::invalid_argument("unexpected message: Hello may only be sent once"));
+                                        break 'stream;
+                                    }
+                                    Ok(None) => break 'stream,
+                                    Err(e) => {
+                                        tracing::info!(%node_id, error = %e, "data plane stream failed");
+                                        break 'stream;
+                                    }
+                                }
                             }
+                            _ = &mut liveness => {
+                                tracing::warn!(%node_id, "no message from data plane for 45 s; marking it gone");
+                                break 'stream;
+                            }
+                            _ = &mut stopped => break 'stream,
                         }
                     }
-                    _ = &mut liveness => {
-                        tracing::warn!(%node_id, "no message from data plane for 45 s; marking it gone");
-                        break;
-                    }
-                    _ = shutdown.changed() => break,
                 }
+                let frame = frames.borrow_and_update().clone();
+                set(&mut guard.peer.record.sync_status, "syncing");
+                sent = Some(frame.clone());
+                yield Ok(frame.encoded.clone());
             }
             drop(guard);
         };
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Sets a status field, reusing its buffer (a frame sent to every stream does not allocate
+/// a status string per stream).
+fn set(status: &mut String, value: &str) {
+    if status != value {
+        status.clear();
+        status.push_str(value);
     }
 }
 

@@ -8,6 +8,15 @@ use charter_cp::{Args, Config, Listeners};
 use charter_license::Clock;
 use charter_runtime::{init_tracing, parse_args, shutdown_signal, SystemClock, EXIT_BAD_CONFIG};
 
+/// jemalloc instead of glibc's malloc. With thousands of data planes connected (a few
+/// dozen small allocations each: HTTP/2, TLS, the stream) and a snapshot pushed to all,
+/// glibc's resident memory grew with every update (+4 to 7 KiB per data plane over 5
+/// updates at 3,000) and the updates' CPU had outliers of 3x (its heap consolidation);
+/// jemalloc's stays flat, for about 1.2 MiB more when idle. mimalloc was tried too:
+/// 14 KiB more per data plane and 44 MiB more idle.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let args: Args = match parse_args("charter-cp") {
         Ok(args) => args,

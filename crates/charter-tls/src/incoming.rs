@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+use tonic::transport::server::Connected;
 use tracing::{debug, warn};
 
 use crate::reason::handshake_reason;
@@ -48,7 +49,99 @@ const STALLED_RETRY: Duration = Duration::from_millis(250);
 /// How long a refused client gets to read the alert and close its side.
 const LINGER: Duration = Duration::from_secs(1);
 
-type Item = Result<TlsStream<TcpStream>, io::Error>;
+type Item = Result<ClusterStream, io::Error>;
+
+/// A cluster connection after its TLS handshake, as [`incoming`] yields it.
+///
+/// Its connection info ([`ClusterConnectInfo`]) carries the client's certificate chain
+/// shared with every other connection that presented the same chain (in `shared` mode,
+/// all of them), instead of a copy per connection as tonic's `TlsStream` info makes:
+/// about half a KiB less per connected data plane.
+pub struct ClusterStream {
+    tls: TlsStream<TcpStream>,
+    certs: Option<Certs>,
+}
+
+type Certs = Arc<Vec<rustls::pki_types::CertificateDer<'static>>>;
+
+/// What a request over a [`ClusterStream`] knows of its connection (in the request's
+/// extensions; read it with [`crate::remote_addr`] and [`crate::peer_certificates`]).
+#[derive(Debug, Clone)]
+pub struct ClusterConnectInfo {
+    pub(crate) tcp: tonic::transport::server::TcpConnectInfo,
+    pub(crate) certs: Option<Certs>,
+}
+
+impl Connected for ClusterStream {
+    type ConnectInfo = ClusterConnectInfo;
+
+    fn connect_info(&self) -> ClusterConnectInfo {
+        ClusterConnectInfo {
+            tcp: self.tls.get_ref().0.connect_info(),
+            certs: self.certs.clone(),
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for ClusterStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for ClusterStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
+}
+
+/// The certificate chain clients presented last, shared with the connections that present
+/// the same one.
+#[derive(Default)]
+struct LastChain(std::sync::Mutex<Option<Certs>>);
+
+impl LastChain {
+    fn share(&self, chain: Option<&[rustls::pki_types::CertificateDer<'static>]>) -> Option<Certs> {
+        let chain = chain?;
+        let mut last = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match &*last {
+            Some(certs) if certs.as_slice() == chain => Some(certs.clone()),
+            _ => {
+                let certs: Certs = Arc::new(chain.to_vec());
+                *last = Some(certs.clone());
+                Some(certs)
+            }
+        }
+    }
+}
 
 /// Accepts TCP connections and runs TLS handshakes concurrently (one slow or failing peer
 /// never blocks the others; handshake timeout [`HANDSHAKE_TIMEOUT`]), yielding finished
@@ -106,6 +199,7 @@ impl futures_core::Stream for Incoming {
 async fn accept_loop(listener: TcpListener, config: Config, tx: mpsc::Sender<Item>) {
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     let pending = Arc::new(Pending::default());
+    let chains = Arc::new(LastChain::default());
     let mut warned_full = false;
     loop {
         let accepted = tokio::select! {
@@ -150,10 +244,10 @@ async fn accept_loop(listener: TcpListener, config: Config, tx: mpsc::Sender<Ite
         let (id, cancel) = pending.register();
         // The configuration loaded last: a rotated certificate from the next handshake on.
         let acceptor = TlsAcceptor::from(config.borrow().clone());
-        let (tx, pending) = (tx.clone(), pending.clone());
+        let (tx, pending, chains) = (tx.clone(), pending.clone(), chains.clone());
         tokio::spawn(async move {
             tokio::select! {
-                () = handshake(acceptor, tcp, peer, tx) => {}
+                () = handshake(acceptor, tcp, peer, tx, &chains) => {}
                 () = cancel.notified() => {
                     warn!(%peer, reason = "no TLS handshake yet, and others waiting",
                         "cluster TLS handshake failed; connection dropped");
@@ -219,6 +313,7 @@ async fn handshake(
     tcp: TcpStream,
     peer: SocketAddr,
     tx: mpsc::Sender<Item>,
+    chains: &LastChain,
 ) {
     // gRPC messages are small and latency matters more than packet count. Failing to set
     // the option only costs latency, so it is not worth refusing the connection over.
@@ -227,10 +322,12 @@ async fn handshake(
     }
     let outcome = tokio::time::timeout(HANDSHAKE_TIMEOUT, attempt(&acceptor, tcp)).await;
     let (err, tcp) = match outcome {
-        Ok(Outcome::Ready(stream)) => {
+        Ok(Outcome::Ready(tls)) => {
+            let certs = chains.share(tls.get_ref().1.peer_certificates());
+            let stream = ClusterStream { tls: *tls, certs };
             // The send fails only when the server has stopped listening; the stream is
             // then dropped.
-            let _ = tx.send(Ok(*stream)).await;
+            let _ = tx.send(Ok(stream)).await;
             return;
         }
         Ok(Outcome::Closed) => {
@@ -281,4 +378,26 @@ async fn close_gracefully(mut tcp: TcpStream) {
     // Errors and a client that never closes only mean the alert may not be read; the
     // connection goes away regardless.
     let _ = tokio::time::timeout(LINGER, linger).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::CertificateDer;
+
+    #[test]
+    fn connections_presenting_the_same_chain_share_one_copy() {
+        let chains = LastChain::default();
+        let a = vec![CertificateDer::from(vec![1u8, 2, 3])];
+        let b = vec![CertificateDer::from(vec![4u8, 5])];
+        assert!(chains.share(None).is_none());
+        let first = chains.share(Some(&a)).expect("a chain");
+        let second = chains.share(Some(&a)).expect("a chain");
+        assert!(Arc::ptr_eq(&first, &second), "the same chain: one copy");
+        assert_eq!(first.as_slice(), a.as_slice());
+        let other = chains.share(Some(&b)).expect("a chain");
+        assert_eq!(other.as_slice(), b.as_slice(), "another chain is its own");
+        let third = chains.share(Some(&a)).expect("a chain");
+        assert_eq!(third.as_slice(), a.as_slice());
+    }
 }

@@ -32,7 +32,9 @@ use rustls::RootCertStore;
 
 pub use client::{connect, connect_insecure};
 pub use database::{database_client_config, DatabaseTlsFiles, DatabaseVerify};
-pub use incoming::{incoming, incoming_reloadable, HANDSHAKE_TIMEOUT};
+pub use incoming::{
+    incoming, incoming_reloadable, ClusterConnectInfo, ClusterStream, HANDSHAKE_TIMEOUT,
+};
 pub use reason::describe_error;
 /// The rustls version whose configurations this crate builds.
 pub use rustls;
@@ -261,7 +263,10 @@ pub fn client_config(
 /// Gets the remote address of the connection a request came over, for TLS streams from
 /// [`incoming`] as well as plain TCP (`--cluster-insecure`).
 pub fn remote_addr<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAddr> {
-    request.remote_addr()
+    match request.extensions().get::<ClusterConnectInfo>() {
+        Some(info) => info.tcp.remote_addr(),
+        None => request.remote_addr(),
+    }
 }
 
 /// Gets the certificate chain the client presented (its own certificate first), for
@@ -269,7 +274,10 @@ pub fn remote_addr<T>(request: &tonic::Request<T>) -> Option<std::net::SocketAdd
 pub fn peer_certificates<T>(
     request: &tonic::Request<T>,
 ) -> Option<Arc<Vec<rustls::pki_types::CertificateDer<'static>>>> {
-    request.peer_certs()
+    match request.extensions().get::<ClusterConnectInfo>() {
+        Some(info) => info.certs.clone(),
+        None => request.peer_certs(),
+    }
 }
 
 fn provider() -> Arc<CryptoProvider> {
