@@ -56,14 +56,16 @@ pub const DENIED: &str = "Enterprise license missing or expired";
 /// Headers that belong to one hop and are never forwarded (RFC 9110 §7.6.1).
 /// (`Trailer` is not one: it declares the trailer fields, which hyper's HTTP/1 encoder
 /// sends only when declared.)
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+/// Names made once, at compile time: a name given as text is parsed and hashed at every
+/// use, and these are used on every request.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -93,7 +95,9 @@ pub const MAX_REQUEST_HEADERS: usize = 256;
 /// The share of the process's file handles upgraded (spliced) connections may hold: each
 /// holds two, and the client's no longer counts as one of the listener's connections.
 const TUNNEL_SHARE: f64 = 1.0 / 8.0;
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// How long the finding of whether an `http://` upstream speaks HTTP/2 holds.
 const PROBE_TTL: Duration = Duration::from_secs(60);
 /// How long an upstream may take to answer the probe's HTTP/2 preface.
@@ -502,11 +506,13 @@ impl Gate {
         })
     }
 
+    /// Answers one client request. Owns what it uses, so the service returns this future
+    /// itself rather than one more around it.
     async fn handle(
-        &self,
+        self: Arc<Self>,
         mut request: Request<RequestBody>,
         peer: SocketAddr,
-        lane: &Lane,
+        lane: Arc<Lane>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         // gRPC clients read the gate's own answers as gRPC statuses.
         let grpc = is_grpc(&request);
@@ -543,7 +549,7 @@ impl Gate {
         let route = if upgrade.is_some() {
             Route::Upgrade
         } else if self.upstream.http2
-            || (request.version() == Version::HTTP_2 && self.upstream_speaks_h2().await)
+            || (request.version() == Version::HTTP_2 && Box::pin(self.upstream_speaks_h2()).await)
         {
             Route::Http2
         } else if request.version() == Version::HTTP_2 || !lane.admitted(&self.places) {
@@ -568,12 +574,14 @@ impl Gate {
                 ));
             }
         };
+        // The other routes' futures are boxed: this future is as large as the largest
+        // it holds, and it is moved (copied) as a whole on every request.
         let forwarded = async {
             match route {
-                Route::Upgrade => self.forward_upgrade(request).await,
-                Route::Pooled => self.forward_pooled(request).await,
-                Route::Lane => self.forward(lane, request).await,
-                Route::Http2 => self.forward_h2(request).await,
+                Route::Upgrade => Box::pin(self.forward_upgrade(request)).await,
+                Route::Pooled => Box::pin(self.forward_pooled(request)).await,
+                Route::Lane => self.forward(&lane, request).await,
+                Route::Http2 => Box::pin(self.forward_h2(request)).await,
             }
         };
         // The upstream timeout counts from when the request body has all been handed to
@@ -747,7 +755,8 @@ impl Gate {
         loop {
             let (mut sender, fresh) = match reused.take() {
                 Some(sender) => (sender, false),
-                None => (self.connect().await?, true),
+                // Boxed: dialling is rare, and its future would make every request's larger.
+                None => (Box::pin(self.connect()).await?, true),
             };
             if !fresh {
                 if let Err(e) = sender.ready().await {
@@ -1048,18 +1057,17 @@ impl Gate {
             Vec::new()
         };
         if previous.is_empty() {
-            headers.insert(HeaderName::from_static(X_FORWARDED_FOR), peer_ip.clone());
+            headers.insert(X_FORWARDED_FOR, peer_ip.clone());
         } else {
             let client_ip = peer_ip.to_str().unwrap_or_default();
             let forwarded_for = format!("{}, {client_ip}", previous.join(", "));
-            insert(headers, X_FORWARDED_FOR, &forwarded_for);
+            if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+                headers.insert(X_FORWARDED_FOR, value);
+            }
         }
-        headers.insert(
-            HeaderName::from_static("x-forwarded-proto"),
-            HeaderValue::from_static("http"),
-        );
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         if let Some(host) = client_host {
-            headers.insert(HeaderName::from_static("x-forwarded-host"), host.clone());
+            headers.insert(X_FORWARDED_HOST, host.clone());
         }
         // Over HTTP/2 the authority is in the target (`:authority`).
         if route == Route::Http2 {
@@ -1310,12 +1318,6 @@ fn without_body(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
     again
 }
 
-fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(HeaderName::from_static(name), value);
-    }
-}
-
 /// Drops hop-by-hop headers, including those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
@@ -1458,10 +1460,7 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, shutdown: watch::Rece
     };
     let make = move |peer: SocketAddr| {
         let (gate, lane) = (gate.clone(), gate.lane(peer));
-        hyper::service::service_fn(move |request| {
-            let (gate, lane) = (gate.clone(), lane.clone());
-            async move { gate.handle(request, peer, &lane).await }
-        })
+        hyper::service::service_fn(move |request| gate.clone().handle(request, peer, lane.clone()))
     };
     charter_runtime::http::serve("gate", listener, limits, make, shutdown).await;
     let _ = sweeper.await;

@@ -418,22 +418,47 @@ where
 {
     type Response = Response<Tracked<B>>;
     type Error = Infallible;
-    type Future =
-        std::pin::Pin<Box<dyn Future<Output = Result<Response<Tracked<B>>, Infallible>> + Send>>;
+    type Future = CountedFuture<S::Future>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let in_flight = InFlight::start(&self.activity);
         let idle = self.idle;
-        let response = self
-            .inner
-            .call(request.map(|body| RequestBody::new(body, idle)));
-        Box::pin(async move {
-            let Ok(response) = response.await;
-            Ok(response.map(|body| Tracked {
-                inner: body,
-                in_flight: Some(in_flight),
-            }))
-        })
+        // Boxed once, where it is made: hyper moves the service's future into its own
+        // place, and a large future (the gate's) costs a copy at every move.
+        let response = Box::pin(
+            self.inner
+                .call(request.map(|body| RequestBody::new(body, idle))),
+        );
+        CountedFuture {
+            response,
+            in_flight: Some(in_flight),
+        }
+    }
+}
+
+/// The future of a [`Counted`] service's call: the inner service's response, its body
+/// [`Tracked`].
+pub struct CountedFuture<F> {
+    response: std::pin::Pin<Box<F>>,
+    in_flight: Option<InFlight>,
+}
+
+impl<F, B> Future for CountedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, Infallible>>,
+{
+    type Output = Result<Response<Tracked<B>>, Infallible>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Ok(response) = std::task::ready!(self.response.as_mut().poll(cx));
+        let in_flight = self.in_flight.take();
+        std::task::Poll::Ready(Ok(response.map(|body| Tracked {
+            inner: body,
+            in_flight,
+        })))
     }
 }
 
