@@ -57,8 +57,8 @@ pub const DENIED: &str = "Enterprise license missing or expired";
 /// (`Trailer` is not one: it declares the trailer fields, which hyper's HTTP/1 encoder
 /// sends only when declared.)
 /// Names made once, at compile time: a name given as text is parsed and hashed at every
-/// use, and these are used on every request.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// use, and these are used on every request. `Connection` comes first.
+const HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -95,6 +95,8 @@ pub const MAX_REQUEST_HEADERS: usize = 256;
 /// The share of the process's file handles upgraded (spliced) connections may hold: each
 /// holds two, and the client's no longer counts as one of the listener's connections.
 const TUNNEL_SHARE: f64 = 1.0 / 8.0;
+/// How many [`HOP_BY_HOP`] names there are.
+const HOPS: usize = 7;
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -354,6 +356,9 @@ struct Lane {
     held: Mutex<Held>,
     /// The client's address as `X-Forwarded-For` text, made once per connection.
     peer_ip: HeaderValue,
+    /// The upstream timeout's timer, reused by the connection's requests one after
+    /// another (see [`Lane::timer`]).
+    timer: Mutex<Option<std::pin::Pin<Box<tokio::time::Sleep>>>>,
 }
 
 #[derive(Default)]
@@ -383,6 +388,23 @@ impl Lane {
 
     fn put(&self, sender: Sender) {
         self.lock().sender = Some(sender);
+    }
+
+    /// A timer for a request's upstream timeout: the connection's, unless another of its
+    /// requests (HTTP/2) has it, then a new one. A timer made for each request is put in
+    /// the runtime's timer wheel and taken out again every time; one reset to a later
+    /// deadline stays in place (tokio moves it when its first deadline comes).
+    fn timer(&self) -> std::pin::Pin<Box<tokio::time::Sleep>> {
+        self.timer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep(Duration::ZERO)))
+    }
+
+    /// Gives back a timer from [`Lane::timer`].
+    fn put_timer(&self, timer: std::pin::Pin<Box<tokio::time::Sleep>>) {
+        *self.timer.lock().unwrap_or_else(PoisonError::into_inner) = Some(timer);
     }
 }
 
@@ -503,6 +525,7 @@ impl Gate {
             // An IP address's text is always a valid header value.
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            timer: Mutex::new(None),
         })
     }
 
@@ -586,6 +609,7 @@ impl Gate {
         };
         // The upstream timeout counts from when the request body has all been handed to
         // the upstream connection: a slow upload is the client's, not the upstream's.
+        let mut timer = lane.timer();
         let deadline = async {
             if let Some((opened, sent)) = sent {
                 // Until the upstream asks for the body's first piece (its connection, or
@@ -596,13 +620,17 @@ impl Gate {
                 }
                 let _ = sent.await;
             }
-            tokio::time::sleep(self.timeout).await;
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.timeout);
+            timer.as_mut().await;
         };
         let answered = tokio::select! {
             biased;
             answered = forwarded => Some(answered),
             () = deadline => None,
         };
+        lane.put_timer(timer);
         match answered {
             Some(Ok(mut response)) => {
                 self.usage.count(self.enforcement.now());
@@ -1003,7 +1031,18 @@ impl Gate {
             pq if pq.starts_with('?') => &format!("/{pq}"),
             pq => pq,
         };
+        // An origin-form target forwarded in origin form with no base path is the
+        // client's as it is: no need to write it out and parse it again.
+        let unchanged = matches!(route, Route::Lane | Route::Upgrade)
+            && base.is_empty()
+            && parts.uri.scheme().is_none()
+            && parts.uri.authority().is_none()
+            && parts
+                .uri
+                .path_and_query()
+                .is_some_and(|pq| pq.as_str() == path_and_query);
         let target = match route {
+            _ if unchanged => String::new(),
             Route::Lane | Route::Upgrade => format!("{base}{path_and_query}"),
             Route::Pooled | Route::Http2 => {
                 let path = if path_and_query == "*" {
@@ -1025,9 +1064,11 @@ impl Gate {
                 format!("http://{authority}{base}{path}")
             }
         };
-        parts.uri = target
-            .parse()
-            .map_err(|e| format!("cannot forward to {target}: {e}"))?;
+        if !unchanged {
+            parts.uri = target
+                .parse()
+                .map_err(|e| format!("cannot forward to {target}: {e}"))?;
+        }
         let received = parts.version;
         // Each client's requests are translated to the version the upstream gets.
         parts.version = match route {
@@ -1320,18 +1361,31 @@ fn without_body(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
 
 /// Drops hop-by-hop headers, including those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // Most messages have few or none: finding them costs a comparison per field, while
+    // a removal hashes the name (seven of them on every request, and on its response).
+    let mut present = [false; HOPS];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    // `Connection` (the first) names the others a message has.
+    if present[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
 
