@@ -61,14 +61,16 @@ pub const DENIED: &str = "Enterprise license missing or expired";
 /// Headers that belong to one hop and are never forwarded (RFC 9110 §7.6.1).
 /// (`Trailer` is not one: it declares the trailer fields, which hyper's HTTP/1 encoder
 /// sends only when declared.)
-const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+/// Names made once, at compile time: a name given as text is parsed and hashed at every
+/// use, and these are used on every request. `Connection` comes first.
+const HOP_BY_HOP: [HeaderName; HOPS] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 type ProxyBody = BoxBody<Bytes, hyper::Error>;
@@ -104,16 +106,18 @@ const TUNNEL_SHARE: f64 = 1.0 / 8.0;
 /// HAProxy's `timeout tunnel` is typically an hour; an application that pings its
 /// WebSockets (as browsers' libraries do every 20 to 60 s) never sees this.
 pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
-const X_FORWARDED_FOR: &str = "x-forwarded-for";
-const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
-const X_FORWARDED_HOST: &str = "x-forwarded-host";
+/// How many [`HOP_BY_HOP`] names there are.
+const HOPS: usize = 7;
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 /// Headers about earlier hops that only a trusted proxy's word counts for: anyone else's
 /// are dropped (the gate sets `X-Forwarded-For`, `-Proto` and `-Host` itself).
-const CLAIMED_BY_PROXIES: [&str; 5] = [
-    "forwarded",
-    "x-forwarded-port",
-    "x-forwarded-prefix",
-    "x-real-ip",
+const CLAIMED_BY_PROXIES: [HeaderName; 5] = [
+    header::FORWARDED,
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-prefix"),
+    HeaderName::from_static("x-real-ip"),
     X_FORWARDED_HOST,
 ];
 /// How long the finding of whether an `http://` upstream speaks HTTP/2 holds.
@@ -392,6 +396,9 @@ struct Lane {
     held: Mutex<Held>,
     /// The client's address as `X-Forwarded-For` text, made once per connection.
     peer_ip: HeaderValue,
+    /// The upstream timeout's timer, reused by the connection's requests one after
+    /// another (see [`Lane::timer`]).
+    timer: Mutex<Option<std::pin::Pin<Box<tokio::time::Sleep>>>>,
 }
 
 #[derive(Default)]
@@ -421,6 +428,23 @@ impl Lane {
 
     fn put(&self, sender: Sender) {
         self.lock().sender = Some(sender);
+    }
+
+    /// A timer for a request's upstream timeout: the connection's, unless another of its
+    /// requests (HTTP/2) has it, then a new one. A timer made for each request is put in
+    /// the runtime's timer wheel and taken out again every time; one reset to a later
+    /// deadline stays in place (tokio moves it when its first deadline comes).
+    fn timer(&self) -> std::pin::Pin<Box<tokio::time::Sleep>> {
+        self.timer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+            .unwrap_or_else(|| Box::pin(tokio::time::sleep(Duration::ZERO)))
+    }
+
+    /// Gives back a timer from [`Lane::timer`].
+    fn put_timer(&self, timer: std::pin::Pin<Box<tokio::time::Sleep>>) {
+        *self.timer.lock().unwrap_or_else(PoisonError::into_inner) = Some(timer);
     }
 }
 
@@ -585,14 +609,17 @@ impl Gate {
             // An IP address's text is always a valid header value.
             peer_ip: HeaderValue::from_str(&peer.ip().to_string())
                 .unwrap_or_else(|_| HeaderValue::from_static("unknown")),
+            timer: Mutex::new(None),
         })
     }
 
+    /// Answers one client request. Owns what it uses, so the service returns this future
+    /// itself rather than one more around it.
     async fn handle(
-        &self,
+        self: Arc<Self>,
         mut request: Request<RequestBody>,
         peer: SocketAddr,
-        lane: &Lane,
+        lane: Arc<Lane>,
     ) -> Result<Response<ProxyBody>, Infallible> {
         // gRPC clients read the gate's own answers as gRPC statuses.
         let grpc = is_grpc(&request);
@@ -629,7 +656,7 @@ impl Gate {
         let route = if upgrade.is_some() {
             Route::Upgrade
         } else if self.upstream.http2
-            || (request.version() == Version::HTTP_2 && self.upstream_speaks_h2().await)
+            || (request.version() == Version::HTTP_2 && Box::pin(self.upstream_speaks_h2()).await)
         {
             Route::Http2
         } else if request.version() == Version::HTTP_2 || !lane.admitted(&self.places) {
@@ -665,16 +692,19 @@ impl Gate {
             _ => "http",
         };
         let client = (scheme, client_host);
+        // The other routes' futures are boxed: this future is as large as the largest
+        // it holds, and it is moved (copied) as a whole on every request.
         let forwarded = async {
             match route {
-                Route::Upgrade => self.forward_upgrade(request).await,
-                Route::Pooled => self.forward_pooled(request).await,
-                Route::Lane => self.forward(lane, request).await,
-                Route::Http2 => self.forward_h2(request).await,
+                Route::Upgrade => Box::pin(self.forward_upgrade(request)).await,
+                Route::Pooled => Box::pin(self.forward_pooled(request)).await,
+                Route::Lane => self.forward(&lane, request).await,
+                Route::Http2 => Box::pin(self.forward_h2(request)).await,
             }
         };
         // The upstream timeout counts from when the request body has all been handed to
         // the upstream connection: a slow upload is the client's, not the upstream's.
+        let mut timer = lane.timer();
         let deadline = async {
             if let Some((opened, sent)) = sent {
                 // Until the upstream asks for the body's first piece (its connection, or
@@ -685,13 +715,17 @@ impl Gate {
                 }
                 let _ = sent.await;
             }
-            tokio::time::sleep(self.timeout).await;
+            timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.timeout);
+            timer.as_mut().await;
         };
         let answered = tokio::select! {
             biased;
             answered = forwarded => Some(answered),
             () = deadline => None,
         };
+        lane.put_timer(timer);
         match answered {
             Some(Ok(mut response)) => {
                 self.usage.count(self.enforcement.now());
@@ -846,7 +880,8 @@ impl Gate {
         loop {
             let (mut sender, fresh) = match reused.take() {
                 Some(sender) => (sender, false),
-                None => (self.connect().await?, true),
+                // Boxed: dialling is rare, and its future would make every request's larger.
+                None => (Box::pin(self.connect()).await?, true),
             };
             if !fresh {
                 if let Err(e) = sender.ready().await {
@@ -1139,7 +1174,18 @@ impl Gate {
             pq if pq.starts_with('?') => &format!("/{pq}"),
             pq => pq,
         };
+        // An origin-form target forwarded in origin form with no base path is the
+        // client's as it is: no need to write it out and parse it again.
+        let unchanged = matches!(route, Route::Lane | Route::Upgrade)
+            && base.is_empty()
+            && parts.uri.scheme().is_none()
+            && parts.uri.authority().is_none()
+            && parts
+                .uri
+                .path_and_query()
+                .is_some_and(|pq| pq.as_str() == path_and_query);
         let target = match route {
+            _ if unchanged => String::new(),
             Route::Lane | Route::Upgrade => format!("{base}{path_and_query}"),
             Route::Pooled | Route::Http2 => {
                 let path = if path_and_query == "*" {
@@ -1161,9 +1207,11 @@ impl Gate {
                 format!("http://{authority}{base}{path}")
             }
         };
-        parts.uri = target
-            .parse()
-            .map_err(|e| format!("cannot forward to {target}: {e}"))?;
+        if !unchanged {
+            parts.uri = target
+                .parse()
+                .map_err(|e| format!("cannot forward to {target}: {e}"))?;
+        }
         let received = parts.version;
         // Each client's requests are translated to the version the upstream gets.
         parts.version = match route {
@@ -1199,16 +1247,19 @@ impl Gate {
             Vec::new()
         };
         if previous.is_empty() {
-            headers.insert(HeaderName::from_static(X_FORWARDED_FOR), peer_ip.clone());
+            headers.insert(X_FORWARDED_FOR, peer_ip.clone());
         } else {
             let client_ip = peer_ip.to_str().unwrap_or_default();
             let forwarded_for = format!("{}, {client_ip}", previous.join(", "));
-            insert(headers, X_FORWARDED_FOR, &forwarded_for);
+            if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+                headers.insert(X_FORWARDED_FOR, value);
+            }
         }
         // A trusted proxy's own scheme and host stand (it knows whether the client came
         // over TLS, and which name it used, as Kong's `trusted_ips` lets them); anyone
-        // else's claims about earlier hops are dropped.
-        if !trusted {
+        // else's claims about earlier hops are dropped (looked for first: a removal
+        // hashes the name, a comparison mostly does not).
+        if !trusted && headers.keys().any(|name| CLAIMED_BY_PROXIES.contains(name)) {
             for name in CLAIMED_BY_PROXIES {
                 headers.remove(name);
             }
@@ -1539,26 +1590,40 @@ fn without_body(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
     again
 }
 
-fn insert(headers: &mut HeaderMap, name: &'static str, value: &str) {
-    if let Ok(value) = HeaderValue::from_str(value) {
-        headers.insert(HeaderName::from_static(name), value);
-    }
-}
-
 /// Drops hop-by-hop headers, including those the `Connection` header names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    // Most messages have few or none: finding them costs a comparison per field, while
+    // a removal hashes the name (seven of them on every request, and on its response).
+    let mut present = [false; HOPS];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
+            present[i] = true;
+        }
     }
-    for name in HOP_BY_HOP {
-        headers.remove(name);
+    // `Connection` (the first) names the others a message has; those that are hop-by-hop
+    // anyway (`keep-alive`, the usual one) go below without being parsed into names.
+    if present[0] {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|name| {
+                !HOP_BY_HOP
+                    .iter()
+                    .any(|hop| hop.as_str().eq_ignore_ascii_case(name))
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for (name, present) in HOP_BY_HOP.iter().zip(present) {
+        if present {
+            headers.remove(name);
+        }
     }
 }
 
@@ -1687,10 +1752,7 @@ pub async fn serve(listener: TcpListener, gate: Arc<Gate>, shutdown: watch::Rece
     };
     let make = move |peer: SocketAddr| {
         let (gate, lane) = (gate.clone(), gate.lane(peer));
-        hyper::service::service_fn(move |request| {
-            let (gate, lane) = (gate.clone(), lane.clone());
-            async move { gate.handle(request, peer, &lane).await }
-        })
+        hyper::service::service_fn(move |request| gate.clone().handle(request, peer, lane.clone()))
     };
     charter_runtime::http::serve("gate", listener, limits, make, shutdown).await;
     let _ = sweeper.await;

@@ -299,7 +299,7 @@ async fn drive<S, B>(
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
+        .timer(HeadTimer::default())
         .header_read_timeout(idle)
         .max_headers(max_headers);
     // No HTTP/2 keep-alive pings: a PING queued behind a slow download would not be
@@ -352,6 +352,56 @@ async fn drive<S, B>(
         }
     }
 }
+
+/// hyper's timer for an HTTP/1 connection, which times the reading of each request head
+/// with it: one tokio timer per connection, reset for each head. hyper asks for a new
+/// sleep for every request; a tokio timer made for each would be put in the runtime's
+/// timer wheel and taken out again every time (a lock each), while one reset to a later
+/// deadline stays in place (tokio moves it when its first deadline comes).
+#[derive(Clone, Default)]
+struct HeadTimer {
+    timer: Arc<std::sync::Mutex<Option<std::pin::Pin<Box<tokio::time::Sleep>>>>>,
+}
+
+impl hyper::rt::Timer for HeadTimer {
+    fn sleep(&self, duration: Duration) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep_until(std::time::Instant::now() + duration)
+    }
+
+    fn sleep_until(
+        &self,
+        deadline: std::time::Instant,
+    ) -> std::pin::Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(HeadSleep {
+            deadline: deadline.into(),
+            timer: self.timer.clone(),
+        })
+    }
+}
+
+/// A sleep until `deadline` on a connection's [`HeadTimer`].
+struct HeadSleep {
+    deadline: tokio::time::Instant,
+    timer: Arc<std::sync::Mutex<Option<std::pin::Pin<Box<tokio::time::Sleep>>>>>,
+}
+
+impl Future for HeadSleep {
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        let mut timer = self.timer.lock().unwrap_or_else(|p| p.into_inner());
+        let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.deadline)));
+        if timer.deadline() != self.deadline {
+            timer.as_mut().reset(self.deadline);
+        }
+        timer.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for HeadSleep {}
 
 /// When a connection last had a request in flight.
 #[derive(Default)]
@@ -418,22 +468,47 @@ where
 {
     type Response = Response<Tracked<B>>;
     type Error = Infallible;
-    type Future =
-        std::pin::Pin<Box<dyn Future<Output = Result<Response<Tracked<B>>, Infallible>> + Send>>;
+    type Future = CountedFuture<S::Future>;
 
     fn call(&self, request: Request<Incoming>) -> Self::Future {
         let in_flight = InFlight::start(&self.activity);
         let idle = self.idle;
-        let response = self
-            .inner
-            .call(request.map(|body| RequestBody::new(body, idle)));
-        Box::pin(async move {
-            let Ok(response) = response.await;
-            Ok(response.map(|body| Tracked {
-                inner: body,
-                in_flight: Some(in_flight),
-            }))
-        })
+        // Boxed once, where it is made: hyper moves the service's future into its own
+        // place, and a large future (the gate's) costs a copy at every move.
+        let response = Box::pin(
+            self.inner
+                .call(request.map(|body| RequestBody::new(body, idle))),
+        );
+        CountedFuture {
+            response,
+            in_flight: Some(in_flight),
+        }
+    }
+}
+
+/// The future of a [`Counted`] service's call: the inner service's response, its body
+/// [`Tracked`].
+pub struct CountedFuture<F> {
+    response: std::pin::Pin<Box<F>>,
+    in_flight: Option<InFlight>,
+}
+
+impl<F, B> Future for CountedFuture<F>
+where
+    F: Future<Output = Result<Response<B>, Infallible>>,
+{
+    type Output = Result<Response<Tracked<B>>, Infallible>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let Ok(response) = std::task::ready!(self.response.as_mut().poll(cx));
+        let in_flight = self.in_flight.take();
+        std::task::Poll::Ready(Ok(response.map(|body| Tracked {
+            inner: body,
+            in_flight,
+        })))
     }
 }
 
