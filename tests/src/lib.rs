@@ -510,6 +510,8 @@ pub struct Dp {
     /// Its stderr (logs).
     pub log: PathBuf,
     args: Vec<String>,
+    /// Run on CPU 0 only (`taskset`), as a process given one CPU is.
+    one_cpu: bool,
 }
 
 impl Dp {
@@ -554,9 +556,17 @@ impl Dp {
             data_dir: dir.join(format!("{name}-data")),
             log: dir.join(format!("{name}.log")),
             args,
+            one_cpu: false,
         };
         dp.restart();
         dp
+    }
+
+    /// Restarts it on CPU 0 only (`taskset --cpu-list 0`, which then runs the binary
+    /// itself), as a process given one CPU by its affinity or quota runs.
+    pub fn restart_on_one_cpu(&mut self) {
+        self.one_cpu = true;
+        self.restart();
     }
 
     /// (Re)starts the process with the same data dir and flags, on a fresh status port.
@@ -569,7 +579,12 @@ impl Dp {
                 .append(true)
                 .open(&self.log)
                 .expect("opening the DP log");
-            let mut child = Command::new(bin("charter-dp"))
+            let mut command = Command::new(bin("charter-dp"));
+            if self.one_cpu {
+                command = Command::new("taskset");
+                command.args(["--cpu-list", "0"]).arg(bin("charter-dp"));
+            }
+            let mut child = command
                 .arg("--data-dir")
                 .arg(&self.data_dir)
                 .arg("--status-listen")

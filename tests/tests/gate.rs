@@ -1037,6 +1037,41 @@ fn redirects_to_the_upstream_point_at_the_gate_and_the_host_can_be_preserved() {
 }
 
 #[test]
+fn on_one_cpu_the_gate_runs_single_threaded_and_serves_http1_and_http2_clients() {
+    let (dir, vendor, cp, upstream) = setup();
+    cp.add(&vendor.valid("ONE-CPU"));
+    let (mut dp, proxy) = gate(&dir, "one-cpu", &cp, &vendor, &upstream.url(), &[]);
+    dp.restart_on_one_cpu();
+    dp.wait_license("the license", |l| l["status"] == "valid");
+    assert!(
+        dp.logs().contains("a single-threaded async runtime"),
+        "{}",
+        dp.logs()
+    );
+    // Clients at once, each with requests one after another on its connection.
+    let clients: Vec<_> = (0..8)
+        .map(|c| {
+            std::thread::spawn(move || {
+                (0..10)
+                    .map(|i| through(proxy, "GET", &format!("/echo/{c}/{i}"), None, &[]).status)
+                    .collect::<Vec<u16>>()
+            })
+        })
+        .collect();
+    for client in clients {
+        assert_eq!(client.join().expect("a client"), vec![200; 10]);
+    }
+    // An HTTP/2 client's requests on one connection, a POST with a body among them.
+    let answers = over_one_http2_connection(proxy, &[("GET", "/echo/a"), ("POST", "/echo/b")]);
+    assert_eq!(answers.iter().map(|a| a.0).collect::<Vec<_>>(), [200, 200]);
+    assert!(answers[1].1.contains(r#""body_len":2"#), "{answers:?}");
+    // Still counted and reported, from the one thread.
+    eventually("the requests in the report", Duration::from_secs(10), || {
+        (report_total(&cp) == 82).then_some(())
+    });
+}
+
+#[test]
 fn http1_trailers_pass_both_ways_when_the_client_accepts_them() {
     let (dir, vendor, cp, upstream) = setup();
     cp.add(&vendor.valid("TRAILERS"));

@@ -48,6 +48,7 @@ fn main() -> ExitCode {
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     let one_cpu = std::thread::available_parallelism().is_ok_and(|n| n.get() == 1);
     if one_cpu && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        tracing::info!("one CPU to run on: a single-threaded async runtime");
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
