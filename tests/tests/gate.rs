@@ -1066,9 +1066,11 @@ fn on_one_cpu_the_gate_runs_single_threaded_and_serves_http1_and_http2_clients()
     assert_eq!(answers.iter().map(|a| a.0).collect::<Vec<_>>(), [200, 200]);
     assert!(answers[1].1.contains(r#""body_len":2"#), "{answers:?}");
     // Still counted and reported, from the one thread.
-    eventually("the requests in the report", Duration::from_secs(10), || {
-        (report_total(&cp) == 82).then_some(())
-    });
+    eventually(
+        "the requests in the report",
+        Duration::from_secs(10),
+        || (report_total(&cp) == 82).then_some(()),
+    );
 }
 
 #[test]
