@@ -388,8 +388,8 @@ impl Cluster for ClusterService {
                                         let record = &mut guard.peer.record;
                                         if ack.accepted {
                                             record.license_revision = ack.revision;
-                                            record.license_id = Some(ack.license_id.clone()).filter(|s| !s.is_empty());
-                                            record.license_status = ack.license_status.clone();
+                                            record.license_id = Some(ack.license_id).filter(|s| !s.is_empty());
+                                            record.license_status = ack.license_status;
                                             record.last_error = None;
                                             if current { set(&mut record.sync_status, "in_sync"); }
                                             tracing::debug!(%node_id, revision = ack.revision, "snapshot accepted");
@@ -397,8 +397,8 @@ impl Cluster for ClusterService {
                                             set(&mut record.sync_status, "rejected");
                                             // What the data plane still enforces (say, its license
                                             // kept from an empty control plane), not what was offered.
-                                            record.license_id = Some(ack.license_id.clone()).filter(|s| !s.is_empty());
-                                            record.license_status = ack.license_status.clone();
+                                            record.license_id = Some(ack.license_id).filter(|s| !s.is_empty());
+                                            record.license_status = ack.license_status;
                                             record.last_error = Some(format!("{}: {}", ack.error_code, ack.error));
                                             tracing::warn!(%node_id, revision = ack.revision, code = %ack.error_code,
                                                 "data plane rejected the snapshot: {}", ack.error);

@@ -21,6 +21,7 @@
 //! **Architecture Invariant:** the store never reads the clock; callers pass times in.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -218,9 +219,10 @@ pub trait Store: Send + Sync + 'static {
     /// Every data plane's applied usage, by node id.
     async fn usage(&self) -> Result<Vec<NodeUsage>, StoreError>;
 
-    /// Records data planes (insert or replace by id), all or none. Soft state: see
-    /// [`DataPlaneRecord`].
-    async fn put_data_planes(&self, records: Vec<DataPlaneRecord>) -> Result<(), StoreError>;
+    /// Records data planes (insert or replace by id; of the same id given twice, the later
+    /// stands), all or none. Soft state: see [`DataPlaneRecord`]. Shared, so a caller can
+    /// keep the rows to retry without a copy.
+    async fn put_data_planes(&self, records: Arc<[DataPlaneRecord]>) -> Result<(), StoreError>;
 
     /// Every recorded data plane.
     async fn data_planes(&self) -> Result<Vec<DataPlaneRecord>, StoreError>;

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 use crate::testing::TestPostgres;
-use crate::{checksum_of, Change, LicenseRecord, PgStore, Report, Store, StoreError};
+use crate::{
+    checksum_of, Change, DataPlaneRecord, LicenseRecord, PgStore, Report, Store, StoreError,
+};
 
 fn record(n: u8, payload: &str) -> LicenseRecord {
     LicenseRecord {
@@ -107,6 +109,56 @@ async fn the_postgres_store_keeps_the_store_contract_across_control_planes() {
     assert_eq!(b.load().await.unwrap().licenses.len(), 2);
     a.close().await.unwrap();
     b.close().await.unwrap();
+}
+
+fn data_plane(id: &str, last_seen: i64, status: &str) -> DataPlaneRecord {
+    DataPlaneRecord {
+        id: id.to_owned(),
+        ip: "127.0.0.1".to_owned(),
+        hostname: format!("host of {id}"),
+        version: "0.1.0".to_owned(),
+        labels: [("zone".to_owned(), "a".to_owned())].into(),
+        last_seen,
+        sync_status: status.to_owned(),
+        license_id: None,
+        license_revision: 3,
+        license_status: "valid".to_owned(),
+        last_error: Some("E: \"quoted\"".to_owned()),
+        upstream: String::new(),
+        control_plane: "cp-a".to_owned(),
+    }
+}
+
+#[tokio::test]
+async fn the_inventory_is_written_in_one_batch_replaced_by_id_and_purged_by_age() {
+    let pg = TestPostgres::start();
+    let store = PgStore::open(&pg.url()).await.expect("open");
+    // A fleet's batch, with one id given twice: the later stands.
+    let mut batch: Vec<DataPlaneRecord> = (0..2000)
+        .map(|i| data_plane(&format!("dp-{i}"), 100 + i, "in_sync"))
+        .collect();
+    batch.push(data_plane("dp-7", 5000, "rejected"));
+    store.put_data_planes(batch.into()).await.expect("batch");
+    let stored = store.data_planes().await.expect("read");
+    assert_eq!(stored.len(), 2000);
+    let seven = stored.iter().find(|r| r.id == "dp-7").expect("dp-7");
+    assert_eq!(*seven, data_plane("dp-7", 5000, "rejected"));
+    // Replaced by id; the rest untouched.
+    store
+        .put_data_planes(vec![data_plane("dp-0", 9000, "syncing")].into())
+        .await
+        .expect("replace");
+    let stored = store.data_planes().await.expect("read");
+    assert_eq!(stored.len(), 2000);
+    let zero = stored.iter().find(|r| r.id == "dp-0").expect("dp-0");
+    assert_eq!(*zero, data_plane("dp-0", 9000, "syncing"));
+    // Rows last seen before 1100 go: dp-1 to dp-999 but dp-7, seen later.
+    assert_eq!(store.purge_data_planes(1100).await.expect("purge"), 998);
+    assert_eq!(store.data_planes().await.expect("read").len(), 1002);
+    store
+        .put_data_planes(Vec::new().into())
+        .await
+        .expect("an empty batch");
 }
 
 #[tokio::test]

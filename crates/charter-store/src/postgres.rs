@@ -819,26 +819,37 @@ impl Store for PgStore {
             .collect()
     }
 
-    async fn put_data_planes(&self, records: Vec<DataPlaneRecord>) -> Result<(), StoreError> {
+    /// One statement for the whole batch (a batch is every data plane that reported in the
+    /// last second: thousands of rows would be as many round trips one by one).
+    async fn put_data_planes(&self, records: Arc<[DataPlaneRecord]>) -> Result<(), StoreError> {
+        // One row per id, the last given: a statement may not update a row twice.
+        let mut latest: std::collections::HashMap<&str, &DataPlaneRecord> =
+            std::collections::HashMap::with_capacity(records.len());
+        for record in records.iter() {
+            latest.insert(&record.id, record);
+        }
+        let mut ids = Vec::with_capacity(latest.len());
+        let mut last_seen = Vec::with_capacity(latest.len());
+        let mut values = Vec::with_capacity(latest.len());
+        for record in latest.into_values() {
+            ids.push(record.id.as_str());
+            last_seen.push(record.last_seen);
+            values.push(
+                serde_json::to_value(record)
+                    .map_err(|e| StoreError::Corrupt(format!("encoding data plane: {e}")))?,
+            );
+        }
         self.run("recording data planes", async |client| {
-            let tx = client
-                .transaction()
-                .await
-                .map_err(db_error("starting an inventory write"))?;
-            for record in &records {
-                let value = serde_json::to_value(record)
-                    .map_err(|e| StoreError::Corrupt(format!("encoding data plane: {e}")))?;
-                tx.execute(
-                    "INSERT INTO charter_data_planes (id, last_seen, record) VALUES ($1, $2, $3)
+            client
+                .execute(
+                    "INSERT INTO charter_data_planes (id, last_seen, record)
+                     SELECT * FROM unnest($1::text[], $2::int8[], $3::jsonb[])
                      ON CONFLICT (id) DO UPDATE SET last_seen = EXCLUDED.last_seen, record = EXCLUDED.record",
-                    &[&record.id, &record.last_seen, &value],
+                    &[&ids, &last_seen, &values],
                 )
                 .await
-                .map_err(db_error("recording data planes"))?;
-            }
-            tx.commit()
-                .await
-                .map_err(db_error("committing the inventory"))
+                .map(drop)
+                .map_err(db_error("recording data planes"))
         })
         .await
     }

@@ -436,10 +436,10 @@ impl Inner {
     }
 
     /// Inventory writes are soft state: one batch, not waited for on the disk.
-    fn put_data_planes(&self, records: Vec<DataPlaneRecord>) -> Result<(), StoreError> {
+    fn put_data_planes(&self, records: &[DataPlaneRecord]) -> Result<(), StoreError> {
         self.usable()?;
         let mut batch = sled::Batch::default();
-        for record in &records {
+        for record in records {
             let value = serde_json::to_vec(record).map_err(|e| {
                 StoreError::Corrupt(format!("encoding data plane {:?}: {e}", record.id))
             })?;
@@ -551,8 +551,8 @@ impl Store for SledStore {
         self.blocking(Inner::usage).await
     }
 
-    async fn put_data_planes(&self, records: Vec<DataPlaneRecord>) -> Result<(), StoreError> {
-        self.blocking(move |inner| inner.put_data_planes(records))
+    async fn put_data_planes(&self, records: Arc<[DataPlaneRecord]>) -> Result<(), StoreError> {
+        self.blocking(move |inner| inner.put_data_planes(&records))
             .await
     }
 

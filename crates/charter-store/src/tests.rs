@@ -207,7 +207,7 @@ async fn a_failed_fsync_refuses_every_later_write_until_a_restart() {
             .apply_telemetry(vec![report("dp", 1, 1)])
             .await
             .map(|_| ()),
-        store.put_data_planes(vec![row("dp", 1)]).await,
+        store.put_data_planes(vec![row("dp", 1)].into()).await,
         store.check().await,
     ] {
         let err = attempt.unwrap_err();
@@ -277,7 +277,10 @@ async fn a_node_id_is_data_whatever_bytes_it_holds() {
         .apply_telemetry(vec![report(odd, 1, 2)])
         .await
         .unwrap();
-    store.put_data_planes(vec![row(odd, 5)]).await.unwrap();
+    store
+        .put_data_planes(vec![row(odd, 5)].into())
+        .await
+        .unwrap();
     store.close().await.unwrap();
     drop(store);
     let store = SledStore::open(dir.path()).unwrap();
@@ -291,10 +294,13 @@ async fn the_inventory_is_replaced_by_id_and_purged_by_age() {
     let dir = TempDir::new().unwrap();
     let store = SledStore::open(dir.path()).unwrap();
     store
-        .put_data_planes(vec![row("a", 1), row("b", 2), row("c", 30)])
+        .put_data_planes(vec![row("a", 1), row("b", 2), row("c", 30)].into())
         .await
         .unwrap();
-    store.put_data_planes(vec![row("a", 40)]).await.unwrap();
+    store
+        .put_data_planes(vec![row("a", 40)].into())
+        .await
+        .unwrap();
     assert_eq!(store.purge_data_planes(10).await.unwrap(), 1);
     let mut rows: Vec<_> = store
         .data_planes()

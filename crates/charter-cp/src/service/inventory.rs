@@ -84,7 +84,8 @@ impl Inventory {
     /// rows were recorded meanwhile) for the next attempt.
     pub async fn flush(&self, store: &dyn Store) -> Result<usize, StoreError> {
         let _writing = self.writing.lock().await;
-        let rows: Vec<DataPlaneRecord> = std::mem::take(&mut *self.lock()).into_values().collect();
+        let rows: Arc<[DataPlaneRecord]> =
+            std::mem::take(&mut *self.lock()).into_values().collect();
         if rows.is_empty() {
             return Ok(0);
         }
@@ -93,8 +94,8 @@ impl Inventory {
             Ok(()) => Ok(count),
             Err(e) => {
                 let mut pending = self.lock();
-                for row in rows {
-                    pending.entry(row.id.clone()).or_insert(row);
+                for row in rows.iter() {
+                    pending.entry(row.id.clone()).or_insert_with(|| row.clone());
                 }
                 Err(e)
             }
@@ -217,7 +218,10 @@ mod tests {
     async fn pending_rows_are_read_over_stored_ones_and_written_in_one_batch() {
         let dir = tempfile::TempDir::new().expect("temp dir");
         let store = SledStore::open(dir.path()).expect("open");
-        store.put_data_planes(vec![row("a", 1)]).await.expect("put");
+        store
+            .put_data_planes(vec![row("a", 1)].into())
+            .await
+            .expect("put");
         let inventory = Inventory::default();
         inventory.record(row("a", 2));
         inventory.record(row("b", 3));

@@ -360,7 +360,7 @@ impl Store for Counting {
     async fn usage(&self) -> Result<Vec<NodeUsage>, StoreError> {
         self.inner.usage().await
     }
-    async fn put_data_planes(&self, records: Vec<DataPlaneRecord>) -> Result<(), StoreError> {
+    async fn put_data_planes(&self, records: Arc<[DataPlaneRecord]>) -> Result<(), StoreError> {
         self.inner.put_data_planes(records).await
     }
     async fn data_planes(&self) -> Result<Vec<DataPlaneRecord>, StoreError> {
