@@ -161,6 +161,79 @@ async fn the_inventory_is_written_in_one_batch_replaced_by_id_and_purged_by_age(
         .expect("an empty batch");
 }
 
+fn usage_report(node: usize, seq: u64, count: u64) -> Report {
+    Report {
+        node_id: format!("dp-{node}"),
+        seq,
+        counters: vec![("2026-12".into(), count)],
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn telemetry_batches_of_two_control_planes_at_once_lose_no_count() {
+    let pg = TestPostgres::start();
+    let a = PgStore::open(&pg.url()).await.expect("open a");
+    let b = PgStore::open(&pg.url()).await.expect("open b");
+    // Within one batch, as on sled: a node's reports see each other; a resend is not
+    // counted again.
+    let applied = a
+        .apply_telemetry(vec![
+            usage_report(0, 1, 5),
+            usage_report(1, 1, 7),
+            usage_report(0, 2, 3),
+            usage_report(0, 2, 3),
+            usage_report(0, 1, 100),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(applied, vec![true, true, true, false, false]);
+
+    // Two control planes given reports of the same nodes at once, new nodes and known
+    // ones, in opposite orders: every report acknowledged as applied is counted, once.
+    const NODES: usize = 300;
+    let mut counted = vec![0u64; NODES];
+    (counted[0], counted[1]) = (8, 7);
+    let mut seq = 2;
+    for round in 0..4 {
+        let from_a: Vec<Report> = (0..NODES).map(|n| usage_report(n, seq + 1, 1)).collect();
+        let from_b: Vec<Report> = (0..NODES)
+            .rev()
+            .map(|n| usage_report(n, seq + 2, 10))
+            .collect();
+        let (applied_a, applied_b) = tokio::join!(
+            a.apply_telemetry(from_a.clone()),
+            b.apply_telemetry(from_b.clone())
+        );
+        let (applied_a, applied_b) = (
+            applied_a.unwrap_or_else(|e| panic!("round {round}, store a: {e}")),
+            applied_b.unwrap_or_else(|e| panic!("round {round}, store b: {e}")),
+        );
+        for (report, applied) in from_a
+            .iter()
+            .zip(applied_a)
+            .chain(from_b.iter().zip(applied_b))
+        {
+            if applied {
+                let n: usize = report.node_id[3..].parse().unwrap();
+                counted[n] += report.counters[0].1;
+            }
+        }
+        seq += 2;
+    }
+    let usage = b.usage().await.unwrap();
+    assert_eq!(usage.len(), NODES);
+    for node in usage {
+        let n: usize = node.node_id[3..].parse().unwrap();
+        // b's report has the higher seq, so it is applied whichever commits first.
+        assert_eq!(
+            (node.last_seq, node.buckets["2026-12"]),
+            (seq, counted[n]),
+            "{}",
+            node.node_id
+        );
+    }
+}
+
 #[tokio::test]
 async fn a_schema_newer_than_this_release_is_refused() {
     let pg = TestPostgres::start();
