@@ -265,11 +265,21 @@ fn gate_benchmark_runs_end_to_end_briefly() {
 }
 
 #[test]
-fn telemetry_benchmark_counts_every_report_exactly_once() {
-    let report = bench(&["telemetry", "--nodes", "20", "--rounds", "3", "--no-pin"]);
-    let rows = rows(&report, "Telemetry ingest");
-    assert_eq!(rows[0].0, "60", "{rows:?}");
-    assert_eq!(rows[0].1[0], 60.0, "not counted exactly once: {rows:?}");
+fn telemetry_benchmark_counts_every_report_exactly_once_on_either_store() {
+    for (store, flags) in [("sled", &[][..]), ("PostgreSQL", &["--postgres"][..])] {
+        let mut args = vec!["telemetry", "--nodes", "20", "--rounds", "3", "--no-pin"];
+        args.extend(flags);
+        let report = bench(&args);
+        let rows = rows(
+            &report,
+            &format!("Telemetry ingest: 20 data planes x 3 rounds, {store}"),
+        );
+        assert_eq!(rows[0].0, "60", "{store}: {rows:?}");
+        assert_eq!(
+            rows[0].1[0], 60.0,
+            "{store}: not counted exactly once: {rows:?}"
+        );
+    }
 }
 
 #[test]

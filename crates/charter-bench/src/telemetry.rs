@@ -1,7 +1,8 @@
 //! `charter-bench telemetry`: N simulated data planes (the fan-out simulator: real
 //! protocol, mTLS, one connection each) send `Telemetry` reports to a release
 //! `charter-cp`, all at once, round after round: reports durably applied (acknowledged)
-//! per second. The usage report must then hold every report exactly once.
+//! per second. The usage report must then hold every report exactly once. With
+//! `--postgres`, the CP stores them in a private PostgreSQL server.
 
 use std::time::{Duration, Instant};
 
@@ -10,7 +11,7 @@ use charter_tls::MtlsMode;
 use serde_json::Value;
 
 use crate::fanout::sim::Fleet;
-use crate::harness::{self, cpu_time_precise, free_port, spread, Common};
+use crate::harness::{self, cpu_time_precise, free_port, spread, Common, Postgres};
 use crate::load::Http;
 use crate::report::Report;
 
@@ -23,6 +24,9 @@ pub struct TelemetryArgs {
     /// Reports each data plane sends (one round each, every data plane at once).
     #[arg(long, default_value_t = 10, value_parser = harness::range::<u64>(1, 1000))]
     pub rounds: u64,
+    /// Store in a private PostgreSQL server (started by the bench) instead of sled.
+    #[arg(long)]
+    pub postgres: bool,
     #[command(flatten)]
     pub common: Common,
 }
@@ -34,8 +38,13 @@ pub fn main(args: TelemetryArgs) -> Result<Report> {
         let tls = charter_tls::client_config(MtlsMode::Shared, &certs)
             .context("the simulator's TLS configuration")?;
         let cluster = free_port()?;
+        let pg = match args.postgres {
+            true => Some(Postgres::start(&bench.pinning).await?),
+            false => None,
+        };
+        let url = pg.as_ref().map(Postgres::url);
         let cp = bench
-            .start_cp("cp-data", cluster, Some(&certs), None)
+            .start_cp("cp-data", cluster, Some(&certs), url.as_deref())
             .await?;
         let mut fleet = Fleet::connect(
             cluster,
@@ -85,8 +94,10 @@ pub fn main(args: TelemetryArgs) -> Result<Report> {
         let mut report = Report::new("telemetry", &args, &bench.pinning);
         report.set("round_ms", rounds.clone().into());
         let title = format!(
-            "Telemetry ingest: {} data planes x {} rounds",
-            args.nodes, args.rounds
+            "Telemetry ingest: {} data planes x {} rounds, {}",
+            args.nodes,
+            args.rounds,
+            if args.postgres { "PostgreSQL" } else { "sled" }
         );
         report.table(
             title,
