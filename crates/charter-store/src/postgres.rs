@@ -744,11 +744,12 @@ impl Store for PgStore {
 
     async fn apply_telemetry(&self, reports: Vec<Report>) -> Result<Vec<bool>, StoreError> {
         // Three statements whatever the batch's size (two per report took 3.5-4.4 s for the
-        // batcher's largest, 4,096 reports; this takes 0.08-0.14 s). Every node gets its row first, so two control planes
-        // given a new node's reports at once queue on that row instead of each writing over
-        // the other; the rows are then locked and read, the reports counted here (those of
-        // one node in this batch see each other's effect, as on sled), and the rows written
-        // back. Ids go in sorted, so concurrent batches lock their rows in one order.
+        // batcher's largest, 4,096 reports; this takes 0.08-0.14 s). Every node gets its
+        // row first, so two control planes given a new node's reports at once queue on that
+        // row instead of each writing over the other; the rows are then locked and read,
+        // the reports counted here (those of one node in this batch see each other's
+        // effect, as on sled), and the rows written back. Ids go in sorted, so concurrent
+        // batches lock their rows in one order.
         let mut nodes: Vec<&str> = reports.iter().map(|r| r.node_id.as_str()).collect();
         nodes.sort_unstable();
         nodes.dedup();
