@@ -244,8 +244,12 @@ fn gate_benchmark_runs_end_to_end_briefly() {
         "1",
         "--retries",
         "0",
+        "--relay-max-headers",
+        "256",
         "--no-pin",
     ]);
+    // The hyper relay takes the gate's header limits when asked (and serves with them).
+    assert_eq!(report["settings"]["relay_max_headers"], 256, "{report:#}");
     let paths = [
         "direct",
         "bare relay",

@@ -61,6 +61,10 @@ pub struct RelayArgs {
     /// Relay HTTP/1.1 requests with hyper instead of bytes.
     #[arg(long)]
     pub http: bool,
+    /// With `--http`: the most header fields in a request or response head (hyper's limit,
+    /// as the gate sets it). Default: hyper's own (100, kept on the stack).
+    #[arg(long, requires = "http")]
+    pub max_headers: Option<usize>,
 }
 
 /// Flags of the hidden `fanout-baseline` subcommand.
@@ -83,13 +87,21 @@ pub struct FanoutBaselineArgs {
 /// Runs `serve` on a runtime like `charter-cp`'s (`Runtime::new()`, one worker per CPU),
 /// after checking `addrs` are loopback.
 fn serve(addrs: &[SocketAddr], serve: impl std::future::Future<Output = Result<()>>) -> Result<()> {
+    serve_on(tokio::runtime::Runtime::new(), addrs, serve)
+}
+
+fn serve_on(
+    runtime: std::io::Result<tokio::runtime::Runtime>,
+    addrs: &[SocketAddr],
+    serve: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
     for addr in addrs {
         ensure!(
             addr.ip().is_loopback(),
             "the baselines only use loopback, not {addr}"
         );
     }
-    tokio::runtime::Runtime::new()
+    runtime
         .context("starting the async runtime")?
         .block_on(serve)
 }
@@ -117,8 +129,15 @@ pub fn hello(args: HelloArgs) -> Result<()> {
 
 /// Serves the relay until killed.
 pub fn relay(args: RelayArgs) -> Result<()> {
-    let (upstream, http) = (args.upstream, args.http);
-    serve(&[args.listen, upstream], async move {
+    let (upstream, http, max_headers) = (args.upstream, args.http, args.max_headers);
+    // The runtime charter-dp's gate picks: one thread when pinned to one CPU.
+    let runtime = match std::thread::available_parallelism().is_ok_and(|n| n.get() == 1) {
+        true => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        false => tokio::runtime::Runtime::new(),
+    };
+    serve_on(runtime, &[args.listen, upstream], async move {
         let listener = TcpListener::bind(args.listen).await.context("binding")?;
         loop {
             let (mut client, peer) = listener.accept().await.context("accepting")?;
@@ -128,7 +147,7 @@ pub fn relay(args: RelayArgs) -> Result<()> {
                     let mut server = TcpStream::connect(upstream).await?;
                     server.set_nodelay(true)?;
                     if http {
-                        return http_relay(client, server)
+                        return http_relay(client, server, max_headers)
                             .await
                             .map_err(std::io::Error::other);
                     }
@@ -146,9 +165,19 @@ pub fn relay(args: RelayArgs) -> Result<()> {
 
 /// Serves `client`'s HTTP/1.1 requests by sending each on `server` with hyper, as they
 /// are, and streaming the response back.
-async fn http_relay(client: TcpStream, server: TcpStream) -> hyper::Result<()> {
+async fn http_relay(
+    client: TcpStream,
+    server: TcpStream,
+    max_headers: Option<usize>,
+) -> hyper::Result<()> {
     use hyper_util::rt::TokioIo;
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(server)).await?;
+    let mut client_builder = hyper::client::conn::http1::Builder::new();
+    let mut server_builder = hyper::server::conn::http1::Builder::new();
+    if let Some(max) = max_headers {
+        client_builder.max_headers(max);
+        server_builder.max_headers(max);
+    }
+    let (sender, connection) = client_builder.handshake(TokioIo::new(server)).await?;
     tokio::spawn(connection);
     let sender = Arc::new(tokio::sync::Mutex::new(sender));
     let service = hyper::service::service_fn(move |request| {
@@ -159,7 +188,7 @@ async fn http_relay(client: TcpStream, server: TcpStream) -> hyper::Result<()> {
             sender.send_request(request).await
         }
     });
-    hyper::server::conn::http1::Builder::new()
+    server_builder
         .serve_connection(TokioIo::new(client), service)
         .await
 }
