@@ -90,6 +90,7 @@ fn serve(addrs: &[SocketAddr], serve: impl std::future::Future<Output = Result<(
     serve_on(tokio::runtime::Runtime::new(), addrs, serve)
 }
 
+/// Runs `serve` on `runtime`, after checking `addrs` are loopback.
 fn serve_on(
     runtime: std::io::Result<tokio::runtime::Runtime>,
     addrs: &[SocketAddr],
