@@ -316,3 +316,35 @@ fn text_output_is_a_table() {
     );
     assert!(text.contains("reports  counted  reports/s"), "{text}");
 }
+
+#[test]
+fn header_limit_flags_refuse_what_hyper_cannot_use() {
+    // Addresses the relay refuses after parsing (not loopback): a flag accepted by mistake
+    // ends the run at once with exit status 1, never a relay left serving.
+    let relay = [
+        "relay",
+        "--listen",
+        "192.0.2.1:1",
+        "--upstream",
+        "192.0.2.1:2",
+    ];
+    for (args, says) in [
+        (
+            vec!["gate", "--relay-max-headers", "0"],
+            "invalid value '0' for '--relay-max-headers <RELAY_MAX_HEADERS>': 0 is not in 1..=10000",
+        ),
+        (
+            [&relay[..], &["--http", "--max-headers", "10001"]].concat(),
+            "invalid value '10001' for '--max-headers <MAX_HEADERS>': 10001 is not in 1..=10000",
+        ),
+        (
+            [&relay[..], &["--max-headers", "256"]].concat(),
+            "the following required arguments were not provided:\n  --http",
+        ),
+    ] {
+        let out = run("charter-bench", &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}

@@ -63,7 +63,7 @@ pub struct RelayArgs {
     pub http: bool,
     /// With `--http`: the most header fields in a request or response head (hyper's limit,
     /// as the gate sets it). Default: hyper's own (100, kept on the stack).
-    #[arg(long, requires = "http")]
+    #[arg(long, requires = "http", value_parser = crate::harness::range::<usize>(1, 10_000))]
     pub max_headers: Option<usize>,
 }
 
