@@ -8,7 +8,6 @@
 //! restart of either side neither loses nor double-counts a request.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -47,12 +46,20 @@ impl Default for UsageFile {
     }
 }
 
+/// What the counter's lock guards: the counts, and the bucket of the UTC day counted last
+/// (so a count names its month without working out a date, once a day).
+struct Counts {
+    file: UsageFile,
+    /// The day (days since 1970-01-01, UTC) and its month's bucket.
+    today: Option<(i64, String)>,
+}
+
 /// The usage counter of a data plane.
 pub struct Usage {
     dir: PathBuf,
     /// A std mutex: held only for in-memory updates and the short atomic file write, never
     /// across an await.
-    state: Mutex<UsageFile>,
+    state: Mutex<Counts>,
     dirty: AtomicBool,
 }
 
@@ -85,36 +92,32 @@ impl Usage {
         };
         Ok(Usage {
             dir: dir.to_path_buf(),
-            state: Mutex::new(state),
+            state: Mutex::new(Counts {
+                file: state,
+                today: None,
+            }),
             dirty: AtomicBool::new(false),
         })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, UsageFile> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
         // The guarded data is plain counters; a panic elsewhere cannot leave it torn.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Counts one forwarded request at `now`.
     pub fn count(&self, now: UnixTime) {
-        let date = utc_date(now);
-        // The bucket's name (`YYYY-MM`) without an allocation: this runs on every request.
-        let (year, month) = (date.year(), u8::from(date.month()));
-        let mut name = [0u8; 7];
-        let owned;
-        let bucket = match write!(&mut name[..], "{year:04}-{month:02}") {
-            Ok(()) => std::str::from_utf8(&name).unwrap_or_default(),
-            // A year outside 0..=9999 (a clock far off) does not fit.
-            Err(_) => {
-                owned = format!("{year:04}-{month:02}");
-                &owned
-            }
-        };
+        let day = now.div_euclid(86_400);
         let mut state = self.lock();
-        match state.current.get_mut(bucket) {
+        let Counts { file, today } = &mut *state;
+        let bucket = match today {
+            Some((counted, bucket)) if *counted == day => bucket,
+            _ => &today.insert((day, bucket(now))).1,
+        };
+        match file.current.get_mut(bucket.as_str()) {
             Some(count) => *count += 1,
             None => {
-                state.current.insert(bucket.to_owned(), 1);
+                file.current.insert(bucket.clone(), 1);
             }
         }
         drop(state);
@@ -127,7 +130,7 @@ impl Usage {
             return Ok(());
         }
         let state = self.lock();
-        let result = self.write(&state);
+        let result = self.write(&state.file);
         if result.is_err() {
             self.dirty.store(true, Ordering::Release);
         }
@@ -145,13 +148,13 @@ impl Usage {
     /// under a new `seq` (persisted before it is returned). `None` when there is nothing.
     pub fn next_batch(&self) -> Result<Option<Batch>, UsageError> {
         let mut state = self.lock();
-        if let Some(pending) = &state.pending {
+        if let Some(pending) = &state.file.pending {
             return Ok(Some(pending.clone()));
         }
-        if state.current.is_empty() {
+        if state.file.current.is_empty() {
             return Ok(None);
         }
-        let mut next = state.clone();
+        let mut next = state.file.clone();
         next.pending = Some(Batch {
             seq: next.next_seq,
             counters: std::mem::take(&mut next.current),
@@ -160,26 +163,26 @@ impl Usage {
         // Persist before anything is sent: a batch the control plane may apply must
         // survive a crash with its seq, or a resend after restart would count it twice.
         self.write(&next)?;
-        *state = next;
-        Ok(state.pending.clone())
+        state.file = next;
+        Ok(state.file.pending.clone())
     }
 
     /// The control plane acknowledged `seq`: drop that batch. Returns whether it matched.
     pub fn acknowledge(&self, seq: u64) -> Result<bool, UsageError> {
         let mut state = self.lock();
-        if state.pending.as_ref().is_none_or(|p| p.seq != seq) {
+        if state.file.pending.as_ref().is_none_or(|p| p.seq != seq) {
             return Ok(false);
         }
-        let mut next = state.clone();
+        let mut next = state.file.clone();
         next.pending = None;
         self.write(&next)?;
-        *state = next;
+        state.file = next;
         Ok(true)
     }
 
     /// Requests counted and not yet acknowledged, by month (for the status API).
     pub fn unacknowledged(&self) -> BTreeMap<String, u64> {
-        let state = self.lock();
+        let state = &self.lock().file;
         let mut totals = state.current.clone();
         if let Some(pending) = &state.pending {
             for (bucket, count) in &pending.counters {
@@ -188,6 +191,12 @@ impl Usage {
         }
         totals
     }
+}
+
+/// The bucket (`YYYY-MM`, UTC) of `now`.
+fn bucket(now: UnixTime) -> String {
+    let date = utc_date(now);
+    format!("{:04}-{:02}", date.year(), u8::from(date.month()))
 }
 
 #[cfg(test)]
@@ -238,6 +247,27 @@ mod tests {
             usage.next_batch().expect("batch").map(|b| b.seq),
             Some(3),
             "seq keeps growing across restarts"
+        );
+    }
+
+    #[test]
+    fn each_count_goes_to_its_own_utc_month() {
+        let dir = tempfile::TempDir::new().expect("temp dir");
+        let usage = Usage::open(dir.path()).expect("open");
+        let december = 1_796_083_200; // 2026-12-01T00:00:00Z
+                                      // The last second of November, the first of December, and November again (a
+                                      // clock stepped back), then before 1970: each its own month, whichever day
+                                      // was counted just before.
+        for at in [december - 1, december, december + 86_399, december - 1, -1] {
+            usage.count(at);
+        }
+        assert_eq!(
+            usage.unacknowledged(),
+            BTreeMap::from([
+                ("1969-12".into(), 1),
+                ("2026-11".into(), 2),
+                ("2026-12".into(), 2)
+            ])
         );
     }
 
