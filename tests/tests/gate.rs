@@ -996,6 +996,17 @@ fn redirects_to_the_upstream_point_at_the_gate_and_the_host_can_be_preserved() {
         field(&headers, "content-location"),
         ["http://gate.test:8443/redirect"]
     );
+    // The scheme is the one the upstream is told: an untrusted client's claim of https
+    // is not believed...
+    let (_, headers, _) = exchange(
+        proxy,
+        "GET /redirect HTTP/1.1\r\nhost: gate.test:8443\r\nx-forwarded-proto: https",
+        b"",
+    );
+    assert_eq!(
+        field(&headers, "location"),
+        ["http://gate.test:8443/echo/target?x=1"]
+    );
     let (_, headers, body) = exchange(
         proxy,
         "GET /echo/host HTTP/1.1\r\nhost: gate.test:8443",
@@ -1034,6 +1045,30 @@ fn redirects_to_the_upstream_point_at_the_gate_and_the_host_can_be_preserved() {
         field(&headers, "location"),
         ["http://gate.test:8443/echo/target?x=1"]
     );
+
+    // ...a trusted proxy's is (it ended the client's TLS), in any case.
+    let (trusting_dp, trusting) = gate(
+        &dir,
+        "trusting",
+        &cp,
+        &vendor,
+        &upstream.url(),
+        &["--trusted-proxy", "127.0.0.0/8"],
+    );
+    trusting_dp.wait_license("the license", |l| l["status"] == "valid");
+    for (claimed, scheme) in [("HTTPS", "https"), ("http", "http")] {
+        let (_, headers, _) = exchange(
+            trusting,
+            &format!(
+                "GET /redirect HTTP/1.1\r\nhost: gate.test:8443\r\nx-forwarded-proto: {claimed}"
+            ),
+            b"",
+        );
+        assert_eq!(
+            field(&headers, "location"),
+            [format!("{scheme}://gate.test:8443/echo/target?x=1")]
+        );
+    }
 }
 
 #[test]

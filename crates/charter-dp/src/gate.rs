@@ -61,9 +61,11 @@ pub const DENIED: &str = "Enterprise license missing or expired";
 /// Headers that belong to one hop and are never forwarded (RFC 9110 §7.6.1).
 /// (`Trailer` is not one: it declares the trailer fields, which hyper's HTTP/1 encoder
 /// sends only when declared.)
-/// Names made once, at compile time: a name given as text is parsed and hashed at every
-/// use, and these are used on every request. `Connection` comes first.
-const HOP_BY_HOP: [HeaderName; HOPS] = [
+/// Names made once, at compile time: a name given as text is parsed at every use. A
+/// `static`, not a `const`: a `const` array is made afresh, and dropped, wherever it is
+/// used (messages are matched against these names by [`Fields::of`]). `Connection` comes
+/// first.
+static HOP_BY_HOP: [HeaderName; HOPS] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
@@ -108,6 +110,8 @@ const TUNNEL_SHARE: f64 = 1.0 / 8.0;
 pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 /// How many [`HOP_BY_HOP`] names there are.
 const HOPS: usize = 7;
+/// Where `TE` is in [`HOP_BY_HOP`].
+const TE: usize = 4;
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -624,7 +628,8 @@ impl Gate {
         // gRPC clients read the gate's own answers as gRPC statuses.
         let grpc = is_grpc(&request);
         let json = |status, message: &str| answer(grpc, status, message);
-        if !self.enforcement.allows_now() {
+        let now = self.enforcement.now();
+        if !self.enforcement.allows(now) {
             return Ok(json(StatusCode::FORBIDDEN, DENIED));
         }
         // A gate in front of one service is no forward proxy: no tunnels to elsewhere.
@@ -665,7 +670,7 @@ impl Gate {
             Route::Lane
         };
         let client_host = client_host(&request);
-        let (request, sent, pending) = match self.upstream_request(
+        let (request, sent, pending, scheme) = match self.upstream_request(
             request,
             peer,
             &lane.peer_ip,
@@ -683,14 +688,6 @@ impl Gate {
         };
         // Where the client sees the upstream: the scheme the upstream was told, and the
         // host the client asked for.
-        let scheme = match request
-            .headers()
-            .get(X_FORWARDED_PROTO)
-            .map(|p| p.as_bytes())
-        {
-            Some(p) if p.eq_ignore_ascii_case(b"https") => "https",
-            _ => "http",
-        };
         let client = (scheme, client_host);
         // The other routes' futures are boxed: this future is as large as the largest
         // it holds, and it is moved (copied) as a whole on every request.
@@ -728,7 +725,7 @@ impl Gate {
         lane.put_timer(timer);
         match answered {
             Some(Ok(mut response)) => {
-                self.usage.count(self.enforcement.now());
+                self.usage.count(now);
                 if let Some((client, place)) = upgrade {
                     if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                         let upstream = hyper::upgrade::on(&mut response);
@@ -785,17 +782,19 @@ impl Gate {
         pending: Option<Pending>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
+        let fields = Fields::of(&parts.headers);
         let upgrade = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
             .then(|| parts.headers.get(header::UPGRADE).cloned())
             .flatten();
-        strip_hop_by_hop(&mut parts.headers);
+        strip_hop_by_hop(&mut parts.headers, fields.hops);
         if let Some(upgrade) = upgrade {
             parts.headers.insert(header::UPGRADE, upgrade);
             parts
                 .headers
                 .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         }
-        if let Some(host) = client_host.as_ref().and_then(|h| h.to_str().ok()) {
+        let host = client_host.as_ref().filter(|_| fields.location);
+        if let Some(host) = host.and_then(|h| h.to_str().ok()) {
             for name in [header::LOCATION, header::CONTENT_LOCATION] {
                 let rewritten = parts
                     .headers
@@ -1152,15 +1151,16 @@ impl Gate {
         client_host: Option<&HeaderValue>,
         route: Route,
     ) -> Result<Forwarded, String> {
-        let upgrade = wants_upgrade(&request);
         let (mut parts, body) = request.into_parts();
-        let trailers = parts
-            .headers
-            .get_all(header::TE)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
+        let fields = Fields::of(&parts.headers);
+        let trailers = fields.hops[TE]
+            && parts
+                .headers
+                .get_all(header::TE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"));
         let host = match client_host {
             Some(host) if self.preserve_host => host.clone(),
             _ => self.upstream_host.clone(),
@@ -1218,11 +1218,14 @@ impl Gate {
             Route::Http2 => Version::HTTP_2,
             _ => Version::HTTP_11,
         };
-        let upgrade = upgrade
+        let upgrade = (route == Route::Upgrade)
             .then(|| parts.headers.get(header::UPGRADE).cloned())
             .flatten();
-        strip_hop_by_hop(&mut parts.headers);
+        strip_hop_by_hop(&mut parts.headers, fields.hops);
         let headers = &mut parts.headers;
+        // Room for the fields added below at once (hyper's map has room for the client's
+        // only): a map grows by moving every field.
+        headers.reserve(6);
         if let Some(upgrade) = upgrade {
             headers.insert(header::UPGRADE, upgrade);
             headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -1257,17 +1260,23 @@ impl Gate {
         }
         // A trusted proxy's own scheme and host stand (it knows whether the client came
         // over TLS, and which name it used, as Kong's `trusted_ips` lets them); anyone
-        // else's claims about earlier hops are dropped (looked for first: a removal
-        // hashes the name, a comparison mostly does not).
-        if !trusted && headers.keys().any(|name| CLAIMED_BY_PROXIES.contains(name)) {
+        // else's claims about earlier hops are dropped.
+        if !trusted && fields.claimed {
             for name in CLAIMED_BY_PROXIES {
                 headers.remove(name);
             }
         }
-        if !(trusted && headers.contains_key(X_FORWARDED_PROTO)) {
+        // Where the client sees the upstream: the scheme the upstream is told.
+        let scheme = if trusted && fields.forwarded_proto {
+            match headers.get(X_FORWARDED_PROTO).map(HeaderValue::as_bytes) {
+                Some(p) if p.eq_ignore_ascii_case(b"https") => "https",
+                _ => "http",
+            }
+        } else {
             headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        }
-        if let Some(host) = client_host.filter(|_| !headers.contains_key(X_FORWARDED_HOST)) {
+            "http"
+        };
+        if let Some(host) = client_host.filter(|_| !(trusted && fields.forwarded_host)) {
             headers.insert(X_FORWARDED_HOST, host.clone());
         }
         // Over HTTP/2 the authority is in the target (`:authority`).
@@ -1294,16 +1303,18 @@ impl Gate {
                 Some(pending),
             )
         };
-        Ok((Request::from_parts(parts, body), sent, pending))
+        Ok((Request::from_parts(parts, body), sent, pending, scheme))
     }
 }
 
-/// A request on its way upstream, the signal that its body has all been sent, and the
-/// body's handle (see [`Gate::upstream_request`]).
+/// A request on its way upstream, the signal that its body has all been sent, the body's
+/// handle, and the scheme the upstream is told the client used (see
+/// [`Gate::upstream_request`]).
 type Forwarded = (
     Request<UpstreamBody>,
     Option<(oneshot::Receiver<()>, oneshot::Receiver<()>)>,
     Option<Pending>,
+    &'static str,
 );
 
 /// A client's request body while it is sent upstream, shared with the response so the
@@ -1590,39 +1601,90 @@ fn without_body(request: &Request<UpstreamBody>) -> Request<UpstreamBody> {
     again
 }
 
-/// Drops hop-by-hop headers, including those the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages have few or none: finding them costs a comparison per field, while
-    // a removal hashes the name (seven of them on every request, and on its response).
-    let mut present = [false; HOPS];
-    for name in headers.keys() {
-        if let Some(i) = HOP_BY_HOP.iter().position(|hop| hop == name) {
-            present[i] = true;
+/// What a message's header fields hold of the names the gate acts on, found in one pass
+/// over the names: matching a name's text mostly ends at its length, while looking a
+/// name up in the map hashes it (and a `const` array of names compared against is made
+/// afresh, and dropped, at every use).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+struct Fields {
+    /// Which of [`HOP_BY_HOP`] are present.
+    hops: [bool; HOPS],
+    /// Any of [`CLAIMED_BY_PROXIES`].
+    claimed: bool,
+    /// `X-Forwarded-Proto`.
+    forwarded_proto: bool,
+    /// `X-Forwarded-Host`.
+    forwarded_host: bool,
+    /// `Location` or `Content-Location`.
+    location: bool,
+}
+
+impl Fields {
+    fn of(headers: &HeaderMap) -> Fields {
+        let mut fields = Fields::default();
+        for name in headers.keys() {
+            // The names of `HOP_BY_HOP` in its order, and of `CLAIMED_BY_PROXIES`
+            // (a unit test holds the three lists together).
+            match name.as_str() {
+                "connection" => fields.hops[0] = true,
+                "keep-alive" => fields.hops[1] = true,
+                "proxy-authenticate" => fields.hops[2] = true,
+                "proxy-authorization" => fields.hops[3] = true,
+                "te" => fields.hops[TE] = true,
+                "transfer-encoding" => fields.hops[5] = true,
+                "upgrade" => fields.hops[6] = true,
+                "forwarded" | "x-forwarded-port" | "x-forwarded-prefix" | "x-real-ip" => {
+                    fields.claimed = true;
+                }
+                "x-forwarded-host" => {
+                    fields.claimed = true;
+                    fields.forwarded_host = true;
+                }
+                "x-forwarded-proto" => fields.forwarded_proto = true,
+                "location" | "content-location" => fields.location = true,
+                _ => {}
+            }
         }
+        fields
     }
-    // `Connection` (the first) names the others a message has; those that are hop-by-hop
-    // anyway (`keep-alive`, the usual one) go below without being parsed into names.
-    if present[0] {
-        let named: Vec<HeaderName> = headers
+}
+
+/// Drops hop-by-hop headers (those of [`HOP_BY_HOP`] that `hops` says are present), and
+/// those the `Connection` header names.
+fn strip_hop_by_hop(headers: &mut HeaderMap, hops: [bool; HOPS]) {
+    // `Connection` (the first) names the others a message has. Its usual tokens,
+    // `keep-alive` (hop-by-hop anyway, dropped below) and `close`, name no field to drop:
+    // they are passed over before any name is made.
+    if hops[0] {
+        let mut named = Vec::new();
+        let tokens = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .map(str::trim)
-            .filter(|name| {
-                !HOP_BY_HOP
-                    .iter()
-                    .any(|hop| hop.as_str().eq_ignore_ascii_case(name))
-            })
-            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-            .collect();
+            .map(str::trim);
+        for token in tokens {
+            if token.is_empty()
+                || token.eq_ignore_ascii_case("keep-alive")
+                || token.eq_ignore_ascii_case("close")
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+                if !HOP_BY_HOP.contains(&name) {
+                    named.push(name);
+                }
+            }
+        }
         for name in named {
             headers.remove(name);
         }
     }
-    for (name, present) in HOP_BY_HOP.iter().zip(present) {
-        if present {
-            headers.remove(name);
+    if hops.contains(&true) {
+        for (name, present) in HOP_BY_HOP.iter().zip(hops) {
+            if present {
+                headers.remove(name);
+            }
         }
     }
 }
@@ -1920,8 +1982,66 @@ mod tests {
         headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert("transfer-encoding", HeaderValue::from_static("chunked"));
         headers.insert("x-kept", HeaderValue::from_static("yes"));
-        strip_hop_by_hop(&mut headers);
-        assert_eq!(headers.len(), 1);
+        // A second `Connection` line, tokens in any case, empty ones, and one naming a
+        // field hop-by-hop anyway.
+        headers.append(
+            "connection",
+            HeaderValue::from_static("Close,, X-Other ,TE"),
+        );
+        headers.insert("x-other", HeaderValue::from_static("2"));
+        headers.insert("te", HeaderValue::from_static("trailers"));
+        let hops = Fields::of(&headers).hops;
+        strip_hop_by_hop(&mut headers, hops);
+        assert_eq!(headers.len(), 1, "{headers:?}");
         assert_eq!(headers["x-kept"], "yes");
+    }
+
+    /// `Fields::of` matches names by their text: it must know every name of the lists
+    /// the gate acts on, in `HOP_BY_HOP`'s order, and nothing else.
+    #[test]
+    fn fields_know_the_names_the_gate_acts_on() {
+        let only = |name: &HeaderName| {
+            let mut headers = HeaderMap::new();
+            headers.insert(name.clone(), HeaderValue::from_static("1"));
+            // Upper case on the wire arrives as the same (lower-case) name.
+            let upper = HeaderName::from_bytes(name.as_str().to_ascii_uppercase().as_bytes())
+                .expect("a name");
+            let mut same = HeaderMap::new();
+            same.insert(upper, HeaderValue::from_static("1"));
+            assert_eq!(Fields::of(&same), Fields::of(&headers));
+            Fields::of(&headers)
+        };
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            let mut hops = [false; HOPS];
+            hops[i] = true;
+            assert_eq!(
+                only(name),
+                Fields {
+                    hops,
+                    ..Fields::default()
+                },
+                "{name}"
+            );
+        }
+        assert_eq!(HOP_BY_HOP[TE], header::TE);
+        for name in &CLAIMED_BY_PROXIES {
+            let fields = only(name);
+            assert!(fields.claimed, "{name}");
+            assert_eq!(fields.forwarded_host, name == X_FORWARDED_HOST, "{name}");
+        }
+        assert!(only(&X_FORWARDED_PROTO).forwarded_proto);
+        assert!(!only(&X_FORWARDED_FOR).claimed);
+        for name in [header::LOCATION, header::CONTENT_LOCATION] {
+            assert_eq!(
+                only(&name),
+                Fields {
+                    location: true,
+                    ..Fields::default()
+                }
+            );
+        }
+        for name in [header::HOST, header::VIA, HeaderName::from_static("x-kept")] {
+            assert_eq!(only(&name), Fields::default(), "{name}");
+        }
     }
 }

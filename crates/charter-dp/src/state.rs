@@ -236,7 +236,12 @@ impl Enforcement {
     /// Only a date comparison on the license already verified — no signature check, no
     /// clone of the license.
     pub fn allows_now(&self) -> bool {
-        let now = self.now();
+        self.allows(self.now())
+    }
+
+    /// Whether the license in force allows traffic at `now` (read from [`Enforcement::now`]
+    /// once for both the check and the count of a request).
+    pub fn allows(&self, now: UnixTime) -> bool {
         let judge = |license: &HeldLicense| license.verified.allows(now);
         match &*self.static_license.borrow() {
             Some(Ok(license)) => judge(license),
