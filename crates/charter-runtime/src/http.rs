@@ -28,7 +28,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -277,7 +277,7 @@ async fn drive<S, B>(
     stream: TcpStream,
     service: S,
     limits: Limits,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     activity: Arc<Activity>,
     evict: Arc<tokio::sync::Notify>,
 ) where
@@ -310,8 +310,91 @@ async fn drive<S, B>(
         .max_header_list_size(MAX_HEADER_LIST_SIZE);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), counted);
     tokio::pin!(connection);
+    // The connection's task polls the connection and the control word only: the
+    // watcher's futures (two `Notify` waits, each taking a lock, and a timer) would
+    // otherwise be polled at every wake-up of this task, several times per request.
+    let control = Arc::new(Control::default());
+    let watcher = tokio::spawn(watch_connection(
+        control.clone(),
+        limits.idle,
+        shutdown,
+        activity,
+        evict,
+    ));
+    let _watcher = AbortOnDrop(watcher);
+    loop {
+        tokio::select! {
+            biased;
+            _ = connection.as_mut() => return,
+            told = std::future::poll_fn(|cx| control.poll(cx)) => {
+                if told & DROP != 0 {
+                    return;
+                }
+                connection.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// What a connection's watcher ([`watch_connection`]) tells its task ([`drive`]): [`CLOSE`] (close
+/// gracefully: finish the request in flight, take no more) and [`DROP`] (close now), as
+/// bits of one word, and the task's waker.
+#[derive(Default)]
+struct Control {
+    told: AtomicU8,
+    waker: atomic_waker::AtomicWaker,
+}
+
+/// Close the connection gracefully.
+const CLOSE: u8 = 1;
+/// Drop the connection now.
+const DROP: u8 = 2;
+
+impl Control {
+    fn tell(&self, what: u8) {
+        self.told.fetch_or(what, Ordering::AcqRel);
+        self.waker.wake();
+    }
+
+    /// What the watcher told since the last time, once it told anything.
+    fn poll(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<u8> {
+        if self.told.load(Ordering::Acquire) == 0 {
+            self.waker.register(cx.waker());
+            // Told between the load and the registration: not woken for it.
+            if self.told.load(Ordering::Acquire) == 0 {
+                return std::task::Poll::Pending;
+            }
+        }
+        std::task::Poll::Ready(self.told.swap(0, Ordering::AcqRel))
+    }
+}
+
+/// Aborts a task when dropped: a connection's watcher ends with the connection.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Watches one connection, in a task of its own, and tells its task through `control`
+/// when to close: gracefully when `evict` is notified, `shutdown` turns true, or it has
+/// been `idle` that long; at once when told to close to make room and still idle
+/// [`EVICT_AFTER`] later, or told to close and still open a whole `idle` later.
+async fn watch_connection(
+    control: Arc<Control>,
+    idle: Duration,
+    mut shutdown: watch::Receiver<bool>,
+    activity: Arc<Activity>,
+    evict: Arc<tokio::sync::Notify>,
+) {
     // When the connection was told to close (graceful shutdown), if it was.
     let mut closing: Option<tokio::time::Instant> = None;
+    let close = |closing: &mut Option<tokio::time::Instant>| {
+        control.tell(CLOSE);
+        *closing = Some(tokio::time::Instant::now());
+    };
     let mut check = tokio::time::interval(idle / 4);
     // Told to close to make room: closed outright after EVICT_AFTER unless a request has
     // slipped in meanwhile (it then gets until the usual deadline).
@@ -320,37 +403,30 @@ async fn drive<S, B>(
     let mut evicted = false;
     loop {
         tokio::select! {
-            _ = connection.as_mut() => return,
             () = evict.notified(), if closing.is_none() => {
-                connection.as_mut().graceful_shutdown();
-                closing = Some(tokio::time::Instant::now());
+                close(&mut closing);
                 evicting.as_mut().reset(tokio::time::Instant::now() + EVICT_AFTER);
                 evicted = true;
             }
             () = evicting.as_mut(), if evicted => {
                 if activity.in_flight.load(Ordering::Acquire) == 0 {
-                    return;
+                    break;
                 }
                 evicted = false;
             }
-            _ = shutdown.changed(), if closing.is_none() => {
-                connection.as_mut().graceful_shutdown();
-                closing = Some(tokio::time::Instant::now());
-            }
+            _ = shutdown.changed(), if closing.is_none() => close(&mut closing),
             _ = check.tick() => {
                 match closing {
                     // Told to close and still open a whole period later: drop it.
-                    Some(since) if since.elapsed() >= idle => return,
+                    Some(since) if since.elapsed() >= idle => break,
                     Some(_) => {}
-                    None if activity.idle_for() >= idle => {
-                        connection.as_mut().graceful_shutdown();
-                        closing = Some(tokio::time::Instant::now());
-                    }
+                    None if activity.idle_for() >= idle => close(&mut closing),
                     None => {}
                 }
             }
         }
     }
+    control.tell(DROP);
 }
 
 /// hyper's timer for an HTTP/1 connection, which times the reading of each request head
