@@ -5,7 +5,8 @@
 //! them must receive, verify and acknowledge each update. The admin one starts
 //! `charter-cp` and the hello-world and runs every GET target and every kind of write. The
 //! gate one starts `charter-cp`, the hello-world upstream, the bare relay and `charter-dp`
-//! in gate mode, and loads all three paths. The PostgreSQL ones (`fanout-ha`, `admin
+//! in gate mode, and loads all three paths; with `--callgrind` it counts each proxy's
+//! instructions under valgrind. The PostgreSQL ones (`fanout-ha`, `admin
 //! --postgres`) start their own private PostgreSQL server, as the PostgreSQL tests do.
 
 use charter_tests::run;
@@ -266,6 +267,40 @@ fn gate_benchmark_runs_end_to_end_briefly() {
         let rows: Vec<&str> = rows.iter().map(String::as_str).collect();
         check(&report, &format!("GET /record behind {case}"), &rows, &[11]);
     }
+}
+
+#[test]
+fn gate_benchmark_counts_each_proxy_s_instructions_under_callgrind() {
+    let report = bench(&[
+        "gate",
+        "--callgrind",
+        "--callgrind-requests",
+        "100",
+        "--upstreams",
+        "nginx",
+        "--cluster-insecure",
+        "--no-pin",
+    ]);
+    let title = "GET /record behind nginx: user-space instructions per request";
+    let paths = ["bare relay", "hyper relay", "gate", "nginx", "haproxy"];
+    let labels = paths.map(|p| format!("nginx: {p}"));
+    check(&report, title, &labels.each_ref().map(String::as_str), &[]);
+    // Nothing is timed: no windows.
+    assert!(report["windows"].is_null(), "{report:#}");
+    let count = |path: &str| -> f64 {
+        let rows = rows(&report, title);
+        let (_, values) = rows
+            .iter()
+            .find(|(label, _)| label == &format!("nginx: {path}"))
+            .expect("a row");
+        values[0].as_f64().expect("a count")
+    };
+    // Counts, not times: whatever the machine, a relay that copies bytes does less than
+    // one that parses HTTP, and the gate does what a hyper relay does and more.
+    assert!(count("bare relay") > 0.0, "{report:#}");
+    assert!(count("bare relay") < count("hyper relay"), "{report:#}");
+    assert!(count("hyper relay") < count("gate"), "{report:#}");
+    assert!(count("nginx") > 0.0 && count("haproxy") > 0.0, "{report:#}");
 }
 
 #[test]

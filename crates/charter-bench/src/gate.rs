@@ -8,10 +8,16 @@
 //! at one connection (latency) and at N keep-alive connections (throughput): req/s, the
 //! p50 and p99 of every request's latency in each window, and the CPU time per request of
 //! the upstream and of the proxy.
+//!
+//! With `--callgrind`, nothing is timed: each proxy runs in turn under valgrind's callgrind
+//! and the user-space instructions it executes per request are counted, a measure a busy
+//! or slow-waking host does not disturb (the kernel's share is not in it).
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use serde_json::json;
@@ -34,6 +40,18 @@ pub struct GateArgs {
     /// own, 100, which costs it less per message.
     #[arg(long, value_parser = harness::range::<usize>(1, 10_000))]
     pub relay_max_headers: Option<usize>,
+    /// Count each proxy's user-space instructions per request under valgrind's callgrind
+    /// (`scripts/bench` installs valgrind) instead of timing windows.
+    #[arg(long)]
+    pub callgrind: bool,
+    /// With `--callgrind`: the requests counted for each proxy (over four keep-alive
+    /// connections, after a fifth as many to warm up).
+    #[arg(long, requires = "callgrind", default_value_t = 10_000, value_parser = harness::range::<u64>(100, 10_000_000))]
+    pub callgrind_requests: u64,
+    /// With `--callgrind`: a directory to keep each proxy's profile in, for
+    /// `callgrind_annotate`.
+    #[arg(long, requires = "callgrind")]
+    pub callgrind_out: Option<PathBuf>,
     #[command(flatten)]
     pub load: LoadArgs,
     #[command(flatten)]
@@ -67,7 +85,9 @@ const PATHS: [&str; 6] = [
 ];
 const HYPER_RELAY: usize = 2;
 const GATE: usize = 3;
-const PEERS: [usize; 2] = [4, 5];
+const PEER_NGINX: usize = 4;
+const PEER_HAPROXY: usize = 5;
+const PEERS: [usize; 2] = [PEER_NGINX, PEER_HAPROXY];
 /// The fixed answer of the nginx upstream.
 const FIXED: &str = r#"{"answer":"okay"}"#;
 
@@ -92,60 +112,43 @@ pub fn main(args: GateArgs) -> Result<Report> {
 
         let mut report = Report::new("gate", &args, &bench.pinning);
         let mut all = Vec::new();
+        let mut counts = Vec::new();
         for &case in &args.upstreams {
             let upstream = match case {
                 Case::Nginx => {
                     let config = format!(
                         "server {{ listen {{addr}}; location / {{ default_type application/json; return 200 '{FIXED}'; }} }}"
                     );
-                    start_nginx(bench, &nginx, &format!("nginx-upstream-{case}"), &config).await?
+                    let name = format!("nginx-upstream-{case}");
+                    start_nginx(bench, &[], &nginx, &name, &config).await?
                 }
                 Case::Hello => bench.start_hello(&record, &record).await?,
             };
             let to = upstream.addr();
-            let relay_max_headers = args.relay_max_headers;
-            let relay = async |http: bool| {
-                let log = format!("relay-{case}{}.log", if http { "-http" } else { "" });
-                bench
-                    .start(&log, "charter-bench", "/record", move |addr| {
-                        let (listen, to) = (addr.to_string(), to.to_string());
-                        let mut args = ["relay", "--listen", &listen, "--upstream", &to]
-                            .map(OsString::from)
-                            .to_vec();
-                        if http {
-                            args.push("--http".into());
-                            if let Some(max) = relay_max_headers {
-                                args.extend(["--max-headers".into(), max.to_string().into()]);
-                            }
-                        }
-                        args
-                    })
-                    .await
+            let proxies = Proxies {
+                bench,
+                case,
+                to,
+                cluster,
+                certs: certs.as_ref(),
+                relay_max_headers: args.relay_max_headers,
+                nginx: &nginx,
+                haproxy: &haproxy,
             };
-            let (relay, hyper_relay) = (relay(false).await?, relay(true).await?);
-            let gate = start_gate(bench, cluster, certs.as_ref(), &to.to_string()).await?;
-            let peer_config = format!(
-                "upstream backend {{ server {to}; keepalive 64; keepalive_requests 1000000; }}
-                 server {{ listen {{addr}}; location / {{ proxy_pass http://backend; proxy_http_version 1.1;
-                   proxy_set_header Connection \"\"; proxy_set_header Host $http_host;
-                   proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-                   proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $http_host; }} }}"
-            );
-            let nginx_proxy =
-                start_nginx(bench, &nginx, &format!("nginx-proxy-{case}"), &peer_config).await?;
-            let haproxy_proxy = start_haproxy(bench, &haproxy, to).await?;
-            let proxies = [&relay, &hyper_relay, &gate.1, &nginx_proxy, &haproxy_proxy];
+            if args.callgrind {
+                counts.push((case, count_all(&proxies, &args).await?));
+                continue;
+            }
+            let mut started = Vec::new();
+            for path in 1..PATHS.len() {
+                started.push(proxies.start(path, &[]).await?);
+            }
             // Every proxy must forward the upstream's answer unchanged.
             let direct = async { Http::connect(to).await?.get_ok("/record").await }
                 .await
                 .context("GET /record from the upstream")?;
-            for (proxy, name) in proxies.iter().zip(&PATHS[1..]) {
-                let addr = if *name == "gate" {
-                    gate.0
-                } else {
-                    proxy.addr()
-                };
-                let body = async { Http::connect(addr).await?.get_ok("/record").await }
+            for ((addr, _), name) in started.iter().zip(&PATHS[1..]) {
+                let body = async { Http::connect(*addr).await?.get_ok("/record").await }
                     .await
                     .with_context(|| format!("GET /record through {name}"))?;
                 ensure!(
@@ -153,15 +156,12 @@ pub fn main(args: GateArgs) -> Result<Report> {
                     "{name} answered another body than the upstream"
                 );
             }
-            let targets: Vec<(std::net::SocketAddr, Vec<u32>)> = (0..PATHS.len())
-                .map(|path| match path {
-                    0 => (to, vec![upstream.pid()]),
-                    GATE => (gate.0, vec![upstream.pid(), gate.1.pid()]),
-                    p => (
-                        proxies[p - 1].addr(),
-                        vec![upstream.pid(), proxies[p - 1].pid()],
-                    ),
-                })
+            let targets: Vec<(SocketAddr, Vec<u32>)> = std::iter::once((to, vec![upstream.pid()]))
+                .chain(
+                    started
+                        .iter()
+                        .map(|(addr, proxy)| (*addr, vec![upstream.pid(), proxy.pid()])),
+                )
                 .collect();
             let windows = measure(&args, case, &targets, to).await?;
             all.push((case, windows));
@@ -170,6 +170,9 @@ pub fn main(args: GateArgs) -> Result<Report> {
 
         for (case, windows) in all {
             table(&mut report, &args, case, windows);
+        }
+        for (case, counted) in counts {
+            instructions_table(&mut report, &args, case, &counted);
         }
         Ok(report)
     })
@@ -180,8 +183,8 @@ pub fn main(args: GateArgs) -> Result<Report> {
 async fn measure(
     args: &GateArgs,
     case: Case,
-    targets: &[(std::net::SocketAddr, Vec<u32>)],
-    host: std::net::SocketAddr,
+    targets: &[(SocketAddr, Vec<u32>)],
+    host: SocketAddr,
 ) -> Result<Vec<(String, Vec<Window>)>> {
     let requests: Arc<[Vec<u8>]> = Arc::from([Http::encode(host, "GET", "/record", None)]);
     let series: Vec<(usize, usize)> = [1, args.load.connections]
@@ -257,21 +260,206 @@ fn table(report: &mut Report, args: &GateArgs, case: Case, series: Vec<(String, 
     );
 }
 
+/// What starting the proxies in front of one upstream takes.
+struct Proxies<'a> {
+    bench: &'a Bench,
+    case: Case,
+    /// The upstream.
+    to: SocketAddr,
+    /// The control plane's cluster port, and its certificates.
+    cluster: SocketAddr,
+    certs: Option<&'a charter_tls::TlsFiles>,
+    relay_max_headers: Option<usize>,
+    nginx: &'a Path,
+    haproxy: &'a Path,
+}
+
+impl Proxies<'_> {
+    /// Starts the proxy of `PATHS[path]` (not `direct`), run by `wrapper` (none when
+    /// empty): the address to send the load to, and the server.
+    async fn start(&self, path: usize, wrapper: &[OsString]) -> Result<(SocketAddr, Server)> {
+        let (bench, case, to) = (self.bench, self.case, self.to);
+        let server = match path {
+            GATE => {
+                return start_gate(bench, wrapper, self.cluster, self.certs, &to.to_string()).await;
+            }
+            PEER_NGINX => {
+                let config = format!(
+                    "upstream backend {{ server {to}; keepalive 64; keepalive_requests 1000000; }}
+                     server {{ listen {{addr}}; location / {{ proxy_pass http://backend; proxy_http_version 1.1;
+                       proxy_set_header Connection \"\"; proxy_set_header Host $http_host;
+                       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+                       proxy_set_header X-Forwarded-Proto $scheme; proxy_set_header X-Forwarded-Host $http_host; }} }}"
+                );
+                let name = format!("nginx-proxy-{case}");
+                start_nginx(bench, wrapper, self.nginx, &name, &config).await?
+            }
+            PEER_HAPROXY => start_haproxy(bench, wrapper, self.haproxy, to).await?,
+            _ => {
+                let http = path == HYPER_RELAY;
+                let log = format!("relay-{case}{}.log", if http { "-http" } else { "" });
+                let max_headers = self.relay_max_headers;
+                bench
+                    .start_under(wrapper, &log, "charter-bench", "/record", move |addr| {
+                        let (listen, to) = (addr.to_string(), to.to_string());
+                        let mut args = ["relay", "--listen", &listen, "--upstream", &to]
+                            .map(OsString::from)
+                            .to_vec();
+                        if http {
+                            args.push("--http".into());
+                            if let Some(max) = max_headers {
+                                args.extend(["--max-headers".into(), max.to_string().into()]);
+                            }
+                        }
+                        args
+                    })
+                    .await?
+            }
+        };
+        Ok((server.addr(), server))
+    }
+}
+
+/// `--callgrind`: each proxy in turn under callgrind; its instructions per request.
+async fn count_all(proxies: &Proxies<'_>, args: &GateArgs) -> Result<Vec<f64>> {
+    let mut counts = Vec::new();
+    for (path, name) in PATHS.iter().enumerate().skip(1) {
+        let file = format!("{}-{}.callgrind", proxies.case, name.replace(' ', "-"));
+        let profile = proxies.bench.path().join(&file);
+        let wrapper: Vec<OsString> = vec![
+            "valgrind".into(),
+            "--tool=callgrind".into(),
+            format!("--callgrind-out-file={}", profile.display()).into(),
+        ];
+        progress(format_args!(
+            "{}: {name} under callgrind, {} requests",
+            proxies.case, args.callgrind_requests
+        ));
+        let (addr, server) = proxies.start(path, &wrapper).await?;
+        let (per_request, dump) = count(addr, &server, &profile, args.callgrind_requests)
+            .await
+            .with_context(|| {
+                format!("counting {name}'s instructions; its log:\n{}", server.log())
+            })?;
+        drop(server);
+        if let Some(dir) = &args.callgrind_out {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            let kept = dir.join(&file);
+            std::fs::copy(&dump, &kept).with_context(|| format!("keeping {}", kept.display()))?;
+        }
+        progress(format_args!(
+            "{name}: {per_request:.0} instructions a request"
+        ));
+        counts.push(per_request);
+    }
+    Ok(counts)
+}
+
+/// Keep-alive connections the counted requests are sent on.
+const COUNTED_CONNECTIONS: u64 = 4;
+
+/// The instructions per request of `server`, run under callgrind writing `profile`, and
+/// the profile dumped: `requests / 5` GETs to warm it up (connections to the upstream
+/// made, buffers grown), its counters zeroed, `requests` GETs, its counters dumped.
+async fn count(
+    addr: SocketAddr,
+    server: &Server,
+    profile: &Path,
+    requests: u64,
+) -> Result<(f64, PathBuf)> {
+    let per_connection = requests / COUNTED_CONNECTIONS;
+    load_n(addr, per_connection / 5).await?;
+    callgrind_control("-z", server.pid()).await?;
+    load_n(addr, per_connection).await?;
+    callgrind_control("-d", server.pid()).await?;
+    // The first dump is `<profile>.1`, written whole before the command returns.
+    let dump = PathBuf::from(format!("{}.1", profile.display()));
+    let text = std::fs::read_to_string(&dump)
+        .with_context(|| format!("reading callgrind's dump {}", dump.display()))?;
+    let totals: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("totals:"))
+        .and_then(|t| t.split_whitespace().next()?.parse().ok())
+        .with_context(|| format!("no `totals:` line in {}", dump.display()))?;
+    Ok((totals / (per_connection * COUNTED_CONNECTIONS) as f64, dump))
+}
+
+/// `per_connection` sequential GETs of `/record` on each of [`COUNTED_CONNECTIONS`]
+/// keep-alive connections at once, every one answered 200.
+async fn load_n(addr: SocketAddr, per_connection: u64) -> Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..COUNTED_CONNECTIONS {
+        tasks.spawn(async move {
+            let mut conn = Http::connect(addr).await?;
+            for _ in 0..per_connection {
+                conn.get_ok("/record").await?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.context("a load task panicked")??;
+    }
+    Ok(())
+}
+
+/// Runs `callgrind_control FLAG PID` (`-z` zeroes the counters, `-d` dumps them).
+async fn callgrind_control(flag: &str, pid: u32) -> Result<()> {
+    let run = tokio::process::Command::new("callgrind_control")
+        .args([flag, &pid.to_string()])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .with_context(|| format!("callgrind_control {flag} {pid} did not return within 60 s"))?
+        .context("running callgrind_control (scripts/bench installs valgrind)")?;
+    ensure!(
+        out.status.success(),
+        "callgrind_control {flag} {pid}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// The table of `--callgrind` for one upstream: each proxy's instructions per request,
+/// against the hyper relay's and the better (fewer) of the peers'.
+fn instructions_table(report: &mut Report, args: &GateArgs, case: Case, counts: &[f64]) {
+    report.table(
+        format!(
+            "GET /record behind {case}: user-space instructions per request (callgrind, {} requests)",
+            args.callgrind_requests / COUNTED_CONNECTIONS * COUNTED_CONNECTIONS
+        ),
+        "proxy|instructions/req|x hyper relay|x better peer",
+    );
+    // `counts` are by path, from the bare relay on.
+    let of = |path: usize| counts[path - 1];
+    let best = PEERS.map(of).into_iter().fold(f64::INFINITY, f64::min);
+    for (path, name) in PATHS.iter().enumerate().skip(1) {
+        report.row(
+            format!("{case}: {name}"),
+            [of(path), of(path) / of(HYPER_RELAY), of(path) / best],
+        );
+    }
+}
+
 /// Starts `charter-dp` in gate mode in front of `upstream`: its proxy address and the
 /// server (whose address is its status API).
 async fn start_gate(
     bench: &Bench,
-    cluster: std::net::SocketAddr,
+    wrapper: &[OsString],
+    cluster: SocketAddr,
     certs: Option<&charter_tls::TlsFiles>,
     upstream: &str,
-) -> Result<(std::net::SocketAddr, Server)> {
+) -> Result<(SocketAddr, Server)> {
     progress(format_args!(
         "starting charter-dp in gate mode; waiting for /status/ready"
     ));
     let proxy = free_port()?;
     let data_dir = bench.path().join(format!("dp-data-{}", proxy.port()));
     let gate = bench
-        .start(
+        .start_under(
+            wrapper,
             &format!("charter-dp-{}.log", proxy.port()),
             "charter-dp",
             "/status/ready",
@@ -303,11 +491,18 @@ async fn start_gate(
 /// `server` (an `http` block's content, `{addr}` standing for its address), no access log,
 /// keep-alive connections never closed for their number of requests (nginx closes them
 /// after 1,000 by default; the load generator's connections live for the whole run).
-async fn start_nginx(bench: &Bench, nginx: &Path, name: &str, server: &str) -> Result<Server> {
+async fn start_nginx(
+    bench: &Bench,
+    wrapper: &[OsString],
+    nginx: &Path,
+    name: &str,
+    server: &str,
+) -> Result<Server> {
     let dir = bench.path().join(name);
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     bench
-        .start(
+        .start_under(
+            wrapper,
             &format!("{name}.log"),
             &nginx.to_string_lossy(),
             "/record",
@@ -340,12 +535,14 @@ async fn start_nginx(bench: &Bench, nginx: &Path, name: &str, server: &str) -> R
 /// (`http-reuse always`), adding `X-Forwarded-For`, no logging.
 async fn start_haproxy(
     bench: &Bench,
+    wrapper: &[OsString],
     haproxy: &Path,
-    upstream: std::net::SocketAddr,
+    upstream: SocketAddr,
 ) -> Result<Server> {
     let dir = bench.path().to_owned();
+    let program = haproxy.to_string_lossy();
     bench
-        .start("haproxy.log", &haproxy.to_string_lossy(), "/record", |addr| {
+        .start_under(wrapper, "haproxy.log", &program, "/record", |addr| {
             let config = format!(
                 "global\n  nbthread 1\n  maxconn 4096\n\
                  defaults\n  mode http\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\n  option forwardfor\n  http-reuse always\n\

@@ -350,6 +350,19 @@ impl Bench {
         ready: &str,
         args: impl Fn(SocketAddr) -> Vec<OsString>,
     ) -> Result<Server> {
+        self.start_under(&[], log, program, ready, args).await
+    }
+
+    /// [`Bench::start`], the program run by the command `wrapper` (`valgrind
+    /// --tool=callgrind …`; none when empty), which must exec it in its own process.
+    pub async fn start_under(
+        &self,
+        wrapper: &[OsString],
+        log: &str,
+        program: &str,
+        ready: &str,
+        args: impl Fn(SocketAddr) -> Vec<OsString>,
+    ) -> Result<Server> {
         let program = match program {
             "charter-bench" => std::env::current_exe().context("locating this executable")?,
             // Debian's etcd-server, on the path.
@@ -361,13 +374,17 @@ impl Bench {
         // Another process may take the port between our probe and the server's bind.
         for _ in 0..3 {
             let addr = free_port()?;
+            let mut line: Vec<OsString> = wrapper.to_vec();
+            line.push(program.clone().into());
             let mut command = if self.pinning.pinned() {
                 let mut command = Command::new("taskset");
                 command.args(["--cpu-list", &SERVER_CORE.to_string()]);
-                command.arg(&program);
+                command.args(&line);
                 command
             } else {
-                Command::new(&program)
+                let mut command = Command::new(&line[0]);
+                command.args(&line[1..]);
+                command
             };
             command
                 .args(args(addr))
@@ -392,7 +409,9 @@ impl Bench {
                 addr,
                 log: log.clone(),
             };
-            match server.wait_ready(ready).await {
+            // A program under valgrind starts some fifty times slower.
+            let within = Duration::from_secs(if wrapper.is_empty() { 15 } else { 120 });
+            match server.wait_ready(ready, within).await {
                 Ok(()) => return Ok(server),
                 Err(e) => last_error = Some(e),
             }
@@ -422,8 +441,8 @@ pub struct Server {
 }
 
 impl Server {
-    async fn wait_ready(&mut self, ready: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(15);
+    async fn wait_ready(&mut self, ready: &str, within: Duration) -> Result<()> {
+        let deadline = Instant::now() + within;
         loop {
             if let Some(status) = self.child.try_wait().context("polling a child")? {
                 bail!(
@@ -439,8 +458,9 @@ impl Server {
             }
             ensure!(
                 Instant::now() < deadline,
-                "no answer to GET {ready} on {} within 15 s; its log: {}",
+                "no answer to GET {ready} on {} within {} s; its log: {}",
                 self.addr,
+                within.as_secs(),
                 self.log.display()
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
