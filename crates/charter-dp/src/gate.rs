@@ -112,6 +112,8 @@ pub const TUNNEL_IDLE_TIMEOUT: Duration = Duration::from_secs(60 * 60);
 const HOPS: usize = 7;
 /// Where `TE` is in [`HOP_BY_HOP`].
 const TE: usize = 4;
+/// Where `Upgrade` is in [`HOP_BY_HOP`].
+const UPGRADE: usize = 6;
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -625,8 +627,9 @@ impl Gate {
         peer: SocketAddr,
         lane: Arc<Lane>,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let fields = Fields::of(request.headers());
         // gRPC clients read the gate's own answers as gRPC statuses.
-        let grpc = is_grpc(&request);
+        let grpc = fields.content_type && is_grpc(&request);
         let json = |status, message: &str| answer(grpc, status, message);
         let now = self.enforcement.now();
         if !self.enforcement.allows(now) {
@@ -641,7 +644,7 @@ impl Gate {
         }
         // An HTTP/1.1 upgrade (WebSocket) gets an upstream connection of its own, which
         // is spliced to the client's once the upstream answers 101.
-        let upgrade = if wants_upgrade(&request) {
+        let upgrade = if wants_upgrade(&request, &fields) {
             match self.tunnels.clone().try_acquire_owned() {
                 Ok(place) => Some((hyper::upgrade::on(&mut request), place)),
                 Err(_) => {
@@ -672,6 +675,7 @@ impl Gate {
         let client_host = client_host(&request);
         let (request, sent, pending, scheme) = match self.upstream_request(
             request,
+            &fields,
             peer,
             &lane.peer_ip,
             client_host.as_ref(),
@@ -712,10 +716,20 @@ impl Gate {
                 }
                 let _ = sent.await;
             }
-            timer
-                .as_mut()
-                .reset(tokio::time::Instant::now() + self.timeout);
-            timer.as_mut().await;
+            // The timer is left at an earlier request's deadline, and moved on only when
+            // that comes while this request is awaited (see `HeadSleep` in
+            // `charter_runtime::http`): a reset works out the timer wheel's tick.
+            let deadline = tokio::time::Instant::now() + self.timeout;
+            if timer.deadline() > deadline {
+                timer.as_mut().reset(deadline);
+            }
+            loop {
+                timer.as_mut().await;
+                if timer.deadline() >= deadline {
+                    break;
+                }
+                timer.as_mut().reset(deadline);
+            }
         };
         let answered = tokio::select! {
             biased;
@@ -1146,13 +1160,13 @@ impl Gate {
     fn upstream_request(
         &self,
         request: Request<RequestBody>,
+        fields: &Fields,
         peer: SocketAddr,
         peer_ip: &HeaderValue,
         client_host: Option<&HeaderValue>,
         route: Route,
     ) -> Result<Forwarded, String> {
         let (mut parts, body) = request.into_parts();
-        let fields = Fields::of(&parts.headers);
         let trailers = fields.hops[TE]
             && parts
                 .headers
@@ -1445,9 +1459,10 @@ impl hyper::body::Body for Returning {
 
 /// Whether `request` asks to switch protocols (RFC 9110 §7.8): HTTP/1.1 with `Upgrade`
 /// and `Connection: upgrade`.
-fn wants_upgrade<B>(request: &Request<B>) -> bool {
+fn wants_upgrade<B>(request: &Request<B>, fields: &Fields) -> bool {
     request.version() == Version::HTTP_11
-        && request.headers().contains_key(header::UPGRADE)
+        && fields.hops[UPGRADE]
+        && fields.hops[0]
         && request
             .headers()
             .get_all(header::CONNECTION)
@@ -1617,6 +1632,8 @@ struct Fields {
     forwarded_host: bool,
     /// `Location` or `Content-Location`.
     location: bool,
+    /// `Content-Type`.
+    content_type: bool,
 }
 
 impl Fields {
@@ -1632,7 +1649,7 @@ impl Fields {
                 "proxy-authorization" => fields.hops[3] = true,
                 "te" => fields.hops[TE] = true,
                 "transfer-encoding" => fields.hops[5] = true,
-                "upgrade" => fields.hops[6] = true,
+                "upgrade" => fields.hops[UPGRADE] = true,
                 "forwarded" | "x-forwarded-port" | "x-forwarded-prefix" | "x-real-ip" => {
                     fields.claimed = true;
                 }
@@ -1642,6 +1659,7 @@ impl Fields {
                 }
                 "x-forwarded-proto" => fields.forwarded_proto = true,
                 "location" | "content-location" => fields.location = true,
+                "content-type" => fields.content_type = true,
                 _ => {}
             }
         }
@@ -1725,15 +1743,15 @@ fn hyper_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a hyper
 
 /// Whether `request` is a gRPC call (`content-type: application/grpc[+proto|;…]`).
 fn is_grpc<B>(request: &Request<B>) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
     request
         .headers()
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            let v = v.to_ascii_lowercase();
-            v == "application/grpc"
-                || v.starts_with("application/grpc+")
-                || v.starts_with("application/grpc;")
+        .is_some_and(|v| match v.as_bytes().split_at_checked(GRPC.len()) {
+            Some((media, rest)) => {
+                media.eq_ignore_ascii_case(GRPC) && matches!(rest.first(), None | Some(b'+' | b';'))
+            }
+            None => false,
         })
 }
 
@@ -2040,8 +2058,42 @@ mod tests {
                 }
             );
         }
+        assert_eq!(
+            only(&header::CONTENT_TYPE),
+            Fields {
+                content_type: true,
+                ..Fields::default()
+            }
+        );
         for name in [header::HOST, header::VIA, HeaderName::from_static("x-kept")] {
             assert_eq!(only(&name), Fields::default(), "{name}");
         }
+    }
+
+    #[test]
+    fn grpc_calls_are_known_by_their_content_type() {
+        let with = |content_type: &'static str| {
+            let request = Request::builder()
+                .header(header::CONTENT_TYPE, content_type)
+                .body(())
+                .expect("a request");
+            is_grpc(&request)
+        };
+        for grpc in [
+            "application/grpc",
+            "Application/GRPC+proto",
+            "application/grpc;charset=utf-8",
+        ] {
+            assert!(with(grpc), "{grpc}");
+        }
+        for other in [
+            "application/grpcx",
+            "application/json",
+            "application/grp",
+            "",
+        ] {
+            assert!(!with(other), "{other}");
+        }
+        assert!(!is_grpc(&Request::new(())));
     }
 }

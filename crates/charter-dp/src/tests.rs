@@ -604,6 +604,48 @@ fn counting_upstream() -> std::net::SocketAddr {
     addr
 }
 
+/// An upstream that answers `GET /MS` after MS milliseconds (any other path at once),
+/// on keep-alive connections.
+fn delaying_upstream() -> std::net::SocketAddr {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(32) {
+            let Ok(stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    let delay = line
+                        .split(' ')
+                        .nth(1)
+                        .and_then(|path| path.trim_start_matches('/').parse().ok())
+                        .unwrap_or(0);
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(delay));
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if reader.get_mut().write_all(answer.as_bytes()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
 /// One keep-alive client connection to the gate.
 struct Client(std::io::BufReader<std::net::TcpStream>);
 
@@ -619,10 +661,15 @@ impl Client {
     /// `GET /` on this connection: the status and the body (the upstream connection's
     /// number).
     fn get(&mut self) -> (u16, String) {
+        self.get_path("/")
+    }
+
+    /// `GET path` on this connection: the status and the body.
+    fn get_path(&mut self, path: &str) -> (u16, String) {
         use std::io::{BufRead, Read, Write};
         self.0
             .get_mut()
-            .write_all(b"GET / HTTP/1.1\r\nhost: gate.test\r\n\r\n")
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: gate.test\r\n\r\n").as_bytes())
             .expect("send");
         let mut line = String::new();
         self.0.read_line(&mut line).expect("status line");
@@ -750,6 +797,32 @@ fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed()
         (200, lane),
         "the closed client's upstream connection is reused"
     );
+}
+
+#[test]
+fn each_request_gets_its_whole_upstream_timeout_and_idle_time_on_a_reused_connection() {
+    // A 1 s upstream timeout, clients closed after 1 s without a request. Both timers
+    // are the connection's, left at an earlier request's deadline while it is still
+    // ahead: when that comes during a later request, or while the connection waits for
+    // the next, they must wait on to that one's own.
+    let gate = licensed_gate(delaying_upstream(), Duration::from_secs(1), 4);
+    let mut client = Client::connect(gate.addr);
+    assert_eq!(client.get_path("/0"), (200, "ok".into()));
+    std::thread::sleep(Duration::from_millis(700));
+    // Answered 1.3 s after the first request was sent, 0.6 s after its own.
+    assert_eq!(client.get_path("/600"), (200, "ok".into()));
+    // Idle 0.7 s after an answer: more than a second after the wait for this head began
+    // on the first request's connection timer, less than a second after the last answer.
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(client.get_path("/0"), (200, "ok".into()));
+    // Still timed: an upstream answering after 1.5 s gets 504, and an idle client is
+    // closed.
+    let (status, _) = client.get_path("/1500");
+    assert_eq!(status, 504);
+    let mut idle = Client::connect(gate.addr);
+    assert_eq!(idle.get_path("/0"), (200, "ok".into()));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(idle.closed(), "an idle client connection is closed");
 }
 
 /// An HTTP/2 (h2c) upstream allowing `limit` streams at once on each connection: it

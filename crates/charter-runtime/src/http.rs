@@ -430,10 +430,10 @@ async fn watch_connection(
 }
 
 /// hyper's timer for an HTTP/1 connection, which times the reading of each request head
-/// with it: one tokio timer per connection, reset for each head. hyper asks for a new
-/// sleep for every request; a tokio timer made for each would be put in the runtime's
-/// timer wheel and taken out again every time (a lock each), while one reset to a later
-/// deadline stays in place (tokio moves it when its first deadline comes).
+/// with it: one tokio timer per connection, for every head. hyper asks for a new sleep
+/// for every request; a tokio timer made for each would be put in the runtime's timer
+/// wheel and taken out again every time (a lock each), while one left at an earlier
+/// head's deadline is moved on only when that deadline comes ([`HeadSleep`]).
 #[derive(Clone, Default)]
 struct HeadTimer {
     timer: Arc<std::sync::Mutex<Option<std::pin::Pin<Box<tokio::time::Sleep>>>>>,
@@ -470,10 +470,19 @@ impl Future for HeadSleep {
     ) -> std::task::Poll<()> {
         let mut timer = self.timer.lock().unwrap_or_else(|p| p.into_inner());
         let timer = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(self.deadline)));
-        if timer.deadline() != self.deadline {
+        // Each head's deadline is later than the one before: the timer is left at the
+        // earlier one, and moved on only when that comes while this head is awaited (a
+        // reset works out the timer wheel's tick, every time).
+        if timer.deadline() > self.deadline {
             timer.as_mut().reset(self.deadline);
         }
-        timer.as_mut().poll(cx)
+        loop {
+            std::task::ready!(timer.as_mut().poll(cx));
+            if timer.deadline() >= self.deadline {
+                return std::task::Poll::Ready(());
+            }
+            timer.as_mut().reset(self.deadline);
+        }
     }
 }
 
