@@ -1679,6 +1679,8 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, hops: [bool; HOPS]) {
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
+            // A value that is one usual token is not split into tokens.
+            .filter(|v| !v.eq_ignore_ascii_case("keep-alive") && !v.eq_ignore_ascii_case("close"))
             .flat_map(|v| v.split(','))
             .map(str::trim);
         for token in tokens {
