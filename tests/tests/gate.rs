@@ -1183,6 +1183,16 @@ fn forwarded_for_is_trusted_only_from_trusted_proxies_and_errors_stay_terse() {
     let seen = through(trusting, "GET", "/echo/xff", None, &[]).json();
     assert_eq!(seen["headers"]["x-forwarded-proto"], "http");
     assert!(seen["headers"]["x-forwarded-host"].is_string(), "{seen}");
+    // Fields its own `Connection` names are for its hop only: the gate's stand instead.
+    let hop_only = [
+        ("connection", "X-Forwarded-Proto, x-forwarded-host"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "shop.example"),
+    ];
+    let seen = through(trusting, "GET", "/echo/xff", None, &hop_only).json();
+    assert_eq!(seen["headers"]["x-forwarded-proto"], "http", "{seen}");
+    let host = &seen["headers"]["x-forwarded-host"];
+    assert!(host.is_string() && host != "shop.example", "{seen}");
 
     // An unreachable upstream: a short message, its address only in the log.
     let dead = format!("http://127.0.0.1:{}", free_port());

@@ -631,6 +631,8 @@ impl Gate {
         // gRPC clients read the gate's own answers as gRPC statuses.
         let grpc = fields.content_type && is_grpc(&request);
         let json = |status, message: &str| answer(grpc, status, message);
+        // One reading of the clock for the decision and for the count (a forwarded
+        // request counts in the month it arrived in, once it is answered).
         let now = self.enforcement.now();
         if !self.enforcement.allows(now) {
             return Ok(json(StatusCode::FORBIDDEN, DENIED));
@@ -796,11 +798,13 @@ impl Gate {
         pending: Option<Pending>,
     ) -> Response<ProxyBody> {
         let (mut parts, body) = response.into_parts();
-        let fields = Fields::of(&parts.headers);
+        let mut fields = Fields::of(&parts.headers);
         let upgrade = (parts.status == StatusCode::SWITCHING_PROTOCOLS)
             .then(|| parts.headers.get(header::UPGRADE).cloned())
             .flatten();
-        strip_hop_by_hop(&mut parts.headers, fields.hops);
+        if strip_hop_by_hop(&mut parts.headers, fields.hops) {
+            fields = Fields::of(&parts.headers);
+        }
         if let Some(upgrade) = upgrade {
             parts.headers.insert(header::UPGRADE, upgrade);
             parts
@@ -1235,7 +1239,11 @@ impl Gate {
         let upgrade = (route == Route::Upgrade)
             .then(|| parts.headers.get(header::UPGRADE).cloned())
             .flatten();
-        strip_hop_by_hop(&mut parts.headers, fields.hops);
+        let fields = if strip_hop_by_hop(&mut parts.headers, fields.hops) {
+            Fields::of(&parts.headers)
+        } else {
+            *fields
+        };
         let headers = &mut parts.headers;
         // Room for the fields added below at once (hyper's map has room for the client's
         // only): a map grows by moving every field.
@@ -1668,26 +1676,25 @@ impl Fields {
 }
 
 /// Drops hop-by-hop headers (those of [`HOP_BY_HOP`] that `hops` says are present), and
-/// those the `Connection` header names.
-fn strip_hop_by_hop(headers: &mut HeaderMap, hops: [bool; HOPS]) {
-    // `Connection` (the first) names the others a message has. Its usual tokens,
-    // `keep-alive` (hop-by-hop anyway, dropped below) and `close`, name no field to drop:
-    // they are passed over before any name is made.
+/// those the `Connection` header names; whether it named any (what [`Fields::of`] found
+/// may then be gone).
+#[must_use]
+fn strip_hop_by_hop(headers: &mut HeaderMap, hops: [bool; HOPS]) -> bool {
+    let mut named = Vec::new();
+    // `Connection` (the first) names the others a message has. Its usual token,
+    // `keep-alive`, is hop-by-hop anyway (dropped below): it is passed over before any
+    // name is made.
     if hops[0] {
-        let mut named = Vec::new();
         let tokens = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            // A value that is one usual token is not split into tokens.
-            .filter(|v| !v.eq_ignore_ascii_case("keep-alive") && !v.eq_ignore_ascii_case("close"))
+            // A value that is just that token is not split into tokens.
+            .filter(|v| !v.eq_ignore_ascii_case("keep-alive"))
             .flat_map(|v| v.split(','))
             .map(str::trim);
         for token in tokens {
-            if token.is_empty()
-                || token.eq_ignore_ascii_case("keep-alive")
-                || token.eq_ignore_ascii_case("close")
-            {
+            if token.is_empty() || token.eq_ignore_ascii_case("keep-alive") {
                 continue;
             }
             if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
@@ -1696,7 +1703,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, hops: [bool; HOPS]) {
                 }
             }
         }
-        for name in named {
+        for name in &named {
             headers.remove(name);
         }
     }
@@ -1707,6 +1714,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, hops: [bool; HOPS]) {
             }
         }
     }
+    !named.is_empty()
 }
 
 fn describe(e: &BoxError) -> String {
@@ -1749,6 +1757,7 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
     request
         .headers()
         .get(header::CONTENT_TYPE)
+        .filter(|v| v.to_str().is_ok())
         .is_some_and(|v| match v.as_bytes().split_at_checked(GRPC.len()) {
             Some((media, rest)) => {
                 media.eq_ignore_ascii_case(GRPC) && matches!(rest.first(), None | Some(b'+' | b';'))
@@ -2010,8 +2019,13 @@ mod tests {
         );
         headers.insert("x-other", HeaderValue::from_static("2"));
         headers.insert("te", HeaderValue::from_static("trailers"));
+        // A field named as a connection option `close` (the name is reserved for it).
+        headers.insert("close", HeaderValue::from_static("3"));
         let hops = Fields::of(&headers).hops;
-        strip_hop_by_hop(&mut headers, hops);
+        assert!(
+            strip_hop_by_hop(&mut headers, hops),
+            "Connection named fields"
+        );
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert_eq!(headers["x-kept"], "yes");
     }
@@ -2023,12 +2037,6 @@ mod tests {
         let only = |name: &HeaderName| {
             let mut headers = HeaderMap::new();
             headers.insert(name.clone(), HeaderValue::from_static("1"));
-            // Upper case on the wire arrives as the same (lower-case) name.
-            let upper = HeaderName::from_bytes(name.as_str().to_ascii_uppercase().as_bytes())
-                .expect("a name");
-            let mut same = HeaderMap::new();
-            same.insert(upper, HeaderValue::from_static("1"));
-            assert_eq!(Fields::of(&same), Fields::of(&headers));
             Fields::of(&headers)
         };
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
@@ -2097,5 +2105,14 @@ mod tests {
             assert!(!with(other), "{other}");
         }
         assert!(!is_grpc(&Request::new(())));
+        // Not text: not taken for gRPC.
+        let opaque = Request::builder()
+            .header(
+                header::CONTENT_TYPE,
+                HeaderValue::from_bytes(b"application/grpc;x=\xe9").expect("a value"),
+            )
+            .body(())
+            .expect("a request");
+        assert!(!is_grpc(&opaque));
     }
 }

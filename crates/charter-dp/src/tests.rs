@@ -700,6 +700,15 @@ impl Client {
         let mut byte = [0; 1];
         matches!(self.0.read(&mut byte), Ok(0))
     }
+
+    /// Whether the gate has closed this connection, or does within `wait`.
+    fn closed_within(&mut self, wait: Duration) -> bool {
+        self.0
+            .get_ref()
+            .set_read_timeout(Some(wait))
+            .expect("timeout");
+        self.closed()
+    }
 }
 
 /// A gate serving on a loopback port with a valid license, in front of `upstream`, with
@@ -719,6 +728,11 @@ fn licensed_gate(upstream: std::net::SocketAddr, timeout: Duration, lanes: usize
 
 /// [`licensed_gate`] in front of the upstream at `url`.
 fn licensed_gate_to(url: &str, timeout: Duration, lanes: usize) -> LicensedGate {
+    licensed_gate_idle(url, timeout, lanes, Duration::from_secs(1))
+}
+
+/// [`licensed_gate_to`], with clients closed after `idle` without a request.
+fn licensed_gate_idle(url: &str, timeout: Duration, lanes: usize, idle: Duration) -> LicensedGate {
     use std::sync::Arc;
 
     use crate::config::GateConfig;
@@ -744,7 +758,7 @@ fn licensed_gate_to(url: &str, timeout: Duration, lanes: usize) -> LicensedGate 
         timeout,
         ..GateConfig::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), upstream)
     };
-    let gate = Gate::with_limits(&config, enforcement, usage, lanes, Duration::from_secs(1))
+    let gate = Gate::with_limits(&config, enforcement, usage, lanes, idle)
         .with_tunnel_idle_timeout(Duration::from_secs(2));
     let gate = Arc::new(gate);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -801,28 +815,46 @@ fn beyond_the_lane_limit_requests_still_go_through_and_idle_clients_are_closed()
 
 #[test]
 fn each_request_gets_its_whole_upstream_timeout_and_idle_time_on_a_reused_connection() {
-    // A 1 s upstream timeout, clients closed after 1 s without a request. Both timers
-    // are the connection's, left at an earlier request's deadline while it is still
-    // ahead: when that comes during a later request, or while the connection waits for
-    // the next, they must wait on to that one's own.
-    let gate = licensed_gate(delaying_upstream(), Duration::from_secs(1), 4);
-    let mut client = Client::connect(gate.addr);
-    assert_eq!(client.get_path("/0"), (200, "ok".into()));
-    std::thread::sleep(Duration::from_millis(700));
-    // Answered 1.3 s after the first request was sent, 0.6 s after its own.
-    assert_eq!(client.get_path("/600"), (200, "ok".into()));
-    // Idle 0.7 s after an answer: more than a second after the wait for this head began
-    // on the first request's connection timer, less than a second after the last answer.
-    std::thread::sleep(Duration::from_millis(700));
-    assert_eq!(client.get_path("/0"), (200, "ok".into()));
-    // Still timed: an upstream answering after 1.5 s gets 504, and an idle client is
-    // closed.
-    let (status, _) = client.get_path("/1500");
+    // A 2 s upstream timeout, clients closed after 2 s without a request. Both timers
+    // are the connection's, left at an earlier deadline while that is ahead of the
+    // current one: when it comes during a later request, or while the connection waits
+    // for the next head, they must wait on to the current one's. Every margin is 0.5 s.
+    let second = Duration::from_millis(1000);
+    let gate = licensed_gate_idle(
+        &format!("http://{}", delaying_upstream()),
+        2 * second,
+        4,
+        2 * second,
+    );
+    let start = std::time::Instant::now();
+    let at = |ms: u64| {
+        let wait = Duration::from_millis(ms).saturating_sub(start.elapsed());
+        std::thread::sleep(wait);
+    };
+    // `busy` sends a request at once; `waiting` waits for its first head for a second
+    // (that wait's deadline is 2 s).
+    let mut busy = Client::connect(gate.addr);
+    let mut waiting = Client::connect(gate.addr);
+    assert_eq!(busy.get_path("/0"), (200, "ok".into()));
+    at(1000);
+    // Its next head's deadline is 3 s, after the first's (2 s).
+    assert_eq!(waiting.get_path("/0"), (200, "ok".into()));
+    // The first request's upstream deadline (2 s) comes during this one (its own: 3 s);
+    // answered at 2.5 s.
+    assert_eq!(busy.get_path("/1500"), (200, "ok".into()));
+    // The first head's deadline (2 s) came while `waiting` waited for its second head
+    // (deadline 3 s).
+    at(2500);
+    assert_eq!(waiting.get_path("/0"), (200, "ok".into()));
+    // Still timed: an upstream answering after 3 s gets 504 (at 4.5 s)...
+    let (status, _) = busy.get_path("/3000");
     assert_eq!(status, 504);
-    let mut idle = Client::connect(gate.addr);
-    assert_eq!(idle.get_path("/0"), (200, "ok".into()));
-    std::thread::sleep(Duration::from_millis(1500));
-    assert!(idle.closed(), "an idle client connection is closed");
+    // ...and `waiting`, idle since 2.5 s, is closed by 4.5 s.
+    at(5000);
+    assert!(
+        waiting.closed_within(second / 2),
+        "an idle client connection is closed"
+    );
 }
 
 /// An HTTP/2 (h2c) upstream allowing `limit` streams at once on each connection: it

@@ -254,17 +254,27 @@ mod tests {
     fn each_count_goes_to_its_own_utc_month() {
         let dir = tempfile::TempDir::new().expect("temp dir");
         let usage = Usage::open(dir.path()).expect("open");
-        let december = 1_796_083_200; // 2026-12-01T00:00:00Z
-                                      // The last second of November, the first of December, and November again (a
-                                      // clock stepped back), then before 1970: each its own month, whichever day
-                                      // was counted just before.
-        for at in [december - 1, december, december + 86_399, december - 1, -1] {
+        // 2026-12-01T00:00:00Z.
+        let december = 1_796_083_200;
+        // The last second of November, the first of December, and November again (a
+        // clock stepped back), then before 1970 and either side of its start: each its
+        // own month, whichever day was counted just before.
+        for at in [
+            december - 1,
+            december,
+            december + 86_399,
+            december - 1,
+            -1,
+            0,
+            -1,
+        ] {
             usage.count(at);
         }
         assert_eq!(
             usage.unacknowledged(),
             BTreeMap::from([
-                ("1969-12".into(), 1),
+                ("1969-12".into(), 2),
+                ("1970-01".into(), 1),
                 ("2026-11".into(), 2),
                 ("2026-12".into(), 2)
             ])

@@ -389,6 +389,8 @@ async fn watch_connection(
     activity: Arc<Activity>,
     evict: Arc<tokio::sync::Notify>,
 ) {
+    // However the watcher ends (a panic too), the connection is not left unwatched.
+    let _drop = TellOnDrop(control.clone());
     // When the connection was told to close (graceful shutdown), if it was.
     let mut closing: Option<tokio::time::Instant> = None;
     let close = |closing: &mut Option<tokio::time::Instant>| {
@@ -426,7 +428,15 @@ async fn watch_connection(
             }
         }
     }
-    control.tell(DROP);
+}
+
+/// Tells a connection's task to drop the connection when the watcher ends.
+struct TellOnDrop(Arc<Control>);
+
+impl Drop for TellOnDrop {
+    fn drop(&mut self) {
+        self.0.tell(DROP);
+    }
 }
 
 /// hyper's timer for an HTTP/1 connection, which times the reading of each request head
