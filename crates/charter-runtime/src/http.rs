@@ -336,9 +336,9 @@ async fn drive<S, B>(
     }
 }
 
-/// What a connection's watcher ([`watch_connection`]) tells its task ([`drive`]): [`CLOSE`] (close
-/// gracefully: finish the request in flight, take no more) and [`DROP`] (close now), as
-/// bits of one word, and the task's waker.
+/// What a connection's watcher ([`watch_connection`]) tells its task ([`drive`]):
+/// [`CLOSE`] (close gracefully: finish the request in flight, take no more) and [`DROP`]
+/// (close now), as bits of one word, and the task's waker.
 #[derive(Default)]
 struct Control {
     told: AtomicU8,
