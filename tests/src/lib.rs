@@ -71,6 +71,21 @@ pub fn free_port() -> u16 {
         .expect("binding an ephemeral loopback port")
 }
 
+/// A loopback port where nothing listens, for an upstream that is down. Not one from
+/// [`free_port`]: a port that is free now may be handed out again to a server the test
+/// starts next (a gate whose upstream is its own listener forwards to itself), while the
+/// kernel hands out only ports from its ephemeral range, and this is one below 1024 that
+/// refuses connections.
+pub fn refused_port() -> u16 {
+    [1, 9, 13, 19, 37, 79, 113, 119]
+        .into_iter()
+        .find(|&port| {
+            std::net::TcpStream::connect(("127.0.0.1", port))
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+        })
+        .expect("a low loopback port that refuses connections")
+}
+
 /// A test vendor: a signing key, and its public key written to a file for `--trusted-key`.
 pub struct Vendor {
     signer: LicenseSigner,

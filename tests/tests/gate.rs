@@ -14,7 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 use axum::Router;
 use charter_tests::{
-    eventually, free_port, http, http_with_headers, Body as ReqBody, Cp, Dp, Resp, Vendor,
+    eventually, free_port, http, http_with_headers, refused_port, Body as ReqBody, Cp, Dp, Resp,
+    Vendor,
 };
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -581,7 +582,7 @@ fn grace_forwards_and_expired_denies() {
 fn upstream_down_or_slow_is_a_json_error_and_the_gate_stays_up() {
     let (dir, vendor, cp, upstream) = setup();
     cp.add(&vendor.valid("UP"));
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = format!("http://127.0.0.1:{}", refused_port());
     let (dp, proxy) = gate(&dir, "dead", &cp, &vendor, &dead, &[]);
     dp.wait_license("the license", |l| l["status"] == "valid");
     let resp = through(proxy, "GET", "/anything", None, &[]);
@@ -1195,7 +1196,7 @@ fn forwarded_for_is_trusted_only_from_trusted_proxies_and_errors_stay_terse() {
     assert!(host.is_string() && host != "shop.example", "{seen}");
 
     // An unreachable upstream: a short message, its address only in the log.
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = format!("http://127.0.0.1:{}", refused_port());
     let (dead_dp, dead_proxy) = gate(&dir, "dead", &cp, &vendor, &dead, &[]);
     dead_dp.wait_license("the license", |l| l["status"] == "valid");
     let resp = through(dead_proxy, "GET", "/anything", None, &[]);

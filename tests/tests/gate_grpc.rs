@@ -10,7 +10,7 @@ use std::pin::Pin;
 use axum::extract::Request;
 use axum::routing::any;
 use axum::Router;
-use charter_tests::{free_port, http_with_headers, Cp, Dp, Vendor};
+use charter_tests::{free_port, http_with_headers, refused_port, Cp, Dp, Vendor};
 use futures_util::{Stream, StreamExt};
 use tempfile::TempDir;
 use tonic::{Code, Status, Streaming};
@@ -275,7 +275,7 @@ fn the_gate_s_own_answers_to_grpc_calls_are_grpc_statuses() {
     );
     // Licensed, with the upstream down: UNAVAILABLE.
     cp.add(&vendor.valid("GRPC-DOWN"));
-    let closed = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let closed = SocketAddr::from(([127, 0, 0, 1], refused_port()));
     let (dp, proxy) = gate(&dir, "down", &cp, &vendor, &format!("h2c://{closed}"));
     dp.wait_license("the license", |l| l["status"] == "valid");
     let status = say(proxy);
