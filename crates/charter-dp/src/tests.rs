@@ -567,18 +567,26 @@ fn backoff_doubles_from_one_to_thirty_seconds_with_jitter() {
 
 // ---- the gate's limits ----
 
-/// An upstream on loopback that answers every request with the number of the connection
-/// it came on, and keeps connections open.
-fn counting_upstream() -> std::net::SocketAddr {
+/// An upstream on loopback that keeps connections open and answers each request with
+/// `answer(the connection's number, the request's path)`.
+fn keep_alive_upstream(
+    answer: impl Fn(usize, &str) -> String + Send + Sync + 'static,
+) -> std::net::SocketAddr {
     use std::io::{BufRead, BufReader, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let answer = std::sync::Arc::new(answer);
     std::thread::spawn(move || {
         for (n, stream) in listener.incoming().enumerate().take(32) {
             let Ok(stream) = stream else { return };
+            let answer = answer.clone();
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(stream);
                 loop {
+                    let mut request_line = String::new();
+                    if reader.read_line(&mut request_line).unwrap_or(0) == 0 {
+                        return;
+                    }
                     let mut line = String::new();
                     loop {
                         line.clear();
@@ -589,7 +597,8 @@ fn counting_upstream() -> std::net::SocketAddr {
                             break;
                         }
                     }
-                    let body = n.to_string();
+                    let path = request_line.split(' ').nth(1).unwrap_or("/");
+                    let body = answer(n, path);
                     let answer = format!(
                         "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
                         body.len()
@@ -604,46 +613,19 @@ fn counting_upstream() -> std::net::SocketAddr {
     addr
 }
 
-/// An upstream that answers `GET /MS` after MS milliseconds (any other path at once),
-/// on keep-alive connections.
+/// An upstream that answers every request with the number of the connection it came on.
+fn counting_upstream() -> std::net::SocketAddr {
+    keep_alive_upstream(|n, _| n.to_string())
+}
+
+/// An upstream that answers `GET /MS` with `ok` after MS milliseconds (any other path at
+/// once).
 fn delaying_upstream() -> std::net::SocketAddr {
-    use std::io::{BufRead, BufReader, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(32) {
-            let Ok(stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream);
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    let delay = line
-                        .split(' ')
-                        .nth(1)
-                        .and_then(|path| path.trim_start_matches('/').parse().ok())
-                        .unwrap_or(0);
-                    loop {
-                        line.clear();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                    }
-                    std::thread::sleep(Duration::from_millis(delay));
-                    let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if reader.get_mut().write_all(answer.as_bytes()).is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    addr
+    keep_alive_upstream(|_, path| {
+        let delay = path.trim_start_matches('/').parse().unwrap_or(0);
+        std::thread::sleep(Duration::from_millis(delay));
+        "ok".to_owned()
+    })
 }
 
 /// One keep-alive client connection to the gate.
