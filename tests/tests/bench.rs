@@ -353,7 +353,7 @@ fn text_output_is_a_table() {
 }
 
 #[test]
-fn header_limit_flags_refuse_what_hyper_cannot_use() {
+fn bench_flags_refuse_what_cannot_be_used() {
     // Addresses the relay refuses after parsing (not loopback): a flag accepted by mistake
     // ends the run at once with exit status 1, never a relay left serving.
     let relay = [
@@ -375,6 +375,14 @@ fn header_limit_flags_refuse_what_hyper_cannot_use() {
         (
             [&relay[..], &["--max-headers", "256"]].concat(),
             "the following required arguments were not provided:\n  --http",
+        ),
+        (
+            vec!["gate", "--callgrind", "--callgrind-requests", "99"],
+            "invalid value '99' for '--callgrind-requests <CALLGRIND_REQUESTS>': 99 is not in 100..=10000000",
+        ),
+        (
+            vec!["gate", "--callgrind-out", "profiles"],
+            "the following required arguments were not provided:\n  --callgrind",
         ),
     ] {
         let out = run("charter-bench", &args);
