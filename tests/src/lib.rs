@@ -645,6 +645,14 @@ impl Dp {
         request("GET", &format!("http://{}{}", self.status_addr, path), None)
     }
 
+    /// The `Via` entry its gate adds to a message received over `protocol` (`1.1`, `2`):
+    /// its pseudonym is `charter-` and the first 8 hex digits of its node id.
+    pub fn via(&self, protocol: &str) -> String {
+        let status = self.get("/status").json();
+        let node = status["node_id"].as_str().expect("a node_id in /status");
+        format!("{protocol} charter-{}", &node.replace('-', "")[..8])
+    }
+
     /// `GET /license`.
     pub fn license(&self) -> Value {
         let resp = self.get("/license");

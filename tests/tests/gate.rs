@@ -823,7 +823,7 @@ fn websockets_are_spliced_through_the_gate_and_counted_once() {
                 .await
                 .expect("the WebSocket handshake through the gate");
         assert_eq!(response.status(), 101);
-        assert_eq!(response.headers()["via"], "1.1 charter");
+        assert_eq!(response.headers()["via"], dp.via("1.1").as_str());
         for i in 0..20 {
             let text = format!("hello {i}");
             socket
@@ -846,7 +846,7 @@ fn websockets_are_spliced_through_the_gate_and_counted_once() {
     let head = heads.lock().expect("lock")[0].clone();
     assert_eq!(field(&head, "x-forwarded-for"), ["127.0.0.1"]);
     assert_eq!(field(&head, "upgrade"), ["websocket"]);
-    assert_eq!(field(&head, "via"), ["1.1 charter"]);
+    assert_eq!(field(&head, "via"), [dp.via("1.1")]);
 
     // The WebSocket session was one request.
     eventually(
@@ -1016,8 +1016,8 @@ fn redirects_to_the_upstream_point_at_the_gate_and_the_host_can_be_preserved() {
     let seen: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(seen["headers"]["host"], json!(upstream.addr.to_string()));
     assert_eq!(seen["headers"]["x-forwarded-host"], "gate.test:8443");
-    assert_eq!(field(&headers, "via"), ["1.1 charter"]);
-    assert_eq!(seen["headers"]["via"], "1.1 charter");
+    assert_eq!(field(&headers, "via"), [dp.via("1.1")]);
+    assert_eq!(seen["headers"]["via"], dp.via("1.1"));
 
     // --preserve-host: the upstream gets the client's Host, and builds links with it.
     let (preserving_dp, preserving) = gate(
@@ -1209,6 +1209,74 @@ fn forwarded_for_is_trusted_only_from_trusted_proxies_and_errors_stay_terse() {
         let logs = dead_dp.logs();
         (logs.contains("upstream request failed") && logs.contains(&dead)).then_some(())
     });
+}
+
+#[test]
+fn a_request_that_comes_back_to_its_gate_is_a_508_and_a_chain_of_gates_is_no_loop() {
+    let (dir, vendor, cp, upstream) = setup();
+    cp.add(&vendor.valid("LOOP"));
+    // A gate whose upstream is its own proxy port: the first hop comes back to it.
+    let port = free_port();
+    let own = format!("127.0.0.1:{port}");
+    let looping = Dp::start(
+        dir.path(),
+        "looping",
+        &cp,
+        &vendor.public_key,
+        &[
+            "--proxy-listen",
+            &own,
+            "--upstream",
+            &format!("http://{own}"),
+        ],
+    );
+    looping.wait_license("the license", |l| l["status"] == "valid");
+    let (status, headers, body) = exchange(
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        "GET /echo/loop HTTP/1.1\r\nhost: gate.test",
+        b"",
+    );
+    assert_eq!(status, 508, "{headers:?} {body}");
+    let message: Value = serde_json::from_str(&body).expect("a JSON body");
+    assert_eq!(
+        message,
+        json!({"message": "the request came back to this gate: its upstream leads to the gate again (a forwarding loop)"})
+    );
+    // One hop: the gate's second pass answered 508, and its first forwarded that answer.
+    assert_eq!(field(&headers, "via"), [looping.via("1.1")]);
+    eventually("the loop in the log", Duration::from_secs(5), || {
+        looping
+            .logs()
+            .contains("a request came back to the gate that forwarded it")
+            .then_some(())
+    });
+
+    // Two gates in a row name themselves apart: no loop.
+    let (last_dp, last) = gate(&dir, "last", &cp, &vendor, &upstream.url(), &[]);
+    let (first_dp, first) = gate(&dir, "first", &cp, &vendor, &format!("http://{last}"), &[]);
+    last_dp.wait_license("the license", |l| l["status"] == "valid");
+    first_dp.wait_license("the license", |l| l["status"] == "valid");
+    let (first_via, last_via) = (first_dp.via("1.1"), last_dp.via("1.1"));
+    assert_ne!(first_via, last_via);
+    let (status, headers, body) =
+        exchange(first, "GET /echo/chain HTTP/1.1\r\nhost: gate.test", b"");
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(seen["path"], "/echo/chain");
+    // (the echo shows the last of the request's `Via` fields: the last gate's)
+    assert_eq!(seen["headers"]["via"], last_via.as_str());
+    // The answer names both, nearest the upstream first.
+    assert_eq!(
+        field(&headers, "via"),
+        [last_via.as_str(), first_via.as_str()]
+    );
+    // The first gate's own entry, sent to it by a client, is a loop for it only.
+    let back = format!(
+        "GET /echo/chain HTTP/1.1\r\nhost: gate.test\r\nvia: 1.0 other, {}",
+        first_via.to_uppercase()
+    );
+    assert_eq!(exchange(first, &back, b"").0, 508);
+    assert_eq!(exchange(last, &back, b"").0, 200);
 }
 
 /// Sends `requests` (method, path) one after another on one HTTP/2 (prior knowledge)

@@ -50,6 +50,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{oneshot, watch, OwnedSemaphorePermit, Semaphore};
+use uuid::Uuid;
 
 use crate::config::GateConfig;
 use crate::state::Enforcement;
@@ -57,6 +58,10 @@ use crate::usage::Usage;
 
 /// Kong's message for a request refused for want of a license.
 pub const DENIED: &str = "Enterprise license missing or expired";
+
+/// The answer to a request that has come back to the gate that forwarded it.
+const LOOP: &str =
+    "the request came back to this gate: its upstream leads to the gate again (a forwarding loop)";
 
 /// Headers that belong to one hop and are never forwarded (RFC 9110 §7.6.1).
 /// (`Trailer` is not one: it declares the trailer fields, which hyper's HTTP/1 encoder
@@ -554,17 +559,33 @@ pub struct Gate {
     enforcement: Arc<Enforcement>,
     usage: Arc<Usage>,
     timeout: Duration,
+    /// Its name in `Via`.
+    via: Via,
 }
 
 impl Gate {
-    /// A gate as `config` says, deciding with `enforcement` and counting into `usage`.
-    pub fn new(config: &GateConfig, enforcement: Arc<Enforcement>, usage: Arc<Usage>) -> Gate {
-        Gate::with_limits(config, enforcement, usage, MAX_LANES, CLIENT_IDLE_TIMEOUT)
+    /// A gate as `config` says for the data plane `node`, deciding with `enforcement` and
+    /// counting into `usage`.
+    pub fn new(
+        config: &GateConfig,
+        node: Uuid,
+        enforcement: Arc<Enforcement>,
+        usage: Arc<Usage>,
+    ) -> Gate {
+        Gate::with_limits(
+            config,
+            node,
+            enforcement,
+            usage,
+            MAX_LANES,
+            CLIENT_IDLE_TIMEOUT,
+        )
     }
 
     /// A gate with other limits than [`MAX_LANES`] and [`CLIENT_IDLE_TIMEOUT`] (tests).
     pub(crate) fn with_limits(
         config: &GateConfig,
+        node: Uuid,
         enforcement: Arc<Enforcement>,
         usage: Arc<Usage>,
         max_lanes: usize,
@@ -597,6 +618,7 @@ impl Gate {
             enforcement,
             usage,
             timeout: config.timeout,
+            via: Via::of(node),
         }
     }
 
@@ -643,6 +665,12 @@ impl Gate {
                 StatusCode::METHOD_NOT_ALLOWED,
                 "CONNECT is not supported: the gate forwards to its upstream only",
             ));
+        }
+        // A request this gate has forwarded before has come back to it: each hop would
+        // forward it once more, on a connection of its own, until a header limit ends it.
+        if fields.via && self.via.named_in(request.headers()) {
+            tracing::warn!(%peer, via = %self.via.name, "a request came back to the gate that forwarded it (its Via names this gate): answered 508; does the upstream lead back to the gate?");
+            return Ok(json(StatusCode::LOOP_DETECTED, LOOP));
         }
         // An HTTP/1.1 upgrade (WebSocket) gets an upstream connection of its own, which
         // is spliced to the client's once the upstream answers 101.
@@ -824,7 +852,9 @@ impl Gate {
                 }
             }
         }
-        parts.headers.append(header::VIA, via(parts.version));
+        parts
+            .headers
+            .append(header::VIA, self.via.value(parts.version));
         let body = Returning {
             inner: body,
             pending,
@@ -1307,7 +1337,7 @@ impl Gate {
         } else {
             headers.insert(header::HOST, host);
         }
-        headers.append(header::VIA, via(received));
+        headers.append(header::VIA, self.via.value(received));
         let (body, sent, pending) = if body.is_end_stream() {
             (Either::Right(Empty::new()), None, None)
         } else {
@@ -1605,13 +1635,54 @@ async fn speaks_h2c(mut stream: TcpStream) -> Option<bool> {
     tokio::time::timeout(PROBE_WAIT, probe).await.ok()?.ok()?
 }
 
-/// `Via` for a message received with `version` (RFC 9110 §7.6.3).
-fn via(version: Version) -> HeaderValue {
-    HeaderValue::from_static(match version {
-        Version::HTTP_10 => "1.0 charter",
-        Version::HTTP_2 => "2 charter",
-        _ => "1.1 charter",
-    })
+/// The gate's `Via` entries (RFC 9110 §7.6.3): the protocol a message was received with
+/// and the gate's pseudonym, `charter-` and the first 8 hex digits of its data plane's
+/// node id. A request whose `Via` already names this gate has come back to it (a loop);
+/// several gates in a row name themselves apart.
+struct Via {
+    name: String,
+    /// For HTTP/1.0, HTTP/1.1 and HTTP/2.
+    values: [HeaderValue; 3],
+}
+
+impl Via {
+    fn of(node: Uuid) -> Via {
+        let name = format!("charter-{}", &node.simple().to_string()[..8]);
+        // `charter-` and hex digits: always a valid value.
+        let value = |protocol: &str| {
+            HeaderValue::from_str(&format!("{protocol} {name}"))
+                .unwrap_or_else(|_| HeaderValue::from_static("1.1 charter"))
+        };
+        Via {
+            values: [value("1.0"), value("1.1"), value("2")],
+            name,
+        }
+    }
+
+    /// The entry for a message received with `version`.
+    fn value(&self, version: Version) -> HeaderValue {
+        self.values[match version {
+            Version::HTTP_10 => 0,
+            Version::HTTP_2 => 2,
+            _ => 1,
+        }]
+        .clone()
+    }
+
+    /// Whether an entry of `headers`' `Via` names this gate as its recipient.
+    fn named_in(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get_all(header::VIA)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|entry| {
+                entry
+                    .split_ascii_whitespace()
+                    .nth(1)
+                    .is_some_and(|by| by.eq_ignore_ascii_case(&self.name))
+            })
+    }
 }
 
 /// The same request with no body, to send again.
@@ -1642,6 +1713,8 @@ struct Fields {
     location: bool,
     /// `Content-Type`.
     content_type: bool,
+    /// `Via`.
+    via: bool,
 }
 
 impl Fields {
@@ -1668,6 +1741,7 @@ impl Fields {
                 "x-forwarded-proto" => fields.forwarded_proto = true,
                 "location" | "content-location" => fields.location = true,
                 "content-type" => fields.content_type = true,
+                "via" => fields.via = true,
                 _ => {}
             }
         }
@@ -2075,9 +2149,46 @@ mod tests {
                 ..Fields::default()
             }
         );
-        for name in [header::HOST, header::VIA, HeaderName::from_static("x-kept")] {
+        assert_eq!(
+            only(&header::VIA),
+            Fields {
+                via: true,
+                ..Fields::default()
+            }
+        );
+        for name in [header::HOST, HeaderName::from_static("x-kept")] {
             assert_eq!(only(&name), Fields::default(), "{name}");
         }
+    }
+
+    #[test]
+    fn via_names_this_gate_only_as_a_recipient() {
+        let node = Uuid::parse_str("1a2b3c4d-0000-4000-8000-000000000000").expect("uuid");
+        let via = Via::of(node);
+        assert_eq!(via.value(Version::HTTP_11), "1.1 charter-1a2b3c4d");
+        assert_eq!(via.value(Version::HTTP_2), "2 charter-1a2b3c4d");
+        assert_eq!(via.value(Version::HTTP_10), "1.0 charter-1a2b3c4d");
+        let named = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append(header::VIA, HeaderValue::from_static(v));
+            }
+            via.named_in(&headers)
+        };
+        assert!(named(&["1.1 charter-1a2b3c4d"]));
+        assert!(named(&["1.0 lb, HTTP/1.1 CHARTER-1A2B3C4D (note)"]));
+        assert!(named(&["1.1 lb", "2  charter-1a2b3c4d"]));
+        for other in [
+            "1.1 charter-1a2b3c4e",
+            "1.1 charter-1a2b3c4d0",
+            "1.1 charter",
+            "charter-1a2b3c4d",
+            "1.1 lb (charter-1a2b3c4d)",
+            "",
+        ] {
+            assert!(!named(&[other]), "{other}");
+        }
+        assert!(!named(&[]));
     }
 
     #[test]

@@ -196,6 +196,7 @@ pub async fn run_with_clock(
             tracing::info!(%addr, upstream = %gate_config.upstream.url(), "gate listening");
             let gate = Arc::new(gate::Gate::new(
                 gate_config,
+                node_id,
                 enforcement.clone(),
                 usage.clone(),
             ));

@@ -740,8 +740,15 @@ fn licensed_gate_idle(url: &str, timeout: Duration, lanes: usize, idle: Duration
         timeout,
         ..GateConfig::new(std::net::SocketAddr::from(([127, 0, 0, 1], 0)), upstream)
     };
-    let gate = Gate::with_limits(&config, enforcement, usage, lanes, idle)
-        .with_tunnel_idle_timeout(Duration::from_secs(2));
+    let gate = Gate::with_limits(
+        &config,
+        uuid::Uuid::new_v4(),
+        enforcement,
+        usage,
+        lanes,
+        idle,
+    )
+    .with_tunnel_idle_timeout(Duration::from_secs(2));
     let gate = Arc::new(gate);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let listener = runtime
