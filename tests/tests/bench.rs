@@ -251,6 +251,17 @@ fn gate_benchmark_runs_end_to_end_briefly() {
     ]);
     // The hyper relay takes the gate's header limits when asked (and serves with them).
     assert_eq!(report["settings"]["relay_max_headers"], 256, "{report:#}");
+    // The machine line says how an idle CPU waits for work (the driver, and how long a
+    // virtual machine's `haltpoll` polls before halting).
+    let idle = report["machine"]["cpuidle"]
+        .as_str()
+        .expect("machine.cpuidle");
+    let driver = std::fs::read_to_string("/sys/devices/system/cpu/cpuidle/current_driver")
+        .unwrap_or_default();
+    assert!(idle.starts_with(driver.trim()), "{idle}");
+    if std::path::Path::new("/sys/module/haltpoll/parameters/guest_halt_poll_ns").exists() {
+        assert!(idle.contains(" ns before halting)"), "{idle}");
+    }
     let paths = [
         "direct",
         "bare relay",

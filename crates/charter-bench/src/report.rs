@@ -29,6 +29,14 @@ impl Report {
             .find(|l| l.starts_with("model name"))
             .and_then(|l| l.split_once(':'))
             .map_or("unknown CPU".to_owned(), |(_, m)| m.trim().to_owned());
+        // How an idle CPU waits for work: in a virtual machine whose `haltpoll` driver
+        // does not poll, it halts at once and every wake-up goes through the hypervisor,
+        // which one-connection latencies show (BENCHMARKS.md).
+        let idle = read("/sys/devices/system/cpu/cpuidle/current_driver");
+        let idle = match read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").trim() {
+            "" => idle.trim().to_owned(),
+            ns => format!("{} (polls {ns} ns before halting)", idle.trim()),
+        };
         let mut json = Map::new();
         json.insert("bench".into(), bench.into());
         json.insert(
@@ -38,7 +46,7 @@ impl Report {
         json.insert(
             "machine".into(),
             json!({ "cpus": cpus(), "cpu_model": model, "kernel": read("/proc/sys/kernel/osrelease").trim(),
-                    "debug_build": cfg!(debug_assertions) }),
+                    "cpuidle": idle, "debug_build": cfg!(debug_assertions) }),
         );
         json.insert("placement".into(), pinning.describe().into());
         let settings = serde_json::to_value(settings).unwrap_or_else(|e| e.to_string().into());
