@@ -173,9 +173,14 @@ async fn gets(
         load.connections, load.rounds
     );
     // Against the hello-world answering a record, and the one answering the page.
-    load::table(report, title, &series, "x hello record|x hello page", |i| {
-        vec![rps(i) / rps(0), rps(i) / rps(4)]
-    });
+    load::table(
+        report,
+        title,
+        &series,
+        "server",
+        "x hello record|x hello page",
+        |i| vec![rps(i) / rps(0), rps(i) / rps(4)],
+    );
     Ok(())
 }
 

@@ -255,6 +255,7 @@ fn table(report: &mut Report, args: &GateArgs, case: Case, series: Vec<(String, 
         report,
         title,
         &series,
+        "upstream",
         "x direct req/s|x hyper relay req/s|x better peer req/s|p50 - peer's µs|p99 - peer's µs",
         compare,
     );

@@ -238,18 +238,20 @@ pub fn median_of(windows: &[Window], f: impl Fn(&Window) -> f64) -> f64 {
 }
 
 /// Adds a table of `series` (a label, and its windows, one a round) to `report`: medians
-/// over the rounds with the spread of req/s and p99, then the columns of `compare` (named
-/// by `compared`) for each series by index; and every window's figures to its JSON.
+/// over the rounds with the spread of req/s and p99, the cores used by the first watched
+/// server (named by `first`: the one called directly), then the columns of `compare`
+/// (named by `compared`) for each series by index; and every window's figures to its JSON.
 pub fn table(
     report: &mut Report,
     title: String,
     series: &[(String, Vec<Window>)],
+    first: &str,
     compared: &str,
     compare: impl Fn(usize) -> Vec<f64>,
 ) {
     report.table(
         title,
-        &format!("target|req/s|min|max|p50 µs|p99 µs|min|max|body B|server cores|servers µs/req|proxy µs/req|loadgen µs/req|other cores|steal|{compared}"),
+        &format!("target|req/s|min|max|p50 µs|p99 µs|min|max|body B|{first} cores|servers µs/req|proxy µs/req|loadgen µs/req|other cores|steal|{compared}"),
     );
     for (index, (label, windows)) in series.iter().enumerate() {
         let servers = windows.first().map_or(1, |w| w.usage.watched.len() - 1);
