@@ -561,7 +561,19 @@ pub struct Gate {
     timeout: Duration,
     /// Its name in `Via`.
     via: Via,
+    /// When a loop was last logged as a warning, and how many came since.
+    loops: Mutex<LoopLog>,
 }
+
+/// A loop is logged as a warning at most once in [`LOOP_WARN_EVERY`]: a loop comes back
+/// with every request, and a log line each would flood the log.
+#[derive(Default)]
+struct LoopLog {
+    warned: Option<Instant>,
+    since: u64,
+}
+
+const LOOP_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl Gate {
     /// A gate as `config` says for the data plane `node`, deciding with `enforcement` and
@@ -619,7 +631,35 @@ impl Gate {
             usage,
             timeout: config.timeout,
             via: Via::of(node),
+            loops: Mutex::default(),
         }
+    }
+
+    /// Logs a request from `peer` that came back to this gate (see [`LoopLog`]).
+    fn log_loop(&self, peer: SocketAddr) {
+        let mut log = self.loops.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if log
+            .warned
+            .is_some_and(|at| now.duration_since(at) < LOOP_WARN_EVERY)
+        {
+            log.since += 1;
+            drop(log);
+            tracing::debug!(%peer, "a request came back to the gate: answered 508");
+            return;
+        }
+        let since = std::mem::take(&mut log.since);
+        log.warned = Some(now);
+        drop(log);
+        tracing::warn!(
+            %peer,
+            via = self.via.name,
+            more_since_last_warning = since,
+            "a request came back to the gate that forwarded it (its Via names this gate): \
+             answered 508 Loop Detected. Does the upstream lead back to the gate, or does \
+             another data plane share this node id (a copied data directory)? Warned at \
+             most once a minute."
+        );
     }
 
     /// The same gate with spliced connections closed after `idle` without traffic (tests).
@@ -669,7 +709,7 @@ impl Gate {
         // A request this gate has forwarded before has come back to it: each hop would
         // forward it once more, on a connection of its own, until a header limit ends it.
         if fields.via && self.via.named_in(request.headers()) {
-            tracing::warn!(%peer, via = %self.via.name, "a request came back to the gate that forwarded it (its Via names this gate): answered 508; does the upstream lead back to the gate?");
+            self.log_loop(peer);
             return Ok(json(StatusCode::LOOP_DETECTED, LOOP));
         }
         // An HTTP/1.1 upgrade (WebSocket) gets an upstream connection of its own, which
@@ -1640,19 +1680,19 @@ async fn speaks_h2c(mut stream: TcpStream) -> Option<bool> {
 /// node id. A request whose `Via` already names this gate has come back to it (a loop);
 /// several gates in a row name themselves apart.
 struct Via {
-    name: String,
-    /// For HTTP/1.0, HTTP/1.1 and HTTP/2.
+    name: &'static str,
+    /// For HTTP/1.0, HTTP/1.1 and HTTP/2: static, so that a clone per message is a copy
+    /// of a pointer (no reference count).
     values: [HeaderValue; 3],
 }
 
 impl Via {
+    /// A gate lives as long as its process, so its name and values are leaked to be
+    /// `'static` (some 80 bytes).
     fn of(node: Uuid) -> Via {
-        let name = format!("charter-{}", &node.simple().to_string()[..8]);
+        let name: &'static str = format!("charter-{}", &node.simple().to_string()[..8]).leak();
         // `charter-` and hex digits: always a valid value.
-        let value = |protocol: &str| {
-            HeaderValue::from_str(&format!("{protocol} {name}"))
-                .unwrap_or_else(|_| HeaderValue::from_static("1.1 charter"))
-        };
+        let value = |protocol: &str| HeaderValue::from_static(format!("{protocol} {name}").leak());
         Via {
             values: [value("1.0"), value("1.1"), value("2")],
             name,
@@ -1669,20 +1709,44 @@ impl Via {
         .clone()
     }
 
-    /// Whether an entry of `headers`' `Via` names this gate as its recipient.
+    /// Whether an entry of `headers`' `Via` names this gate as its recipient: entries are
+    /// `received-protocol RWS received-by [RWS comment]`, split at commas outside a
+    /// comment (a comment may hold commas, nested parentheses and `\`-escapes); bytes
+    /// beyond ASCII (obs-text, allowed in comments) are taken as they are.
     fn named_in(&self, headers: &HeaderMap) -> bool {
         headers
             .get_all(header::VIA)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|entry| {
-                entry
-                    .split_ascii_whitespace()
-                    .nth(1)
-                    .is_some_and(|by| by.eq_ignore_ascii_case(&self.name))
-            })
+            .any(|value| via_names(value.as_bytes(), self.name))
     }
+}
+
+/// Whether an entry of the `Via` field value `value` was received by `name`.
+fn via_names(value: &[u8], name: &str) -> bool {
+    let received_by = |entry: &[u8]| {
+        entry
+            .split(|b| *b == b' ' || *b == b'\t')
+            .filter(|word| !word.is_empty())
+            .nth(1)
+            .is_some_and(|by| by.eq_ignore_ascii_case(name.as_bytes()))
+    };
+    let (mut depth, mut escaped, mut start) = (0usize, false, 0);
+    for (i, &b) in value.iter().enumerate() {
+        match b {
+            _ if escaped => escaped = false,
+            b'\\' if depth > 0 => escaped = true,
+            b'(' => depth += 1,
+            b')' => depth = depth.saturating_sub(1),
+            b',' if depth == 0 => {
+                if received_by(&value[start..i]) {
+                    return true;
+                }
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    received_by(&value[start..])
 }
 
 /// The same request with no body, to send again.
@@ -2178,12 +2242,25 @@ mod tests {
         assert!(named(&["1.1 charter-1a2b3c4d"]));
         assert!(named(&["1.0 lb, HTTP/1.1 CHARTER-1A2B3C4D (note)"]));
         assert!(named(&["1.1 lb", "2  charter-1a2b3c4d"]));
+        // A comma inside a comment (nested, or escaped) does not start an entry; one
+        // after it does.
+        assert!(named(&["1.1 lb (a, (b, c) \\) d), 1.1\tcharter-1a2b3c4d"]));
+        // Bytes beyond ASCII in another entry's comment (obs-text) are no reason to
+        // miss this gate's entry.
+        let mut headers = HeaderMap::new();
+        headers.append(
+            header::VIA,
+            HeaderValue::from_bytes(b"1.1 lb (caf\xe9), 1.1 charter-1a2b3c4d").expect("obs-text"),
+        );
+        assert!(via.named_in(&headers));
         for other in [
             "1.1 charter-1a2b3c4e",
             "1.1 charter-1a2b3c4d0",
             "1.1 charter",
             "charter-1a2b3c4d",
             "1.1 lb (charter-1a2b3c4d)",
+            "1.1 lb (note, 1.1 charter-1a2b3c4d)",
+            "1.1 lb (note \\) , 1.1 charter-1a2b3c4d)",
             "",
         ] {
             assert!(!named(&[other]), "{other}");
