@@ -251,16 +251,28 @@ fn gate_benchmark_runs_end_to_end_briefly() {
     ]);
     // The hyper relay takes the gate's header limits when asked (and serves with them).
     assert_eq!(report["settings"]["relay_max_headers"], 256, "{report:#}");
-    // The machine line says how an idle CPU waits for work (the driver, and how long a
-    // virtual machine's `haltpoll` polls before halting).
+    // The machine line says how an idle CPU waits for work (the driver and governor, and
+    // how long a virtual machine's `haltpoll` governor polls before halting).
     let idle = report["machine"]["cpuidle"]
         .as_str()
         .expect("machine.cpuidle");
-    let driver = std::fs::read_to_string("/sys/devices/system/cpu/cpuidle/current_driver")
-        .unwrap_or_default();
-    assert!(idle.starts_with(driver.trim()), "{idle}");
-    if std::path::Path::new("/sys/module/haltpoll/parameters/guest_halt_poll_ns").exists() {
-        assert!(idle.contains(" ns before halting)"), "{idle}");
+    let sys = |path: &str| {
+        std::fs::read_to_string(format!("/sys/devices/system/cpu/cpuidle/{path}"))
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    assert!(idle.starts_with(&sys("current_driver")), "{idle}");
+    assert!(!idle.starts_with(' '), "{idle}");
+    let governor = sys("current_governor_ro");
+    if !governor.is_empty() {
+        assert!(idle.contains(&format!("({governor} governor")), "{idle}");
+    }
+    let polls = std::fs::read_to_string("/sys/module/haltpoll/parameters/guest_halt_poll_ns")
+        .map(|ns| format!(": polls up to {} ns before halting)", ns.trim()));
+    match polls {
+        Ok(polls) if governor == "haltpoll" => assert!(idle.ends_with(&polls), "{idle}"),
+        _ => assert!(!idle.contains("polls"), "{idle}"),
     }
     let paths = [
         "direct",

@@ -29,14 +29,7 @@ impl Report {
             .find(|l| l.starts_with("model name"))
             .and_then(|l| l.split_once(':'))
             .map_or("unknown CPU".to_owned(), |(_, m)| m.trim().to_owned());
-        // How an idle CPU waits for work: in a virtual machine whose `haltpoll` driver
-        // does not poll, it halts at once and every wake-up goes through the hypervisor,
-        // which one-connection latencies show (BENCHMARKS.md).
-        let idle = read("/sys/devices/system/cpu/cpuidle/current_driver");
-        let idle = match read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").trim() {
-            "" => idle.trim().to_owned(),
-            ns => format!("{} (polls {ns} ns before halting)", idle.trim()),
-        };
+        let idle = cpuidle();
         let mut json = Map::new();
         json.insert("bench".into(), bench.into());
         json.insert(
@@ -153,5 +146,36 @@ fn cell(value: &Value) -> String {
             .collect::<Vec<_>>()
             .join(", "),
         other => other.to_string(),
+    }
+}
+
+/// How an idle CPU waits for work: the cpuidle driver and governor, and, with the
+/// `haltpoll` governor of a virtual machine, how long it polls before halting. One that
+/// does not poll halts at once and every wake-up goes through the hypervisor, which
+/// one-connection latencies show (BENCHMARKS.md).
+fn cpuidle() -> String {
+    let read = |path: &str| {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .trim()
+            .to_owned()
+    };
+    let driver = read("/sys/devices/system/cpu/cpuidle/current_driver");
+    let governor = match read("/sys/devices/system/cpu/cpuidle/current_governor") {
+        g if g.is_empty() => read("/sys/devices/system/cpu/cpuidle/current_governor_ro"),
+        g => g,
+    };
+    let poll = read("/sys/module/haltpoll/parameters/guest_halt_poll_ns");
+    let how = match (governor.as_str(), poll.as_str()) {
+        ("", _) => String::new(),
+        ("haltpoll", ns) if !ns.is_empty() => {
+            format!("haltpoll governor: polls up to {ns} ns before halting")
+        }
+        (governor, _) => format!("{governor} governor"),
+    };
+    match (driver.is_empty(), how.is_empty()) {
+        (_, true) => driver,
+        (true, false) => how,
+        (false, false) => format!("{driver} ({how})"),
     }
 }
