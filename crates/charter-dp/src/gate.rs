@@ -2259,8 +2259,8 @@ mod tests {
             "1.1 charter",
             "charter-1a2b3c4d",
             "1.1 lb (charter-1a2b3c4d)",
-            "1.1 lb (note, 1.1 charter-1a2b3c4d)",
-            "1.1 lb (note \\) , 1.1 charter-1a2b3c4d)",
+            "1.1 lb (note, 1.1 charter-1a2b3c4d (x))",
+            "1.1 lb (note \\) , 1.1 charter-1a2b3c4d )",
             "",
         ] {
             assert!(!named(&[other]), "{other}");
